@@ -1,0 +1,123 @@
+"""DVC stage ``world``: build the offline mini world once (mini CLIP, mini Stable Diffusion, judge).
+
+The stage is frozen in ``dvc.yaml`` and its outputs are committed to git, so a fresh clone never
+rebuilds them. Rebuild everything with::
+
+    dvc unfreeze world && dvc repro world && dvc freeze world
+
+or one part at a time (``python -m pipeline.world clip|vae|unet|judge|measure``); the parts
+``clip`` and ``vae``/``judge`` are independent and can run in parallel on separate cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import shapes
+from pipeline.files import atomic_dir, atomic_file, write_json
+from pipeline.params import load_params
+
+OUT = Path("data/world")
+REPORTS = Path("reports/world")
+CACHE = Path(".cache/world")
+CLIP_DIR, SD_DIR, JUDGE_DIR = OUT / "clip", OUT / "sd", OUT / "judge"
+
+
+def training_renders(p: dict) -> tuple[np.ndarray, list[shapes.Scene], list[str]]:
+    """The rendered training groups, cached on disk (rendering is deterministic in the seed)."""
+    key = f"groups-s{p['seed']}-n{p['train_groups']}-c{p['character_prob']}-{p['image_size']}px"
+    path = CACHE / f"{key}.npz"
+    if path.exists():
+        data = np.load(path)
+        scenes = [shapes.Scene(**{**d, "tint": tuple(d["tint"])})
+                  for d in json.loads(str(data["scenes"]))]
+        return data["images"], scenes, data["varied"].tolist()
+    images, scenes, varied = shapes.render_groups(p["train_groups"], p["seed"],
+                                                  p["character_prob"])
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, varied=np.array(varied),
+                     scenes=np.array(json.dumps(shapes.scene_table(scenes))))
+    return images, scenes, varied
+
+
+def save_fp16(model: torch.nn.Module, folder: Path, *extras) -> None:
+    """Save ``model`` (and processors/tokenizers in ``extras``) as fp16 safetensors, atomically."""
+    with atomic_dir(folder) as tmp:
+        model.to(torch.float16).save_pretrained(tmp)
+        for extra in extras:
+            extra.save_pretrained(tmp)
+    model.to(torch.float32)
+
+
+def build_clip(p: dict) -> None:
+    from pipeline.mini_clip import image_processor, train_clip
+    from pipeline.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(p["clip"]["context_length"])
+    images, scenes, varied = training_renders(p)
+    model = train_clip(p["clip"], images, scenes, varied, tokenizer, p["seed"])
+    save_fp16(model, CLIP_DIR, tokenizer, image_processor(p["image_size"]))
+
+
+def build_vae(p: dict) -> None:
+    from pipeline.mini_sd import train_vae
+
+    images, _, _ = training_renders(p)
+    save_fp16(train_vae(p["vae"], images, p["seed"]), SD_DIR / "vae")
+
+
+def build_judge(p: dict) -> None:
+    from pipeline.judge import train_judge
+
+    images, scenes, _ = training_renders(p)
+    save_fp16(train_judge(p["judge"], images, scenes, p["seed"]), JUDGE_DIR)
+
+
+def build_unet(p: dict) -> None:
+    from diffusers import AutoencoderKL
+
+    from pipeline.mini_sd import assemble_pipeline, train_unet
+    from pipeline.models import load_clip
+
+    clip, tokenizer, _ = load_clip(str(CLIP_DIR), device="cpu", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(SD_DIR / "vae", torch_dtype=torch.float32)
+    images, scenes, _ = training_renders(p)
+    unet = train_unet(p["unet"], images, scenes, vae, clip.text_model, tokenizer, p["seed"])
+    pipe = assemble_pipeline(vae, unet.to(torch.float16), clip.text_model, tokenizer)
+    with atomic_dir(SD_DIR) as tmp:
+        pipe.save_pretrained(tmp)
+        # the text encoder and tokenizer are stored once, in the CLIP folder
+        for shared in ("text_encoder", "tokenizer"):
+            shutil.rmtree(tmp / shared)
+
+
+def build_measure(p: dict) -> None:
+    from pipeline.world_quality import measure_world
+
+    write_json(REPORTS / "metrics.json", measure_world(p, CLIP_DIR, SD_DIR, JUDGE_DIR, REPORTS))
+
+
+PARTS = {"clip": build_clip, "vae": build_vae, "judge": build_judge, "unet": build_unet,
+         "measure": build_measure}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("parts", nargs="*", choices=[*PARTS, "all"], default=["all"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = load_params()["world"]
+    for part in PARTS if "all" in args.parts else args.parts:
+        PARTS[part](p)
+
+
+if __name__ == "__main__":
+    main()
