@@ -1,0 +1,152 @@
+"""Loading CLIP and the text-to-image model, from a local folder or the Hugging Face hub.
+
+One code path serves both settings. The mini world's models are local folders under
+``data/world``; its Stable Diffusion folder has no ``text_encoder/`` or ``tokenizer/``, because
+its text encoder *is* the mini CLIP's text tower, stored once in the CLIP folder. The paper's
+models are hub ids, read from the local Hugging Face cache when offline. A model that is not
+there raises ``ModelNotAvailableError`` saying how to get it, instead of a deep library trace.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import diffusers
+import huggingface_hub
+import torch
+import transformers
+from diffusers import StableDiffusionPipeline
+from huggingface_hub import constants as hub_constants
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+#: How hub model ids are written: "org/name".
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: Loggers silenced while loading, and the libraries whose loading progress bars are hidden.
+_LOGGING = (transformers.utils.logging, diffusers.utils.logging, huggingface_hub.utils.logging)
+_PROGRESS_BARS = _LOGGING[:2]
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model that is neither on disk nor in the Hugging Face cache; the message says the fix."""
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """The GPU in fp16 (how Stable Diffusion is run) if there is one, else the CPU in fp32
+    (fp16 on CPU is slow and poorly supported)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_clip(source: str, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None
+              ) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessor]:
+    """CLIP (eval mode, on ``device``/``dtype``) with its tokenizer and image processor, all
+    from the same local folder or hub id."""
+    device, dtype = _placement(device, dtype)
+    source = resolve_source(source)
+    with _loading(source):
+        model = CLIPModel.from_pretrained(source, dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+        processor = CLIPImageProcessor.from_pretrained(source)
+    _require_vocabulary(tokenizer, model.config.text_config.vocab_size, source)
+    return model.to(device).eval(), tokenizer, processor
+
+
+def load_t2i(source: str, clip_source: str | None = None,
+             device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """Stable Diffusion without its built-in safety checker (filtering is this project's job).
+
+    A local folder without ``text_encoder/`` (the mini world's layout) gets its text encoder and
+    tokenizer from the CLIP at ``clip_source``; other sources bring their own.
+    """
+    device, dtype = _placement(device, dtype)
+    source = resolve_source(source)
+    shared = {}
+    if Path(source).is_dir() and not (Path(source) / "text_encoder").is_dir():
+        if clip_source is None:
+            raise ValueError(
+                f"{source!r} has no text_encoder/ folder: its text encoder is the text tower of "
+                "the CLIP it was trained with; pass that CLIP's folder as clip_source.")
+        clip, tokenizer, _ = load_clip(clip_source, device, dtype)
+        shared = dict(text_encoder=clip.text_model, tokenizer=tokenizer)
+    with _loading(source):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **shared)
+    _require_vocabulary(pipe.tokenizer, pipe.text_encoder.config.vocab_size, source)
+    return pipe.to(device)
+
+
+def resolve_source(source: str) -> str:
+    """An existing local path, or a hub id ("org/name" whose "org" is not a local folder);
+    anything else is a local folder that is missing."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    if HUB_ID.fullmatch(source) and not path.parent.exists():
+        return source
+    raise ModelNotAvailableError(
+        f"Model folder {source!r} does not exist. The mini world's models are committed in git "
+        "under data/world: restore them with `git checkout -- data/world`, or rebuild them with "
+        "`dvc unfreeze world && dvc repro world && dvc freeze world`.")
+
+
+def _placement(device: torch.device | str | None,
+               dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """``pick_device``'s choice by default; fp16 on a given GPU, fp32 on a given CPU."""
+    if device is None:
+        device, default_dtype = pick_device()
+    else:
+        device = torch.device(device)
+        default_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return device, dtype or default_dtype
+
+
+@contextmanager
+def _loading(source: str) -> Iterator[None]:
+    """Quiet library logs (per-key load reports, "using the cached copy" warnings, weight
+    loading progress bars) while loading ``source``, and turn a hub id's "not in the cache,
+    cannot download" ``OSError`` into the fix."""
+    verbosities = [log.get_verbosity() for log in _LOGGING]
+    bars = [log.is_progress_bar_enabled() for log in _PROGRESS_BARS]
+    for log in _LOGGING:
+        log.set_verbosity_error()
+    for log in _PROGRESS_BARS:
+        log.disable_progress_bar()
+    try:
+        yield
+    except OSError as err:
+        if Path(source).exists():
+            raise
+        raise ModelNotAvailableError(_not_cached_message(source, err)) from None
+    finally:
+        for log, verbosity in zip(_LOGGING, verbosities):
+            log.set_verbosity(verbosity)
+        for log, enabled in zip(_PROGRESS_BARS, bars):
+            if enabled:
+                log.enable_progress_bar()
+
+
+def _not_cached_message(hub_id: str, err: OSError) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = ("we are offline (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode()
+             else "it could not be downloaded (on a machine without internet, set "
+                  "HF_HUB_OFFLINE=1 to fail fast)")
+    return (f"{hub_id!r} is not in the local Hugging Face cache ({hub_constants.HF_HUB_CACHE}) "
+            f"and {where}. To get it, run `hf download {hub_id}` on a machine with internet and "
+            "copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here, or point "
+            f"the params at a local model folder. [{type(err).__name__}: {reason}]")
+
+
+def _require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) -> None:
+    """transformers builds an *empty* ``CLIPTokenizer`` when its files are missing, instead of
+    failing; such a tokenizer would silently encode every prompt as unknown tokens."""
+    if len(tokenizer) != vocab_size:
+        raise ModelNotAvailableError(
+            f"The tokenizer of {source!r} has {len(tokenizer)} tokens but its text encoder "
+            f"expects {vocab_size}: the tokenizer files (tokenizer.json, or vocab.json and "
+            "merges.txt) are missing.")
