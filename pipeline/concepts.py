@@ -28,6 +28,7 @@ class Concept:
     acceptable: str
     kind: str
     i2p_category: str | None = None
+    shows: dict[str, str] | None = None  # mini: the judge's {head: value} that means c_u
 
 
 def _registry(path: Path = REGISTRY_FILE) -> dict:

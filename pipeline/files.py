@@ -48,3 +48,9 @@ def write_json(path: str | os.PathLike, data) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | os.PathLike, table) -> None:
+    """Write a pandas table as CSV (no index), atomically."""
+    with atomic_file(path) as tmp:
+        table.to_csv(tmp, index=False)

@@ -47,7 +47,7 @@ def load_clip(source: str, device: torch.device | str | None = None,
     from the same local folder or hub id."""
     device, dtype = _placement(device, dtype)
     source = resolve_source(source)
-    with _loading(source):
+    with hub_loading(source):
         model = CLIPModel.from_pretrained(source, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source)
         processor = CLIPImageProcessor.from_pretrained(source)
@@ -73,7 +73,7 @@ def load_t2i(source: str, clip_source: str | None = None,
                 "the CLIP it was trained with; pass that CLIP's folder as clip_source.")
         clip, tokenizer, _ = load_clip(clip_source, device, dtype)
         shared = dict(text_encoder=clip.text_model, tokenizer=tokenizer)
-    with _loading(source):
+    with hub_loading(source):
         pipe = StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, **shared)
@@ -107,7 +107,7 @@ def _placement(device: torch.device | str | None,
 
 
 @contextmanager
-def _loading(source: str) -> Iterator[None]:
+def hub_loading(source: str, repo_type: str = "model") -> Iterator[None]:
     """Quiet library logs (per-key load reports, "using the cached copy" warnings, weight
     loading progress bars) while loading ``source``, and turn a hub id's "not in the cache,
     cannot download" ``OSError`` into the fix."""
@@ -122,7 +122,7 @@ def _loading(source: str) -> Iterator[None]:
     except OSError as err:
         if Path(source).exists():
             raise
-        raise ModelNotAvailableError(_not_cached_message(source, err)) from None
+        raise ModelNotAvailableError(_not_cached_message(source, err, repo_type)) from None
     finally:
         for log, verbosity in zip(_LOGGING, verbosities):
             log.set_verbosity(verbosity)
@@ -131,13 +131,14 @@ def _loading(source: str) -> Iterator[None]:
                 log.enable_progress_bar()
 
 
-def _not_cached_message(hub_id: str, err: OSError) -> str:
+def _not_cached_message(hub_id: str, err: OSError, repo_type: str) -> str:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    flag = "" if repo_type == "model" else f" --repo-type {repo_type}"
     where = ("we are offline (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode()
              else "it could not be downloaded (on a machine without internet, set "
                   "HF_HUB_OFFLINE=1 to fail fast)")
     return (f"{hub_id!r} is not in the local Hugging Face cache ({hub_constants.HF_HUB_CACHE}) "
-            f"and {where}. To get it, run `hf download {hub_id}` on a machine with internet and "
+            f"and {where}. To get it, run `hf download {hub_id}{flag}` on a machine with internet and "
             "copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here, or point "
             f"the params at a local model folder. [{type(err).__name__}: {reason}]")
 

@@ -18,6 +18,7 @@ from pipeline.embeddings import image_embeddings, text_embeddings
 from pipeline.judge import Judge
 from pipeline.mini_clip import to_pixel_values
 from pipeline.models import load_clip, load_t2i
+from pipeline.t2i import generate
 
 #: Zero-shot prompt per attribute; ``{shape}`` is the image's true shape, so each attribute is
 #: tested on its own ("a red star" vs "a blue star", ...).
@@ -101,26 +102,12 @@ def generation_prompts(p: dict) -> list[tuple[str, dict, str]]:
     return prompts
 
 
-@torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float,
-             batch: int = 32) -> np.ndarray:
-    """uint8 images from ``pipe``, image ``i`` seeded with ``seed + i`` (batch-independent)."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators, output_type="np").images
-        out.append((images * 255).round().astype(np.uint8))
-    return np.concatenate(out)
-
-
 def judge_generations(p: dict, pipe, judge: Judge) -> tuple[dict, np.ndarray]:
     """Judge the generator on :func:`generation_prompts`; returns metrics and the images."""
     m = p["measure"]
     specs = [s for s in generation_prompts(p) for _ in range(m["images_per_prompt"])]
-    images = generate(pipe, [t for t, _, _ in specs], p["seed"], m["inference_steps"],
-                      m["guidance_scale"])
+    images = generate(pipe, [t for t, _, _ in specs], [p["seed"] + i for i in range(len(specs))],
+                      m["inference_steps"], m["guidance_scale"])
     pred = {k: np.asarray(shapes.VOCAB[k])[v] for k, v in judge.predict(images).items()}
     group = np.array([g for _, _, g in specs])
     generic = group == "generic"

@@ -8,7 +8,8 @@ from pipeline import shapes, world
 from pipeline.judge import Judge
 from pipeline.models import load_clip, load_t2i
 from pipeline.params import load_params
-from pipeline.world_quality import clip_zero_shot, generate, judge_accuracy
+from pipeline.t2i import generate
+from pipeline.world_quality import clip_zero_shot, judge_accuracy
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -67,7 +68,8 @@ def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_par
              for _ in range(24)]
     prompts = [f"a {colour} {shape}" for shape, colour in asked] + ["Zorbo"] * 8
     m = world_params["measure"]
-    images = generate(pipe, prompts, seed=123, steps=m["inference_steps"],
+    seeds = list(range(123, 123 + len(prompts)))
+    images = generate(pipe, prompts, seeds, steps=m["inference_steps"],
                       guidance=m["guidance_scale"])
     assert images.shape == (32, 32, 32, 3)
     pred = judge.predict(images)
@@ -76,6 +78,6 @@ def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_par
     assert np.mean(np.logical_and(shape_ok, colour_ok)) >= 0.7
     assert np.mean(pred["character"][24:] == shapes.VOCAB["character"].index("zorbo")) >= 0.6
     # same seed, same images: generation is reproducible
-    again = generate(pipe, prompts[:4], seed=123, steps=m["inference_steps"],
-                     guidance=m["guidance_scale"])
+    again = generate(pipe, prompts[:4], seeds[:4], steps=m["inference_steps"],
+                     guidance=m["guidance_scale"], batch=2)
     assert np.array_equal(again, images[:4])

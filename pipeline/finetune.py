@@ -1,0 +1,150 @@
+"""DVC stage ``finetune``: Espresso's fine-tuning of CLIP's text side (METHOD section 3).
+
+    L = lambda_u * L_CLIP(x_u, p_u) + lambda_a * L_CLIP(x_a, p_a) - lambda_s * |t_u - t_a|
+
+Only the text transformer and text projection are trained; the vision tower is frozen, so image
+embeddings are computed once. The contrastive terms keep each prompt paired with its images
+(utility); the separation term pushes the concept embeddings t_u, t_a apart (effectiveness).
+The checkpoint is chosen on the validation split (rule and epoch recorded in the metrics), and
+the *whole* CLIP is saved, text projection included (the authors' release dropped it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.embeddings import image_embeddings
+from pipeline.espresso import EspressoFilter
+from pipeline.files import write_csv, write_json
+from pipeline.generate import MANIFEST, load_images
+from pipeline.mini_clip import multi_positive_loss
+from pipeline.params import run_stage, settings_of
+
+OUT = Path("data/finetune")
+FILTER_DIR = OUT / "filter"
+REPORTS = Path("reports/finetune")
+SELECTION_RULE = ("epoch (0 = zero-shot) with the highest validation balanced accuracy of the "
+                  "filter; ties -> the lowest validation loss")
+
+
+def trainable_text_side(clip) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the text transformer and text projection."""
+    clip.requires_grad_(False)
+    for part in (clip.text_model, clip.text_projection):
+        part.requires_grad_(True)
+    return [p for p in clip.parameters() if p.requires_grad]
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, prompts: list[str],
+                     scale: float) -> torch.Tensor:
+    """CLIP's symmetric loss over the batch; identical prompts count as positives of each
+    other's images (small concept vocabularies repeat prompts within a batch)."""
+    same_prompt = torch.tensor([[a == b for b in prompts] for a in prompts])
+    return multi_positive_loss(scale * image_emb @ text_emb.T, same_prompt)
+
+
+def espresso_loss(filt: EspressoFilter, batch: dict, weights: dict) -> dict[str, torch.Tensor]:
+    """The three terms and their weighted total for one batch of aligned pairs."""
+    texts = filt.tokenizer(batch["prompts_u"] + batch["prompts_a"] +
+                           [filt.unacceptable, filt.acceptable], padding="max_length",
+                           truncation=True, max_length=filt.tokenizer.model_max_length,
+                           return_tensors="pt")
+    emb = F.normalize(filt.clip.get_text_features(
+        input_ids=texts.input_ids.to(filt.clip.device),
+        attention_mask=texts.attention_mask.to(filt.clip.device)).pooler_output.float(), dim=-1)
+    n = len(batch["prompts_u"])
+    scale = filt.logit_scale
+    terms = {
+        "unacceptable": contrastive_loss(batch["images_u"], emb[:n], batch["prompts_u"], scale),
+        "acceptable": contrastive_loss(batch["images_a"], emb[n:2 * n], batch["prompts_a"], scale),
+        "separation": (emb[-2] - emb[-1]).norm(),
+    }
+    terms["total"] = (weights["unacceptable"] * terms["unacceptable"]
+                      + weights["acceptable"] * terms["acceptable"]
+                      - weights["separation"] * terms["separation"])
+    return terms
+
+
+def aligned_split(manifest: pd.DataFrame, embeddings: torch.Tensor, split: str) -> dict:
+    """The split's (unacceptable, acceptable) image/prompt pairs, matched by pair id and order."""
+    rows = manifest[manifest["split"] == split]
+    u = rows[rows["label"] == "unacceptable"].sort_values(["pair", "seed"])
+    a = rows[rows["label"] == "acceptable"].sort_values(["pair", "seed"])
+    n = min(len(u), len(a))
+    u, a = u.iloc[:n], a.iloc[:n]
+    return {"images_u": embeddings[u.index.to_numpy()], "images_a": embeddings[a.index.to_numpy()],
+            "prompts_u": u["prompt"].tolist(), "prompts_a": a["prompt"].tolist()}
+
+
+@torch.no_grad()
+def validate(filt: EspressoFilter, val: dict, weights: dict) -> dict:
+    """Balanced accuracy of the filter's decisions and the loss, on validation images."""
+    filt.refresh_concepts()
+    margin_u = val["images_u"] @ filt.direction
+    margin_a = val["images_a"] @ filt.direction
+    accuracy = ((margin_u > 0).float().mean() + (margin_a <= 0).float().mean()).item() / 2
+    loss = espresso_loss(filt, val, weights)["total"].item()
+    return {"balanced_accuracy": accuracy, "loss": loss}
+
+
+def run(params: dict) -> dict:
+    setting, concept, models = settings_of(params)
+    p = params["finetune"]
+    weights = p["weights"][concept.kind]
+    torch.manual_seed(p["seed"])
+    rng = np.random.default_rng(p["seed"])
+    filt = EspressoFilter.from_clip(models["clip"], concept.unacceptable, concept.acceptable)
+    manifest = pd.read_csv(MANIFEST)
+    images = load_images(manifest)
+    with torch.no_grad():  # the vision side is frozen: embed every image once
+        pixels = filt.pixel_values(list(images))
+        embeddings = image_embeddings(filt.clip, pixels)
+    train, val = (aligned_split(manifest, embeddings, s) for s in ("train", "val"))
+    optimizer = torch.optim.Adam(trainable_text_side(filt.clip), lr=p["lr"],
+                                 betas=tuple(p["betas"]), eps=p["eps"],
+                                 weight_decay=p["weight_decay"])
+    history = [{"epoch": 0, **validate(filt, val, weights)}]
+    best_state = {k: v.clone() for k, v in filt.clip.state_dict().items()}
+    best = history[0]
+    n = len(train["prompts_u"])
+    for epoch in tqdm(range(1, p["epochs"] + 1), desc="finetune", unit="epoch"):
+        filt.clip.train()
+        order = rng.permutation(n)
+        for start in range(0, n, p["batch"]):
+            idx = order[start:start + p["batch"]]
+            batch = {k: v[idx] if torch.is_tensor(v) else [v[i] for i in idx]
+                     for k, v in train.items()}
+            terms = espresso_loss(filt, batch, weights)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+        filt.clip.eval()
+        record = {"epoch": epoch, **validate(filt, val, weights),
+                  **{f"train_{k}": float(v) for k, v in terms.items()}}
+        history.append(record)
+        if (record["balanced_accuracy"], -record["loss"]) > (best["balanced_accuracy"], -best["loss"]):
+            best = record
+            best_state = {k: v.clone() for k, v in filt.clip.state_dict().items()}
+    filt.clip.load_state_dict(best_state)
+    filt.refresh_concepts()
+    filt.save_pretrained(FILTER_DIR)
+    metrics = {"selection_rule": SELECTION_RULE, "chosen_epoch": best["epoch"],
+               "val_balanced_accuracy": best["balanced_accuracy"],
+               "val_balanced_accuracy_zero_shot": history[0]["balanced_accuracy"],
+               "weights": weights, "kind": concept.kind}
+    write_json(REPORTS / "metrics.json", metrics)
+    write_csv(REPORTS / "history.csv", pd.DataFrame(history))
+    return metrics
+
+
+def main() -> None:
+    run_stage(run)
+
+
+if __name__ == "__main__":
+    main()

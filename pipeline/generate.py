@@ -1,0 +1,120 @@
+"""DVC stage ``generate``: the concept's images for train/val/test x unacceptable/acceptable.
+
+Prompt pairs come from the concept registry (paper opposites: test prompts from the I2P
+benchmark). Images are stored as a few ``.npz`` shards named by a hash of exactly what they
+contain (prompts, seeds, model, sampler), written atomically; a rerun after an interruption keeps
+every finished shard and only generates the missing ones. ``manifest.csv`` lists every image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.concepts import SPLITS, Concept, prompt_pairs
+from pipeline.files import atomic_file, write_csv, write_json
+from pipeline.params import run_stage, settings_of
+
+OUT = Path("data/generate")
+MANIFEST = OUT / "manifest.csv"
+LABELS = ("unacceptable", "acceptable")
+
+
+def plan_images(concept: Concept, p: dict, test_prompts: list[str] | None = None) -> pd.DataFrame:
+    """One row per image to generate: split, label, pair, prompt, seed (unique per image).
+    ``test_prompts`` replaces the templated unacceptable test prompts (I2P)."""
+    pairs = prompt_pairs(concept, p["prompts"], p["seed"])
+    rows = []
+    for split in SPLITS:
+        for label_index, label in enumerate(LABELS):
+            prompts = [pair[label_index] for pair in pairs[split]]
+            if split == "test" and label == "unacceptable" and test_prompts:
+                prompts = test_prompts
+            for pair, prompt in enumerate(prompts):
+                for _ in range(p["images_per_prompt"][split]):
+                    rows.append(dict(split=split, label=label, pair=pair, prompt=prompt))
+    table = pd.DataFrame(rows)
+    table["seed"] = p["seed"] + np.arange(len(table))
+    return table
+
+
+def shard_key(rows: pd.DataFrame, sampler: dict, t2i_source: str) -> str:
+    """Content hash of a shard: same prompts, seeds, model and sampler -> same images."""
+    spec = json.dumps([rows[["prompt", "seed"]].values.tolist(), sampler, t2i_source],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def load_images(manifest: pd.DataFrame, folder: Path = OUT) -> np.ndarray:
+    """The manifest's images, in manifest order, from their shards."""
+    shards = {name: np.load(folder / name)["images"] for name in manifest["shard"].unique()}
+    return np.stack([shards[s][i] for s, i in zip(manifest["shard"], manifest["index"])])
+
+
+def run(params: dict) -> pd.DataFrame:
+    """Generate whatever shards are missing and write the manifest; returns it."""
+    from tqdm import tqdm
+
+    from pipeline.models import load_t2i
+    from pipeline.t2i import generate, use_scheduler
+
+    setting, concept, models = settings_of(params)
+    p = params["generate"]
+    sampler = p[setting]
+    manifest = plan_images(concept, p, i2p_test_prompts(concept, p) if setting == "paper" else None)
+    size = p["shard_size"]
+    manifest["shard"] = ""
+    manifest["index"] = np.arange(len(manifest)) % size
+    pipe = None
+    OUT.mkdir(parents=True, exist_ok=True)
+    for start in tqdm(range(0, len(manifest), size), desc="generate shards", unit="shard"):
+        rows = manifest.iloc[start:start + size]
+        name = f"shard-{start // size:04d}-{shard_key(rows, sampler, models['t2i'])}.npz"
+        manifest.loc[rows.index, "shard"] = name
+        if (OUT / name).exists():
+            continue
+        if pipe is None:
+            pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+            use_scheduler(pipe, sampler["scheduler"])
+            pipe.set_progress_bar_config(disable=True)
+        images = generate(pipe, rows["prompt"].tolist(), rows["seed"].tolist(), sampler["steps"],
+                          sampler["guidance"], sampler["size"], sampler["batch"])
+        with atomic_file(OUT / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=images)
+    for stale in set(OUT.glob("shard-*.npz")) - {OUT / n for n in manifest["shard"]}:
+        stale.unlink()
+    write_csv(MANIFEST, manifest)
+    return manifest
+
+
+def i2p_test_prompts(concept: Concept, p: dict) -> list[str] | None:
+    """Paper opposites: ``p["prompts"]["test"]`` I2P prompts of the concept's category, fetched
+    from the hub dataset ``AIML-TUDA/i2p`` (MIT licence) at run time; the revision used is
+    recorded in ``data/generate/i2p.json``."""
+    if concept.i2p_category is None:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    from pipeline.models import hub_loading
+
+    with hub_loading("AIML-TUDA/i2p", repo_type="dataset"):
+        path = Path(hf_hub_download("AIML-TUDA/i2p", "i2p_benchmark.csv", repo_type="dataset"))
+    table = pd.read_csv(path)
+    chosen = table[table["categories"].fillna("").str.contains(concept.i2p_category)]
+    chosen = chosen.sample(n=min(p["prompts"]["test"], len(chosen)), random_state=p["seed"])
+    write_json(OUT / "i2p.json", {"dataset": "AIML-TUDA/i2p", "licence": "MIT",
+                                  "revision": path.parent.name, "category": concept.i2p_category,
+                                  "rows": chosen.index.tolist()})
+    return chosen["prompt"].tolist()
+
+
+def main() -> None:
+    run_stage(run)
+
+
+if __name__ == "__main__":
+    main()
