@@ -36,13 +36,13 @@ def calibrate_threshold(scores: np.ndarray, unacceptable: np.ndarray) -> float:
     return float(cuts[int(np.argmax(accuracy))])
 
 
-def filter_scores(manifest: pd.DataFrame, images: np.ndarray, zero_shot: EspressoFilter,
-                  tuned: EspressoFilter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(score, blocked) per filter for every image of the manifest."""
-    prompts = manifest["prompt"].str.lower()
-    keyword = prompts.str.contains(zero_shot.unacceptable.lower(), regex=False).to_numpy()
-    with torch.no_grad():
-        features = zero_shot.image_features(zero_shot.pixel_values(list(images)))
+def filter_decisions(manifest: pd.DataFrame, images: np.ndarray, features: torch.Tensor,
+                     zero_shot: EspressoFilter, tuned: EspressoFilter
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(score, blocked) per filter for every image of the manifest; ``features`` are the
+    original CLIP's image embeddings of ``images``."""
+    keyword = manifest["prompt"].str.lower().str.contains(
+        zero_shot.unacceptable.lower(), regex=False).to_numpy()
     cosine = (F.normalize(features, dim=-1) @ zero_shot.t_u).numpy()
     val = (manifest["split"] == "val").to_numpy()
     cut = calibrate_threshold(cosine[val], (manifest["label"] == "unacceptable").to_numpy()[val])
@@ -50,25 +50,33 @@ def filter_scores(manifest: pd.DataFrame, images: np.ndarray, zero_shot: Espress
            "keyword": (keyword.astype(float), keyword),
            "threshold": (cosine, cosine > cut)}
     for name, filt in (("zero_shot", zero_shot), ("espresso", tuned)):
-        screening = filt.screen(images)
+        screening = filt.screen(images)  # the library path, fail-closed included
         out[name] = (np.nan_to_num(screening.p_unacceptable, nan=1.0), screening.blocked)
     return out
 
 
-def clip_metrics(zero_shot: EspressoFilter, prompts: list[str], images: np.ndarray,
-                 filtered: np.ndarray, unacceptable: np.ndarray) -> dict:
-    """CLIP accuracy on unacceptable prompts and normalised CLIP score on acceptable prompts."""
-    p_eval = zero_shot.screen(filtered).p_unacceptable
-    with torch.no_grad():
-        text = text_embeddings(zero_shot.clip, zero_shot.tokenizer, prompts)
-        before = F.normalize(zero_shot.image_features(zero_shot.pixel_values(list(images))), dim=-1)
-        after = F.normalize(zero_shot.image_features(zero_shot.pixel_values(list(filtered))), dim=-1)
-    score_before = (before * text).sum(-1).clamp(min=0).numpy()
-    score_after = (after * text).sum(-1).clamp(min=0).numpy()
-    acceptable = ~unacceptable & (score_before > 0)
-    return {"clip_accuracy": float(p_eval[unacceptable].mean()),
-            "clip_accuracy_hard": float((p_eval[unacceptable] > 0.5).mean()),
-            "normalized_clip_score": float((score_after[acceptable] / score_before[acceptable]).mean())}
+@torch.no_grad()
+def clip_views(zero_shot: EspressoFilter, features: torch.Tensor, prompts: list[str],
+               image_shape: tuple) -> dict[str, np.ndarray]:
+    """What the original CLIP says of each test image and of a black (blocked) image:
+    P_eval(u|x) and CLIPScore = max(cos(image, prompt), 0)."""
+    black = zero_shot.image_features(zero_shot.pixel_values([np.zeros(image_shape, np.uint8)]))
+    text = text_embeddings(zero_shot.clip, zero_shot.tokenizer, prompts)
+    return {"p_eval": zero_shot.p_unacceptable(features).numpy(),
+            "p_eval_black": zero_shot.p_unacceptable(black).numpy(),
+            "clip_score": (F.normalize(features, dim=-1) * text).sum(-1).clamp(min=0).numpy(),
+            "clip_score_black": (F.normalize(black, dim=-1) @ text.T)[0].clamp(min=0).numpy()}
+
+
+def clip_metrics(views: dict, blocked: np.ndarray, unacceptable: np.ndarray) -> dict:
+    """CLIP accuracy on unacceptable prompts (post-filter P_eval, soft and hard) and normalised
+    CLIP score on acceptable prompts (post-filter / unfiltered CLIPScore)."""
+    p_after = np.where(blocked, views["p_eval_black"], views["p_eval"])
+    score_after = np.where(blocked, views["clip_score_black"], views["clip_score"])
+    scored = ~unacceptable & (views["clip_score"] > 0)
+    return {"clip_accuracy": float(p_after[unacceptable].mean()),
+            "clip_accuracy_hard": float((p_after[unacceptable] > 0.5).mean()),
+            "normalized_clip_score": float((score_after[scored] / views["clip_score"][scored]).mean())}
 
 
 def run(params: dict) -> dict:
@@ -77,18 +85,20 @@ def run(params: dict) -> dict:
     images = load_images(manifest)
     zero_shot = EspressoFilter.from_clip(models["clip"], concept.unacceptable, concept.acceptable)
     tuned = EspressoFilter.from_pretrained(FILTER_DIR)
-    scores = filter_scores(manifest, images, zero_shot, tuned)
+    with torch.no_grad():
+        features = zero_shot.image_features(zero_shot.pixel_values(list(images)))
+    decisions = filter_decisions(manifest, images, features, zero_shot, tuned)
     test = (manifest["split"] == "test").to_numpy()
     unacceptable = (manifest["label"] == "unacceptable").to_numpy()[test]
+    views = clip_views(zero_shot, features[test], manifest["prompt"][test].tolist(),
+                       images.shape[1:])
     shows = load_judge(setting, models, concept)(images[test])
-    prompts = manifest["prompt"][test].tolist()
     table = manifest[test][["prompt", "seed", "label"]].assign(judge_shows_concept=shows)
     metrics = {}
     for name in FILTERS:
-        score, blocked = (v[test] for v in scores[name])
-        filtered = np.where(blocked[:, None, None, None], 0, images[test])
+        score, blocked = (v[test] for v in decisions[name])
         metrics[name] = {
-            **clip_metrics(zero_shot, prompts, images[test], filtered, unacceptable),
+            **clip_metrics(views, blocked, unacceptable),
             "block_rate": float(blocked[unacceptable].mean()),
             "false_positive_rate": float(blocked[~unacceptable].mean()),
             "roc_auc": float(roc_auc_score(unacceptable, score)),

@@ -40,6 +40,12 @@ def trainable_text_side(clip) -> list[torch.nn.Parameter]:
     return [p for p in clip.parameters() if p.requires_grad]
 
 
+def text_side_state(clip) -> dict[str, torch.Tensor]:
+    """A copy of the trained weights only (the frozen vision side never changes)."""
+    return {k: v.detach().clone() for k, v in clip.state_dict().items()
+            if k.startswith(("text_model.", "text_projection."))}
+
+
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, prompts: list[str],
                      scale: float) -> torch.Tensor:
     """CLIP's symmetric loss over the batch; identical prompts count as positives of each
@@ -109,7 +115,7 @@ def run(params: dict) -> dict:
                                  betas=tuple(p["betas"]), eps=p["eps"],
                                  weight_decay=p["weight_decay"])
     history = [{"epoch": 0, **validate(filt, val, weights)}]
-    best_state = {k: v.clone() for k, v in filt.clip.state_dict().items()}
+    best_state = text_side_state(filt.clip)
     best = history[0]
     n = len(train["prompts_u"])
     for epoch in tqdm(range(1, p["epochs"] + 1), desc="finetune", unit="epoch"):
@@ -129,8 +135,8 @@ def run(params: dict) -> dict:
         history.append(record)
         if (record["balanced_accuracy"], -record["loss"]) > (best["balanced_accuracy"], -best["loss"]):
             best = record
-            best_state = {k: v.clone() for k, v in filt.clip.state_dict().items()}
-    filt.clip.load_state_dict(best_state)
+            best_state = text_side_state(filt.clip)
+    filt.clip.load_state_dict(best_state, strict=False)
     filt.refresh_concepts()
     filt.save_pretrained(FILTER_DIR)
     metrics = {"selection_rule": SELECTION_RULE, "chosen_epoch": best["epoch"],
