@@ -99,6 +99,13 @@ class EspressoFilter(nn.Module):
         return self.processor(images=images, return_tensors="pt").pixel_values
 
     @torch.no_grad()
+    def embed(self, images, batch: int = 256) -> torch.Tensor:
+        """Un-normalised phi_x of ``H x W x 3`` images, in batches."""
+        images = list(images)
+        return torch.cat([self.image_features(self.pixel_values(images[i:i + batch]))
+                          for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
     def screen(self, images, batch: int = 64) -> Screening:
         """Score images (``H x W x 3`` arrays: uint8, or float in [0, 1]); block those with
         P(u|x) > 0.5 and any image that cannot be scored (fail closed: malformed, non-finite),

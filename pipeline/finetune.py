@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.embeddings import image_embeddings
 from pipeline.espresso import EspressoFilter
 from pipeline.files import write_csv, write_json
 from pipeline.generate import MANIFEST, load_images
@@ -83,7 +82,7 @@ def aligned_split(manifest: pd.DataFrame, embeddings: torch.Tensor, split: str) 
     a = rows[rows["label"] == "acceptable"].sort_values(["pair", "seed"])
     n = min(len(u), len(a))
     u, a = u.iloc[:n], a.iloc[:n]
-    return {"images_u": embeddings[u.index.to_numpy()], "images_a": embeddings[a.index.to_numpy()],
+    return {"images_u": embeddings[u.index.to_list()], "images_a": embeddings[a.index.to_list()],
             "prompts_u": u["prompt"].tolist(), "prompts_a": a["prompt"].tolist()}
 
 
@@ -105,11 +104,9 @@ def run(params: dict) -> dict:
     torch.manual_seed(p["seed"])
     rng = np.random.default_rng(p["seed"])
     filt = EspressoFilter.from_clip(models["clip"], concept.unacceptable, concept.acceptable)
-    manifest = pd.read_csv(MANIFEST)
+    manifest = pd.read_csv(MANIFEST).query("split != 'test'").reset_index(drop=True)
     images = load_images(manifest)
-    with torch.no_grad():  # the vision side is frozen: embed every image once
-        pixels = filt.pixel_values(list(images))
-        embeddings = image_embeddings(filt.clip, pixels)
+    embeddings = F.normalize(filt.embed(images), dim=-1)  # vision side frozen: embed once
     train, val = (aligned_split(manifest, embeddings, s) for s in ("train", "val"))
     optimizer = torch.optim.Adam(trainable_text_side(filt.clip), lr=p["lr"],
                                  betas=tuple(p["betas"]), eps=p["eps"],
@@ -131,7 +128,7 @@ def run(params: dict) -> dict:
             optimizer.step()
         filt.clip.eval()
         record = {"epoch": epoch, **validate(filt, val, weights),
-                  **{f"train_{k}": float(v) for k, v in terms.items()}}
+                  **{f"train_{k}": v.item() for k, v in terms.items()}}
         history.append(record)
         if (record["balanced_accuracy"], -record["loss"]) > (best["balanced_accuracy"], -best["loss"]):
             best = record

@@ -30,16 +30,17 @@ def _world_judge(folder: str, concept: Concept) -> Judgement:
     return lambda images: judge.predict(images)[head] == wanted
 
 
-def _open_clip_judge(spec: dict, concept: Concept) -> Judgement:
+def _open_clip_judge(name: str, concept: Concept) -> Judgement:
+    """``name`` is an open_clip model name, e.g. ``hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``
+    (weights and config from that hub repo, through the Hugging Face cache)."""
     import open_clip
     from PIL import Image
 
     from pipeline.models import hub_loading
 
-    with hub_loading(f"open_clip {spec['model']} ({spec['pretrained']})"):
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec["model"], pretrained=spec["pretrained"])
-    tokenizer = open_clip.get_tokenizer(spec["model"])
+    with hub_loading(name.removeprefix("hf-hub:")):
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+        tokenizer = open_clip.get_tokenizer(name)
     model.eval()
     with torch.no_grad():
         text = model.encode_text(tokenizer([concept.unacceptable, concept.acceptable]))

@@ -1,104 +1,21 @@
 """Model loading, offline, with tiny random models in the paper setting's formats.
 
-The tiny models are put into a fake Hugging Face cache, laid out like the real one, so that the
-paper's real hub ids load through the same cache path the paper setting uses offline.
+The tiny models (``tiny_hub``, fixtures in ``conftest``) are put into a fake Hugging Face cache,
+laid out like the real one, so that the paper's real hub ids load through the same cache path the
+paper setting uses offline.
 """
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from huggingface_hub import constants as hub_constants
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from diffusers import PNDMScheduler
+from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID, go_offline
 
 from pipeline.models import (ModelNotAvailableError, load_clip, load_t2i, pick_device,
                              resolve_source)
-from pipeline.tokenizer import build_clip_tokenizer
 
-CLIP_ID, SD_ID = "openai/clip-vit-large-patch14", "CompVis/stable-diffusion-v1-4"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-WIDTH, IMAGE_SIZE = 32, 32
 CPU = dict(device="cpu", dtype=torch.float32)
-
-torch.set_num_threads(1)
-
-
-def tiny_clip() -> CLIPModel:
-    torch.manual_seed(0)
-    tower = dict(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=2 * WIDTH)
-    return CLIPModel(CLIPConfig(
-        text_config=dict(tower, vocab_size=49408, max_position_embeddings=77,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8),
-        projection_dim=16)).eval()
-
-
-def tiny_sd(clip: CLIPModel, tokenizer) -> StableDiffusionPipeline:
-    """SD v1.4's classes and scheduler; its text encoder is the CLIP's text tower, as in SD."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=IMAGE_SIZE)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH, attention_head_dim=8)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=clip.text_model, tokenizer=tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="session")
-def clip():
-    return tiny_clip()
-
-
-@pytest.fixture(scope="session")
-def folders(tmp_path_factory, clip):
-    """Local folders: the CLIP, and SD in the mini world's layout (no text encoder/tokenizer)."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = build_clip_tokenizer(context_length=77)
-    clip.save_pretrained(root / "clip")
-    tokenizer.save_pretrained(root / "clip")
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-                       ).save_pretrained(root / "clip")
-    tiny_sd(clip, tokenizer).save_pretrained(root / "sd_full")
-    shutil.copytree(root / "sd_full", root / "sd_mini",
-                    ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
-    return root
-
-
-@pytest.fixture(scope="session")
-def hf_home(tmp_path_factory, folders):
-    """A Hugging Face cache holding the tiny models under the paper's hub ids."""
-    home = tmp_path_factory.mktemp("hf_home")
-    for repo_id, folder in ((CLIP_ID, "clip"), (SD_ID, "sd_full")):
-        repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folders / folder, repo / "snapshots" / COMMIT)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(COMMIT)
-    return home
-
-
-def go_offline(monkeypatch, home) -> None:
-    """Offline, with ``home`` as HF_HOME; huggingface_hub reads these at import, so its
-    constants (read at call time by transformers and diffusers) are patched too."""
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HOME", str(home))
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture
-def offline_hub(monkeypatch, hf_home):
-    go_offline(monkeypatch, hf_home)
 
 
 @pytest.fixture

@@ -1,0 +1,40 @@
+"""The paper setting through the very same stage code, offline, on tiny random models stored
+under the paper's hub ids (SD v1.4, CLIP ViT-L/14, the LAION open_clip judge, the I2P dataset)."""
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+from tiny_hub import COMMIT
+from transformers import CLIPModel
+
+from pipeline import evaluate, finetune, generate
+
+
+def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip):
+    params = {**tiny_params, "setting": "paper", "concept": "nudity"}
+    manifest = generate.run(params)
+
+    test_u = manifest[(manifest["split"] == "test") & (manifest["label"] == "unacceptable")]
+    assert test_u["prompt"].str.startswith("synthetic sexual prompt").all()  # from I2P
+    assert set(manifest[manifest["label"] == "acceptable"]["prompt"].str.split().sum()) >= {"clean"}
+    record = json.loads((stage_dir / "data/generate/i2p.json").read_text())
+    assert record["revision"] == COMMIT and record["licence"] == "MIT"
+    assert record["category"] == "sexual"
+    assert generate.load_images(manifest).shape == (len(manifest), 32, 32, 3)
+
+    tuned = finetune.run(params)
+    assert tuned["kind"] == "opposite"
+    assert tuned["weights"] == params["finetune"]["weights"]["opposite"]
+    saved = CLIPModel.from_pretrained(stage_dir / finetune.FILTER_DIR)  # a plain CLIPModel too
+    assert torch.equal(saved.vision_model.embeddings.patch_embedding.weight,
+                       clip.vision_model.embeddings.patch_embedding.weight)  # vision frozen
+
+    metrics = evaluate.run(params)
+    for name in evaluate.FILTERS:
+        assert 0.0 <= metrics[name]["clip_accuracy"] <= 1.0
+    # the open_clip judge ran on every test image
+    scores = pd.read_csv(stage_dir / "reports/evaluate/scores.csv")
+    assert len(scores) == metrics["n_test_images"] and scores["judge_shows_concept"].isin(
+        [True, False]).all()
+    assert np.isclose(metrics["none"]["block_rate"], 0.0)
