@@ -98,6 +98,20 @@ class EspressoFilter(nn.Module):
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt").pixel_values
 
+    def pixel_values_differentiable(self, images: torch.Tensor) -> torch.Tensor:
+        """The processor's resize, centre crop and normalisation in torch, for float
+        ``N x 3 x H x W`` images in [0, 1], so that gradients reach the images (attacks)."""
+        size, crop = self.processor.size["shortest_edge"], self.processor.crop_size
+        scale = size / min(images.shape[-2:])
+        height, width = round(images.shape[-2] * scale), round(images.shape[-1] * scale)
+        x = F.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
+                          align_corners=False)
+        top, left = (height - crop["height"]) // 2, (width - crop["width"]) // 2
+        x = x[..., top:top + crop["height"], left:left + crop["width"]]
+        mean = torch.tensor(self.processor.image_mean, device=x.device)[:, None, None]
+        std = torch.tensor(self.processor.image_std, device=x.device)[:, None, None]
+        return (x - mean) / std
+
     @torch.no_grad()
     def embed(self, images, batch: int = 256) -> torch.Tensor:
         """Un-normalised phi_x of ``H x W x 3`` images, in batches."""

@@ -29,6 +29,13 @@ def tiny_params():
     params["generate"]["mini"].update(steps=4)
     params["generate"]["paper"].update(steps=2, size=32)
     params["finetune"].update(epochs=2, batch=4)
+    params["attack"].update(targets=4, prompts=2, images_per_prompt=2)
+    for setting in ("mini", "paper"):
+        budgets = params["attack"][setting]
+        for name in ("typo", "pez"):
+            budgets[name].update(tokens=4, steps=5)
+        budgets["cce"].update(steps=2, batch=2)
+        budgets["ringbell"].update(tokens=4, population=8, generations=2)
     return params
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import evaluate, finetune, generate
+from pipeline import attack, certify, evaluate, finetune, generate
+from pipeline.filters import FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _run_all(params):
     generate.run(params)
     finetune.run(params)
-    return evaluate.run(params)
+    return {"evaluate": evaluate.run(params), "attack": attack.run(params),
+            "certify": certify.run(params)}
 
 
 def test_same_params_give_the_same_metrics(stage_dir, tiny_params):
@@ -26,11 +28,17 @@ def test_same_params_give_the_same_metrics(stage_dir, tiny_params):
     shutil.rmtree(stage_dir / "data/generate")
     second = _run_all(tiny_params)
     assert first == second
-    assert set(evaluate.FILTERS) <= set(first)
-    for name in evaluate.FILTERS:
+    evaluated, attacked = first["evaluate"], first["attack"]
+    for name in FILTERS:
         for key in ("clip_accuracy", "normalized_clip_score", "block_rate", "roc_auc"):
-            assert 0.0 <= first[name][key] <= 1.0 + 1e-6, (name, key)
-    assert first["none"]["block_rate"] == 0.0 and first["none"]["normalized_clip_score"] == 1.0
+            assert 0.0 <= evaluated[name][key] <= 1.0 + 1e-6, (name, key)
+        for attack_name in tiny_params["attack"]["attacks"]:
+            assert 0.0 <= attacked[attack_name][name]["attack_success_rate"] <= 1.0
+    certified = first["certify"]
+    assert certified["total_violations"] == 0  # the certificate held on every test image
+    assert set(certified["espresso"]["attacks"]) == set(tiny_params["attack"]["attacks"])
+    assert evaluated["none"]["block_rate"] == 0.0
+    assert evaluated["none"]["normalized_clip_score"] == 1.0
 
 
 def test_unknown_concept_stops_the_stage_with_the_known_ones(stage_dir, tiny_params):
@@ -62,7 +70,19 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     sh("git", "init", "-q")
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fixture")
-    sh(*dvc, "repro")
+    first = sh(*dvc, "repro")
+    for stage in ("generate", "finetune", "evaluate", "attack", "certify"):
+        assert f"Running stage '{stage}'" in first
+    assert "Running stage 'world'" not in first  # frozen: the shipped models are used as-is
     metrics = json.loads((copy / "reports/evaluate/metrics.json").read_text())
-    assert metrics["espresso"]["block_rate"] >= 0.0 and metrics["n_test_images"] == 8
-    assert "up to date" in sh(*dvc, "repro").lower() or "didn't change" in sh(*dvc, "status")
+    assert metrics["n_test_images"] == 8 and set(FILTERS) <= set(metrics)
+    assert "Running stage" not in sh(*dvc, "repro")  # nothing changed: nothing reruns
+
+    sh(*dvc, "exp", "run", "-S", "concept=blip")  # a concept sweep, as users run it
+    shown = json.loads(sh(*dvc, "exp", "show", "--json"))
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    runs = [r["revs"][0]["data"] for r in experiments if r.get("revs")]
+    concepts = {r["params"]["params.yaml"]["data"]["concept"] for r in runs}
+    assert "blip" in concepts
+    blip = next(r for r in runs if r["params"]["params.yaml"]["data"]["concept"] == "blip")
+    assert "espresso" in blip["metrics"]["reports/evaluate/metrics.json"]["data"]

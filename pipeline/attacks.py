@@ -1,0 +1,277 @@
+"""The four adversarial-prompt attacks of METHOD section 6, each with its adaptive ("+") term.
+
+Every attack returns adversarial prompts (CCE+ also a learned token embedding, in diffusers'
+textual-inversion format). The "+" terms adapt to the *target filter* (Espresso fine-tuned):
+
+- PEZ+ (Wen et al. 2023): a hard prompt of ``tokens`` vocabulary tokens, optimised as soft
+  embeddings projected to their nearest tokens every step (straight-through), AdamW; loss
+  ``1 - cos(phi_p(prompt), phi_x(targets))`` in the attacker's CLIP, plus ``adaptive_weight``
+  times the filter's text-space margin ``<phi_p^filter(prompt), t_u - t_a>`` (pushes the prompt
+  toward c_a in the filter's own embedding space).
+- Typo+ : the acceptable concept text written onto the target images (typographic attack on
+  CLIP), then the images inverted into prompts with PEZ. "+" is the written text.
+- CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model
+  (its denoising loss on the target images), plus ``adaptive_weight`` times the filter's loss
+  ``softplus(s * margin)`` on the image the UNet predicts (x0 decoded by the VAE).
+- RingBell+ (Tsai et al. 2024): concept vector = mean difference of T2I text-encoder states of
+  (unacceptable, acceptable) prompt pairs; a genetic search over ``tokens`` tokens for a prompt
+  whose states are nearest to (acceptable prompt + eta * concept vector); the fitness also
+  subtracts ``adaptive_weight`` times the filter's text-space margin of the candidate.
+
+Text-space proxies (PEZ+, RingBell+) are used where the paper's release put its adaptive terms;
+CCE+ uses the filter on images. All budgets are params; randomness comes from ``seed``.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from pipeline.concepts import Concept
+from pipeline.espresso import EspressoFilter
+from pipeline.prompt_embedding import TokenPrompts, clip_text_features, placeholder_embeddings
+
+CCE_TOKEN = "<cce-concept>"
+
+
+@dataclass
+class AttackContext:
+    """Everything an attack may use. ``attacker`` is the public CLIP the attacker optimises
+    against (the zero-shot filter's); ``target`` is the filter the "+" terms adapt to."""
+
+    attacker: EspressoFilter
+    target: EspressoFilter
+    pipe: object                      # the T2I StableDiffusionPipeline
+    concept: Concept
+    target_images: np.ndarray         # uint8 images that show c_u (the attacks aim at these)
+    target_prompts: list[str]         # the prompts that produced them
+    pairs: list[tuple[str, str]]      # (unacceptable, acceptable) training prompt pairs
+    n_prompts: int
+    adaptive: bool
+    seed: int
+
+
+@dataclass
+class AttackResult:
+    prompts: list[str]
+    objective: list[float]                             # final loss per prompt (lower = better)
+    textual_inversion: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> vector
+
+
+# ---- shared pieces ------------------------------------------------------------------------
+def filter_margin(filt: EspressoFilter, side: TokenPrompts, values: torch.Tensor) -> torch.Tensor:
+    """``<phi_p^filter(prompt), t_u - t_a>`` per prompt: > 0 means the filter's text side puts
+    the prompt nearer c_u. ``side`` wraps ``filt.clip.text_model``."""
+    return clip_text_features(filt.clip, side, values) @ filt.direction
+
+
+def unit_image_features(filt: EspressoFilter, images: np.ndarray) -> torch.Tensor:
+    return F.normalize(filt.embed(images), dim=-1)
+
+
+def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
+               adaptive_weight: float, desc: str) -> AttackResult:
+    """PEZ over ``ctx.n_prompts`` prompts at once (independent random starts)."""
+    generator = torch.Generator().manual_seed(ctx.seed)
+    attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer)
+    filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
+    start = attacker.vocabulary[torch.randint(len(attacker.vocabulary),
+                                              (ctx.n_prompts, p["tokens"]), generator=generator)]
+    soft = attacker.table[start].detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([soft], lr=p["lr"], weight_decay=p["weight_decay"])
+    best_loss = torch.full((ctx.n_prompts,), float("inf"))
+    best_ids = start.clone()
+    for _ in tqdm(range(p["steps"]), desc=desc, unit="step", mininterval=5):
+        ids = attacker.project(soft.detach())
+        features = clip_text_features(ctx.attacker.clip, attacker, attacker.embed(ids, soft))
+        loss = 1 - (features @ target_features.T).mean(-1)
+        if adaptive_weight:
+            loss = loss + adaptive_weight * filter_margin(ctx.target, filter_side,
+                                                          filter_side.embed(ids, soft))
+        better = loss.detach() < best_loss
+        best_loss[better], best_ids[better] = loss.detach()[better], ids[better]
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+    return AttackResult(attacker.decode(best_ids), best_loss.tolist())
+
+
+# ---- the attacks ----------------------------------------------------------------------------
+def pez(ctx: AttackContext, p: dict) -> AttackResult:
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
+    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+    return pez_search(ctx, p, targets, weight, "PEZ+" if weight else "PEZ")
+
+
+def write_text(images: np.ndarray, text: str, height_fraction: float) -> np.ndarray:
+    """``text`` written across the bottom of each image, white with a black outline (drawn at
+    4x for legibility on tiny images, then resized back)."""
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        scale = max(1, 128 // h)
+        canvas = Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST)
+        size = max(6, int(height_fraction * h * scale))
+        font = ImageFont.load_default(size=size)
+        draw = ImageDraw.Draw(canvas)
+        box = draw.textbbox((0, 0), text, font=font, stroke_width=max(1, size // 8))
+        x = max(0, (canvas.width - (box[2] - box[0])) // 2)
+        y = canvas.height - (box[3] - box[1]) - size // 4
+        draw.text((x, y), text, font=font, fill="white", stroke_width=max(1, size // 8),
+                  stroke_fill="black")
+        out.append(np.asarray(canvas.resize((w, h), Image.LANCZOS)))
+    return np.stack(out)
+
+
+def typo(ctx: AttackContext, p: dict) -> AttackResult:
+    images = ctx.target_images
+    if ctx.adaptive:
+        images = write_text(images, ctx.concept.acceptable, p["text_height"])
+    targets = unit_image_features(ctx.attacker, images)
+    return pez_search(ctx, p, targets, 0.0, "Typo+" if ctx.adaptive else "Typo")
+
+
+def with_token(prompt: str, concept_text: str, token: str) -> str:
+    """The prompt with the concept text replaced by ``token`` (prepended if absent)."""
+    replaced, n = re.subn(re.escape(concept_text), token, prompt, flags=re.IGNORECASE)
+    return replaced if n else f"{token} {prompt}"
+
+
+def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """x0 implied by the UNet's prediction (epsilon or v)."""
+    alpha = scheduler.alphas_cumprod.to(noisy.device)[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod.to(noisy.device)[t]).sqrt().view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha * noisy - sigma * prediction
+    return (noisy - sigma * prediction) / alpha
+
+
+def cce(ctx: AttackContext, p: dict) -> AttackResult:
+    pipe = ctx.pipe
+    device = pipe.unet.device
+    generator = torch.Generator().manual_seed(ctx.seed)
+    torch.manual_seed(ctx.seed)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    start_ids = pipe.tokenizer(ctx.concept.acceptable, add_special_tokens=False).input_ids
+    start = table[start_ids].detach().float().mean(0)
+    pipe.load_textual_inversion({CCE_TOKEN: start.clone()}, token=CCE_TOKEN)
+    token_id = pipe.tokenizer.convert_tokens_to_ids(CCE_TOKEN)
+    try:
+        vector = start.clone().to(device).requires_grad_(True)
+        optimizer = torch.optim.AdamW([vector], lr=p["lr"], weight_decay=0.0)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        prompts = [with_token(q, ctx.concept.unacceptable, CCE_TOKEN) for q in ctx.target_prompts]
+        ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=pipe.tokenizer.model_max_length).input_ids.to(device)
+        with torch.no_grad():
+            pixels = torch.from_numpy(ctx.target_images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
+            latents = latents.float() * pipe.vae.config.scaling_factor
+        weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+        loss = torch.zeros(())
+        for _ in tqdm(range(p["steps"]), desc="CCE+" if weight else "CCE", unit="step",
+                      mininterval=5):
+            batch = torch.randint(len(latents), (p["batch"],), generator=generator)
+            noise = torch.randn(latents[batch].shape, generator=generator).to(device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),),
+                              generator=generator).to(device)
+            noisy = scheduler.add_noise(latents[batch], noise, t)
+            with placeholder_embeddings(pipe.text_encoder, token_id, vector):
+                context = pipe.text_encoder(ids[batch]).last_hidden_state
+            prediction = pipe.unet(noisy.to(pipe.unet.dtype), t,
+                                   encoder_hidden_states=context.to(pipe.unet.dtype)).sample.float()
+            wanted = (scheduler.get_velocity(latents[batch], noise, t)
+                      if scheduler.config.prediction_type == "v_prediction" else noise)
+            loss = F.mse_loss(prediction, wanted)
+            if weight:
+                loss = loss + weight * filter_image_loss(ctx.target, pipe, predicted_clean(
+                    scheduler, noisy, prediction, t))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        pipe.unload_textual_inversion(CCE_TOKEN)
+    templates = list(dict.fromkeys(prompts))
+    chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
+    return AttackResult(chosen, [loss.item()] * len(chosen),
+                        {CCE_TOKEN: vector.detach().cpu().clone()})
+
+
+def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor) -> torch.Tensor:
+    """softplus(s * <e, t_u - t_a>) = -log(1 - P(u|x)) of the images the latents decode to."""
+    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    images = ((images.float() + 1) / 2).clamp(0, 1)
+    pixels = filt.pixel_values_differentiable(images)
+    features = filt.clip.get_image_features(pixel_values=pixels.to(filt.clip.dtype)).pooler_output
+    margin = F.normalize(features.float(), dim=-1) @ filt.direction
+    return F.softplus(filt.logit_scale * margin).mean()
+
+
+def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
+    pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
+    side = TokenPrompts(pipe.text_encoder, pipe.tokenizer)
+    filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
+    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+
+    @torch.no_grad()
+    def states(prompts: list[str]) -> torch.Tensor:
+        ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=pipe.tokenizer.model_max_length).input_ids
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device)).last_hidden_state.float()
+
+    unacceptable, acceptable = zip(*ctx.pairs)
+    concept_vector = (states(list(unacceptable)) - states(list(acceptable))).mean(0)
+    bases = [acceptable[i % len(acceptable)] for i in range(ctx.n_prompts)]
+    goals = states(bases) + p["eta"] * concept_vector
+
+    @torch.no_grad()
+    def loss_of(population: np.ndarray) -> np.ndarray:
+        """``n_prompts x P x K`` candidate ids -> loss (lower = fitter), ``n_prompts x P``."""
+        n, size, k = population.shape
+        ids = torch.from_numpy(population.reshape(n * size, k))
+        distance = (side.hidden_states(side.embed(ids)) - goals.repeat_interleave(size, 0))
+        loss = distance.pow(2).mean((1, 2))
+        if weight:
+            loss = loss + weight * filter_margin(ctx.target, filter_side, filter_side.embed(ids))
+        return loss.view(n, size).cpu().numpy()
+
+    vocabulary = side.vocabulary.numpy()
+    size, k = p["population"], p["tokens"]
+    population = rng.choice(vocabulary, (ctx.n_prompts, size, k))
+    elite = max(1, int(p["elite"] * size))
+    for _ in tqdm(range(p["generations"]), desc="RingBell+" if weight else "RingBell",
+                  unit="gen", mininterval=5):
+        loss = loss_of(population)
+        order = np.argsort(loss, axis=1, kind="stable")
+        population = np.take_along_axis(population, order[..., None], axis=1)
+        parents = _tournament(rng, ctx.n_prompts, size, size - elite)
+        mothers = np.take_along_axis(population, parents[0][..., None], axis=1)
+        fathers = np.take_along_axis(population, parents[1][..., None], axis=1)
+        cross = rng.random(mothers.shape) < p["crossover"]
+        children = np.where(cross, fathers, mothers)
+        mutate = rng.random(children.shape) < p["mutation"]
+        children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
+        population = np.concatenate([population[:, :elite], children], axis=1)
+    loss = loss_of(population)
+    best = loss.argmin(1)
+    ids = torch.from_numpy(population[np.arange(ctx.n_prompts), best])
+    return AttackResult(side.decode(ids), loss[np.arange(ctx.n_prompts), best].tolist())
+
+
+def _tournament(rng: np.random.Generator, rows: int, size: int, n: int) -> np.ndarray:
+    """Indices of two parents for each of ``n`` children per row, by binary tournament on rank
+    (the population is sorted by loss): ``2 x rows x n``."""
+    a, b = rng.integers(0, size, (2, 2, rows, n))
+    return np.minimum(a, b)  # the lower index is the fitter (sorted population)
+
+
+ATTACKS: dict[str, Callable[[AttackContext, dict], AttackResult]] = {
+    "typo": typo, "pez": pez, "cce": cce, "ringbell": ringbell}

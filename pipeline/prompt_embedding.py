@@ -1,0 +1,95 @@
+"""Text encoding with optimisable token embeddings, through public APIs only.
+
+Attacks optimise prompts in token-embedding space (PEZ's soft prompts, CCE's new token). A
+forward hook on the text model's input-embedding layer (``get_input_embeddings()``, a public
+transformers API) replaces the embedding of every placeholder token by a given vector, so the
+unmodified ``CLIPTextModel`` / ``CLIPModel`` forward computes everything else (positions, causal
+mask, EOS pooling, projection) and gradients reach the vectors.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+@contextmanager
+def placeholder_embeddings(text_model, token_id: int, values: torch.Tensor) -> Iterator[None]:
+    """While active, each occurrence of ``token_id`` embeds as the next row of ``values``
+    (``B x k x d``, in row-major order of the occurrences), or as ``values`` itself if 1-d."""
+    def hook(module, inputs, output):
+        mask = inputs[0] == token_id
+        if not mask.any():
+            return output
+        rows = (values.expand(int(mask.sum()), -1) if values.dim() == 1
+                else values.reshape(-1, values.shape[-1]))
+        out = output.clone()
+        out[mask] = rows.to(out.dtype)
+        return out
+
+    handle = text_model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class TokenPrompts:
+    """Prompts made of ``k`` free tokens, ``[BOS, tok_1..tok_k, EOS, pad...]``, encoded by a
+    CLIP text side with each token's embedding given explicitly (so that it can carry a
+    gradient). ``vocabulary`` holds the ids a hard prompt may use (no special tokens)."""
+
+    def __init__(self, text_model, tokenizer):
+        self.text_model, self.tokenizer = text_model, tokenizer
+        special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        self.placeholder = next(i for i in range(len(tokenizer)) if i not in special)
+        n = text_model.get_input_embeddings().num_embeddings
+        self.vocabulary = torch.tensor([i for i in range(min(n, len(tokenizer)))
+                                        if i not in special])
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The token embedding table (``vocab x d``) of this text side."""
+        return self.text_model.get_input_embeddings().weight
+
+    def input_ids(self, batch: int, k: int) -> torch.Tensor:
+        length = self.tokenizer.model_max_length
+        if k + 2 > length:
+            raise ValueError(f"{k} prompt tokens do not fit a context of {length} "
+                             f"(at most {length - 2}); lower the attack's `tokens` param")
+        ids = torch.full((batch, length), self.tokenizer.pad_token_id)
+        ids[:, 0], ids[:, 1:k + 1], ids[:, k + 1] = (self.tokenizer.bos_token_id,
+                                                     self.placeholder, self.tokenizer.eos_token_id)
+        return ids.to(self.table.device)
+
+    def project(self, soft: torch.Tensor) -> torch.Tensor:
+        """PEZ's projection: the vocabulary id nearest (cosine) to each soft embedding."""
+        table = F.normalize(self.table[self.vocabulary].float(), dim=-1)
+        nearest = (F.normalize(soft.float(), dim=-1) @ table.T).argmax(-1)
+        return self.vocabulary.to(nearest.device)[nearest]
+
+    def embed(self, ids: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """This side's embeddings of hard ``ids``; with ``soft``, a straight-through estimate:
+        the value is the hard embedding, the gradient flows to ``soft`` (PEZ)."""
+        hard = self.table[ids]
+        return hard if soft is None else hard + (soft - soft.detach())
+
+    def hidden_states(self, values: torch.Tensor) -> torch.Tensor:
+        """The text transformer's last hidden state (what the T2I UNet reads), ``B x L x d``."""
+        with placeholder_embeddings(self.text_model, self.placeholder, values):
+            return self.text_model(input_ids=self.input_ids(*values.shape[:2])).last_hidden_state
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Hard prompts as text (what a user would type)."""
+        return [self.tokenizer.decode(row.tolist()).strip() for row in ids]
+
+
+def clip_text_features(clip, prompts: TokenPrompts, values: torch.Tensor) -> torch.Tensor:
+    """Unit-norm CLIP text features (phi_p) of token prompts given their embeddings ``values``;
+    ``prompts`` must wrap ``clip.text_model``."""
+    ids = prompts.input_ids(*values.shape[:2])
+    with placeholder_embeddings(prompts.text_model, prompts.placeholder, values):
+        out = clip.get_text_features(input_ids=ids)
+    return F.normalize(out.pooler_output.float(), dim=-1)

@@ -1,0 +1,101 @@
+"""The attacks on the mini world with tiny budgets: the text encoding they rely on is exact, every
+adaptive ("+") term is live (it depends on the optimised variable and changes the result), and
+the same seed gives the same attack."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import attacks, shapes
+from pipeline.concepts import get_concept
+from pipeline.espresso import EspressoFilter
+from pipeline.models import load_t2i
+from pipeline.prompt_embedding import TokenPrompts, clip_text_features
+
+CLIP, SD = "data/world/clip", "data/world/sd"
+BUDGET = {
+    "pez": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "adaptive_weight": 5.0},
+    "typo": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "text_height": 0.35},
+    "cce": {"steps": 3, "batch": 4, "lr": 5e-2, "adaptive_weight": 1.0},
+    "ringbell": {"tokens": 4, "eta": 3.0, "population": 16, "generations": 4, "elite": 0.1,
+                 "crossover": 0.5, "mutation": 0.1, "adaptive_weight": 5.0},
+}
+
+
+@pytest.fixture(scope="module")
+def context():
+    concept = get_concept("zorbo", "mini")
+    rng = np.random.default_rng(7)
+    images = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(8)],
+                                rng)
+    pipe = load_t2i(SD, clip_source=CLIP, device="cpu", dtype=torch.float32)
+    attacker = EspressoFilter.from_clip(CLIP, concept.unacceptable, concept.acceptable)
+    target = EspressoFilter.from_clip(CLIP, concept.unacceptable, concept.acceptable)
+    for model in (attacker.clip, target.clip, pipe.unet, pipe.vae, pipe.text_encoder):
+        model.requires_grad_(False)
+    return attacks.AttackContext(
+        attacker=attacker, target=target, pipe=pipe, concept=concept, target_images=images,
+        target_prompts=["Zorbo", "Zorbo on a black background"] * 4,
+        pairs=[("Zorbo", "a star"), ("Zorbo on a white background", "a star on a white background")],
+        n_prompts=2, adaptive=True, seed=0)
+
+
+def test_token_prompts_encode_exactly_like_token_ids(context):
+    clip, tokenizer = context.attacker.clip, context.attacker.tokenizer
+    side = TokenPrompts(clip.text_model, tokenizer)
+    ids = torch.tensor([[320, 2368, 1237], [49000, 5, 1125]])
+    via_hook = clip_text_features(clip, side, side.embed(ids))
+    direct = side.input_ids(2, 3).clone()
+    direct[:, 1:4] = ids
+    expected = torch.nn.functional.normalize(
+        clip.get_text_features(input_ids=direct).pooler_output, dim=-1)
+    assert torch.allclose(via_hook, expected, atol=1e-6)
+
+
+def test_pez_adaptive_term_has_a_gradient_and_changes_the_prompts(context):
+    side = TokenPrompts(context.target.clip.text_model, context.target.tokenizer)
+    ids = side.vocabulary[:8].view(2, 4)
+    soft = side.table[ids].detach().clone().requires_grad_(True)
+    margin = attacks.filter_margin(context.target, side, side.embed(ids, soft))
+    (grad,) = torch.autograd.grad(margin.sum(), soft)
+    assert grad.abs().sum() > 0
+    plus = attacks.pez(context, BUDGET["pez"])
+    plain = attacks.pez(dataclasses.replace(context, adaptive=False), BUDGET["pez"])
+    assert plus.prompts != plain.prompts
+    assert attacks.pez(context, BUDGET["pez"]).prompts == plus.prompts  # deterministic
+
+
+def test_typo_writes_the_acceptable_word_and_that_changes_the_prompts(context):
+    written = attacks.write_text(context.target_images, "a star", 0.35)
+    assert written.shape == context.target_images.shape
+    assert np.abs(written.astype(int) - context.target_images).mean() > 5
+    plus = attacks.typo(context, BUDGET["typo"])
+    plain = attacks.typo(dataclasses.replace(context, adaptive=False), BUDGET["typo"])
+    assert plus.prompts != plain.prompts
+
+
+def test_cce_filter_loss_is_live_and_changes_the_learned_token(context):
+    pipe = context.pipe
+    latents = torch.randn(2, 4, 16, 16, requires_grad=True)
+    loss = attacks.filter_image_loss(context.target, pipe, latents)
+    (grad,) = torch.autograd.grad(loss, latents)
+    assert grad.abs().sum() > 0
+    vocabulary = len(pipe.tokenizer)
+    plus = attacks.cce(context, BUDGET["cce"])
+    plain = attacks.cce(dataclasses.replace(context, adaptive=False), BUDGET["cce"])
+    assert len(pipe.tokenizer) == vocabulary  # the learned token was unloaded again
+    (token,) = plus.textual_inversion
+    assert not torch.allclose(plus.textual_inversion[token], plain.textual_inversion[token])
+    assert all(token in prompt for prompt in plus.prompts)
+
+
+def test_ringbell_fitness_depends_on_the_candidate_and_changes_the_prompts(context):
+    side = TokenPrompts(context.target.clip.text_model, context.target.tokenizer)
+    candidates = torch.stack([side.vocabulary[:4], side.vocabulary[100:104]])
+    margins = attacks.filter_margin(context.target, side, side.embed(candidates))
+    assert margins[0] != margins[1]
+    plus = attacks.ringbell(context, BUDGET["ringbell"])
+    plain = attacks.ringbell(dataclasses.replace(context, adaptive=False), BUDGET["ringbell"])
+    assert plus.prompts != plain.prompts
+    assert attacks.ringbell(context, BUDGET["ringbell"]).prompts == plus.prompts
