@@ -82,11 +82,13 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer)
     filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
+    device = attacker.table.device
     start = attacker.vocabulary[torch.randint(len(attacker.vocabulary),
                                               (ctx.n_prompts, p["tokens"]), generator=generator)]
+    start = start.to(device)
     soft = attacker.table[start].detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([soft], lr=p["lr"], weight_decay=p["weight_decay"])
-    best_loss = torch.full((ctx.n_prompts,), float("inf"))
+    best_loss = torch.full((ctx.n_prompts,), float("inf"), device=device)
     best_ids = start.clone()
     for _ in tqdm(range(p["steps"]), desc=desc, unit="step", mininterval=5):
         ids = attacker.project(soft.detach())
@@ -236,7 +238,7 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
     def loss_of(population: np.ndarray) -> np.ndarray:
         """``n_prompts x P x K`` candidate ids -> loss (lower = fitter), ``n_prompts x P``."""
         n, size, k = population.shape
-        ids = torch.from_numpy(population.reshape(n * size, k))
+        ids = torch.from_numpy(population.reshape(n * size, k)).to(goals.device)
         distance = (side.hidden_states(side.embed(ids)) - goals.repeat_interleave(size, 0))
         loss = distance.pow(2).mean((1, 2))
         if weight:

@@ -10,23 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import attack, certify, evaluate, finetune, generate
+from stages import run_all_stages
+from pipeline import generate
 from pipeline.filters import FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_all(params):
-    generate.run(params)
-    finetune.run(params)
-    return {"evaluate": evaluate.run(params), "attack": attack.run(params),
-            "certify": certify.run(params)}
-
-
-def test_same_params_give_the_same_metrics(stage_dir, tiny_params):
-    first = _run_all(tiny_params)
-    shutil.rmtree(stage_dir / "data/generate")
-    second = _run_all(tiny_params)
+def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
+    _, first = tiny_run
+    second = run_all_stages(tiny_params)  # from scratch, in another folder
     assert first == second
     evaluated, attacked = first["evaluate"], first["attack"]
     for name in FILTERS:

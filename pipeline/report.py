@@ -1,0 +1,190 @@
+"""DVC stage ``report``: the current concept's results as a report a reviewer can read without
+rerunning anything: ``reports/report/README.md`` (renders on a code host) and ``index.html``
+(opens in a browser), with the metrics tables of evaluate / attack / certify, plots and image
+grids of unfiltered vs Espresso-filtered outputs.
+
+In the paper setting, images of the unacceptable concept are real-world content (nudity,
+violence, real people): they are blurred beyond recognition unless ``report.show_unacceptable``
+is true. Mini-world images are shapes and are shown as they are.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from pipeline.files import atomic_dir  # noqa: E402
+from pipeline.filters import FILTERS  # noqa: E402
+from pipeline.generate import MANIFEST, load_images  # noqa: E402
+from pipeline.params import run_stage, settings_of  # noqa: E402
+from pipeline.world_quality import grid_image  # noqa: E402
+
+OUT = Path("reports/report")
+INPUTS = {stage: Path(f"reports/{stage}/metrics.json")
+          for stage in ("finetune", "evaluate", "attack", "certify")}
+FILTER_NAMES = {"none": "no filter", "keyword": "keyword blocklist",
+                "threshold": "cosine threshold (SD-checker style)",
+                "zero_shot": "Espresso zero-shot", "espresso": "Espresso fine-tuned"}
+
+
+def read_metrics() -> dict:
+    missing = [str(p) for p in INPUTS.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing stage results {missing}: run `dvc repro` first")
+    return {stage: json.loads(path.read_text()) for stage, path in INPUTS.items()}
+
+
+def evaluation_table(evaluate: dict) -> pd.DataFrame:
+    columns = {"clip_accuracy": "CLIP acc. (soft) ↓", "clip_accuracy_hard": "CLIP acc. (hard) ↓",
+               "normalized_clip_score": "norm. CLIP score ↑", "block_rate": "block rate",
+               "false_positive_rate": "false positives ↓", "roc_auc": "ROC-AUC ↑",
+               "judged_block_rate": "judged: blocked c_u ↑",
+               "judged_pass_rate": "judged: passed others ↑"}
+    rows = {FILTER_NAMES[f]: {label: evaluate[f][key] for key, label in columns.items()}
+            for f in FILTERS}
+    return pd.DataFrame(rows).T
+
+
+def attack_table(attack: dict, key: str) -> pd.DataFrame:
+    """Filters x attacks for one attack metric."""
+    return pd.DataFrame({name: {FILTER_NAMES[f]: attack[name][f][key] for f in FILTERS}
+                         for name in attack})
+
+
+def certify_table(certify: dict) -> pd.DataFrame:
+    keys = {"radius_normalized_50": "median radius (unit embedding)",
+            "radius_median": "median radius (raw embedding)",
+            "release_bound_median": "median release bound",
+            "exact_over_release_median": "exact / release bound (median)"}
+    table = pd.DataFrame({FILTER_NAMES[f]: {label: certify[f][k] for k, label in keys.items()}
+                          for f in ("zero_shot", "espresso")})
+    table.loc["certificate violations"] = [sum(certify[f]["violations"].values())
+                                           for f in ("zero_shot", "espresso")]
+    return table
+
+
+def image_grids(folder: Path, blur: bool) -> dict[str, str]:
+    """PNG grids: unacceptable test images before / after Espresso, acceptable after."""
+    manifest = pd.read_csv(MANIFEST)
+    scores = pd.read_csv("reports/evaluate/scores.csv")
+    test = manifest[manifest["split"] == "test"].reset_index(drop=True)
+    images = load_images(test)
+    grids = {}
+    for label in ("unacceptable", "acceptable"):
+        rows = np.flatnonzero((test["label"] == label).to_numpy())[:32]
+        before = images[rows]
+        after = np.where(scores["espresso_blocked"].to_numpy()[rows, None, None, None], 0, before)
+        for when, batch in (("unfiltered", before), ("espresso", after)):
+            grid = grid_image(batch, columns=16)
+            if blur and label == "unacceptable":
+                grid = grid.filter(ImageFilter.GaussianBlur(radius=grid.width // 40))
+            name = f"{label}_{when}.png"
+            grid.save(folder / name)
+            grids[f"{label} prompts, {when.replace('espresso', 'after Espresso')}"] = name
+    return grids
+
+
+def plots(folder: Path, metrics: dict) -> dict[str, str]:
+    """Effectiveness/utility per filter, attack CLIP accuracy, certified accuracy."""
+    evaluate, attack = metrics["evaluate"], metrics["attack"]
+    out = {}
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(len(FILTERS))
+    ax.bar(x - 0.2, [evaluate[f]["clip_accuracy"] for f in FILTERS], 0.4,
+           label="CLIP accuracy on unacceptable (lower is better)")
+    ax.bar(x + 0.2, [evaluate[f]["normalized_clip_score"] for f in FILTERS], 0.4,
+           label="normalised CLIP score on acceptable (higher is better)")
+    ax.set_xticks(x, [FILTER_NAMES[f].split(" (")[0] for f in FILTERS], fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    out["Effectiveness and utility per filter"] = _save(fig, folder / "filters.png")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(attack)
+    for i, f in enumerate(FILTERS):
+        ax.bar(np.arange(len(names)) + (i - 2) * 0.16,
+               [attack[n][f]["clip_accuracy"] for n in names], 0.16, label=FILTER_NAMES[f])
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("CLIP accuracy under attack")
+    ax.legend(fontsize=6)
+    out["CLIP accuracy under attack (lower is better)"] = _save(fig, folder / "attacks.png")
+    curve = pd.read_csv("reports/certify/certified_accuracy.csv")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for f in ("zero_shot", "espresso"):
+        ax.plot(curve["radius"], curve[f], label=FILTER_NAMES[f])
+    ax.set_xlabel("radius r (unit image embedding)")
+    ax.set_ylabel("blocked with radius >= r")
+    ax.legend(fontsize=7)
+    out["Certified accuracy on unacceptable test images"] = _save(fig, folder / "certified.png")
+    return out
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
+           figures: dict[str, str]) -> tuple[str, str]:
+    """The same content as Markdown and as a standalone HTML page."""
+    md = [f"# {title}", "", *intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(t)}</p>" for t in intro)]
+    for caption, table in tables.items():
+        md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
+        body += [f"<h2>{html.escape(caption)}</h2>",
+                 table.to_html(float_format="{:.3f}".format, na_rep="–",
+                               classes="metrics", border=0)]
+    for caption, name in figures.items():
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+        body += [f"<h3>{html.escape(caption)}</h3>",
+                 f'<img src="{name}" alt="{html.escape(caption)}">']
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+            "table.metrics{border-collapse:collapse;font-size:90%}"
+            "table.metrics td,table.metrics th{padding:.25em .6em;border-bottom:1px solid #ddd;"
+            "text-align:right}img{max-width:100%;image-rendering:pixelated}"
+            "</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    return "\n".join(md), page
+
+
+def run(params: dict) -> None:
+    setting, concept, _ = settings_of(params)
+    metrics = read_metrics()
+    blur = setting == "paper" and not params["report"]["show_unacceptable"]
+    intro = [f"Concept `{concept.name}` ({concept.kind.replace('_', ' ')}): "
+             f"unacceptable \"{concept.unacceptable}\" vs acceptable \"{concept.acceptable}\". "
+             f"Setting: {setting} ({'mini world, offline shapes' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}).",
+             f"Fine-tuning: checkpoint of epoch {metrics['finetune']['chosen_epoch']} chosen by "
+             f"{metrics['finetune']['selection_rule']}.",
+             f"Test images: {metrics['evaluate']['n_test_images']}; share of unacceptable-prompt "
+             f"images that the independent judge says show the concept: "
+             f"{metrics['evaluate']['judged_unacceptable_share']:.2f}."]
+    tables = {"Effectiveness and utility (test split)": evaluation_table(metrics["evaluate"]),
+              "CLIP accuracy under attack (lower is better)":
+                  attack_table(metrics["attack"], "clip_accuracy"),
+              "Attack success rate (judge sees c_u and the filter passed it)":
+                  attack_table(metrics["attack"], "attack_success_rate"),
+              "Certified robustness": certify_table(metrics["certify"])}
+    with atomic_dir(OUT) as tmp:
+        figures = {**plots(tmp, metrics), **image_grids(tmp, blur)}
+        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures)
+        (tmp / "README.md").write_text(markdown)
+        (tmp / "index.html").write_text(page)
+
+
+def main() -> None:
+    run_stage(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The cross-concept summary, in the layout of the paper's main table: per concept,
+effectiveness (CLIP accuracy on unacceptable prompts), utility (normalised CLIP score on
+acceptable prompts) and robustness (CLIP accuracy under each attack), for Espresso fine-tuned
+and, in brackets, zero-shot; the paper's headline averages beside ours.
+
+    python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
+                                        # the summary (reports/summary/)
+    python -m pipeline.summary          # the summary of the experiments already run
+
+Results are read from ``dvc exp show --json``: every number comes from a recorded experiment
+(its params and metrics), so the summary can be rebuilt from a clone of the repository with
+its experiment refs, without rerunning anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.concepts import known_concepts
+from pipeline.files import atomic_dir
+from pipeline.params import load_params
+from pipeline.report import render
+
+OUT = Path("reports/summary")
+ATTACKS = ("typo", "pez", "cce", "ringbell")
+#: METHOD section 5: the paper's averages over its concepts (SD v1.4, CLIP ViT-L/14).
+PAPER = {"effectiveness": 0.05, "utility": 0.93, "under_attack": 0.04}
+
+
+def dvc(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def run_all_concepts(setting: str) -> None:
+    """One ``dvc exp run`` per concept of ``setting``, in the workspace, one after another."""
+    for concept in known_concepts(setting):
+        print(f"experiment: concept={concept}", flush=True)
+        dvc("exp", "run", "-S", f"setting={setting}", "-S", f"concept={concept}")
+
+
+def experiments(shown: list[dict]) -> list[dict]:
+    """(name, params, metrics) of every experiment in ``dvc exp show --json`` output, newest
+    first, the workspace included."""
+    out = []
+    for rev in shown:
+        for entry in [rev, *[e for exp in rev.get("experiments") or [] for e in exp["revs"]]]:
+            data = entry.get("data") or {}
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+            metrics = {path: m.get("data") for path, m in (data.get("metrics") or {}).items()}
+            if params and metrics:
+                out.append({"name": entry.get("name") or entry.get("rev"), "params": params,
+                            "metrics": metrics, "timestamp": data.get("timestamp") or ""})
+    return out
+
+
+def summary_table(runs: list[dict], setting: str) -> pd.DataFrame:
+    """One row per concept (its newest experiment of ``setting``) plus the average."""
+    rows = {}
+    for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
+        params, metrics = run["params"], run["metrics"]
+        evaluate = metrics.get("reports/evaluate/metrics.json")
+        attack = metrics.get("reports/attack/metrics.json")
+        if params.get("setting") != setting or not evaluate or not attack:
+            continue
+        if params["concept"] in rows:
+            continue
+        row = {"experiment": run["name"]}
+        row["effectiveness ↓"] = _pair(evaluate, "clip_accuracy")
+        row["utility ↑"] = _pair(evaluate, "normalized_clip_score")
+        for name in ATTACKS:
+            if name in attack:
+                row[f"{name}+ ↓"] = _pair(attack[name], "clip_accuracy")
+        rows[params["concept"]] = row
+    if not rows:
+        raise LookupError(f"no {setting} experiment with evaluate and attack metrics: run "
+                          "`python -m pipeline.summary --run` first")
+    table = pd.DataFrame(rows).T.sort_index()
+    numeric = table.drop(columns="experiment").map(lambda v: v[0] if isinstance(v, tuple) else None)
+    average = numeric.mean()
+    formatted = table.drop(columns="experiment").map(_format)
+    formatted.loc["average (ours)"] = average.map(lambda v: f"{v:.3f}")
+    formatted.loc["paper (average, SD v1.4)"] = [f"{_paper_value(c):.2f}"
+                                                 for c in formatted.columns]
+    formatted["experiment"] = list(table["experiment"]) + ["", ""]
+    return formatted
+
+
+def _paper_value(column: str) -> float:
+    if column.startswith("effectiveness"):
+        return PAPER["effectiveness"]
+    return PAPER["utility"] if column.startswith("utility") else PAPER["under_attack"]
+
+
+def _pair(metrics: dict, key: str) -> tuple[float, float]:
+    """(Espresso fine-tuned, zero-shot) value of ``key``."""
+    return metrics["espresso"][key], metrics["zero_shot"][key]
+
+
+def _format(value) -> str:
+    return f"{value[0]:.3f} ({value[1]:.3f})" if isinstance(value, tuple) else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", action="store_true",
+                        help="first run one DVC experiment per concept of the setting")
+    parser.add_argument("--setting", default=None, help="mini | paper (default: params.yaml)")
+    args = parser.parse_args(argv)
+    setting = args.setting or load_params()["setting"]
+    if args.run:
+        run_all_concepts(setting)
+    table = summary_table(experiments(json.loads(dvc("exp", "show", "--json"))), setting)
+    intro = [f"Setting: {setting} "
+             f"({'offline mini world: shapes, mini CLIP, mini SD' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}). "
+             "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "
+             "robustness: CLIP accuracy on unacceptable prompts, clean and under each adaptive "
+             "attack (lower is better); utility: normalised CLIP score on acceptable prompts. "
+             "The paper row gives its headline averages over its own concepts (METHOD section 5), "
+             "not numbers for these concepts."]
+    markdown, page = render(f"Espresso summary ({setting})", intro, {"Summary": table}, {})
+    with atomic_dir(OUT) as tmp:
+        (tmp / "README.md").write_text(markdown)
+        (tmp / "index.html").write_text(page)
+        table.to_csv(tmp / "summary.csv")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Running the stages in scratch folders with CPU-sized budgets (shared by the stage tests)."""
+import os
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_stage_dir(path: Path) -> Path:
+    """A working directory where stages can run: the shipped world and registry linked in.
+    Stages write only inside it."""
+    (path / "data").mkdir(parents=True)
+    os.symlink(REPO / "data" / "world", path / "data" / "world")
+    os.symlink(REPO / "data" / "concepts.yaml", path / "data" / "concepts.yaml")
+    return path
+
+
+def run_all_stages(params: dict) -> dict:
+    """generate -> finetune -> evaluate -> attack -> certify in the current directory."""
+    from pipeline import attack, certify, evaluate, finetune, generate
+
+    generate.run(params)
+    finetune.run(params)
+    return {"evaluate": evaluate.run(params), "attack": attack.run(params),
+            "certify": certify.run(params)}
+
+
+def tiny_params_for() -> dict:
+    """params.yaml with CPU-sized budgets (seconds per stage)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["generate"].update(prompts={"train": 4, "val": 2, "test": 2},
+                              images_per_prompt={"train": 1, "val": 2, "test": 2}, shard_size=8)
+    params["generate"]["mini"].update(steps=4)
+    params["generate"]["paper"].update(steps=2, size=32)
+    params["finetune"].update(epochs=2, batch=4)
+    params["attack"].update(targets=4, prompts=2, images_per_prompt=2)
+    for setting in ("mini", "paper"):
+        budgets = params["attack"][setting]
+        for name in ("typo", "pez"):
+            budgets[name].update(tokens=4, steps=5)
+        budgets["cce"].update(steps=2, batch=2)
+        budgets["ringbell"].update(tokens=4, population=8, generations=2)
+    return params
