@@ -160,7 +160,6 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
     pipe = ctx.pipe
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(ctx.seed)
-    torch.manual_seed(ctx.seed)
     table = pipe.text_encoder.get_input_embeddings().weight
     start_ids = pipe.tokenizer(ctx.concept.acceptable, add_special_tokens=False).input_ids
     start = table[start_ids].detach().float().mean(0)

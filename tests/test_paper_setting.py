@@ -8,7 +8,7 @@ import torch
 from tiny_hub import COMMIT
 from transformers import CLIPModel
 
-from pipeline import evaluate, finetune, generate
+from pipeline import attack, certify, evaluate, finetune, generate
 
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip):
@@ -38,3 +38,8 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
     assert len(scores) == metrics["n_test_images"] and scores["judge_shows_concept"].isin(
         [True, False]).all()
     assert np.isclose(metrics["none"]["block_rate"], 0.0)
+
+    attacked = attack.run(params)  # the paper budgets' structure, tiny values
+    assert set(attacked) == set(params["attack"]["attacks"])
+    certified = certify.run(params)
+    assert certified["total_violations"] == 0
