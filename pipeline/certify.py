@@ -73,7 +73,7 @@ def run(params: dict) -> dict:
     p = params["certify"]
     manifest = pd.read_csv(MANIFEST)
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
-    unacceptable = (test["label"] == "unacceptable").to_numpy()
+    unacceptable = (test["label"] == "unacceptable").to_numpy(copy=True)
     images = load_images(test)
     filters = {"zero_shot": EspressoFilter.from_clip(models["clip"], concept.unacceptable,
                                                      concept.acceptable),

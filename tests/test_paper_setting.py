@@ -11,7 +11,8 @@ from transformers import CLIPModel
 from pipeline import attack, certify, evaluate, finetune, generate
 
 
-def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip):
+def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,
+                                                   monkeypatch):
     params = {**tiny_params, "setting": "paper", "concept": "nudity"}
     manifest = generate.run(params)
 
@@ -39,6 +40,9 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
         [True, False]).all()
     assert np.isclose(metrics["none"]["block_rate"], 0.0)
 
+    # a random-weight judge confirms no target image; the attacks need some to aim at
+    monkeypatch.setattr(attack, "load_judge",
+                        lambda *_: lambda images: np.ones(len(images), dtype=bool))
     attacked = attack.run(params)  # the paper budgets' structure, tiny values
     assert set(attacked) == set(params["attack"]["attacks"])
     certified = certify.run(params)
