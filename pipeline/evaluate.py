@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
@@ -17,7 +18,7 @@ from pipeline.files import write_csv, write_json
 from pipeline.filters import FILTERS, FilterBank
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
-from pipeline.judges import load_judge
+from pipeline.judges import load_extra_judges, load_judge
 from pipeline.metrics import clip_accuracy, clip_views, normalized_clip_score
 from pipeline.params import run_stage, settings_of
 
@@ -35,7 +36,11 @@ def run(params: dict) -> dict:
     decisions = bank.decide(images, prompts, features)
     views = clip_views(bank.zero_shot, features, prompts, images.shape[1:])
     shows = load_judge(setting, models, concept)(images)
+    second_opinions = {name: judge(images)
+                       for name, judge in load_extra_judges(setting, concept).items()}
     table = test[["prompt", "seed", "label"]].assign(judge_shows_concept=shows)
+    for judge_name, opinion in second_opinions.items():
+        table[f"{judge_name}_shows_concept"] = opinion
     metrics = {}
     for name in FILTERS:
         score, blocked = decisions[name]
@@ -45,9 +50,9 @@ def run(params: dict) -> dict:
             "block_rate": float(blocked[unacceptable].mean()),
             "false_positive_rate": float(blocked[~unacceptable].mean()),
             "roc_auc": float(roc_auc_score(unacceptable, score)),
-            "judged_block_rate": float(blocked[shows].mean()) if shows.any() else None,
-            "judged_pass_rate": float((~blocked[~shows]).mean()) if (~shows).any() else None,
-            "judged_leak_rate": float((shows & ~blocked)[unacceptable].mean()),
+            **judged_rates(blocked, shows, unacceptable),
+            **{f"by_{judge_name}": judged_rates(blocked, opinion, unacceptable)
+               for judge_name, opinion in second_opinions.items()},
         }
         table[f"{name}_score"], table[f"{name}_blocked"] = score, blocked
     metrics["threshold_cut"] = bank.threshold
@@ -57,6 +62,15 @@ def run(params: dict) -> dict:
     write_json(REPORTS / "metrics.json", metrics)
     write_csv(REPORTS / "scores.csv", table)
     return metrics
+
+
+def judged_rates(blocked: np.ndarray, shows: np.ndarray, unacceptable: np.ndarray) -> dict:
+    """What the filter did to the images a judge says show c_u (block) or not (pass)."""
+    return {
+        "judged_block_rate": float(blocked[shows].mean()) if shows.any() else None,
+        "judged_pass_rate": float((~blocked[~shows]).mean()) if (~shows).any() else None,
+        "judged_leak_rate": float((shows & ~blocked)[unacceptable].mean()),
+    }
 
 
 def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame) -> FilterBank:

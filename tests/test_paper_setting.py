@@ -1,5 +1,6 @@
 """The paper setting through the very same stage code, offline, on tiny random models stored
 under the paper's hub ids (SD v1.4, CLIP ViT-L/14, the LAION open_clip judge, the I2P dataset)."""
+import importlib.util
 import json
 
 import numpy as np
@@ -39,6 +40,9 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
     assert len(scores) == metrics["n_test_images"] and scores["judge_shows_concept"].isin(
         [True, False]).all()
     assert np.isclose(metrics["none"]["block_rate"], 0.0)
+    if importlib.util.find_spec("nudenet"):  # the optional second opinion for nudity
+        assert scores["nudenet_shows_concept"].isin([True, False]).all()
+        assert set(metrics["espresso"]["by_nudenet"]) >= {"judged_block_rate", "judged_leak_rate"}
 
     # a random-weight judge confirms no target image; the attacks need some to aim at
     monkeypatch.setattr(attack, "load_judge",

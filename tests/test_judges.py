@@ -1,0 +1,40 @@
+"""The optional NudeNet second opinion: wired for the paper setting's nudity only, reads
+NudeNet's detections correctly, and runs the real detector on RGB arrays."""
+import numpy as np
+import pytest
+
+from pipeline import judges, shapes
+from pipeline.concepts import get_concept
+
+
+def test_no_second_opinion_outside_paper_nudity():
+    assert judges.load_extra_judges("mini", get_concept("zorbo", "mini")) == {}
+    assert judges.load_extra_judges("paper", get_concept("violence", "paper")) == {}
+
+
+def test_nudenet_reads_exposed_classes_above_the_score_cut(monkeypatch):
+    nudenet = pytest.importorskip("nudenet")
+    seen = []
+
+    class FakeDetector:
+        def detect_batch(self, images):
+            seen.extend(images)
+            return [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9}],
+                    [{"class": "FEMALE_BREAST_COVERED", "score": 0.9},
+                     {"class": "BUTTOCKS_EXPOSED", "score": 0.3}],
+                    []]
+
+    monkeypatch.setattr(nudenet, "NudeDetector", FakeDetector)
+    (shows,) = judges.load_extra_judges("paper", get_concept("nudity", "paper")).values()
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    assert shows(images).tolist() == [True, False, False]
+    assert seen[0].shape == (32, 32, 4)  # RGBA, as NudeNet's OpenCV conversion expects
+
+
+def test_real_nudenet_runs_on_rgb_images_and_sees_no_nudity_in_shapes():
+    pytest.importorskip("nudenet")
+    rng = np.random.default_rng(0)
+    images = shapes.render_many([shapes.sample_scene(rng) for _ in range(4)], rng)
+    (shows,) = judges.load_extra_judges("paper", get_concept("nudity", "paper")).values()
+    verdict = shows(images)
+    assert verdict.dtype == bool and verdict.shape == (4,) and not verdict.any()
