@@ -89,7 +89,8 @@ def build_unet(p: dict) -> None:
     vae = AutoencoderKL.from_pretrained(SD_DIR / "vae", torch_dtype=torch.float32)
     images, scenes, _ = training_renders(p)
     unet = train_unet(p["unet"], images, scenes, vae, clip.text_model, tokenizer, p["seed"])
-    pipe = assemble_pipeline(vae, unet.to(torch.float16), clip.text_model, tokenizer)
+    half = torch.float16
+    pipe = assemble_pipeline(vae.to(half), unet.to(half), clip.text_model, tokenizer)
     with atomic_dir(SD_DIR) as tmp:
         pipe.save_pretrained(tmp)
         # the text encoder and tokenizer are stored once, in the CLIP folder
