@@ -69,14 +69,22 @@ class EspressoFilter(nn.Module):
         return self.t_u - self.t_a
 
     @property
+    def device(self) -> torch.device:
+        """diffusers pipelines ask every component for its device and dtype."""
+        return self.clip.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.dtype
+
+    @property
     def logit_scale(self) -> float:
         return self.clip.logit_scale.detach().exp().item()
 
     # ---- scores ---------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Un-normalised projected image embeddings phi_x(x)."""
-        out = self.clip.get_image_features(pixel_values=pixel_values.to(self.clip.device,
-                                                                         self.clip.dtype))
+        out = self.clip.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
         return out.pooler_output.float()
 
     def p_unacceptable(self, features: torch.Tensor) -> torch.Tensor:

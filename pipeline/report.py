@@ -142,7 +142,7 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
         md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
         body += [f"<h2>{html.escape(caption)}</h2>",
                  table.to_html(float_format="{:.3f}".format, na_rep="–",
-                               classes="metrics", border=0)]
+                               classes="metrics")]
     for caption, name in figures.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
         body += [f"<h3>{html.escape(caption)}</h3>",

@@ -92,7 +92,7 @@ def test_works_as_the_safety_checker_of_a_diffusers_pipeline(zorbo_filter):
     pipe.safety_checker, pipe.feature_extractor = zorbo_filter, zorbo_filter.processor
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(i) for i in range(8)]
-    out = pipe(["Zorbo"] * 4 + ["a red circle"] * 4, num_inference_steps=10, guidance_scale=5.0,
+    out = pipe(["Zorbo"] * 4 + ["a star"] * 4, num_inference_steps=10, guidance_scale=5.0,
                generator=generator, output_type="np")
     flags = np.array(out.nsfw_content_detected)
     assert flags[:4].mean() >= 0.75 and not flags[4:].any()

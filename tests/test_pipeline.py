@@ -52,7 +52,10 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
     (copy / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
+    # stage commands say `python`: the one of this environment, as for a user with it activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1",
+           "DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
     dvc = [sys.executable, "-m", "dvc"]
 
     def sh(*cmd):

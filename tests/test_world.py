@@ -40,7 +40,8 @@ def test_models_are_committed_small_fp16_safetensors():
     from safetensors import safe_open
     for f in weights:
         with safe_open(f, "pt") as sf:
-            assert all(sf.get_slice(k).get_dtype() == "F16" for k in sf.keys())
+            # every float is half; integers are BatchNorm's step counters, not weights
+            assert {sf.get_slice(k).get_dtype() for k in sf.keys()} <= {"F16", "I64"}
 
 
 def test_mini_clip_zero_shot_on_fresh_renders(monkeypatch, fresh_renders):
