@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import shapes
 from pipeline.attacks import ATTACKS, AttackContext, AttackResult
 from pipeline.concepts import prompt_pairs
 from pipeline.evaluate import load_filter_bank
@@ -26,6 +27,9 @@ from pipeline.metrics import clip_accuracy, clip_views
 from pipeline.params import ParamsError, run_stage, settings_of
 
 OUT = Path("data/attack")
+#: The words hard prompts may use: any token, or the mini world's language (its models learned
+#: no other words, so tokens outside it are untrained noise to them).
+VOCABULARIES = {"all": None, "world": shapes.language()}
 REPORTS = Path("reports/attack")
 
 
@@ -62,6 +66,9 @@ def run(params: dict) -> dict:
     if unknown:
         raise ParamsError(f"params.yaml: attack.attacks has {unknown}; allowed: {sorted(ATTACKS)}")
     budgets, sampler = p[setting], params["generate"][setting]
+    if budgets["vocabulary"] not in VOCABULARIES:
+        raise ParamsError(f"params.yaml: attack.{setting}.vocabulary is "
+                          f"{budgets['vocabulary']!r}; allowed: {sorted(VOCABULARIES)}")
     manifest = pd.read_csv(MANIFEST)
     bank = load_filter_bank(models["clip"], concept, manifest)
     judge = load_judge(setting, models, concept)
@@ -77,7 +84,7 @@ def run(params: dict) -> dict:
         ctx = AttackContext(attacker=bank.zero_shot, target=bank.tuned, pipe=pipe,
                             concept=concept, target_images=targets, target_prompts=target_prompts,
                             pairs=pairs["train"], n_prompts=p["prompts"], adaptive=p["adaptive"],
-                            seed=p["seed"] + index)
+                            seed=p["seed"] + index, words=VOCABULARIES[budgets["vocabulary"]])
         result = ATTACKS[name](ctx, budgets[name])
         prompts = [q for q in result.prompts for _ in range(p["images_per_prompt"])]
         seeds = (p["seed"] + 1000 * (index + 1) + np.arange(len(prompts))).tolist()

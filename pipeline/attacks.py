@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.concepts import Concept
+from pipeline.embeddings import text_embeddings
 from pipeline.espresso import EspressoFilter
 from pipeline.prompt_embedding import TokenPrompts, clip_text_features, placeholder_embeddings
 
@@ -56,6 +57,7 @@ class AttackContext:
     n_prompts: int
     adaptive: bool
     seed: int
+    words: tuple[str, ...] | None = None  # the language hard prompts may use (None: any token)
 
 
 @dataclass
@@ -80,7 +82,7 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                adaptive_weight: float, desc: str) -> AttackResult:
     """PEZ over ``ctx.n_prompts`` prompts at once (independent random starts)."""
     generator = torch.Generator().manual_seed(ctx.seed)
-    attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer)
+    attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
     filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
     device = attacker.table.device
     start = attacker.vocabulary[torch.randint(len(attacker.vocabulary),
@@ -97,12 +99,27 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
         if adaptive_weight:
             loss = loss + adaptive_weight * filter_margin(ctx.target, filter_side,
                                                           filter_side.embed(ids, soft))
-        better = loss.detach() < best_loss
-        best_loss[better], best_ids[better] = loss.detach()[better], ids[better]
+        typed = typed_loss(ctx, attacker.decode(ids), target_features, adaptive_weight)
+        better = typed < best_loss
+        best_loss[better], best_ids[better] = typed[better], ids[better]
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
     return AttackResult(attacker.decode(best_ids), best_loss.tolist())
+
+
+@torch.no_grad()
+def typed_loss(ctx: AttackContext, prompts: list[str], target_features: torch.Tensor,
+               adaptive_weight: float) -> torch.Tensor:
+    """PEZ's loss on the prompts as a user types them (decoded, re-tokenised, truncated):
+    decoding a hard prompt can merge or split tokens, so the best prompt is chosen on the text
+    that will actually be used, not on the ids optimised."""
+    loss = 1 - (text_embeddings(ctx.attacker.clip, ctx.attacker.tokenizer, prompts)
+                @ target_features.T).mean(-1)
+    if adaptive_weight:
+        loss = loss + adaptive_weight * (text_embeddings(ctx.target.clip, ctx.target.tokenizer,
+                                                         prompts) @ ctx.target.direction)
+    return loss
 
 
 # ---- the attacks ----------------------------------------------------------------------------
@@ -218,7 +235,7 @@ def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor) -> torc
 
 def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
     pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
-    side = TokenPrompts(pipe.text_encoder, pipe.tokenizer)
+    side = TokenPrompts(pipe.text_encoder, pipe.tokenizer, ctx.words)
     filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
     weight = p["adaptive_weight"] if ctx.adaptive else 0.0
 

@@ -39,15 +39,17 @@ def placeholder_embeddings(text_model, token_id: int, values: torch.Tensor) -> I
 class TokenPrompts:
     """Prompts made of ``k`` free tokens, ``[BOS, tok_1..tok_k, EOS, pad...]``, encoded by a
     CLIP text side with each token's embedding given explicitly (so that it can carry a
-    gradient). ``vocabulary`` holds the ids a hard prompt may use (no special tokens)."""
+    gradient). ``vocabulary`` holds the ids a hard prompt may use (no special tokens): every
+    token, or only those of ``words`` (a model's known language)."""
 
-    def __init__(self, text_model, tokenizer):
+    def __init__(self, text_model, tokenizer, words: tuple[str, ...] | None = None):
         self.text_model, self.tokenizer = text_model, tokenizer
         special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
         self.placeholder = next(i for i in range(len(tokenizer)) if i not in special)
         n = text_model.get_input_embeddings().num_embeddings
-        self.vocabulary = torch.tensor([i for i in range(min(n, len(tokenizer)))
-                                        if i not in special])
+        allowed = range(min(n, len(tokenizer))) if words is None else sorted(
+            {i for w in words for i in tokenizer(w, add_special_tokens=False).input_ids})
+        self.vocabulary = torch.tensor([i for i in allowed if i not in special])
 
     @property
     def table(self) -> torch.Tensor:

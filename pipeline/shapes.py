@@ -136,6 +136,14 @@ def sample_group(rng: np.random.Generator, size: int = 4, character_prob: float 
     return scenes, attribute
 
 
+def language() -> tuple[str, ...]:
+    """Every word a caption of this world can use: the mini world's whole language (the
+    mini models learn no other words, so attackers search within it)."""
+    names = tuple(c.capitalize() for c in CHARACTERS)
+    attributes = [w for key, words in VOCAB.items() if key != "character" for w in words]
+    return tuple(dict.fromkeys(["a", "an", "on", "background", ",", *attributes, *names]))
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 

@@ -7,9 +7,10 @@ and, in brackets, zero-shot; the paper's headline averages beside ours.
                                         # the summary (reports/summary/)
     python -m pipeline.summary          # the summary of the experiments already run
 
-Results are read from ``dvc exp show --json``: every number comes from a recorded experiment
-(its params and metrics), so the summary can be rebuilt from a clone of the repository with
-its experiment refs, without rerunning anything.
+Results are read from ``dvc exp show --all-commits --json``: every number comes from a recorded
+experiment (its params and metrics) on any commit, so later commits do not hide earlier
+experiments, and the summary can be rebuilt from a clone of the repository with its experiment
+refs (``dvc exp pull``) without rerunning anything.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     setting = args.setting or load_params()["setting"]
     if args.run:
         run_all_concepts(setting)
-    table = summary_table(experiments(json.loads(dvc("exp", "show", "--json"))), setting)
+    shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
+    table = summary_table(experiments(shown), setting)
     intro = [f"Setting: {setting} "
              f"({'offline mini world: shapes, mini CLIP, mini SD' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}). "
              "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "

@@ -2,6 +2,7 @@
 adaptive ("+") term is live (it depends on the optimised variable and changes the result), and
 the same seed gives the same attack."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -99,3 +100,17 @@ def test_ringbell_fitness_depends_on_the_candidate_and_changes_the_prompts(conte
     plain = attacks.ringbell(dataclasses.replace(context, adaptive=False), BUDGET["ringbell"])
     assert plus.prompts != plain.prompts
     assert attacks.ringbell(context, BUDGET["ringbell"]).prompts == plus.prompts
+
+
+def test_world_vocabulary_keeps_hard_prompts_in_the_worlds_language(context):
+    """With ``words``, PEZ and RingBell draw only tokens of those words, so their prompts decode
+    to text the mini models know (the world's words, possibly glued together)."""
+    side = TokenPrompts(context.attacker.clip.text_model, context.attacker.tokenizer,
+                        shapes.language())
+    assert 30 <= len(side.vocabulary) <= 60  # a few dozen tokens, not CLIP's 49k
+    world = dataclasses.replace(context, words=shapes.language(), adaptive=False)
+    prompts = attacks.ATTACKS["pez"](world, BUDGET["pez"]).prompts
+    pieces = sorted({side.tokenizer.decode([i]).strip() for i in side.vocabulary.tolist()},
+                    key=len, reverse=True)
+    glued = re.compile(f"(?:{'|'.join(map(re.escape, pieces))})+")
+    assert prompts and all(glued.fullmatch(word) for p in prompts for word in p.split())
