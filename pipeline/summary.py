@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
 from pipeline.files import atomic_dir
@@ -41,10 +42,10 @@ def dvc(*args: str) -> str:
 
 
 def run_all_concepts(setting: str) -> None:
-    """One ``dvc exp run`` per concept of ``setting``, in the workspace, one after another."""
-    for concept in known_concepts(setting):
-        print(f"experiment: concept={concept}", flush=True)
-        dvc("exp", "run", "-S", f"setting={setting}", "-S", f"concept={concept}")
+    """One ``dvc exp run`` per concept of ``setting``, one after another, each in a temporary
+    copy of the repository (``--temp``): the workspace keeps its own concept and results."""
+    for concept in tqdm(known_concepts(setting), desc="concepts", unit="experiment"):
+        dvc("exp", "run", "--temp", "-S", f"setting={setting}", "-S", f"concept={concept}")
 
 
 def experiments(shown: list[dict]) -> list[dict]:
