@@ -56,6 +56,9 @@ def run(params: dict) -> dict:
         }
         table[f"{name}_score"], table[f"{name}_blocked"] = score, blocked
     metrics["threshold_cut"] = bank.threshold
+    # METHOD 5 scores a blocked (black) image like any other: where the original CLIP puts a
+    # black image nearer c_u, CLIP accuracy stays high however well the filter blocks
+    metrics["black_image_p_unacceptable"] = float(views["p_eval_black"][0])
     metrics["n_test_images"] = len(test)
     metrics["judged_unacceptable_share"] = float(shows[unacceptable].mean())
     metrics["judged_acceptable_share"] = float((~shows[~unacceptable]).mean())

@@ -63,42 +63,54 @@ def experiments(shown: list[dict]) -> list[dict]:
     return out
 
 
-def summary_table(runs: list[dict], setting: str) -> pd.DataFrame:
-    """One row per concept (its newest experiment of ``setting``) plus the average."""
+def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
+    """One row per concept (its newest experiment run with ``params``, the concept aside) plus
+    our average and the paper's. Experiments with any other param (another budget, the plain
+    attacks, ...) are a different sweep and are left out."""
     rows = {}
     for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
-        params, metrics = run["params"], run["metrics"]
-        evaluate = metrics.get("reports/evaluate/metrics.json")
-        attack = metrics.get("reports/attack/metrics.json")
-        if params.get("setting") != setting or not evaluate or not attack:
+        evaluate = run["metrics"].get("reports/evaluate/metrics.json")
+        attack = run["metrics"].get("reports/attack/metrics.json")
+        if not evaluate or not attack or not _same_sweep(run["params"], params):
             continue
-        if params["concept"] in rows:
+        concept = run["params"]["concept"]
+        if concept in rows:
             continue
         row = {"experiment": run["name"]}
         row["effectiveness ↓"] = _pair(evaluate, "clip_accuracy")
         row["utility ↑"] = _pair(evaluate, "normalized_clip_score")
+        row["P_eval(u|black)"] = evaluate["black_image_p_unacceptable"]
+        row["blocks c_u (judged) ↑"] = _pair(evaluate, "judged_block_rate")
+        row["passes c_a (judged) ↑"] = _pair(evaluate, "judged_pass_rate")
         for name in ATTACKS:
             if name in attack:
                 row[f"{name}+ ↓"] = _pair(attack[name], "clip_accuracy")
-        rows[params["concept"]] = row
+        rows[concept] = row
     if not rows:
-        raise LookupError(f"no {setting} experiment with evaluate and attack metrics: run "
-                          "`python -m pipeline.summary --run` first")
+        raise LookupError(f"no {params['setting']} experiment with these params and evaluate and "
+                          "attack metrics: run `python -m pipeline.summary --run` first")
     table = pd.DataFrame(rows).T.sort_index()
-    numeric = table.drop(columns="experiment").map(lambda v: v[0] if isinstance(v, tuple) else None)
+    numeric = table.drop(columns="experiment").map(lambda v: v[0] if isinstance(v, tuple) else v)
     average = numeric.mean()
     formatted = table.drop(columns="experiment").map(_format)
     formatted.loc["average (ours)"] = average.map(lambda v: f"{v:.3f}")
-    formatted.loc["paper (average, SD v1.4)"] = [f"{_paper_value(c):.2f}"
-                                                 for c in formatted.columns]
+    formatted.loc["paper (average, SD v1.4)"] = [_paper_value(c) for c in formatted.columns]
     formatted["experiment"] = list(table["experiment"]) + ["", ""]
     return formatted
 
 
-def _paper_value(column: str) -> float:
+def _same_sweep(run_params: dict, params: dict) -> bool:
+    return ({k: v for k, v in run_params.items() if k != "concept"}
+            == {k: v for k, v in params.items() if k != "concept"})
+
+
+def _paper_value(column: str) -> str:
+    """The paper's headline average for a column ("–" where its main table has none)."""
     if column.startswith("effectiveness"):
-        return PAPER["effectiveness"]
-    return PAPER["utility"] if column.startswith("utility") else PAPER["under_attack"]
+        return f"{PAPER['effectiveness']:.2f}"
+    if column.startswith("utility"):
+        return f"{PAPER['utility']:.2f}"
+    return f"{PAPER['under_attack']:.2f}" if column.endswith("+ ↓") else "–"
 
 
 def _pair(metrics: dict, key: str) -> tuple[float, float]:
@@ -107,7 +119,7 @@ def _pair(metrics: dict, key: str) -> tuple[float, float]:
 
 
 def _format(value) -> str:
-    return f"{value[0]:.3f} ({value[1]:.3f})" if isinstance(value, tuple) else ""
+    return f"{value[0]:.3f} ({value[1]:.3f})" if isinstance(value, tuple) else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,16 +128,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="first run one DVC experiment per concept of the setting")
     parser.add_argument("--setting", default=None, help="mini | paper (default: params.yaml)")
     args = parser.parse_args(argv)
-    setting = args.setting or load_params()["setting"]
+    params = load_params()
+    setting = params["setting"] = args.setting or params["setting"]
     if args.run:
         run_all_concepts(setting)
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
-    table = summary_table(experiments(shown), setting)
+    table = summary_table(experiments(shown), params)
     intro = [f"Setting: {setting} "
              f"({'offline mini world: shapes, mini CLIP, mini SD' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}). "
              "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "
              "robustness: CLIP accuracy on unacceptable prompts, clean and under each adaptive "
              "attack (lower is better); utility: normalised CLIP score on acceptable prompts. "
+             "A blocked image is black and scored like any other (METHOD 5): P_eval(u|black) is "
+             "what CLIP accuracy equals for a filter that blocks every image. The judged "
+             "columns count what the independent judge sees: unacceptable images blocked, "
+             "acceptable images passed. "
              "The paper row gives its headline averages over its own concepts (METHOD section 5), "
              "not numbers for these concepts."]
     markdown, page = render(f"Espresso summary ({setting})", intro, {"Summary": table}, {})

@@ -61,11 +61,15 @@ def summary_page(tiny_run, tiny_params, tmp_path):
     for i, concept in enumerate(("zorbo", "blip")):
         params = {**copy.deepcopy(tiny_params), "concept": concept}
         runs.append(exp_show_entry(f"exp-{concept}", params, metrics, f"2026-11-25T10:0{i}"))
+    other_sweep = copy.deepcopy(params)  # newer, but with the plain attacks: not this sweep
+    other_sweep["attack"]["adaptive"] = False
+    runs.append(exp_show_entry("exp-plain", other_sweep, metrics, "2026-11-25T10:09"))
     shown = [{"rev": "workspace", "name": None, "data": {"rev": "workspace"}},
              {"rev": "main", "name": "main", "data": {"rev": "main"},
               "experiments": [{"revs": [r]} for r in runs]}]
-    table = summary.summary_table(summary.experiments(shown), "mini")
+    table = summary.summary_table(summary.experiments(shown), tiny_params)
     assert list(table.index) == ["blip", "zorbo", "average (ours)", "paper (average, SD v1.4)"]
+    assert table.loc["blip", "experiment"] == "exp-blip"
     espresso = metrics["evaluate"]["espresso"]["clip_accuracy"]
     assert table.loc["zorbo", "effectiveness ↓"].startswith(f"{espresso:.3f} (")
     _, page = report.render("Espresso summary (mini)", [], {"Summary": table}, {})
