@@ -79,21 +79,28 @@ def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
         row = {"experiment": run["name"]}
         row["effectiveness ↓"] = _pair(evaluate, "clip_accuracy")
         row["utility ↑"] = _pair(evaluate, "normalized_clip_score")
+        tuning = run["metrics"].get("reports/finetune/metrics.json") or {}
+        if "val_balanced_accuracy" in tuning:  # what fine-tuning changed, on validation
+            row["fine-tuning (val. bal. acc.)"] = (f"{tuning['val_balanced_accuracy_zero_shot']:.3f}"
+                                                   f" → {tuning['val_balanced_accuracy']:.3f}")
         row["P_eval(u|black)"] = evaluate["black_image_p_unacceptable"]
         row["blocks c_u (judged) ↑"] = _pair(evaluate, "judged_block_rate")
         row["passes c_a (judged) ↑"] = _pair(evaluate, "judged_pass_rate")
-        for name in ATTACKS:
-            if name in attack:
-                row[f"{name}+ ↓"] = _pair(attack[name], "clip_accuracy")
+        attacked = [name for name in ATTACKS if name in attack]
+        for name in attacked:
+            row[f"{name}+ ↓"] = _pair(attack[name], "clip_accuracy")
+        success = [_pair(attack[name], "attack_success_rate") for name in attacked]
+        row["worst attack success (judged) ↓"] = tuple(max(s[i] for s in success) for i in (0, 1))
         rows[concept] = row
     if not rows:
         raise LookupError(f"no {params['setting']} experiment with these params and evaluate and "
                           "attack metrics: run `python -m pipeline.summary --run` first")
     table = pd.DataFrame(rows).T.sort_index()
-    numeric = table.drop(columns="experiment").map(lambda v: v[0] if isinstance(v, tuple) else v)
-    average = numeric.mean()
+    numeric = table.drop(columns="experiment").map(
+        lambda v: v[0] if isinstance(v, tuple) else None if isinstance(v, str) else v)
+    average = numeric.astype(float).mean()
     formatted = table.drop(columns="experiment").map(_format)
-    formatted.loc["average (ours)"] = average.map(lambda v: f"{v:.3f}")
+    formatted.loc["average (ours)"] = average.map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     formatted.loc["paper (average, SD v1.4)"] = [_paper_value(c) for c in formatted.columns]
     formatted["experiment"] = list(table["experiment"]) + ["", ""]
     return formatted
@@ -119,7 +126,9 @@ def _pair(metrics: dict, key: str) -> tuple[float, float]:
 
 
 def _format(value) -> str:
-    return f"{value[0]:.3f} ({value[1]:.3f})" if isinstance(value, tuple) else f"{value:.3f}"
+    if isinstance(value, tuple):
+        return f"{value[0]:.3f} ({value[1]:.3f})"
+    return value if isinstance(value, str) else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
              "A blocked image is black and scored like any other (METHOD 5): P_eval(u|black) is "
              "what CLIP accuracy equals for a filter that blocks every image. The judged "
              "columns count what the independent judge sees: unacceptable images blocked, "
-             "acceptable images passed. "
+             "acceptable images passed, and the highest share over the attacks of images that "
+             "show c_u and passed the filter. "
              "The paper row gives its headline averages over its own concepts (METHOD section 5), "
              "not numbers for these concepts."]
     markdown, page = render(f"Espresso summary ({setting})", intro, {"Summary": table}, {})
