@@ -57,6 +57,13 @@ def attack_targets(manifest: pd.DataFrame, judge, limit: int) -> tuple[np.ndarra
 
 
 def run(params: dict) -> dict:
+    from pipeline.models import quiet_libraries
+
+    with quiet_libraries():
+        return _run(params)
+
+
+def _run(params: dict) -> dict:
     from pipeline.models import load_t2i
     from pipeline.t2i import generate, use_scheduler
 

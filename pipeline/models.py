@@ -107,10 +107,10 @@ def _placement(device: torch.device | str | None,
 
 
 @contextmanager
-def hub_loading(source: str, repo_type: str = "model") -> Iterator[None]:
-    """Quiet library logs (per-key load reports, "using the cached copy" warnings, weight
-    loading progress bars) while loading ``source``, and turn a hub id's "not in the cache,
-    cannot download" ``OSError`` into the fix."""
+def quiet_libraries() -> Iterator[None]:
+    """transformers / diffusers / hub logs down to errors and their progress bars off while
+    active: per-key load reports, cache notices, token-length and embedding-resize warnings
+    would bury the stages' own concise progress."""
     verbosities = [log.get_verbosity() for log in _LOGGING]
     bars = [log.is_progress_bar_enabled() for log in _PROGRESS_BARS]
     for log in _LOGGING:
@@ -119,16 +119,25 @@ def hub_loading(source: str, repo_type: str = "model") -> Iterator[None]:
         log.disable_progress_bar()
     try:
         yield
-    except OSError as err:
-        if Path(source).exists():
-            raise
-        raise ModelNotAvailableError(_not_cached_message(source, err, repo_type)) from None
     finally:
         for log, verbosity in zip(_LOGGING, verbosities):
             log.set_verbosity(verbosity)
         for log, enabled in zip(_PROGRESS_BARS, bars):
             if enabled:
                 log.enable_progress_bar()
+
+
+@contextmanager
+def hub_loading(source: str, repo_type: str = "model") -> Iterator[None]:
+    """Load ``source`` quietly, and turn a hub id's "not in the cache, cannot download"
+    ``OSError`` into the fix."""
+    with quiet_libraries():
+        try:
+            yield
+        except OSError as err:
+            if Path(source).exists():
+                raise
+            raise ModelNotAvailableError(_not_cached_message(source, err, repo_type)) from None
 
 
 def _not_cached_message(hub_id: str, err: OSError, repo_type: str) -> str:

@@ -84,8 +84,12 @@ class TokenPrompts:
             return self.text_model(input_ids=self.input_ids(*values.shape[:2])).last_hidden_state
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        """Hard prompts as text (what a user would type)."""
-        return [self.tokenizer.decode(row.tolist()).strip() for row in ids]
+        """Hard prompts as text (what a user would type), cut to what the text encoder reads:
+        decoded text can re-tokenise longer than the ids it came from."""
+        texts = [self.tokenizer.decode(row.tolist()).strip() for row in ids]
+        kept = self.tokenizer(texts, truncation=True,
+                              max_length=self.tokenizer.model_max_length).input_ids
+        return [self.tokenizer.decode(k, skip_special_tokens=True).strip() for k in kept]
 
 
 def clip_text_features(clip, prompts: TokenPrompts, values: torch.Tensor) -> torch.Tensor:

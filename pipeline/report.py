@@ -13,19 +13,16 @@ import html
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
+from PIL import Image, ImageFilter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
-
-from pipeline.files import atomic_dir  # noqa: E402
-from pipeline.filters import FILTERS  # noqa: E402
-from pipeline.generate import MANIFEST, load_images  # noqa: E402
-from pipeline.params import run_stage, settings_of  # noqa: E402
-from pipeline.world_quality import grid_image  # noqa: E402
+from pipeline.files import atomic_dir
+from pipeline.filters import FILTERS
+from pipeline.generate import MANIFEST, load_images
+from pipeline.params import run_stage, settings_of
+from pipeline.world_quality import grid_image
 
 OUT = Path("reports/report")
 INPUTS = {stage: Path(f"reports/{stage}/metrics.json")
@@ -96,7 +93,8 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     """Effectiveness/utility per filter, attack CLIP accuracy, certified accuracy."""
     evaluate, attack = metrics["evaluate"], metrics["attack"]
     out = {}
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
     x = np.arange(len(FILTERS))
     ax.bar(x - 0.2, [evaluate[f]["clip_accuracy"] for f in FILTERS], 0.4,
            label="CLIP accuracy on unacceptable (lower is better)")
@@ -106,7 +104,8 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     out["Effectiveness and utility per filter"] = _save(fig, folder / "filters.png")
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
     names = list(attack)
     for i, f in enumerate(FILTERS):
         ax.bar(np.arange(len(names)) + (i - 2) * 0.16,
@@ -116,7 +115,8 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.legend(fontsize=6)
     out["CLIP accuracy under attack (lower is better)"] = _save(fig, folder / "attacks.png")
     curve = pd.read_csv("reports/certify/certified_accuracy.csv")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     for f in ("zero_shot", "espresso"):
         ax.plot(curve["radius"], curve[f], label=FILTER_NAMES[f])
     ax.set_xlabel("radius r (unit image embedding)")
@@ -129,7 +129,6 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path.name
 
 
