@@ -6,6 +6,8 @@ and, in brackets, zero-shot; the paper's headline averages beside ours.
     python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
                                         # the summary (reports/summary/)
     python -m pipeline.summary          # the summary of the experiments already run
+    python -m pipeline.summary --run -S attack.adaptive=false --out reports/summary_plain
+                                        # another sweep: the same, with other params
 
 Results are read from ``dvc exp show --all-commits --json``: every number comes from a recorded
 experiment (its params and metrics) on any commit, so later commits do not hide earlier
@@ -15,12 +17,14 @@ refs (``dvc exp pull``) without rerunning anything.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
@@ -41,11 +45,28 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def run_all_concepts(setting: str) -> None:
-    """One ``dvc exp run`` per concept of ``setting``, one after another, each in a temporary
-    copy of the repository (``--temp``): the workspace keeps its own concept and results."""
+def run_all_concepts(setting: str, overrides: list[str]) -> None:
+    """One ``dvc exp run`` per concept of ``setting`` (with the ``KEY=VALUE`` param
+    ``overrides``), one after another, each in a temporary copy of the repository (``--temp``):
+    the workspace keeps its own concept and results."""
+    sets = [arg for override in overrides for arg in ("-S", override)]
     for concept in tqdm(known_concepts(setting), desc="concepts", unit="experiment"):
-        dvc("exp", "run", "--temp", "-S", f"setting={setting}", "-S", f"concept={concept}")
+        dvc("exp", "run", "--temp", *sets, "-S", f"concept={concept}")
+
+
+def with_overrides(params: dict, overrides: list[str]) -> dict:
+    """``params`` with DVC-style ``dotted.key=value`` overrides (values parsed as YAML)."""
+    params = copy.deepcopy(params)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {override!r}: expected KEY=VALUE, e.g. attack.adaptive=false")
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return params
 
 
 def experiments(shown: list[dict]) -> list[dict]:
@@ -83,7 +104,7 @@ def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
         if "val_balanced_accuracy" in tuning:  # what fine-tuning changed, on validation
             row["fine-tuning (val. bal. acc.)"] = (f"{tuning['val_balanced_accuracy_zero_shot']:.3f}"
                                                    f" → {tuning['val_balanced_accuracy']:.3f}")
-        row["P_eval(u|black)"] = evaluate["black_image_p_unacceptable"]
+        row["P_eval(u) of black"] = evaluate["black_image_p_unacceptable"]
         row["blocks c_u (judged) ↑"] = _pair(evaluate, "judged_block_rate")
         row["passes c_a (judged) ↑"] = _pair(evaluate, "judged_pass_rate")
         attacked = [name for name in ATTACKS if name in attack]
@@ -135,12 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="store_true",
                         help="first run one DVC experiment per concept of the setting")
-    parser.add_argument("--setting", default=None, help="mini | paper (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param of the sweep, as in `dvc exp run -S` (e.g. setting=paper, "
+                             "attack.adaptive=false); repeatable")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
     args = parser.parse_args(argv)
-    params = load_params()
-    setting = params["setting"] = args.setting or params["setting"]
+    params = with_overrides(load_params(), args.set)
+    setting = params["setting"]
     if args.run:
-        run_all_concepts(setting)
+        run_all_concepts(setting, args.set)
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
     table = summary_table(experiments(shown), params)
     intro = [f"Setting: {setting} "
@@ -148,15 +172,17 @@ def main(argv: list[str] | None = None) -> None:
              "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "
              "robustness: CLIP accuracy on unacceptable prompts, clean and under each adaptive "
              "attack (lower is better); utility: normalised CLIP score on acceptable prompts. "
-             "A blocked image is black and scored like any other (METHOD 5): P_eval(u|black) is "
+             "A blocked image is black and scored like any other (METHOD 5): P_eval(u) of black is "
              "what CLIP accuracy equals for a filter that blocks every image. The judged "
              "columns count what the independent judge sees: unacceptable images blocked, "
              "acceptable images passed, and the highest share over the attacks of images that "
              "show c_u and passed the filter. "
              "The paper row gives its headline averages over its own concepts (METHOD section 5), "
              "not numbers for these concepts."]
+    if args.set:
+        intro.append("Params of this sweep, besides params.yaml: " + ", ".join(args.set) + ".")
     markdown, page = render(f"Espresso summary ({setting})", intro, {"Summary": table}, {})
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(args.out) as tmp:
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
         table.to_csv(tmp / "summary.csv")

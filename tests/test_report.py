@@ -89,3 +89,14 @@ def test_a_headless_browser_finds_the_summary_table(summary_page, tmp_path):
     table = dom[dom.index("<table"):dom.index("</table>")]
     assert "average (ours)" in table and "paper (average, SD v1.4)" in table
     assert table.count("<tr") == 5  # header + 2 concepts + our average + the paper's
+
+
+def test_sweep_overrides_are_parsed_like_dvc_exp_run_set():
+    params = {"setting": "mini", "attack": {"adaptive": True, "mini": {"pez": {"steps": 300}}}}
+    swept = summary.with_overrides(params, ["attack.adaptive=false", "attack.mini.pez.steps=50",
+                                            "setting=paper"])
+    assert swept == {"setting": "paper",
+                     "attack": {"adaptive": False, "mini": {"pez": {"steps": 50}}}}
+    assert params["attack"]["adaptive"] is True  # the input is left alone
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        summary.with_overrides(params, ["attack.adaptive"])
