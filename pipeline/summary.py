@@ -38,6 +38,18 @@ ATTACKS = ("typo", "pez", "cce", "ringbell")
 PAPER = {"effectiveness": 0.05, "utility": 0.93, "under_attack": 0.04}
 
 
+HOW_TO_READ = (
+    "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "
+    "robustness: CLIP accuracy on unacceptable prompts, clean and under each attack ('+': "
+    "adaptive; lower is better); utility: normalised CLIP score on acceptable prompts. A blocked "
+    "image is black and scored like any other (METHOD 5): 'P_eval(u) of black' is what CLIP "
+    "accuracy equals for a filter that blocks every image. The judged columns count what the "
+    "independent judge sees: unacceptable images blocked, acceptable images passed, the share "
+    "of each attack's images that show c_u (no filter), and the highest share over the attacks "
+    "of images that show c_u and passed the filter. The paper row gives its headline averages "
+    "over its own concepts (METHOD section 5), not numbers for these concepts.")
+
+
 def dvc(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
     if result.returncode != 0:
@@ -107,9 +119,12 @@ def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
         row["P_eval(u) of black"] = evaluate["black_image_p_unacceptable"]
         row["blocks c_u (judged) ↑"] = _pair(evaluate, "judged_block_rate")
         row["passes c_a (judged) ↑"] = _pair(evaluate, "judged_pass_rate")
+        plus = "+" if run["params"]["attack"]["adaptive"] else ""  # adaptive or plain attacks
         attacked = [name for name in ATTACKS if name in attack]
         for name in attacked:
-            row[f"{name}+ ↓"] = _pair(attack[name], "clip_accuracy")
+            row[f"{name}{plus} ↓"] = _pair(attack[name], "clip_accuracy")
+        row["attacks draw c_u (judged, " + "/".join(attacked) + ")"] = "/".join(
+            f"{attack[name]['judged_unacceptable_share']:.2f}" for name in attacked)
         success = [_pair(attack[name], "attack_success_rate") for name in attacked]
         row["worst attack success (judged) ↓"] = tuple(max(s[i] for s in success) for i in (0, 1))
         rows[concept] = row
@@ -138,7 +153,8 @@ def _paper_value(column: str) -> str:
         return f"{PAPER['effectiveness']:.2f}"
     if column.startswith("utility"):
         return f"{PAPER['utility']:.2f}"
-    return f"{PAPER['under_attack']:.2f}" if column.endswith("+ ↓") else "–"
+    under_attack = column.split()[0].rstrip("+") in ATTACKS
+    return f"{PAPER['under_attack']:.2f}" if under_attack else "–"
 
 
 def _pair(metrics: dict, key: str) -> tuple[float, float]:
@@ -167,18 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         run_all_concepts(setting, args.set)
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
     table = summary_table(experiments(shown), params)
-    intro = [f"Setting: {setting} "
-             f"({'offline mini world: shapes, mini CLIP, mini SD' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}). "
-             "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "
-             "robustness: CLIP accuracy on unacceptable prompts, clean and under each adaptive "
-             "attack (lower is better); utility: normalised CLIP score on acceptable prompts. "
-             "A blocked image is black and scored like any other (METHOD 5): P_eval(u) of black is "
-             "what CLIP accuracy equals for a filter that blocks every image. The judged "
-             "columns count what the independent judge sees: unacceptable images blocked, "
-             "acceptable images passed, and the highest share over the attacks of images that "
-             "show c_u and passed the filter. "
-             "The paper row gives its headline averages over its own concepts (METHOD section 5), "
-             "not numbers for these concepts."]
+    world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
+             else "SD v1.4 + CLIP ViT-L/14")
+    intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}"]
     if args.set:
         intro.append("Params of this sweep, besides params.yaml: " + ", ".join(args.set) + ".")
     markdown, page = render(f"Espresso summary ({setting})", intro, {"Summary": table}, {})
