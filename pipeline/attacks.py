@@ -95,10 +95,9 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
     for _ in tqdm(range(p["steps"]), desc=desc, unit="step", mininterval=5):
         ids = attacker.project(soft.detach())
         features = clip_text_features(ctx.attacker.clip, attacker, attacker.embed(ids, soft))
-        loss = 1 - (features @ target_features.T).mean(-1)
-        if adaptive_weight:
-            loss = loss + adaptive_weight * filter_margin(ctx.target, filter_side,
-                                                          filter_side.embed(ids, soft))
+        margin = (filter_margin(ctx.target, filter_side, filter_side.embed(ids, soft))
+                  if adaptive_weight else None)
+        loss = pez_objective(features, target_features, margin, adaptive_weight)
         typed = typed_loss(ctx, attacker.decode(ids), target_features, adaptive_weight)
         better = typed < best_loss
         best_loss[better], best_ids[better] = typed[better], ids[better]
@@ -114,12 +113,18 @@ def typed_loss(ctx: AttackContext, prompts: list[str], target_features: torch.Te
     """PEZ's loss on the prompts as a user types them (decoded, re-tokenised, truncated):
     decoding a hard prompt can merge or split tokens, so the best prompt is chosen on the text
     that will actually be used, not on the ids optimised."""
-    loss = 1 - (text_embeddings(ctx.attacker.clip, ctx.attacker.tokenizer, prompts)
-                @ target_features.T).mean(-1)
-    if adaptive_weight:
-        loss = loss + adaptive_weight * (text_embeddings(ctx.target.clip, ctx.target.tokenizer,
-                                                         prompts) @ ctx.target.direction)
-    return loss
+    features = text_embeddings(ctx.attacker.clip, ctx.attacker.tokenizer, prompts)
+    margin = (text_embeddings(ctx.target.clip, ctx.target.tokenizer, prompts)
+              @ ctx.target.direction if adaptive_weight else None)
+    return pez_objective(features, target_features, margin, adaptive_weight)
+
+
+def pez_objective(features: torch.Tensor, target_features: torch.Tensor,
+                  margin: torch.Tensor | None, adaptive_weight: float) -> torch.Tensor:
+    """Per prompt: 1 - mean cosine to the target images, plus the adaptive weight times the
+    filter's text-space margin (PEZ+)."""
+    loss = 1 - (features @ target_features.T).mean(-1)
+    return loss + adaptive_weight * margin if adaptive_weight else loss
 
 
 # ---- the attacks ----------------------------------------------------------------------------
