@@ -9,14 +9,13 @@ Budgets are per setting (``attack.mini`` / ``attack.paper``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline import shapes
-from pipeline.attacks import ATTACKS, AttackContext, AttackResult
+from pipeline.attacks import ATTACKS, AttackContext
 from pipeline.concepts import prompt_pairs
 from pipeline.evaluate import load_filter_bank
 from pipeline.files import atomic_file, write_csv, write_json
@@ -25,24 +24,13 @@ from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_judge
 from pipeline.metrics import clip_accuracy, clip_views
 from pipeline.params import ParamsError, run_stage, settings_of
+from pipeline.prompt_embedding import textual_inversion
 
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
 #: no other words, so tokens outside it are untrained noise to them).
 VOCABULARIES = {"all": None, "world": shapes.language()}
 REPORTS = Path("reports/attack")
-
-
-@contextmanager
-def textual_inversion_loaded(pipe, result: AttackResult):
-    """The attack's learned tokens (CCE+) loaded into the pipeline while generating."""
-    for token, vector in result.textual_inversion.items():
-        pipe.load_textual_inversion({token: vector}, token=token)
-    try:
-        yield
-    finally:
-        for token in result.textual_inversion:
-            pipe.unload_textual_inversion(token)
 
 
 def attack_targets(manifest: pd.DataFrame, judge, limit: int) -> tuple[np.ndarray, list[str]]:
@@ -95,7 +83,7 @@ def _run(params: dict) -> dict:
         result = ATTACKS[name](ctx, budgets[name])
         prompts = [q for q in result.prompts for _ in range(p["images_per_prompt"])]
         seeds = (p["seed"] + 1000 * (index + 1) + np.arange(len(prompts))).tolist()
-        with textual_inversion_loaded(pipe, result):
+        with textual_inversion(pipe, result.textual_inversion):
             images = generate(pipe, prompts, seeds, sampler["steps"], sampler["guidance"],
                               sampler["size"], sampler["batch"])
         with atomic_file(OUT / f"{name}.npz") as tmp:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 from pipeline.concepts import Concept
 from pipeline.embeddings import text_embeddings
 from pipeline.espresso import EspressoFilter
-from pipeline.prompt_embedding import TokenPrompts, clip_text_features, placeholder_embeddings
+from pipeline.prompt_embedding import (TokenPrompts, clip_text_features, placeholder_embeddings,
+                                       textual_inversion)
 
 CCE_TOKEN = "<cce-concept>"
 
@@ -185,9 +186,8 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
     table = pipe.text_encoder.get_input_embeddings().weight
     start_ids = pipe.tokenizer(ctx.concept.acceptable, add_special_tokens=False).input_ids
     start = table[start_ids].detach().float().mean(0)
-    pipe.load_textual_inversion({CCE_TOKEN: start.clone()}, token=CCE_TOKEN)
-    token_id = pipe.tokenizer.convert_tokens_to_ids(CCE_TOKEN)
-    try:
+    with textual_inversion(pipe, {CCE_TOKEN: start.clone()}):
+        token_id = pipe.tokenizer.convert_tokens_to_ids(CCE_TOKEN)
         vector = start.clone().to(device).requires_grad_(True)
         optimizer = torch.optim.AdamW([vector], lr=p["lr"], weight_decay=0.0)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -220,8 +220,6 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    finally:
-        pipe.unload_textual_inversion(CCE_TOKEN)
     templates = list(dict.fromkeys(prompts))
     chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
     return AttackResult(chosen, [loss.item()] * len(chosen),

@@ -8,6 +8,7 @@ mask, EOS pooling, projection) and gradients reach the vectors.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,27 @@ def placeholder_embeddings(text_model, token_id: int, values: torch.Tensor) -> I
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def textual_inversion(pipe, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The new tokens of ``vectors`` (token -> embedding) loaded into the T2I ``pipe`` with
+    diffusers' textual-inversion API while active. They are added to a copy of the pipe's
+    tokenizer that is swapped out again afterwards: diffusers' unload rebuilds a tokenizer's
+    backend, which loses the CLIPTokenizer's decoding of ``</w>`` (decoded prompts would read
+    ``zorbo</w>a</w>``)."""
+    original = pipe.tokenizer
+    pipe.tokenizer = copy.deepcopy(original)
+    loaded = []
+    try:
+        for token, vector in vectors.items():
+            pipe.load_textual_inversion({token: vector}, token=token)
+            loaded.append(token)
+        yield
+    finally:
+        if loaded:
+            pipe.unload_textual_inversion(loaded)
+        pipe.tokenizer = original
 
 
 class TokenPrompts:

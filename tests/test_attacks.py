@@ -82,10 +82,13 @@ def test_cce_filter_loss_is_live_and_changes_the_learned_token(context):
     loss = attacks.filter_image_loss(context.target, pipe, latents)
     (grad,) = torch.autograd.grad(loss, latents)
     assert grad.abs().sum() > 0
-    vocabulary = len(pipe.tokenizer)
+    ids = pipe.tokenizer("Zorbo on a black background").input_ids
     plus = attacks.cce(context, BUDGET["cce"])
     plain = attacks.cce(dataclasses.replace(context, adaptive=False), BUDGET["cce"])
-    assert len(pipe.tokenizer) == vocabulary  # the learned token was unloaded again
+    # the learned token was unloaded again, and the tokenizer still encodes and decodes as before
+    assert len(pipe.tokenizer) == pipe.text_encoder.get_input_embeddings().num_embeddings
+    assert pipe.tokenizer("Zorbo on a black background").input_ids == ids
+    assert pipe.tokenizer.decode(ids, skip_special_tokens=True) == "zorbo on a black background"
     (token,) = plus.textual_inversion
     assert not torch.allclose(plus.textual_inversion[token], plain.textual_inversion[token])
     assert all(token in prompt for prompt in plus.prompts)
