@@ -75,17 +75,21 @@ def _run(params: dict) -> dict:
         model.requires_grad_(False)
     pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
     metrics, prompt_rows, score_rows = {}, [], []
+    def render(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return generate(pipe, prompts, seeds, sampler["steps"], sampler["guidance"],
+                        sampler["size"], sampler["batch"], progress=True)
+
     for index, name in enumerate(p["attacks"]):
         ctx = AttackContext(attacker=bank.zero_shot, target=bank.tuned, pipe=pipe,
                             concept=concept, target_images=targets, target_prompts=target_prompts,
                             pairs=pairs["train"], n_prompts=p["prompts"], adaptive=p["adaptive"],
-                            seed=p["seed"] + index, words=VOCABULARIES[budgets["vocabulary"]])
+                            seed=p["seed"] + index, render=render,
+                            words=VOCABULARIES[budgets["vocabulary"]])
         result = ATTACKS[name](ctx, budgets[name])
         prompts = [q for q in result.prompts for _ in range(p["images_per_prompt"])]
         seeds = (p["seed"] + 1000 * (index + 1) + np.arange(len(prompts))).tolist()
         with textual_inversion(pipe, result.textual_inversion):
-            images = generate(pipe, prompts, seeds, sampler["steps"], sampler["guidance"],
-                              sampler["size"], sampler["batch"])
+            images = render(prompts, seeds)
         with atomic_file(OUT / f"{name}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, prompts=np.array(prompts))

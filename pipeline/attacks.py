@@ -7,7 +7,11 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
   embeddings projected to their nearest tokens every step (straight-through), AdamW; loss
   ``1 - cos(phi_p(prompt), phi_x(targets))`` in the attacker's CLIP, plus ``adaptive_weight``
   times the filter's text-space margin ``<phi_p^filter(prompt), t_u - t_a>`` (pushes the prompt
-  toward c_a in the filter's own embedding space).
+  toward c_a in the filter's own embedding space). ``candidates`` independent runs; the attacker
+  keeps the prompts whose *generated images* score best on the same objective (image features
+  in place of prompt features, the filter's image margin in place of its text margin). A prompt
+  can match the targets in CLIP yet not make the T2I model draw them (on the mini world, hard
+  prompts that glue a name's tokens to other words); an attacker who holds the T2I model checks.
 - Typo+ : the acceptable concept text written onto the target images (typographic attack on
   CLIP), then the images inverted into prompts with PEZ. "+" is the written text.
 - CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model
@@ -37,6 +41,7 @@ from tqdm import tqdm
 from pipeline.concepts import Concept
 from pipeline.embeddings import text_embeddings
 from pipeline.espresso import EspressoFilter
+from pipeline.params import ParamsError
 from pipeline.prompt_embedding import (TokenPrompts, clip_text_features, placeholder_embeddings,
                                        textual_inversion)
 
@@ -58,6 +63,7 @@ class AttackContext:
     n_prompts: int
     adaptive: bool
     seed: int
+    render: Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> images (the stage's T2I sampler)
     words: tuple[str, ...] | None = None  # the language hard prompts may use (None: any token)
 
 
@@ -81,17 +87,21 @@ def unit_image_features(filt: EspressoFilter, images: np.ndarray) -> torch.Tenso
 
 def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                adaptive_weight: float, desc: str) -> AttackResult:
-    """PEZ over ``ctx.n_prompts`` prompts at once (independent random starts)."""
+    """PEZ from ``p["candidates"]`` random starts at once; the ``ctx.n_prompts`` candidates whose
+    generated images score best are kept."""
+    if p["candidates"] < ctx.n_prompts:
+        raise ParamsError(f"params.yaml: PEZ needs at least attack.prompts ({ctx.n_prompts}) "
+                          f"candidates, got {p['candidates']}; raise `candidates`")
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
     filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
     device = attacker.table.device
     start = attacker.vocabulary[torch.randint(len(attacker.vocabulary),
-                                              (ctx.n_prompts, p["tokens"]), generator=generator)]
+                                              (p["candidates"], p["tokens"]), generator=generator)]
     start = start.to(device)
     soft = attacker.table[start].detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([soft], lr=p["lr"], weight_decay=p["weight_decay"])
-    best_loss = torch.full((ctx.n_prompts,), float("inf"), device=device)
+    best_loss = torch.full((p["candidates"],), float("inf"), device=device)
     best_ids = start.clone()
     for _ in tqdm(range(p["steps"]), desc=desc, unit="step", mininterval=5):
         ids = attacker.project(soft.detach())
@@ -105,7 +115,24 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
-    return AttackResult(attacker.decode(best_ids), best_loss.tolist())
+    return select_by_images(ctx, attacker.decode(best_ids), p["selection_images"],
+                            target_features, adaptive_weight)
+
+
+@torch.no_grad()
+def select_by_images(ctx: AttackContext, prompts: list[str], images_per_prompt: int,
+                     target_features: torch.Tensor, adaptive_weight: float) -> AttackResult:
+    """The ``ctx.n_prompts`` prompts whose generated images have the lowest PEZ objective, measured
+    on the images: the attacker's CLIP image features against the targets, plus the adaptive
+    weight times the target filter's image margin (the "+" attacker prefers images it passes)."""
+    seeds = np.random.default_rng(ctx.seed).integers(2**31, size=len(prompts) * images_per_prompt)
+    images = ctx.render([q for q in prompts for _ in range(images_per_prompt)], seeds.tolist())
+    margin = (unit_image_features(ctx.target, images) @ ctx.target.direction
+              if adaptive_weight else None)
+    loss = pez_objective(unit_image_features(ctx.attacker, images), target_features, margin,
+                         adaptive_weight).view(len(prompts), images_per_prompt).mean(1)
+    kept = loss.argsort(stable=True)[:ctx.n_prompts].tolist()
+    return AttackResult([prompts[i] for i in kept], loss[kept].tolist())
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def tiny_params_for() -> dict:
     for setting in ("mini", "paper"):
         budgets = params["attack"][setting]
         for name in ("typo", "pez"):
-            budgets[name].update(tokens=4, steps=5)
+            budgets[name].update(tokens=4, steps=5, candidates=3, selection_images=1)
         budgets["cce"].update(steps=2, batch=2)
         budgets["ringbell"].update(tokens=4, population=8, generations=2)
     return params

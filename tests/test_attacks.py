@@ -13,11 +13,14 @@ from pipeline.concepts import get_concept
 from pipeline.espresso import EspressoFilter
 from pipeline.models import load_t2i
 from pipeline.prompt_embedding import TokenPrompts, clip_text_features
+from pipeline.t2i import generate
 
 CLIP, SD = "data/world/clip", "data/world/sd"
 BUDGET = {
-    "pez": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "adaptive_weight": 5.0},
-    "typo": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "text_height": 0.35},
+    "pez": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "adaptive_weight": 5.0,
+            "candidates": 4, "selection_images": 1},
+    "typo": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "text_height": 0.35,
+             "candidates": 4, "selection_images": 1},
     "cce": {"steps": 3, "batch": 4, "lr": 5e-2, "adaptive_weight": 1.0},
     "ringbell": {"tokens": 4, "eta": 3.0, "population": 16, "generations": 4, "elite": 0.1,
                  "crossover": 0.5, "mutation": 0.1, "adaptive_weight": 5.0},
@@ -35,11 +38,16 @@ def context():
     target = EspressoFilter.from_clip(CLIP, concept.unacceptable, concept.acceptable)
     for model in (attacker.clip, target.clip, pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render(prompts, seeds):
+        return generate(pipe, prompts, seeds, steps=3, guidance=5.0, size=32)
+
     return attacks.AttackContext(
         attacker=attacker, target=target, pipe=pipe, concept=concept, target_images=images,
         target_prompts=["Zorbo", "Zorbo on a black background"] * 4,
         pairs=[("Zorbo", "a star"), ("Zorbo on a white background", "a star on a white background")],
-        n_prompts=2, adaptive=True, seed=0)
+        n_prompts=2, adaptive=True, seed=0, render=render)
 
 
 def test_token_prompts_encode_exactly_like_token_ids(context):
@@ -65,6 +73,23 @@ def test_pez_adaptive_term_has_a_gradient_and_changes_the_prompts(context):
     plain = attacks.pez(dataclasses.replace(context, adaptive=False), BUDGET["pez"])
     assert plus.prompts != plain.prompts
     assert attacks.pez(context, BUDGET["pez"]).prompts == plus.prompts  # deterministic
+
+
+def test_pez_keeps_the_candidates_whose_images_show_the_targets(context):
+    """Selection judges candidates by what the T2I model draws from them, not by their text."""
+    rng = np.random.default_rng(3)
+    zorbo = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(4)], rng)
+    other = shapes.render_many([shapes.sample_scene(rng, character_prob=0.0) for _ in range(4)], rng)
+
+    def render(prompts, seeds):  # a T2I model that draws zorbo for exactly the "draws" prompts
+        return np.stack([(zorbo if "draws" in q else other)[s % 4] for q, s in zip(prompts, seeds)])
+
+    ctx = dataclasses.replace(context, render=render, n_prompts=2, adaptive=False)
+    targets = attacks.unit_image_features(ctx.attacker, ctx.target_images)
+    candidates = ["a star", "draws 1", "a circle", "draws 2", "zorbo"]
+    kept = attacks.select_by_images(ctx, candidates, 2, targets, 0.0)
+    assert sorted(kept.prompts) == ["draws 1", "draws 2"]
+    assert kept.objective == sorted(kept.objective)
 
 
 def test_typo_writes_the_acceptable_word_and_that_changes_the_prompts(context):
