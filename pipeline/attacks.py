@@ -19,8 +19,9 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
   ``softplus(s * margin)`` on the image the UNet predicts (x0 decoded by the VAE).
 - RingBell+ (Tsai et al. 2024): concept vector = mean difference of T2I text-encoder states of
   (unacceptable, acceptable) prompt pairs; a genetic search over ``tokens`` tokens for a prompt
-  whose states are nearest to (acceptable prompt + eta * concept vector); the fitness also
-  subtracts ``adaptive_weight`` times the filter's text-space margin of the candidate.
+  whose states are nearest to (acceptable prompt + eta * concept vector); the loss also adds
+  ``adaptive_weight`` times the filter's text-space margin of the candidate (penalises being
+  flagged). Fitness is measured on each candidate as typed (decoded, re-tokenised).
 
 Text-space proxies (PEZ+, RingBell+) are used where the paper's release put its adaptive terms;
 CCE+ uses the filter on images. All budgets are params; randomness comes from ``seed``.
@@ -142,9 +143,14 @@ def typed_loss(ctx: AttackContext, prompts: list[str], target_features: torch.Te
     decoding a hard prompt can merge or split tokens, so the best prompt is chosen on the text
     that will actually be used, not on the ids optimised."""
     features = text_embeddings(ctx.attacker.clip, ctx.attacker.tokenizer, prompts)
-    margin = (text_embeddings(ctx.target.clip, ctx.target.tokenizer, prompts)
-              @ ctx.target.direction if adaptive_weight else None)
+    margin = typed_margin(ctx.target, prompts) if adaptive_weight else None
     return pez_objective(features, target_features, margin, adaptive_weight)
+
+
+@torch.no_grad()
+def typed_margin(filt: EspressoFilter, prompts: list[str]) -> torch.Tensor:
+    """The filter's text-space margin ``<phi_p^filter(prompt), t_u - t_a>`` of typed prompts."""
+    return text_embeddings(filt.clip, filt.tokenizer, prompts) @ filt.direction
 
 
 def pez_objective(features: torch.Tensor, target_features: torch.Tensor,
@@ -266,7 +272,6 @@ def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor) -> torc
 def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
     pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
     side = TokenPrompts(pipe.text_encoder, pipe.tokenizer, ctx.words)
-    filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
     weight = p["adaptive_weight"] if ctx.adaptive else 0.0
 
     @torch.no_grad()
@@ -282,13 +287,14 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
 
     @torch.no_grad()
     def loss_of(population: np.ndarray) -> np.ndarray:
-        """``n_prompts x P x K`` candidate ids -> loss (lower = fitter), ``n_prompts x P``."""
+        """``n_prompts x P x K`` candidate ids -> loss (lower = fitter), ``n_prompts x P``, of the
+        prompts as typed: decoding can glue a name's tokens to others ("k" "kroll" -> "kkroll"),
+        which the T2I model then reads as other tokens, so fitness is measured on the text."""
         n, size, k = population.shape
-        ids = torch.from_numpy(population.reshape(n * size, k)).to(goals.device)
-        distance = (side.hidden_states(side.embed(ids)) - goals.repeat_interleave(size, 0))
-        loss = distance.pow(2).mean((1, 2))
+        prompts = side.decode(torch.from_numpy(population.reshape(n * size, k)))
+        loss = (states(prompts) - goals.repeat_interleave(size, 0)).pow(2).mean((1, 2))
         if weight:
-            loss = loss + weight * filter_margin(ctx.target, filter_side, filter_side.embed(ids))
+            loss = loss + weight * typed_margin(ctx.target, prompts)
         return loss.view(n, size).cpu().numpy()
 
     vocabulary = side.vocabulary.numpy()

@@ -100,11 +100,6 @@ class TokenPrompts:
         hard = self.table[ids]
         return hard if soft is None else hard + (soft - soft.detach())
 
-    def hidden_states(self, values: torch.Tensor) -> torch.Tensor:
-        """The text transformer's last hidden state (what the T2I UNet reads), ``B x L x d``."""
-        with placeholder_embeddings(self.text_model, self.placeholder, values):
-            return self.text_model(input_ids=self.input_ids(*values.shape[:2])).last_hidden_state
-
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Hard prompts as text (what a user would type), cut to what the text encoder reads:
         decoded text can re-tokenise longer than the ids it came from."""

@@ -120,10 +120,8 @@ def test_cce_filter_loss_is_live_and_changes_the_learned_token(context):
 
 
 def test_ringbell_fitness_depends_on_the_candidate_and_changes_the_prompts(context):
-    side = TokenPrompts(context.target.clip.text_model, context.target.tokenizer)
-    candidates = torch.stack([side.vocabulary[:4], side.vocabulary[100:104]])
-    margins = attacks.filter_margin(context.target, side, side.embed(candidates))
-    assert margins[0] != margins[1]
+    margins = attacks.typed_margin(context.target, ["zorbo on a star", "a star on a star"])
+    assert margins[0] > margins[1]  # the filter flags the candidate that names c_u
     plus = attacks.ringbell(context, BUDGET["ringbell"])
     plain = attacks.ringbell(dataclasses.replace(context, adaptive=False), BUDGET["ringbell"])
     assert plus.prompts != plain.prompts
