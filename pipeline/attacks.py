@@ -21,7 +21,8 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
   (unacceptable, acceptable) prompt pairs; a genetic search over ``tokens`` tokens for a prompt
   whose states are nearest to (acceptable prompt + eta * concept vector); the loss also adds
   ``adaptive_weight`` times the filter's text-space margin of the candidate (penalises being
-  flagged). Fitness is measured on each candidate as typed (decoded, re-tokenised).
+  flagged). Fitness is measured on each candidate as typed (decoded, re-tokenised). One search
+  per candidate; the candidates are then selected on generated images like PEZ's.
 
 Text-space proxies (PEZ+, RingBell+) are used where the paper's release put its adaptive terms;
 CCE+ uses the filter on images. All budgets are params; randomness comes from ``seed``.
@@ -90,9 +91,7 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                adaptive_weight: float, desc: str) -> AttackResult:
     """PEZ from ``p["candidates"]`` random starts at once; the ``ctx.n_prompts`` candidates whose
     generated images score best are kept."""
-    if p["candidates"] < ctx.n_prompts:
-        raise ParamsError(f"params.yaml: PEZ needs at least attack.prompts ({ctx.n_prompts}) "
-                          f"candidates, got {p['candidates']}; raise `candidates`")
+    require_candidates(p, ctx.n_prompts)
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
     filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
@@ -120,19 +119,28 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                             target_features, adaptive_weight)
 
 
+def require_candidates(p: dict, n_prompts: int) -> None:
+    if p["candidates"] < n_prompts:
+        raise ParamsError(f"params.yaml: an attack's `candidates` ({p['candidates']}) must be at "
+                          f"least attack.prompts ({n_prompts}); raise `candidates`")
+
+
 @torch.no_grad()
 def select_by_images(ctx: AttackContext, prompts: list[str], images_per_prompt: int,
                      target_features: torch.Tensor, adaptive_weight: float) -> AttackResult:
     """The ``ctx.n_prompts`` prompts whose generated images have the lowest PEZ objective, measured
     on the images: the attacker's CLIP image features against the targets, plus the adaptive
-    weight times the target filter's image margin (the "+" attacker prefers images it passes)."""
+    weight times the target filter's image margin (the "+" attacker prefers images it passes).
+    Duplicate candidates count once; if fewer distinct ones remain, the best are repeated."""
+    prompts = list(dict.fromkeys(prompts))
     seeds = np.random.default_rng(ctx.seed).integers(2**31, size=len(prompts) * images_per_prompt)
     images = ctx.render([q for q in prompts for _ in range(images_per_prompt)], seeds.tolist())
     margin = (unit_image_features(ctx.target, images) @ ctx.target.direction
               if adaptive_weight else None)
     loss = pez_objective(unit_image_features(ctx.attacker, images), target_features, margin,
                          adaptive_weight).view(len(prompts), images_per_prompt).mean(1)
-    kept = loss.argsort(stable=True)[:ctx.n_prompts].tolist()
+    ranked = loss.argsort(stable=True)[:ctx.n_prompts].tolist()
+    kept = [ranked[i % len(ranked)] for i in range(ctx.n_prompts)]
     return AttackResult([prompts[i] for i in kept], loss[kept].tolist())
 
 
@@ -280,9 +288,11 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
                              max_length=pipe.tokenizer.model_max_length).input_ids
         return pipe.text_encoder(ids.to(pipe.text_encoder.device)).last_hidden_state.float()
 
+    require_candidates(p, ctx.n_prompts)
     unacceptable, acceptable = zip(*ctx.pairs)
     concept_vector = (states(list(unacceptable)) - states(list(acceptable))).mean(0)
-    bases = [acceptable[i % len(acceptable)] for i in range(ctx.n_prompts)]
+    rows = p["candidates"]
+    bases = [acceptable[i % len(acceptable)] for i in range(rows)]
     goals = states(bases) + p["eta"] * concept_vector
 
     @torch.no_grad()
@@ -299,14 +309,14 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
 
     vocabulary = side.vocabulary.numpy()
     size, k = p["population"], p["tokens"]
-    population = rng.choice(vocabulary, (ctx.n_prompts, size, k))
+    population = rng.choice(vocabulary, (rows, size, k))
     elite = max(1, int(p["elite"] * size))
     for _ in tqdm(range(p["generations"]), desc="RingBell+" if weight else "RingBell",
                   unit="gen", mininterval=5):
         loss = loss_of(population)
         order = np.argsort(loss, axis=1, kind="stable")
         population = np.take_along_axis(population, order[..., None], axis=1)
-        parents = _tournament(rng, ctx.n_prompts, size, size - elite)
+        parents = _tournament(rng, rows, size, size - elite)
         mothers = np.take_along_axis(population, parents[0][..., None], axis=1)
         fathers = np.take_along_axis(population, parents[1][..., None], axis=1)
         cross = rng.random(mothers.shape) < p["crossover"]
@@ -314,10 +324,10 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
         mutate = rng.random(children.shape) < p["mutation"]
         children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
         population = np.concatenate([population[:, :elite], children], axis=1)
-    loss = loss_of(population)
-    best = loss.argmin(1)
-    ids = torch.from_numpy(population[np.arange(ctx.n_prompts), best])
-    return AttackResult(side.decode(ids), loss[np.arange(ctx.n_prompts), best].tolist())
+    best = population[np.arange(rows), loss_of(population).argmin(1)]
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
+    return select_by_images(ctx, side.decode(torch.from_numpy(best)), p["selection_images"],
+                            targets, weight)
 
 
 def _tournament(rng: np.random.Generator, rows: int, size: int, n: int) -> np.ndarray:

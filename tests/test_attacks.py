@@ -23,7 +23,8 @@ BUDGET = {
              "candidates": 4, "selection_images": 1},
     "cce": {"steps": 3, "batch": 4, "lr": 5e-2, "adaptive_weight": 1.0},
     "ringbell": {"tokens": 4, "eta": 3.0, "population": 16, "generations": 4, "elite": 0.1,
-                 "crossover": 0.5, "mutation": 0.1, "adaptive_weight": 5.0},
+                 "crossover": 0.5, "mutation": 0.1, "adaptive_weight": 5.0, "candidates": 3,
+                 "selection_images": 1},
 }
 
 
@@ -90,6 +91,8 @@ def test_pez_keeps_the_candidates_whose_images_show_the_targets(context):
     kept = attacks.select_by_images(ctx, candidates, 2, targets, 0.0)
     assert sorted(kept.prompts) == ["draws 1", "draws 2"]
     assert kept.objective == sorted(kept.objective)
+    repeated = attacks.select_by_images(ctx, ["draws 1"] * 3 + ["a star"], 2, targets, 0.0)
+    assert repeated.prompts == ["draws 1", "a star"]  # duplicates count once
 
 
 def test_typo_writes_the_acceptable_word_and_that_changes_the_prompts(context):
