@@ -65,7 +65,7 @@ class AttackContext:
     n_prompts: int
     adaptive: bool
     seed: int
-    render: Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> images (the stage's T2I sampler)
+    render: Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> images (T2I)
     words: tuple[str, ...] | None = None  # the language hard prompts may use (None: any token)
 
 
@@ -297,7 +297,7 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
 
     @torch.no_grad()
     def loss_of(population: np.ndarray) -> np.ndarray:
-        """``n_prompts x P x K`` candidate ids -> loss (lower = fitter), ``n_prompts x P``, of the
+        """``candidates x P x K`` candidate ids -> loss (lower = fitter), ``candidates x P``, of the
         prompts as typed: decoding can glue a name's tokens to others ("k" "kroll" -> "kkroll"),
         which the T2I model then reads as other tokens, so fitness is measured on the text."""
         n, size, k = population.shape
