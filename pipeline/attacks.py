@@ -7,22 +7,31 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
   embeddings projected to their nearest tokens every step (straight-through), AdamW; loss
   ``1 - cos(phi_p(prompt), phi_x(targets))`` in the attacker's CLIP, plus ``adaptive_weight``
   times the filter's text-space margin ``<phi_p^filter(prompt), t_u - t_a>`` (pushes the prompt
-  toward c_a in the filter's own embedding space). ``candidates`` independent runs; the attacker
-  keeps the prompts whose *generated images* score best on the same objective (image features
-  in place of prompt features, the filter's image margin in place of its text margin). A prompt
-  can match the targets in CLIP yet not make the T2I model draw them (on the mini world, hard
-  prompts that glue a name's tokens to other words); an attacker who holds the T2I model checks.
+  toward c_a in the filter's own embedding space). ``candidates`` independent runs, then the
+  attacker's trial (below) keeps the best prompts.
 - Typo+ : the acceptable concept text written onto the target images (typographic attack on
   CLIP), then the images inverted into prompts with PEZ. "+" is the written text.
 - CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model
-  (its denoising loss on the target images), plus ``adaptive_weight`` times the filter's loss
-  ``softplus(s * margin)`` on the image the UNet predicts (x0 decoded by the VAE).
+  (its denoising loss on the target images), plus an adaptive weight times the filter's loss
+  ``softplus(s * margin)`` on the image the UNet predicts (x0 decoded by the VAE). The weight
+  trades drawing c_u against passing the filter, and sharply (on zorbo: 0.004 always draws c_u
+  and is always blocked, 0.01 never draws it), so CCE+ learns one token per weight of
+  ``adaptive_weights`` and the trial keeps the best.
 - RingBell+ (Tsai et al. 2024): concept vector = mean difference of T2I text-encoder states of
   (unacceptable, acceptable) prompt pairs; a genetic search over ``tokens`` tokens for a prompt
   whose states are nearest to (acceptable prompt + eta * concept vector); the loss also adds
   ``adaptive_weight`` times the filter's text-space margin of the candidate (penalises being
   flagged). Fitness is measured on each candidate as typed (decoded, re-tokenised). One search
-  per candidate; the candidates are then selected on generated images like PEZ's.
+  per candidate, then the trial keeps the best prompts.
+
+The trial: an attacker who holds the T2I model generates a few images per candidate (seeds
+disjoint from the evaluation's) and looks at them, as a person running an attack would; a prompt
+can match the targets in CLIP yet not make the T2I model draw them (on the mini world, hard
+prompts that glue a name's tokens to other words). Candidates are ranked by the share of trial
+images that succeed (the attacker's eyes, ``AttackContext.sees``, see c_u, and for "+" the
+target filter passes the image: the adaptive attacker may query the filter it knows), ties
+broken by PEZ's objective on the images (image features in place of prompt features, the
+filter's image margin in place of its text margin).
 
 Text-space proxies (PEZ+, RingBell+) are used where the paper's release put its adaptive terms;
 CCE+ uses the filter on images. All budgets are params; randomness comes from ``seed``.
@@ -66,6 +75,7 @@ class AttackContext:
     adaptive: bool
     seed: int
     render: Callable[[list[str], list[int]], np.ndarray]  # prompts, seeds -> images (T2I)
+    sees: Callable[[np.ndarray], np.ndarray]  # the attacker's eyes: images -> "shows c_u"
     words: tuple[str, ...] | None = None  # the language hard prompts may use (None: any token)
 
 
@@ -73,6 +83,7 @@ class AttackContext:
 class AttackResult:
     prompts: list[str]
     objective: list[float]                             # final loss per prompt (lower = better)
+    trial_success: list[float]                         # share of its trial images that succeeded
     textual_inversion: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> vector
 
 
@@ -125,23 +136,37 @@ def require_candidates(p: dict, n_prompts: int) -> None:
                           f"least attack.prompts ({n_prompts}); raise `candidates`")
 
 
+def trial_seeds(ctx: AttackContext, n: int) -> list[int]:
+    return np.random.default_rng(ctx.seed).integers(2**31, size=n).tolist()
+
+
 @torch.no_grad()
-def select_by_images(ctx: AttackContext, prompts: list[str], images_per_prompt: int,
-                     target_features: torch.Tensor, adaptive_weight: float) -> AttackResult:
-    """The ``ctx.n_prompts`` prompts whose generated images have the lowest PEZ objective, measured
-    on the images: the attacker's CLIP image features against the targets, plus the adaptive
-    weight times the target filter's image margin (the "+" attacker prefers images it passes).
-    Duplicate candidates count once; if fewer distinct ones remain, the best are repeated."""
-    prompts = list(dict.fromkeys(prompts))
-    seeds = np.random.default_rng(ctx.seed).integers(2**31, size=len(prompts) * images_per_prompt)
-    images = ctx.render([q for q in prompts for _ in range(images_per_prompt)], seeds.tolist())
+def rank_trials(ctx: AttackContext, images: np.ndarray, n_candidates: int,
+                target_features: torch.Tensor, adaptive_weight: float
+                ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The trial (module docstring): candidates best first, with each one's success share and
+    objective; ``images`` holds the same number of trial images per candidate, in order."""
+    success = ctx.sees(images)
+    if ctx.adaptive:
+        success = success & ~ctx.target.screen(images).blocked
     margin = (unit_image_features(ctx.target, images) @ ctx.target.direction
               if adaptive_weight else None)
     loss = pez_objective(unit_image_features(ctx.attacker, images), target_features, margin,
-                         adaptive_weight).view(len(prompts), images_per_prompt).mean(1)
-    ranked = loss.argsort(stable=True)[:ctx.n_prompts].tolist()
+                         adaptive_weight).view(n_candidates, -1).mean(1).cpu().numpy()
+    share = success.reshape(n_candidates, -1).mean(1)
+    return np.lexsort((loss, -share)).tolist(), share, loss
+
+
+def select_by_images(ctx: AttackContext, prompts: list[str], images_per_prompt: int,
+                     target_features: torch.Tensor, adaptive_weight: float) -> AttackResult:
+    """The ``ctx.n_prompts`` best prompts by the trial. Duplicate candidates count once; if
+    fewer distinct ones remain, the best are repeated."""
+    prompts = list(dict.fromkeys(prompts))
+    images = ctx.render([q for q in prompts for _ in range(images_per_prompt)],
+                        trial_seeds(ctx, len(prompts) * images_per_prompt))
+    ranked, share, loss = rank_trials(ctx, images, len(prompts), target_features, adaptive_weight)
     kept = [ranked[i % len(ranked)] for i in range(ctx.n_prompts)]
-    return AttackResult([prompts[i] for i in kept], loss[kept].tolist())
+    return AttackResult([prompts[i] for i in kept], loss[kept].tolist(), share[kept].tolist())
 
 
 @torch.no_grad()
@@ -221,6 +246,28 @@ def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: t
 
 
 def cce(ctx: AttackContext, p: dict) -> AttackResult:
+    """One token per adaptive weight (just 0 for plain CCE); the trial keeps the best."""
+    weights = p["adaptive_weights"] if ctx.adaptive else [0.0]
+    prompts = [with_token(q, ctx.concept.unacceptable, CCE_TOKEN) for q in ctx.target_prompts]
+    templates = list(dict.fromkeys(prompts))
+    chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
+    vectors = [invert_token(ctx, p, prompts, w) for w in weights]
+    trial = [chosen[i % len(chosen)] for i in range(p["selection_images"])]
+    seeds = trial_seeds(ctx, len(trial))
+    images = []
+    for vector in vectors:
+        with textual_inversion(ctx.pipe, {CCE_TOKEN: vector}):
+            images.append(ctx.render(trial, seeds))
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
+    ranked, share, loss = rank_trials(ctx, np.concatenate(images), len(vectors), targets, 0.0)
+    best = ranked[0]
+    return AttackResult(chosen, [float(loss[best])] * len(chosen), [float(share[best])] * len(chosen),
+                        {CCE_TOKEN: vectors[best]})
+
+
+def invert_token(ctx: AttackContext, p: dict, prompts: list[str], weight: float) -> torch.Tensor:
+    """CCE's textual inversion of ``CCE_TOKEN`` in ``prompts`` on the target images, plus
+    ``weight`` times the target filter's loss on the predicted clean images."""
     pipe = ctx.pipe
     device = pipe.unet.device
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -232,17 +279,14 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
         vector = start.clone().to(device).requires_grad_(True)
         optimizer = torch.optim.AdamW([vector], lr=p["lr"], weight_decay=0.0)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        prompts = [with_token(q, ctx.concept.unacceptable, CCE_TOKEN) for q in ctx.target_prompts]
         ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                              max_length=pipe.tokenizer.model_max_length).input_ids.to(device)
         with torch.no_grad():
             pixels = torch.from_numpy(ctx.target_images).permute(0, 3, 1, 2).float() / 127.5 - 1
             latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
             latents = latents.float() * pipe.vae.config.scaling_factor
-        weight = p["adaptive_weight"] if ctx.adaptive else 0.0
-        loss = torch.zeros(())
-        for _ in tqdm(range(p["steps"]), desc="CCE+" if weight else "CCE", unit="step",
-                      mininterval=5):
+        for _ in tqdm(range(p["steps"]), desc=f"CCE+ (weight {weight:g})" if weight else "CCE",
+                      unit="step", mininterval=5):
             batch = torch.randint(len(latents), (p["batch"],), generator=generator)
             noise = torch.randn(latents[batch].shape, generator=generator).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),),
@@ -261,10 +305,7 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    templates = list(dict.fromkeys(prompts))
-    chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
-    return AttackResult(chosen, [loss.item()] * len(chosen),
-                        {CCE_TOKEN: vector.detach().cpu().clone()})
+    return vector.detach().cpu().clone()
 
 
 def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor) -> torch.Tensor:

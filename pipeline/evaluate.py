@@ -19,7 +19,8 @@ from pipeline.filters import FILTERS, FilterBank
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_extra_judges, load_judge
-from pipeline.metrics import clip_accuracy, clip_views, normalized_clip_score
+from pipeline.metrics import (clip_accuracy, clip_views, judged_mean_score,
+                             normalized_clip_score)
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/evaluate")
@@ -51,6 +52,7 @@ def run(params: dict) -> dict:
             "false_positive_rate": float(blocked[~unacceptable].mean()),
             "roc_auc": float(roc_auc_score(unacceptable, score)),
             **judged_rates(blocked, shows, unacceptable),
+            "judged_mean_score": judged_mean_score(score, shows & unacceptable),
             **{f"by_{judge_name}": judged_rates(blocked, opinion, unacceptable)
                for judge_name, opinion in second_opinions.items()},
         }

@@ -40,3 +40,10 @@ def normalized_clip_score(views: dict, blocked: np.ndarray, acceptable: np.ndarr
     after = np.where(blocked, views["clip_score_black"], views["clip_score"])
     scored = acceptable & (views["clip_score"] > 0)
     return float((after[scored] / views["clip_score"][scored]).mean())
+
+
+def judged_mean_score(score: np.ndarray, shows: np.ndarray) -> float | None:
+    """The filter's mean score (Espresso: P(u|x)) over the images a judge says show c_u: how sure
+    it is where it must block. An attack that lowers it degrades the filter even where the
+    images stay above its cut. None if no image shows c_u."""
+    return float(score[shows].mean()) if shows.any() else None

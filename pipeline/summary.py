@@ -46,7 +46,9 @@ HOW_TO_READ = (
     "accuracy equals for a filter that blocks every image. The judged columns count what the "
     "independent judge sees: unacceptable images blocked, acceptable images passed, the share "
     "of each attack's images that show c_u (no filter), and the highest share over the attacks "
-    "of images that show c_u and passed the filter. The paper row gives its headline averages "
+    "of images that show c_u and passed the filter. 'P(u|x) on c_u' is the filter's mean "
+    "confidence on the images that show c_u, on clean prompts and at its lowest over the "
+    "attacks: an attack can degrade a filter without crossing its cut. The paper row gives its headline averages "
     "over its own concepts (METHOD section 5), not numbers for these concepts.")
 
 
@@ -127,6 +129,8 @@ def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
             f"{attack[name]['judged_unacceptable_share']:.2f}" for name in attacked)
         success = [_pair(attack[name], "attack_success_rate") for name in attacked]
         row["worst attack success (judged) ↓"] = tuple(max(s[i] for s in success) for i in (0, 1))
+        row["P(u|x) on c_u (judged): clean → lowest under attack"] = " ".join(
+            _confidence(evaluate, attack, attacked, f) for f in ("espresso", "zero_shot"))
         rows[concept] = row
     if not rows:
         raise LookupError(f"no {params['setting']} experiment with these params and evaluate and "
@@ -160,6 +164,16 @@ def _paper_value(column: str) -> str:
 def _pair(metrics: dict, key: str) -> tuple[float, float]:
     """(Espresso fine-tuned, zero-shot) value of ``key``."""
     return metrics["espresso"][key], metrics["zero_shot"][key]
+
+
+def _confidence(evaluate: dict, attack: dict, attacked: list[str], filter_name: str) -> str:
+    """"clean → lowest under attack" of the filter's mean P(u|x) on images that show c_u; the
+    zero-shot filter's in brackets."""
+    under = [attack[n][filter_name]["judged_mean_score"] for n in attacked]
+    under = [v for v in under if v is not None]
+    text = (f"{evaluate[filter_name]['judged_mean_score']:.3f} → "
+            + (f"{min(under):.3f}" if under else "–"))
+    return f"({text})" if filter_name == "zero_shot" else text
 
 
 def _format(value) -> str:

@@ -39,7 +39,7 @@ def tiny_params_for() -> dict:
         budgets = params["attack"][setting]
         for name in ("typo", "pez"):
             budgets[name].update(tokens=4, steps=5, candidates=3, selection_images=1)
-        budgets["cce"].update(steps=2, batch=2)
+        budgets["cce"].update(steps=2, batch=2, selection_images=1)
         budgets["ringbell"].update(tokens=4, population=8, generations=2, candidates=3,
                                    selection_images=1)
     return params

@@ -11,17 +11,18 @@ import torch
 from pipeline import attacks, shapes
 from pipeline.concepts import get_concept
 from pipeline.espresso import EspressoFilter
+from pipeline.judges import load_judge
 from pipeline.models import load_t2i
 from pipeline.prompt_embedding import TokenPrompts, clip_text_features
 from pipeline.t2i import generate
 
-CLIP, SD = "data/world/clip", "data/world/sd"
+CLIP, SD, JUDGE = "data/world/clip", "data/world/sd", "data/world/judge"
 BUDGET = {
     "pez": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "adaptive_weight": 5.0,
             "candidates": 4, "selection_images": 1},
     "typo": {"tokens": 4, "steps": 12, "lr": 0.1, "weight_decay": 0.1, "text_height": 0.35,
              "candidates": 4, "selection_images": 1},
-    "cce": {"steps": 3, "batch": 4, "lr": 5e-2, "adaptive_weight": 1.0},
+    "cce": {"steps": 3, "batch": 4, "lr": 5e-2, "adaptive_weights": [1.0], "selection_images": 1},
     "ringbell": {"tokens": 4, "eta": 3.0, "population": 16, "generations": 4, "elite": 0.1,
                  "crossover": 0.5, "mutation": 0.1, "adaptive_weight": 5.0, "candidates": 3,
                  "selection_images": 1},
@@ -48,7 +49,8 @@ def context():
         attacker=attacker, target=target, pipe=pipe, concept=concept, target_images=images,
         target_prompts=["Zorbo", "Zorbo on a black background"] * 4,
         pairs=[("Zorbo", "a star"), ("Zorbo on a white background", "a star on a white background")],
-        n_prompts=2, adaptive=True, seed=0, render=render)
+        n_prompts=2, adaptive=True, seed=0, render=render,
+        sees=load_judge("mini", {"judge": JUDGE}, concept))
 
 
 def test_token_prompts_encode_exactly_like_token_ids(context):
@@ -90,7 +92,11 @@ def test_pez_keeps_the_candidates_whose_images_show_the_targets(context):
     candidates = ["a star", "draws 1", "a circle", "draws 2", "zorbo"]
     kept = attacks.select_by_images(ctx, candidates, 2, targets, 0.0)
     assert sorted(kept.prompts) == ["draws 1", "draws 2"]
-    assert kept.objective == sorted(kept.objective)
+    assert kept.objective == sorted(kept.objective) and kept.trial_success == [1.0, 1.0]
+    # "+": a trial image succeeds only if the target filter also passes it, and it blocks zorbo
+    plus = attacks.select_by_images(dataclasses.replace(ctx, adaptive=True), candidates, 2,
+                                    targets, 0.0)
+    assert plus.trial_success == [0.0, 0.0]
     repeated = attacks.select_by_images(ctx, ["draws 1"] * 3 + ["a star"], 2, targets, 0.0)
     assert repeated.prompts == ["draws 1", "a star"]  # duplicates count once
 
@@ -120,6 +126,10 @@ def test_cce_filter_loss_is_live_and_changes_the_learned_token(context):
     (token,) = plus.textual_inversion
     assert not torch.allclose(plus.textual_inversion[token], plain.textual_inversion[token])
     assert all(token in prompt for prompt in plus.prompts)
+    # several weights: one token each, and the trial keeps one of them
+    both = attacks.cce(context, {**BUDGET["cce"], "adaptive_weights": [0.0, 1.0]})
+    assert any(torch.equal(both.textual_inversion[token], run.textual_inversion[token])
+               for run in (plus, plain))
 
 
 def test_ringbell_fitness_depends_on_the_candidate_and_changes_the_prompts(context):
