@@ -95,7 +95,8 @@ def _run(params: dict) -> dict:
                 np.savez(f, images=images, prompts=np.array(prompts))
         metrics[name], table = score_attack(bank, judge, images, prompts)
         score_rows.append(table.assign(attack=name, seed=seeds))
-        prompt_rows += [{"attack": name, "prompt": q, "objective": o, "trial_success": t}
+        prompt_rows += [{"attack": name, "prompt": q, "objective": o, "trial_success": t,
+                         "adaptive_weight": result.adaptive_weight}
                         for q, o, t in zip(result.prompts, result.objective, result.trial_success)]
     write_json(REPORTS / "metrics.json", metrics)
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))

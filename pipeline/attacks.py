@@ -14,9 +14,9 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
 - CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model
   (its denoising loss on the target images), plus an adaptive weight times the filter's loss
   ``softplus(s * margin)`` on the image the UNet predicts (x0 decoded by the VAE). The weight
-  trades drawing c_u against passing the filter, and sharply (on zorbo: 0.004 always draws c_u
-  and is always blocked, 0.01 never draws it), so CCE+ learns one token per weight of
-  ``adaptive_weights`` and the trial keeps the best.
+  trades drawing c_u against passing the filter, sharply and differently per concept (on zorbo:
+  0.004 always draws c_u and is always blocked, 0.01 never draws it), so CCE+ learns one token
+  per weight of ``adaptive_weights`` and the trial keeps the best.
 - RingBell+ (Tsai et al. 2024): concept vector = mean difference of T2I text-encoder states of
   (unacceptable, acceptable) prompt pairs; a genetic search over ``tokens`` tokens for a prompt
   whose states are nearest to (acceptable prompt + eta * concept vector); the loss also adds
@@ -84,6 +84,7 @@ class AttackResult:
     prompts: list[str]
     objective: list[float]                             # final loss per prompt (lower = better)
     trial_success: list[float]                         # share of its trial images that succeeded
+    adaptive_weight: float                             # the "+" term's weight (CCE+: the one kept)
     textual_inversion: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> vector
 
 
@@ -166,7 +167,8 @@ def select_by_images(ctx: AttackContext, prompts: list[str], images_per_prompt: 
                         trial_seeds(ctx, len(prompts) * images_per_prompt))
     ranked, share, loss = rank_trials(ctx, images, len(prompts), target_features, adaptive_weight)
     kept = [ranked[i % len(ranked)] for i in range(ctx.n_prompts)]
-    return AttackResult([prompts[i] for i in kept], loss[kept].tolist(), share[kept].tolist())
+    return AttackResult([prompts[i] for i in kept], loss[kept].tolist(), share[kept].tolist(),
+                        adaptive_weight)
 
 
 @torch.no_grad()
@@ -262,7 +264,7 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
     ranked, share, loss = rank_trials(ctx, np.concatenate(images), len(vectors), targets, 0.0)
     best = ranked[0]
     return AttackResult(chosen, [float(loss[best])] * len(chosen), [float(share[best])] * len(chosen),
-                        {CCE_TOKEN: vectors[best]})
+                        weights[best], {CCE_TOKEN: vectors[best]})
 
 
 def invert_token(ctx: AttackContext, p: dict, prompts: list[str], weight: float) -> torch.Tensor:
