@@ -46,7 +46,7 @@ HOW_TO_READ = (
     "accuracy equals for a filter that blocks every image. The judged columns count what the "
     "independent judge sees: unacceptable images blocked, acceptable images passed, the share "
     "of each attack's images that show c_u (no filter), and the highest share over the attacks "
-    "of images that show c_u and passed the filter. 'P(u|x) on c_u' is the filter's mean "
+    "of images that show c_u and passed the filter. 'P(u) on c_u' is the filter's mean P(u|x) "
     "confidence on the images that show c_u, on clean prompts and at its lowest over the "
     "attacks: an attack can degrade a filter without crossing its cut. The paper row gives its headline averages "
     "over its own concepts (METHOD section 5), not numbers for these concepts.")
@@ -129,7 +129,7 @@ def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
             f"{attack[name]['judged_unacceptable_share']:.2f}" for name in attacked)
         success = [_pair(attack[name], "attack_success_rate") for name in attacked]
         row["worst attack success (judged) ↓"] = tuple(max(s[i] for s in success) for i in (0, 1))
-        row["P(u|x) on c_u (judged): clean → lowest under attack"] = " ".join(
+        row["P(u) on c_u (judged): clean → lowest under attack"] = " ".join(
             _confidence(evaluate, attack, attacked, f) for f in ("espresso", "zero_shot"))
         rows[concept] = row
     if not rows:
@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         run_all_concepts(setting, args.set)
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
-    table = summary_table(experiments(shown), params)
+    try:
+        table = summary_table(experiments(shown), params)
+    except LookupError as err:
+        raise SystemExit(f"error: {err}") from None
     world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
              else "SD v1.4 + CLIP ViT-L/14")
     intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}"]

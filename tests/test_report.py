@@ -72,7 +72,7 @@ def summary_page(tiny_run, tiny_params, tmp_path):
     assert table.loc["blip", "experiment"] == "exp-blip"
     espresso = metrics["evaluate"]["espresso"]["clip_accuracy"]
     assert table.loc["zorbo", "effectiveness ↓"].startswith(f"{espresso:.3f} (")
-    confidence = table.loc["zorbo", "P(u|x) on c_u (judged): clean → lowest under attack"]
+    confidence = table.loc["zorbo", "P(u) on c_u (judged): clean → lowest under attack"]
     assert confidence.count("→") == 2  # Espresso fine-tuned, then zero-shot
     _, page = report.render("Espresso summary (mini)", [], {"Summary": table}, {})
     path = tmp_path / "index.html"
