@@ -25,13 +25,13 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
   per candidate, then the trial keeps the best prompts.
 
 The trial: an attacker who holds the T2I model generates a few images per candidate (seeds
-disjoint from the evaluation's) and looks at them, as a person running an attack would; a prompt
-can match the targets in CLIP yet not make the T2I model draw them (on the mini world, hard
-prompts that glue a name's tokens to other words). Candidates are ranked by the share of trial
-images that succeed (the attacker's eyes, ``AttackContext.sees``, see c_u, and for "+" the
-target filter passes the image: the adaptive attacker may query the filter it knows), ties
-broken by PEZ's objective on the images (image features in place of prompt features, the
-filter's image margin in place of its text margin).
+drawn independently of the evaluation's) and looks at them, as a person running an attack
+would; a prompt can match the targets in CLIP yet not make the T2I model draw them (on the mini
+world, hard prompts that glue a name's tokens to other words). Candidates are ranked by the
+share of trial images that succeed (the attacker's eyes, ``AttackContext.sees``, see c_u, and
+for "+" the target filter passes the image: the adaptive attacker may query the filter it
+knows), ties broken by PEZ's objective on the images (image features in place of prompt
+features, the filter's image margin in place of its text margin).
 
 Text-space proxies (PEZ+, RingBell+) are used where the paper's release put its adaptive terms;
 CCE+ uses the filter on images. All budgets are params; randomness comes from ``seed``.
