@@ -47,9 +47,9 @@ HOW_TO_READ = (
     "independent judge sees: unacceptable images blocked, acceptable images passed, the share "
     "of each attack's images that show c_u (no filter), and the highest share over the attacks "
     "of images that show c_u and passed the filter. 'P(u) on c_u' is the filter's mean P(u|x) "
-    "confidence on the images that show c_u, on clean prompts and at its lowest over the "
-    "attacks: an attack can degrade a filter without crossing its cut. The paper row gives its headline averages "
-    "over its own concepts (METHOD section 5), not numbers for these concepts.")
+    "on the images that show c_u, on clean prompts and at its lowest over the attacks: an "
+    "attack can degrade a filter without crossing its cut. The paper row gives its headline "
+    "averages over its own concepts (METHOD section 5), not numbers for these concepts.")
 
 
 def dvc(*args: str) -> str:
@@ -170,9 +170,10 @@ def _confidence(evaluate: dict, attack: dict, attacked: list[str], filter_name: 
     """"clean → lowest under attack" of the filter's mean P(u|x) on images that show c_u; the
     zero-shot filter's in brackets."""
     under = [attack[n][filter_name]["judged_mean_score"] for n in attacked]
-    under = [v for v in under if v is not None]
-    text = (f"{evaluate[filter_name]['judged_mean_score']:.3f} → "
-            + (f"{min(under):.3f}" if under else "–"))
+    under = [v for v in under if v is not None]  # None: no image showed c_u
+    clean = evaluate[filter_name]["judged_mean_score"]
+    text = (f"{clean:.3f}" if clean is not None else "–") + " → " + (
+        f"{min(under):.3f}" if under else "–")
     return f"({text})" if filter_name == "zero_shot" else text
 
 
