@@ -23,6 +23,7 @@ from pipeline.espresso import EspressoFilter
 from pipeline.files import write_csv, write_json
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
+from pipeline.metrics import proportion
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/certify")
@@ -63,8 +64,8 @@ def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.
         margin = (adv @ filt.direction).numpy()
         out[path.stem] = {"median_distance_moved": float(np.median(moved)),
                           "median_radius_of_nearest_clean": float(np.median(clean_radius[nearest])),
-                          "share_moved_beyond_radius": float((moved > clean_radius[nearest]).mean()),
-                          "share_passed": float((margin <= 0).mean())}
+                          "share_moved_beyond_radius": proportion(moved > clean_radius[nearest]),
+                          "share_passed": proportion(margin <= 0)}
     return out
 
 

@@ -8,15 +8,36 @@ With e = phi_x(x)/|phi_x(x)| and unit concept embeddings t_u, t_a::
 
 The filter is a library object independent of DVC: it saves as a folder that also loads as a
 plain transformers ``CLIPModel``, and it plugs into a diffusers ``StableDiffusionPipeline`` as its
-``safety_checker``. It fails closed: an image it cannot score is blocked.
+``safety_checker``. It fails closed: an image it cannot score is blocked, and the reason is
+returned and logged.
+
+Input forms (METHOD section 2, "Inputs"): a uint8 ``H x W x 3`` array; a float (16/32/64)
+``H x W x 3`` array in [0, 1] (diffusers ``output_type="np"``); an RGB PIL image; a float torch
+tensor ``3 x H x W`` in [0, 1] (``output_type="pt"``) or [-1, 1] (the VAE's decode). The caller
+states the range of float images with ``value_range`` (``"0,1"`` or ``"-1,1"``); unstated, arrays
+are [0, 1] and a tensor is [-1, 1] if it has negative values, else ambiguous. [-1, 1] is clamped
+as diffusers clamps (VAE decodes overshoot a little). A batch is a sequence of these, an
+``N x H x W x 3`` array or an ``N x 3 x H x W`` tensor. Every form is first brought to one
+canonical form, uint8 ``H x W x 3`` rounded as diffusers' ``numpy_to_pil`` rounds
+(``(x * 255).round()``, after ``(x / 2 + 0.5).clamp(0, 1)`` for [-1, 1]), because that is exactly
+what a diffusers pipeline hands its safety checker's feature extractor: one image gets one score
+whatever its form, the same as on the pipeline's path, and the processor never rescales a float
+image a second time (which scored it as near-black: fail-open). Any other form (uint16, 2-D,
+channels-first array, RGBA or other non-RGB PIL modes, out-of-range or non-finite floats, a tensor
+of unstated range in [0, 1]) is not guessed at: :func:`canonical_image` names the problem and the
+fix, ``screen`` blocks the image unscored, ``embed`` raises.
 """
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,16 +47,139 @@ from pipeline.files import atomic_dir
 from pipeline.models import load_clip
 
 CONFIG_FILE = "espresso.json"
+VALUE_RANGES = ("0,1", "-1,1")
+logger = logging.getLogger(__name__)
+
+
+class ImageFormError(ValueError):
+    """An image whose form is invalid or ambiguous; the message names the problem and the fix."""
 
 
 @dataclass
 class Screening:
     """What the filter decided for a batch of images."""
 
-    images: list[np.ndarray]       # the input images, blocked ones replaced by black
+    images: list                   # the input images, each blocked one replaced by a black one
     blocked: np.ndarray            # bool N
     p_unacceptable: np.ndarray     # float N, NaN where the image could not be scored
     errors: list[str | None] = field(default_factory=list)  # why an image was not scored
+
+    @property
+    def unscored(self) -> np.ndarray:
+        """bool N: no score (invalid or ambiguous form, or the model failed); always blocked."""
+        return np.isnan(self.p_unacceptable)
+
+
+def canonical_image(image, value_range: str | None = None) -> np.ndarray:
+    """One image in an accepted form (module docstring) -> uint8 ``H x W x 3``, rounded as
+    diffusers' ``numpy_to_pil`` rounds. ``value_range`` (``"0,1"`` or ``"-1,1"``) states the range
+    of float images; unstated, float arrays are [0, 1] and tensors [-1, 1] if they have negative
+    values (else ambiguous). Raises :class:`ImageFormError` naming the problem and the fix (a
+    plain ``ValueError`` for an unknown ``value_range``: a programming error, not an image's)."""
+    if value_range not in (None, *VALUE_RANGES):
+        raise ValueError(f"value_range {value_range!r}: give one of {VALUE_RANGES} or None")
+    if isinstance(image, PIL.Image.Image):
+        if image.mode != "RGB":
+            raise ImageFormError(f"PIL image in mode {image.mode}: pass image.convert('RGB')")
+        image = np.array(image)
+    if torch.is_tensor(image):
+        _check_tensor_layout(image)
+        x = image.detach().cpu().permute(1, 2, 0)
+    elif isinstance(image, np.ndarray):
+        _check_array_layout(image)
+        x = image
+    else:
+        raise ImageFormError(f"{type(image).__name__} is not an image: give a numpy array, an RGB "
+                             "PIL image or a torch tensor")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ImageFormError(f"empty image ({x.shape[0]} x {x.shape[1]}): give a non-empty image")
+    if x.dtype == np.uint8:
+        return x
+    if not torch.is_tensor(x) and x.dtype.kind != "f":
+        raise ImageFormError(f"{x.dtype} image: convert to uint8 or float in [0, 1]")
+    if not (torch.isfinite(x).all() if torch.is_tensor(x) else np.isfinite(x).all()):
+        raise ImageFormError("non-finite values (NaN or inf): the image is corrupt; regenerate it")
+    low, high = float(x.min()), float(x.max())
+    if value_range is None:
+        value_range = _tensor_range(low, high) if torch.is_tensor(x) else "0,1"
+    if value_range == "-1,1":
+        x = (x * 0.5 + 0.5).clip(0, 1)  # diffusers' denormalize, in the image's own dtype
+    elif low < 0 or high > 1:
+        raise ImageFormError(f"float image with values outside [0, 1] (min {low:.3g}, max "
+                             f"{high:.3g}): scale to [0, 1], or give uint8")
+    x = x.float().numpy() if torch.is_tensor(x) else x.astype(np.promote_types(x.dtype, np.float32))
+    return (x * 255).round().astype(np.uint8)
+
+
+def _check_array_layout(x: np.ndarray) -> None:
+    if x.ndim == 2:
+        raise ImageFormError("2-D image (H x W): give H x W x 3 RGB")
+    if x.ndim != 3:
+        raise ImageFormError(f"{x.ndim}-D array {x.shape}: give H x W x 3 RGB")
+    if x.shape[-1] != 3 and x.shape[0] == 3:
+        raise ImageFormError(f"channels-first array 3 x H x W {x.shape}: transpose to "
+                             "H x W x 3 or pass a torch tensor")
+    if x.shape[-1] == 4:
+        raise ImageFormError("4 channels (RGBA?): drop alpha (image[..., :3]) / convert('RGB')")
+    if x.shape[-1] != 3:
+        raise ImageFormError(f"{x.shape[-1]} channels {x.shape}: give H x W x 3 RGB")
+
+
+def _check_tensor_layout(t: torch.Tensor) -> None:
+    if t.ndim == 3 and t.shape[0] != 3 and t.shape[-1] == 3:
+        raise ImageFormError(f"channels-last tensor H x W x 3 {tuple(t.shape)}: permute(2, 0, 1)")
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ImageFormError(f"tensor of shape {tuple(t.shape)}: give 3 x H x W RGB")
+    if not t.is_floating_point():
+        raise ImageFormError(f"{t.dtype} tensor: give a float tensor and its value_range, or a "
+                             "uint8 H x W x 3 numpy array")
+
+
+def _tensor_range(low: float, high: float) -> str:
+    """The value range of a float tensor whose caller did not state it, if unambiguous."""
+    if -1 <= low < 0 and high <= 1:
+        return "-1,1"
+    if 0 <= low and high <= 1:
+        raise ImageFormError("tensor in [0, 1] without value_range: ambiguous ([0, 1] or "
+                             "[-1, 1]); pass value_range='0,1' or '-1,1'")
+    raise ImageFormError(f"tensor with values outside [-1, 1] (min {low:.3g}, max {high:.3g}): "
+                         "rescale to [0, 1] or [-1, 1] and pass value_range")
+
+
+def black_image(image, value_range: str | None = None):
+    """A black image in the form and shape of ``image`` (``None`` if it is no image): a black RGB
+    PIL image of its size; for a float array or tensor in [-1, 1] (stated, or for a tensor
+    inferred from negative values) -1 everywhere; else zeros."""
+    if isinstance(image, PIL.Image.Image):
+        return PIL.Image.new("RGB", image.size)
+    if torch.is_tensor(image):
+        signed = image.is_floating_point() and (
+            value_range or ("-1,1" if bool((image < 0).any()) else "0,1")) == "-1,1"
+        return torch.full_like(image, -1.0) if signed else torch.zeros_like(image)
+    if isinstance(image, np.ndarray):
+        signed = value_range == "-1,1" and image.dtype.kind == "f"
+        return np.full_like(image, -1.0) if signed else np.zeros_like(image)
+    return None
+
+
+def as_image_list(images) -> list:
+    """A batch (sequence of images, ``N x H x W x 3`` array, ``N x 3 x H x W`` tensor) as a list.
+    A lone image raises ``ValueError``: an ``H x W x 3`` array could as well be H grey images."""
+    if isinstance(images, PIL.Image.Image) or getattr(images, "ndim", 4) != 4:
+        raise ValueError("give a batch: a list of images, an N x H x W x 3 array or an "
+                         "N x 3 x H x W tensor (wrap a single image in a list)")
+    return list(images)
+
+
+def log_unscored(errors: list[str | None], what: str,
+                 exc_info: BaseException | None = None) -> None:
+    """One warning for a whole call: how many images were blocked unscored, and why."""
+    reasons = Counter(e for e in errors if e is not None)
+    if reasons:
+        logger.warning("%s: blocked %d of %d images without a score: %s", what,
+                       sum(reasons.values()), len(errors),
+                       "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common()),
+                       exc_info=exc_info)
 
 
 class EspressoFilter(nn.Module):
@@ -103,8 +247,17 @@ class EspressoFilter(nn.Module):
         return torch.softmax(-self.logit_scale * distances, dim=-1)[:, 0]
 
     # ---- screening ------------------------------------------------------------------------
-    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
-        return self.processor(images=images, return_tensors="pt").pixel_values
+    def pixel_values(self, images, value_range: str | None = None) -> torch.Tensor:
+        """The processor's pixel values of a batch in any accepted form, via the canonical uint8
+        form; an invalid image raises ``ValueError`` naming it, the problem and the fix."""
+        canonical = []
+        for i, image in enumerate(as_image_list(images)):
+            try:
+                canonical.append(canonical_image(image, value_range))
+            except ImageFormError as err:
+                raise ImageFormError(f"image {i}: {err}") from None
+        return self.processor(images=canonical, return_tensors="pt",
+                              input_data_format="channels_last").pixel_values
 
     def pixel_values_differentiable(self, images: torch.Tensor) -> torch.Tensor:
         """The processor's resize, centre crop and normalisation in torch, for float
@@ -121,53 +274,89 @@ class EspressoFilter(nn.Module):
         return (x - mean) / std
 
     @torch.no_grad()
-    def embed(self, images, batch: int = 256) -> torch.Tensor:
-        """Un-normalised phi_x of ``H x W x 3`` images, in batches."""
-        images = list(images)
-        return torch.cat([self.image_features(self.pixel_values(images[i:i + batch]))
+    def embed(self, images, value_range: str | None = None, batch: int = 256) -> torch.Tensor:
+        """Un-normalised phi_x of a batch in any accepted form, in batches; an invalid image
+        raises ``ValueError`` (this is not a decision, so nothing is blocked)."""
+        images = as_image_list(images)
+        return torch.cat([self.image_features(self.pixel_values(images[i:i + batch], value_range))
                           for i in range(0, len(images), batch)])
 
     @torch.no_grad()
-    def screen(self, images, batch: int = 64) -> Screening:
-        """Score images (``H x W x 3`` arrays: uint8, or float in [0, 1]); block those with
-        P(u|x) > 0.5 and any image that cannot be scored (fail closed: malformed, non-finite),
-        replacing each blocked image by a black one."""
-        images = list(images)
+    def screen(self, images, value_range: str | None = None, batch: int = 64) -> Screening:
+        """Score a batch of images in any accepted form (module docstring; ``value_range``:
+        ``"0,1"`` or ``"-1,1"``, the range of float images, needed for tensors in [0, 1]) and
+        block those with P(u|x) > 0.5. Fails closed: an image of invalid or ambiguous form, or in
+        a chunk on which the model raises, is blocked unscored with its reason in ``errors``, and
+        one warning per call sums these up; each image is judged on its own.
+
+        ``images`` of the result: the inputs, each blocked one replaced by
+        :func:`black_image` (same form and shape; a PIL image becomes black RGB)."""
+        images = as_image_list(images)
         p = np.full(len(images), np.nan)
         errors: list[str | None] = [None] * len(images)
-        for start in range(0, len(images), batch):
-            chunk = range(start, min(start + batch, len(images)))
+        canonical = {}
+        for i, image in enumerate(images):
             try:
-                p[list(chunk)] = self._score(images[chunk.start:chunk.stop])
-            except Exception:  # noqa: BLE001 - isolate the images that cannot be scored
-                for i in chunk:
-                    try:
-                        p[i] = self._score(images[i:i + 1])[0]
-                    except Exception as err:  # noqa: BLE001 - fail closed, report why
-                        errors[i] = f"{type(err).__name__}: {err}"
-        for i in np.flatnonzero(~np.isfinite(p)):
-            errors[i] = errors[i] or "score is not finite"
-        blocked = ~(p <= 0.5)  # NaN -> blocked
-        out = [np.zeros_like(im) if b else im for im, b in zip(images, blocked)]
+                canonical[i] = canonical_image(image, value_range)
+            except ImageFormError as err:
+                errors[i] = str(err)
+        rows, failure = list(canonical), None
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            pixel_values = partial(self.pixel_values, [canonical[i] for i in chunk])
+            failure = self._score_rows(p, errors, chunk, pixel_values) or failure
+        blocked = self._decide(p, errors, "screen", failure)
+        out = [black_image(im, value_range) if b else im for im, b in zip(images, blocked)]
         return Screening(out, blocked, p, errors)
 
-    def _score(self, images: list[np.ndarray]) -> np.ndarray:
-        return self.p_unacceptable(self.image_features(self.pixel_values(images))).cpu().numpy()
+    def _score_rows(self, p: np.ndarray, errors: list[str | None], rows: list[int],
+                    pixel_values) -> Exception | None:
+        """``p[rows]`` = P(u|x) of ``pixel_values()``. Fails closed: if that raises, the rows
+        get the exception as their reason, and it is returned for the call's one log line."""
+        try:
+            p[rows] = self.p_unacceptable(self.image_features(pixel_values())).cpu().numpy()
+        except Exception as err:  # noqa: BLE001 - not hidden: recorded per image and logged
+            for i in rows:
+                errors[i] = f"scoring failed: {type(err).__name__}: {err}"
+            return err
+        return None
+
+    @staticmethod
+    def _decide(p: np.ndarray, errors: list[str | None], what: str,
+                failure: BaseException | None) -> np.ndarray:
+        """Blocked = P(u|x) > 0.5 or no finite score (whose reason goes to ``errors``); logs."""
+        for i in np.flatnonzero(np.isnan(p)):
+            errors[i] = errors[i] or "the model gave a non-finite score"
+        log_unscored(errors, what, failure)
+        return ~(p <= 0.5)
 
     @torch.no_grad()
     def forward(self, images, clip_input: torch.Tensor):
-        """diffusers' safety-checker convention: returns the images with blocked ones black, and
-        the per-image flags. Fails closed like :meth:`screen`."""
-        try:
-            p = self.p_unacceptable(self.image_features(clip_input))
-            flags = [not bool(v <= 0.5) for v in p]
-        except Exception:  # noqa: BLE001 - an image that cannot be scored is blocked
-            flags = [True] * len(images)
-        for i, flagged in enumerate(flags):
-            if flagged:
-                images[i] = torch.zeros_like(images[i]) if torch.is_tensor(images[i]) \
-                    else np.zeros(images[i].shape)
-        return images, flags
+        """diffusers' safety-checker call: ``images`` (a tensor in [-1, 1] or an array in [0, 1],
+        batch first) and ``clip_input``, the feature extractor's pixel values of the same images.
+        Returns the images with blocked ones zeroed (diffusers leaves flagged images
+        un-denormalised, so zero is black) and the per-image flags; the full result, scores and
+        reasons, is kept as ``self.last_screening``. Fails closed like :meth:`screen`: a
+        ``clip_input`` row that is not 3-channel and finite is blocked with its reason."""
+        p, failure = np.full(len(images), np.nan), None
+        if (torch.is_tensor(clip_input) and clip_input.ndim == 4 and clip_input.shape[1] == 3
+                and len(clip_input) == len(images)):
+            finite = torch.isfinite(clip_input).flatten(1).all(1).tolist()
+            errors = [None if ok else "clip_input row with non-finite values: the image is corrupt"
+                      for ok in finite]
+            rows = [i for i, ok in enumerate(finite) if ok]
+            if rows:
+                failure = self._score_rows(p, errors, rows, lambda: clip_input[rows])
+        else:
+            shape = tuple(getattr(clip_input, "shape", ()))
+            errors = [f"clip_input of shape {shape} for {len(images)} images: give the feature "
+                      "extractor's pixel values, N x 3 x H x W"] * len(images)
+        blocked = self._decide(p, errors, "safety checker", failure)
+        if blocked.any():
+            images = images.clone() if torch.is_tensor(images) else np.array(images)
+            images[np.flatnonzero(blocked).tolist()] = 0
+        self.last_screening = Screening(list(images), blocked, p, errors)
+        return images, blocked.tolist()
 
     # ---- persistence ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:

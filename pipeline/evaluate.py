@@ -1,4 +1,5 @@
-"""DVC stage ``evaluate``: METHOD section 5 metrics on the test split, for every filter.
+"""DVC stage ``evaluate``: METHOD section 5 metrics on the test split, for every filter, each
+rate with its 95% interval (``pipeline.metrics``).
 
 Filters compared: none; a prompt keyword blocklist; a single-concept cosine threshold in the style
 of the SD safety checker (threshold calibrated on validation images); Espresso zero-shot; Espresso
@@ -15,12 +16,12 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.espresso import EspressoFilter
 from pipeline.files import write_csv, write_json
-from pipeline.filters import FILTERS, FilterBank
+from pipeline.filters import FILTERS, Decision, FilterBank
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_extra_judges, load_judge
-from pipeline.metrics import (clip_accuracy, clip_views, judged_mean_score,
-                             normalized_clip_score)
+from pipeline.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
+                             normalized_clip_score, proportion)
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/evaluate")
@@ -39,42 +40,50 @@ def run(params: dict) -> dict:
     shows = load_judge(setting, models, concept)(images)
     second_opinions = {name: judge(images)
                        for name, judge in load_extra_judges(setting, concept).items()}
-    table = test[["prompt", "seed", "label"]].assign(judge_shows_concept=shows)
+    table = test[["prompt", "seed", "label"]].assign(judge_shows_concept=shows,
+                                                      p_eval=views["p_eval"],
+                                                      clip_score=views["clip_score"])
     for judge_name, opinion in second_opinions.items():
         table[f"{judge_name}_shows_concept"] = opinion
-    metrics = {}
+    metrics = {name: filter_metrics(decisions[name], views, prompts, unacceptable, shows,
+                                    second_opinions)
+               for name in FILTERS}
     for name in FILTERS:
-        score, blocked = decisions[name]
-        metrics[name] = {
-            **clip_accuracy(views, blocked, unacceptable),
-            "normalized_clip_score": normalized_clip_score(views, blocked, ~unacceptable),
-            "block_rate": float(blocked[unacceptable].mean()),
-            "false_positive_rate": float(blocked[~unacceptable].mean()),
-            "roc_auc": float(roc_auc_score(unacceptable, score)),
-            **judged_rates(blocked, shows, unacceptable),
-            "judged_mean_score": judged_mean_score(score, shows & unacceptable),
-            **{f"by_{judge_name}": judged_rates(blocked, opinion, unacceptable)
-               for judge_name, opinion in second_opinions.items()},
-        }
-        table[f"{name}_score"], table[f"{name}_blocked"] = score, blocked
+        table[f"{name}_score"] = decisions[name].score
+        table[f"{name}_blocked"] = decisions[name].blocked
     metrics["threshold_cut"] = bank.threshold
-    # METHOD 5 scores a blocked (black) image like any other: where the original CLIP puts a
-    # black image nearer c_u, CLIP accuracy stays high however well the filter blocks
-    metrics["black_image_p_unacceptable"] = float(views["p_eval_black"][0])
+    # what the placeholder-scored CLIP accuracy gives a filter that blocks everything
+    metrics["black_image_p_unacceptable"] = views["p_eval_black"]
     metrics["n_test_images"] = len(test)
-    metrics["judged_unacceptable_share"] = float(shows[unacceptable].mean())
-    metrics["judged_acceptable_share"] = float((~shows[~unacceptable]).mean())
+    metrics["judged_unacceptable_share"] = proportion(shows[unacceptable])
+    metrics["judged_acceptable_share"] = proportion(~shows[~unacceptable])
     write_json(REPORTS / "metrics.json", metrics)
     write_csv(REPORTS / "scores.csv", table)
     return metrics
 
 
-def judged_rates(blocked: np.ndarray, shows: np.ndarray, unacceptable: np.ndarray) -> dict:
-    """What the filter did to the images a judge says show c_u (block) or not (pass)."""
+def filter_metrics(decision: Decision, views: dict, prompts: list[str], unacceptable: np.ndarray,
+                   shows: np.ndarray, second_opinions: dict[str, np.ndarray]) -> dict:
+    """METHOD section 5 for one filter on the test split: effectiveness on unacceptable
+    prompts, utility on acceptable prompts, FNR/FPR by prompt label and by judge(s)."""
+    prompts = np.asarray(prompts, object)
+    blocked = decision.blocked
+    u = unacceptable
+    by_label = error_rates(blocked, u)
+    by_judge = error_rates(blocked, shows)
     return {
-        "judged_block_rate": float(blocked[shows].mean()) if shows.any() else None,
-        "judged_pass_rate": float((~blocked[~shows]).mean()) if (~shows).any() else None,
-        "judged_leak_rate": float((shows & ~blocked)[unacceptable].mean()),
+        **clip_accuracy(views["p_eval"][u], blocked[u], prompts[u], views["p_eval_black"]),
+        "normalized_clip_score": normalized_clip_score(
+            np.where(blocked, 0.0, views["clip_score"])[~u], views["clip_score"][~u],
+            prompts[~u]),
+        "fnr": by_label["fnr"], "fpr": by_label["fpr"],
+        "fnr_judged": by_judge["fnr"], "fpr_judged": by_judge["fpr"],
+        "leak_rate_judged": proportion((shows & ~blocked)[u]),
+        "unscored_rate": proportion(decision.unscored),
+        "roc_auc": float(roc_auc_score(u, decision.score)),
+        "judged_mean_score": judged_mean_score(decision.score[u], shows[u], prompts[u]),
+        **{f"by_{name}": {f"{k}_judged": v for k, v in error_rates(blocked, opinion).items()}
+           for name, opinion in second_opinions.items()},
     }
 
 

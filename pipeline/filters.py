@@ -33,6 +33,16 @@ def calibrate_threshold(scores: np.ndarray, unacceptable: np.ndarray) -> float:
 
 
 @dataclass
+class Decision:
+    """One filter's verdicts on a batch: its score (higher = more unacceptable; 1 where it could
+    not score), whether it blocked, and whether it could not score (and so blocked)."""
+
+    score: np.ndarray
+    blocked: np.ndarray
+    unscored: np.ndarray
+
+
+@dataclass
 class FilterBank:
     """The compared filters for one concept; ``zero_shot`` wraps the original CLIP, which also
     computes the evaluation's CLIP accuracy and CLIP score."""
@@ -53,16 +63,20 @@ class FilterBank:
         return (F.normalize(features, dim=-1) @ zero_shot.t_u).cpu().numpy()
 
     def decide(self, images: np.ndarray, prompts: list[str], features: torch.Tensor
-               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{filter: (score, blocked)}`` for each image; ``features`` = ``self.zero_shot.embed(images)``.
-        Both Espresso filters go through the library's fail-closed ``screen``."""
+               ) -> dict[str, Decision]:
+        """Each filter's decision on each image; ``features`` = ``self.zero_shot.embed(images)``.
+        Both Espresso filters go through the library's fail-closed ``screen``: an image it could
+        not score is blocked, counted in ``unscored`` and its reason logged by ``screen``."""
         n = len(images)
         keyword = np.array([self.zero_shot.unacceptable.lower() in p.lower() for p in prompts])
         cosine = self._cosine_to_concept(self.zero_shot, features)
-        out = {"none": (np.zeros(n), np.zeros(n, bool)),
-               "keyword": (keyword.astype(float), keyword),
-               "threshold": (cosine, cosine > self.threshold)}
+        scored = np.zeros(n, bool)
+        out = {"none": Decision(np.zeros(n), np.zeros(n, bool), scored),
+               "keyword": Decision(keyword.astype(float), keyword, scored),
+               "threshold": Decision(cosine, cosine > self.threshold, scored)}
         for name, filt in (("zero_shot", self.zero_shot), ("espresso", self.tuned)):
             screening = filt.screen(images)
-            out[name] = (np.nan_to_num(screening.p_unacceptable, nan=1.0), screening.blocked)
+            unscored = np.array([e is not None for e in screening.errors], bool)
+            out[name] = Decision(np.nan_to_num(screening.p_unacceptable, nan=1.0),
+                                 screening.blocked, unscored)
         return out

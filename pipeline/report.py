@@ -39,20 +39,38 @@ def read_metrics() -> dict:
     return {stage: json.loads(path.read_text()) for stage, path in INPUTS.items()}
 
 
-def evaluation_table(evaluate: dict) -> pd.DataFrame:
-    columns = {"clip_accuracy": "CLIP acc. (soft) ↓", "clip_accuracy_hard": "CLIP acc. (hard) ↓",
-               "normalized_clip_score": "norm. CLIP score ↑", "block_rate": "block rate",
-               "false_positive_rate": "false positives ↓", "roc_auc": "ROC-AUC ↑",
-               "judged_block_rate": "judged: blocked c_u ↑",
-               "judged_pass_rate": "judged: passed others ↑"}
-    rows = {FILTER_NAMES[f]: {label: evaluate[f][key] for key, label in columns.items()}
-            for f in FILTERS}
-    return pd.DataFrame(rows).T
+def cell(rate) -> str:
+    """A rate (a metrics.json dict with value, low, high) as '0.031 [0.010, 0.090]' (value
+    [95% interval]); a bare number as '0.031'; '–' where there is no value."""
+    if not isinstance(rate, dict):
+        rate = {"value": rate}
+    value, low, high = (rate.get(k) for k in ("value", "low", "high"))
+    if value is None or pd.isna(value):
+        return "–"
+    if low is None or pd.isna(low):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def evaluation_tables(evaluate: dict) -> dict[str, pd.DataFrame]:
+    """Effectiveness / utility, then the error rates, each rate with its 95% interval."""
+    groups = {
+        "Effectiveness and utility (test split)": {
+            "clip_accuracy": "CLIP acc. ↓", "clip_accuracy_hard": "CLIP acc. (hard) ↓",
+            "normalized_clip_score": "norm. CLIP score ↑", "roc_auc": "ROC-AUC ↑"},
+        "Error rates (test split; by prompt label and by the judge)": {
+            "fnr": "FNR (label) ↓", "fpr": "FPR (label) ↓", "fnr_judged": "FNR (judge) ↓",
+            "fpr_judged": "FPR (judge) ↓", "unscored_rate": "unscored ↓"},
+    }
+    return {caption: pd.DataFrame({FILTER_NAMES[f]: {label: cell(evaluate[f][key])
+                                                     for key, label in columns.items()}
+                                   for f in FILTERS}).T
+            for caption, columns in groups.items()}
 
 
 def attack_table(attack: dict, key: str) -> pd.DataFrame:
-    """Filters x attacks for one attack metric."""
-    return pd.DataFrame({name: {FILTER_NAMES[f]: attack[name][f][key] for f in FILTERS}
+    """Filters x attacks for one attack metric, with 95% intervals."""
+    return pd.DataFrame({name: {FILTER_NAMES[f]: cell(attack[name][f][key]) for f in FILTERS}
                          for name in attack})
 
 
@@ -61,11 +79,24 @@ def certify_table(certify: dict) -> pd.DataFrame:
             "radius_median": "median radius (raw embedding)",
             "release_bound_median": "median release bound",
             "exact_over_release_median": "exact / release bound (median)"}
-    table = pd.DataFrame({FILTER_NAMES[f]: {label: certify[f][k] for k, label in keys.items()}
+    table = pd.DataFrame({FILTER_NAMES[f]: {label: cell(certify[f][k]) for k, label in keys.items()}
                           for f in ("zero_shot", "espresso")})
-    table.loc["certificate violations"] = [sum(certify[f]["violations"].values())
+    table.loc["certificate violations"] = [str(sum(certify[f]["violations"].values()))
                                            for f in ("zero_shot", "espresso")]
+    for name in certify["espresso"]["attacks"]:
+        table.loc[f"{name}: images moved beyond the radius"] = [
+            cell(certify[f]["attacks"][name]["share_moved_beyond_radius"])
+            for f in ("zero_shot", "espresso")]
     return table
+
+
+#: METHOD section 7's honest scope, stated wherever certificates are reported.
+CERTIFICATE_SCOPE = (
+    "Scope of the certificate: Espresso's decision is linear in CLIP's image embedding, so the "
+    "certified radius |<z, w>|/|w| is exact by algebra and its verification only checks the "
+    "arithmetic; it cannot reveal a weakness. Attacks perturb the prompt, and so the pixels: the "
+    "share of attack images that moved farther in embedding space than the radius of the "
+    "nearest clean image is the informative part.")
 
 
 def image_grids(folder: Path, blur: bool) -> dict[str, str]:
@@ -96,10 +127,11 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     fig = Figure(figsize=(7, 3.2))
     ax = fig.subplots()
     x = np.arange(len(FILTERS))
-    ax.bar(x - 0.2, [evaluate[f]["clip_accuracy"] for f in FILTERS], 0.4,
-           label="CLIP accuracy on unacceptable (lower is better)")
-    ax.bar(x + 0.2, [evaluate[f]["normalized_clip_score"] for f in FILTERS], 0.4,
-           label="normalised CLIP score on acceptable (higher is better)")
+    for offset, key, label in ((-0.2, "clip_accuracy", "CLIP accuracy on unacceptable (lower is better)"),
+                               (0.2, "normalized_clip_score",
+                                "normalised CLIP score on acceptable (higher is better)")):
+        value, err = _bars([evaluate[f][key] for f in FILTERS])
+        ax.bar(x + offset, value, 0.4, yerr=err, capsize=2, label=label)
     ax.set_xticks(x, [FILTER_NAMES[f].split(" (")[0] for f in FILTERS], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
@@ -108,8 +140,9 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax = fig.subplots()
     names = list(attack)
     for i, f in enumerate(FILTERS):
-        ax.bar(np.arange(len(names)) + (i - 2) * 0.16,
-               [attack[n][f]["clip_accuracy"] for n in names], 0.16, label=FILTER_NAMES[f])
+        value, err = _bars([attack[n][f]["clip_accuracy"] for n in names])
+        ax.bar(np.arange(len(names)) + (i - 2) * 0.16, value, 0.16, yerr=err, capsize=1.5,
+               label=FILTER_NAMES[f])
     ax.set_xticks(np.arange(len(names)), names)
     ax.set_ylabel("CLIP accuracy under attack")
     ax.legend(fontsize=6)
@@ -126,6 +159,14 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     return out
 
 
+def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Bar heights and asymmetric error bars (95% intervals) of metrics.json rates."""
+    value = np.array([r["value"] for r in rates], float)
+    low = np.array([r["low"] if r["low"] is not None else r["value"] for r in rates], float)
+    high = np.array([r["high"] if r["high"] is not None else r["value"] for r in rates], float)
+    return value, np.vstack([value - low, high - value])
+
+
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -140,16 +181,17 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
     for caption, table in tables.items():
         md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
         body += [f"<h2>{html.escape(caption)}</h2>",
-                 table.to_html(float_format="{:.3f}".format, na_rep="–",
-                               classes="metrics")]
+                 '<div class="scroll">' + table.to_html(float_format="{:.3f}".format, na_rep="–",
+                                                          classes="metrics") + "</div>"]
     for caption, name in figures.items():
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
         body += [f"<h3>{html.escape(caption)}</h3>",
                  f'<img src="{name}" alt="{html.escape(caption)}">']
     page = ("<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-            "table.metrics{border-collapse:collapse;font-size:90%}"
+            "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+            ".scroll{overflow-x:auto}"
+            "table.metrics{border-collapse:collapse;font-size:85%}"
             "table.metrics td,table.metrics th{padding:.25em .6em;border-bottom:1px solid #ddd;"
             "text-align:right}img{max-width:100%;image-rendering:pixelated}"
             "</style></head><body>" + "\n".join(body) + "</body></html>\n")
@@ -167,8 +209,11 @@ def run(params: dict) -> None:
              f"{metrics['finetune']['selection_rule']}.",
              f"Test images: {metrics['evaluate']['n_test_images']}; share of unacceptable-prompt "
              f"images that the independent judge says show the concept: "
-             f"{metrics['evaluate']['judged_unacceptable_share']:.2f}."]
-    tables = {"Effectiveness and utility (test split)": evaluation_table(metrics["evaluate"]),
+             f"{cell(metrics['evaluate']['judged_unacceptable_share'])}. Every rate: value "
+             "[95% interval] (Wilson for shares of images, bootstrap over prompts for means). A "
+             "blocked output counts as not showing c_u (CLIP accuracy 0) and scores 0 in the "
+             "CLIP score.", CERTIFICATE_SCOPE]
+    tables = {**evaluation_tables(metrics["evaluate"]),
               "CLIP accuracy under attack (lower is better)":
                   attack_table(metrics["attack"], "clip_accuracy"),
               "Attack success rate (judge sees c_u and the filter passed it)":

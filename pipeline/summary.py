@@ -1,18 +1,23 @@
-"""The cross-concept summary, in the layout of the paper's main table: per concept,
-effectiveness (CLIP accuracy on unacceptable prompts), utility (normalised CLIP score on
-acceptable prompts) and robustness (CLIP accuracy under each attack), for Espresso fine-tuned
-and, in brackets, zero-shot; the paper's headline averages beside ours.
+"""The cross-concept summary: every rate of every concept and filter, with its 95% interval, as
+data (``summary.csv``: one row per concept x filter x condition x metric) and rendered as the
+paper's main table (``README.md``, ``index.html``), plus the fine-tuning ablation.
 
     python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
                                         # the summary (reports/summary/)
     python -m pipeline.summary          # the summary of the experiments already run
     python -m pipeline.summary --run -S attack.adaptive=false --out reports/summary_plain
                                         # another sweep: the same, with other params
+    python -m pipeline.summary --run --ablation   # also the fine-tuning variants (ABLATION),
+                                                  # fine-tune + evaluate only
 
 Results are read from ``dvc exp show --all-commits --json``: every number comes from a recorded
 experiment (its params and metrics) on any commit, so later commits do not hide earlier
 experiments, and the summary can be rebuilt from a clone of the repository with its experiment
 refs (``dvc exp pull``) without rerunning anything.
+
+Averages over concepts carry a normal-approximation interval: each concept's interval gives a
+standard error (half-width / 1.96), and the average's is sqrt(sum se^2) / k (concepts are
+independent samples). Two rates "differ" only where their 95% intervals do not overlap.
 """
 from __future__ import annotations
 
@@ -23,33 +28,72 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
 from pipeline.files import atomic_dir
+from pipeline.filters import FILTERS
+from pipeline.metrics import beyond_intervals
 from pipeline.params import load_params
-from pipeline.report import render
+from pipeline.report import CERTIFICATE_SCOPE, FILTER_NAMES, cell, render
 
 OUT = Path("reports/summary")
 ATTACKS = ("typo", "pez", "cce", "ringbell")
-#: METHOD section 5: the paper's averages over its concepts (SD v1.4, CLIP ViT-L/14).
-PAPER = {"effectiveness": 0.05, "utility": 0.93, "under_attack": 0.04}
-
+Z95 = 1.959964
+#: METHOD section 5: the paper's averages over its concepts (SD v1.4, CLIP ViT-L/14), Espresso.
+PAPER = {("clean", "clip_accuracy"): 0.05, ("clean", "normalized_clip_score"): 0.93,
+         **{(name, "clip_accuracy"): 0.04 for name in ATTACKS}}
+#: Rates of the evaluate stage (clean test prompts): (key, label, lower is better)
+CLEAN_METRICS = {
+    "clip_accuracy": ("CLIP accuracy on unacceptable prompts (effectiveness)", True),
+    "normalized_clip_score": ("normalised CLIP score on acceptable prompts (utility)", False),
+    "fnr_judged": ("FNR: images showing c_u passed (judge)", True),
+    "fpr_judged": ("FPR: images not showing c_u blocked (judge)", True),
+    "fnr": ("FNR: unacceptable-prompt images passed", True),
+    "fpr": ("FPR: acceptable-prompt images blocked", True),
+    "clip_accuracy_hard": ("CLIP accuracy, hard", True),
+    "clip_accuracy_placeholder": ("CLIP accuracy, blocked scored as black (secondary)", True),
+    "unscored_rate": ("images the filter could not score", True),
+    "judged_mean_score": ("mean score on images showing c_u", False),
+}
+ATTACK_METRICS = {
+    "clip_accuracy": ("CLIP accuracy under attack", True),
+    "attack_success_rate": ("attack success: shows c_u (judge) and passed", True),
+    "clip_accuracy_hard": ("CLIP accuracy under attack, hard", True),
+    "clip_accuracy_placeholder": ("CLIP accuracy under attack, blocked scored as black", True),
+    "block_rate": ("block rate of attack images", None),
+    "unscored_rate": ("attack images the filter could not score", True),
+    "judged_mean_score": ("mean score on attack images showing c_u", False),
+}
+#: What the summary tables compare Espresso fine-tuned against, and on which rates.
+COMPARED = ("zero_shot", "threshold")
+COMPARED_RATES = (("clean", "clip_accuracy"), ("clean", "normalized_clip_score"),
+                  ("clean", "fnr_judged"), ("clean", "fpr_judged"),
+                  *((name, "attack_success_rate") for name in ATTACKS))
+#: The fine-tuning ablation (METHOD section 3): variants of the default sweep, run up to the
+#: evaluate stage. lambda_s = 0 leaves only the contrastive terms (the form is then moot).
+ABLATION = {
+    "default": [],
+    "lambda_s = 0": [f"finetune.weights.{kind}.separation=0"
+                     for kind in ("opposite", "broader_class", "style")],
+    "prompt_pairs": ["finetune.mini.separation=prompt_pairs"],
+}
+ABLATION_RATES = ("fnr_judged", "fpr_judged", "clip_accuracy", "normalized_clip_score")
 
 HOW_TO_READ = (
-    "Each cell: Espresso fine-tuned (zero-shot Espresso in brackets). Effectiveness and "
-    "robustness: CLIP accuracy on unacceptable prompts, clean and under each attack ('+': "
-    "adaptive; lower is better); utility: normalised CLIP score on acceptable prompts. A blocked "
-    "image is black and scored like any other (METHOD 5): 'P_eval(u) of black' is what CLIP "
-    "accuracy equals for a filter that blocks every image. The judged columns count what the "
-    "independent judge sees: unacceptable images blocked, acceptable images passed, the share "
-    "of each attack's images that show c_u (no filter), and the highest share over the attacks "
-    "of images that show c_u and passed the filter. 'P(u) on c_u' is the filter's mean P(u|x) "
-    "on the images that show c_u, on clean prompts and at its lowest over the attacks: an "
-    "attack can degrade a filter without crossing its cut. The paper row gives its headline "
-    "averages over its own concepts (METHOD section 5), not numbers for these concepts.")
+    "Each cell is a rate with its 95% interval in brackets: Wilson for shares of images, a "
+    "bootstrap over prompts for means (CLIP accuracy, normalised CLIP score). A blocked output "
+    "shows the user nothing: it counts 0 in CLIP accuracy (does not show c_u) and 0 in the CLIP "
+    "score (METHOD section 5). FNR/FPR 'by judge' count what the independent judge sees in each "
+    "image, not what the prompt asked for. A bootstrap interval has zero width where every "
+    "prompt gives the same mean (e.g. all blocked): then the hard form's Wilson interval bounds "
+    "it. The average row's interval combines the concepts' "
+    "intervals (normal approximation). The paper row gives the paper's headline averages over "
+    "its own concepts (SD v1.4, CLIP ViT-L/14), not numbers for these concepts.")
 
 
 def dvc(*args: str) -> str:
@@ -59,13 +103,13 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def run_all_concepts(setting: str, overrides: list[str]) -> None:
+def run_all_concepts(setting: str, overrides: list[str], target: str | None = None) -> None:
     """One ``dvc exp run`` per concept of ``setting`` (with the ``KEY=VALUE`` param
-    ``overrides``), one after another, each in a temporary copy of the repository (``--temp``):
-    the workspace keeps its own concept and results."""
+    ``overrides``; only up to the stage ``target`` if given), one after another, each in a
+    temporary copy of the repository (``--temp``): the workspace keeps its concept and results."""
     sets = [arg for override in overrides for arg in ("-S", override)]
     for concept in tqdm(known_concepts(setting), desc="concepts", unit="experiment"):
-        dvc("exp", "run", "--temp", *sets, "-S", f"concept={concept}")
+        dvc("exp", "run", "--temp", *sets, "-S", f"concept={concept}", *([target] if target else []))
 
 
 def with_overrides(params: dict, overrides: list[str]) -> dict:
@@ -98,52 +142,72 @@ def experiments(shown: list[dict]) -> list[dict]:
     return out
 
 
-def summary_table(runs: list[dict], params: dict) -> pd.DataFrame:
-    """One row per concept (its newest experiment run with ``params``, the concept aside) plus
-    our average and the paper's. Experiments with any other param (another budget, the plain
-    attacks, ...) are a different sweep and are left out."""
-    rows = {}
+def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) -> dict[str, dict]:
+    """Per concept, its newest experiment run with exactly ``params`` (the concept aside) that
+    has the metrics of every stage in ``stages``."""
+    chosen = {}
     for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
-        evaluate = run["metrics"].get("reports/evaluate/metrics.json")
-        attack = run["metrics"].get("reports/attack/metrics.json")
-        if not evaluate or not attack or not _same_sweep(run["params"], params):
+        if not all(run["metrics"].get(f"reports/{stage}/metrics.json") for stage in stages):
             continue
-        concept = run["params"]["concept"]
-        if concept in rows:
+        if _same_sweep(run["params"], params):
+            chosen.setdefault(run["params"]["concept"], run)
+    return chosen
+
+
+def long_table(chosen: dict[str, dict]) -> pd.DataFrame:
+    """One row per concept x filter x condition (clean or an attack) x metric: value, low,
+    high, n, and the experiment it comes from."""
+    rows = []
+    for concept, run in sorted(chosen.items()):
+        evaluate = run["metrics"]["reports/evaluate/metrics.json"]
+        attack = run["metrics"].get("reports/attack/metrics.json") or {}
+        base = {"concept": concept, "experiment": run["name"]}
+        for f in FILTERS:
+            for key in CLEAN_METRICS:
+                rows.append({**base, "filter": f, "condition": "clean", "metric": key,
+                             **_rate(evaluate[f].get(key))})
+            for name in ATTACKS:
+                if name in attack:
+                    for key in ATTACK_METRICS:
+                        rows.append({**base, "filter": f, "condition": name, "metric": key,
+                                     **_rate(attack[name][f].get(key))})
+        rows.append({**base, "filter": "", "condition": "clean",
+                     "metric": "black_image_p_unacceptable",
+                     **_rate(evaluate["black_image_p_unacceptable"])})
+        for name in ATTACKS:
+            if name in attack:
+                rows.append({**base, "filter": "", "condition": name,
+                             "metric": "judged_unacceptable_share",
+                             **_rate(attack[name]["judged_unacceptable_share"])})
+    return pd.DataFrame(rows, columns=["concept", "filter", "condition", "metric", "value",
+                                       "low", "high", "n", "experiment"])
+
+
+def _rate(entry) -> dict:
+    """A metrics.json entry as value/low/high/n (a bare number has no interval)."""
+    if isinstance(entry, dict):
+        return {k: entry.get(k) for k in ("value", "low", "high", "n")}
+    return {"value": entry, "low": None, "high": None, "n": None}
+
+
+def with_averages(long: pd.DataFrame) -> pd.DataFrame:
+    """``long`` plus one 'average' concept per filter x condition x metric, over the concepts
+    that have the rate, with the normal-approximation interval (module docstring)."""
+    rows = []
+    for (f, condition, metric), group in long.groupby(["filter", "condition", "metric"], sort=False):
+        values = group["value"].astype(float).dropna()
+        if values.empty:
             continue
-        row = {"experiment": run["name"]}
-        row["effectiveness ↓"] = _pair(evaluate, "clip_accuracy")
-        row["utility ↑"] = _pair(evaluate, "normalized_clip_score")
-        tuning = run["metrics"].get("reports/finetune/metrics.json") or {}
-        if "val_balanced_accuracy" in tuning:  # what fine-tuning changed, on validation
-            row["fine-tuning (val. bal. acc.)"] = (f"{tuning['val_balanced_accuracy_zero_shot']:.3f}"
-                                                   f" → {tuning['val_balanced_accuracy']:.3f}")
-        row["P_eval(u) of black"] = evaluate["black_image_p_unacceptable"]
-        row["blocks c_u (judged) ↑"] = _pair(evaluate, "judged_block_rate")
-        row["passes c_a (judged) ↑"] = _pair(evaluate, "judged_pass_rate")
-        plus = "+" if run["params"]["attack"]["adaptive"] else ""  # adaptive or plain attacks
-        attacked = [name for name in ATTACKS if name in attack]
-        for name in attacked:
-            row[f"{name}{plus} ↓"] = _pair(attack[name], "clip_accuracy")
-        row["attacks draw c_u (judged, " + "/".join(attacked) + ")"] = "/".join(
-            f"{attack[name]['judged_unacceptable_share']:.2f}" for name in attacked)
-        success = [_pair(attack[name], "attack_success_rate") for name in attacked]
-        row["worst attack success (judged) ↓"] = tuple(max(s[i] for s in success) for i in (0, 1))
-        row["P(u) on c_u (judged): clean → lowest under attack"] = " ".join(
-            _confidence(evaluate, attack, attacked, f) for f in ("espresso", "zero_shot"))
-        rows[concept] = row
-    if not rows:
-        raise LookupError(f"no {params['setting']} experiment with these params and evaluate and "
-                          "attack metrics: run `python -m pipeline.summary --run` first")
-    table = pd.DataFrame(rows).T.sort_index()
-    numeric = table.drop(columns="experiment").map(
-        lambda v: v[0] if isinstance(v, tuple) else None if isinstance(v, str) else v)
-    average = numeric.astype(float).mean()
-    formatted = table.drop(columns="experiment").map(_format)
-    formatted.loc["average (ours)"] = average.map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    formatted.loc["paper (average, SD v1.4)"] = [_paper_value(c) for c in formatted.columns]
-    formatted["experiment"] = list(table["experiment"]) + ["", ""]
-    return formatted
+        value = values.mean()
+        low = high = None
+        bounded = group.dropna(subset=["value", "low", "high"])
+        if len(bounded) == len(values):
+            se = (bounded["high"].astype(float) - bounded["low"].astype(float)) / (2 * Z95)
+            half = Z95 * np.sqrt((se ** 2).sum()) / len(values)
+            low, high = max(value - half, 0.0), min(value + half, 1.0)
+        rows.append({"concept": "average", "filter": f, "condition": condition, "metric": metric,
+                     "value": value, "low": low, "high": high, "n": len(values), "experiment": ""})
+    return pd.concat([long, pd.DataFrame(rows)], ignore_index=True)
 
 
 def _same_sweep(run_params: dict, params: dict) -> bool:
@@ -151,42 +215,140 @@ def _same_sweep(run_params: dict, params: dict) -> bool:
             == {k: v for k, v in params.items() if k != "concept"})
 
 
-def _paper_value(column: str) -> str:
-    """The paper's headline average for a column ("–" where its main table has none)."""
-    if column.startswith("effectiveness"):
-        return f"{PAPER['effectiveness']:.2f}"
-    if column.startswith("utility"):
-        return f"{PAPER['utility']:.2f}"
-    under_attack = column.split()[0].rstrip("+") in ATTACKS
-    return f"{PAPER['under_attack']:.2f}" if under_attack else "–"
+def rate_table(long: pd.DataFrame, condition: str, metric: str,
+               paper: float | None = None) -> pd.DataFrame:
+    """Concepts (and the average) x filters for one rate, rendered cells."""
+    part = long[(long["condition"] == condition) & (long["metric"] == metric)]
+    table = pd.DataFrame({FILTER_NAMES[f]: {row.concept: cell(row._asdict())
+                                            for row in part[part["filter"] == f].itertuples()}
+                          for f in FILTERS})
+    table = table.loc[[c for c in table.index if c != "average"] + ["average"]]
+    if paper is not None:
+        table.loc["paper (Espresso, SD v1.4, its concepts)"] = [
+            f"{paper:.2f}" if f == "espresso" else "" for f in FILTERS]
+    return table.rename(index={"average": "average (ours)"})
 
 
-def _pair(metrics: dict, key: str) -> tuple[float, float]:
-    """(Espresso fine-tuned, zero-shot) value of ``key``."""
-    return metrics["espresso"][key], metrics["zero_shot"][key]
+def worst_attack_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Per concept and filter, the attack with the highest success rate, with its interval."""
+    part = long[(long["metric"] == "attack_success_rate") & long["condition"].isin(ATTACKS)]
+    cells = {}
+    for (concept, f), group in part.groupby(["concept", "filter"]):
+        worst = group.loc[group["value"].astype(float).idxmax()]
+        cells.setdefault(FILTER_NAMES[f], {})[concept] = (
+            cell(worst.to_dict()) + f" {worst.condition}")
+    table = pd.DataFrame(cells)[[FILTER_NAMES[f] for f in FILTERS]]
+    order = [c for c in table.index if c != "average"] + ["average"]
+    return table.loc[[c for c in order if c in table.index]].rename(
+        index={"average": "average (ours)"})
 
 
-def _confidence(evaluate: dict, attack: dict, attacked: list[str], filter_name: str) -> str:
-    """"clean → lowest under attack" of the filter's mean P(u|x) on images that show c_u; the
-    zero-shot filter's in brackets."""
-    under = [attack[n][filter_name]["judged_mean_score"] for n in attacked]
-    under = [v for v in under if v is not None]  # None: no image showed c_u
-    clean = evaluate[filter_name]["judged_mean_score"]
-    text = (f"{clean:.3f}" if clean is not None else "–") + " → " + (
-        f"{min(under):.3f}" if under else "–")
-    return f"({text})" if filter_name == "zero_shot" else text
+def differences(long: pd.DataFrame, other: str) -> pd.DataFrame:
+    """Espresso fine-tuned vs ``other`` per concept and rate: 'better' / 'worse' where the 95%
+    intervals do not overlap, '=' where they do (no difference can be told from noise)."""
+    out = {}
+    for condition, metric in COMPARED_RATES:
+        label = metric if condition == "clean" else f"{condition}: success"
+        lower_better = (CLEAN_METRICS if condition == "clean" else ATTACK_METRICS)[metric][1]
+        part = long[(long["condition"] == condition) & (long["metric"] == metric)
+                    & (long["concept"] != "average")].set_index(["concept", "filter"])
+        for concept in part.index.get_level_values(0).unique():
+            a, b = part.loc[(concept, "espresso")], part.loc[(concept, other)]
+            out.setdefault(label, {})[concept] = _verdict(a, b, lower_better)
+    return pd.DataFrame(out)
 
 
-def _format(value) -> str:
-    if isinstance(value, tuple):
-        return f"{value[0]:.3f} ({value[1]:.3f})"
-    return value if isinstance(value, str) else f"{value:.3f}"
+def _verdict(a: pd.Series, b: pd.Series, lower_better: bool) -> str:
+    """'better' / 'worse' for ``a`` against ``b`` beyond their intervals, '=' within, '?'
+    without intervals."""
+    a, b = ({k: (None if pd.isna(r[k]) else float(r[k])) for k in ("value", "low", "high")}
+            for r in (a, b))
+    differ = beyond_intervals(a, b)
+    if differ is None:
+        return "?"
+    if not differ:
+        return "="
+    return "better" if (a["value"] < b["value"]) == lower_better else "worse"
+
+
+def difference_sentences(diff: pd.DataFrame, other: str) -> str:
+    """The comparison table in words."""
+    found = [f"{metric} on {concept} ({verdict})" for metric in diff.columns
+             for concept, verdict in diff[metric].items() if verdict in ("better", "worse")]
+    total = int(diff.isin(["better", "worse", "="]).sum().sum())
+    if not found:
+        return (f"Espresso fine-tuned and {FILTER_NAMES[other]} differ beyond their 95% intervals "
+                f"in none of the {total} comparisons: every difference is within noise.")
+    return (f"Espresso fine-tuned and {FILTER_NAMES[other]} differ beyond their 95% intervals in "
+            f"{len(found)} of {total} comparisons: " + "; ".join(found) + ". Everywhere else the "
+            "intervals overlap: no difference can be told from noise.")
+
+
+def summary_figure(long: pd.DataFrame, folder: Path) -> str:
+    """Effectiveness, utility and worst attack success per concept and filter, with intervals."""
+    panels = [("clean", "clip_accuracy", "CLIP accuracy ↓"),
+              ("clean", "normalized_clip_score", "normalised CLIP score ↑"),
+              ("clean", "fpr_judged", "FPR (judge) ↓")]
+    concepts = sorted(c for c in long["concept"].unique() if c != "average")
+    fig = Figure(figsize=(10, 3.2))
+    axes = fig.subplots(1, len(panels))
+    width = 0.8 / len(FILTERS)
+    for ax, (condition, metric, title) in zip(axes, panels):
+        part = long[(long["condition"] == condition) & (long["metric"] == metric)]
+        for i, f in enumerate(FILTERS):
+            rows = part[part["filter"] == f].set_index("concept").reindex(concepts)
+            value = rows["value"].astype(float).to_numpy()
+            err = np.abs(np.vstack([value - rows["low"].astype(float), rows["high"].astype(float) - value]))
+            ax.bar(np.arange(len(concepts)) + (i - 2) * width, value, width,
+                   yerr=np.nan_to_num(err), capsize=1.5, label=FILTER_NAMES[f].split(" (")[0])
+        ax.set_xticks(np.arange(len(concepts)), concepts, rotation=35, fontsize=7, ha="right")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1.05)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(folder / "summary.png", dpi=110)
+    return "summary.png"
+
+
+def ablation_table(runs: list[dict], params: dict) -> pd.DataFrame:
+    """The fine-tuning ablation as data: per variant, concept and rate, Espresso fine-tuned's
+    value and interval, and zero-shot Espresso's (the same in every variant)."""
+    rows = []
+    for variant, overrides in ABLATION.items():
+        chosen = newest_per_concept(runs, with_overrides(params, overrides), ("evaluate",))
+        for concept, run in sorted(chosen.items()):
+            evaluate = run["metrics"]["reports/evaluate/metrics.json"]
+            tuning = run["metrics"].get("reports/finetune/metrics.json") or {}
+            for key in ABLATION_RATES:
+                for f in ("espresso", "zero_shot"):
+                    rows.append({"variant": variant, "concept": concept, "filter": f,
+                                 "metric": key, **_rate(evaluate[f][key]),
+                                 "chosen_epoch": tuning.get("chosen_epoch"),
+                                 "experiment": run["name"]})
+    return pd.DataFrame(rows)
+
+
+def ablation_view(ablation: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One rate rendered: rows concepts, columns zero-shot Espresso then each variant's
+    fine-tuned Espresso ('*' better, '!' worse than zero-shot beyond the intervals)."""
+    lower_better = CLEAN_METRICS[metric][1]
+    part = ablation[ablation["metric"] == metric]
+    out = {}
+    for (concept, variant), group in part.groupby(["concept", "variant"], sort=False):
+        tuned = group[group["filter"] == "espresso"].iloc[0]
+        zero = group[group["filter"] == "zero_shot"].iloc[0]
+        out.setdefault("zero-shot", {})[concept] = cell(zero.to_dict())
+        mark = {"better": " *", "worse": " !"}.get(_verdict(tuned, zero, lower_better), "")
+        out.setdefault(variant, {})[concept] = f"{cell(tuned.to_dict())}{mark} e{tuned.chosen_epoch}"
+    return pd.DataFrame(out).fillna("")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="store_true",
                         help="first run one DVC experiment per concept of the setting")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also the fine-tuning ablation (with --run: run its variants too)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a param of the sweep, as in `dvc exp run -S` (e.g. setting=paper, "
                              "attack.adaptive=false); repeatable")
@@ -196,21 +358,61 @@ def main(argv: list[str] | None = None) -> None:
     setting = params["setting"]
     if args.run:
         run_all_concepts(setting, args.set)
-    shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
-    try:
-        table = summary_table(experiments(shown), params)
-    except LookupError as err:
-        raise SystemExit(f"error: {err}") from None
+        if args.ablation:
+            for variant, overrides in ABLATION.items():
+                if overrides:
+                    run_all_concepts(setting, args.set + overrides, target="evaluate")
+    runs = experiments(json.loads(dvc("exp", "show", "--all-commits", "--json")))
+    chosen = newest_per_concept(runs, params, ("evaluate", "attack"))
+    if not chosen:
+        raise SystemExit(f"error: no {setting} experiment with these params and evaluate and "
+                         "attack metrics: run `python -m pipeline.summary --run` first")
+    long = with_averages(long_table(chosen))
+    ablation = ablation_table(runs, params) if args.ablation else pd.DataFrame()
+    write_summary(args.out, params, args.set, long, ablation)
+
+
+def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFrame,
+                  ablation: pd.DataFrame) -> None:
+    """summary.csv (and ablation.csv), rendered as README.md and index.html with a figure."""
+    setting, plus = params["setting"], "+" if params["attack"]["adaptive"] else ""
     world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
              else "SD v1.4 + CLIP ViT-L/14")
-    intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}"]
-    if args.set:
-        intro.append("Params of this sweep, besides params.yaml: " + ", ".join(args.set) + ".")
-    markdown, page = render(f"Espresso summary ({setting})", intro, {"Summary": table}, {})
-    with atomic_dir(args.out) as tmp:
+    intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}", CERTIFICATE_SCOPE]
+    if overrides:
+        intro.append("Params of this sweep, besides params.yaml: " + ", ".join(overrides) + ".")
+    experiments_used = long[long["concept"] != "average"].groupby("concept")["experiment"].first()
+    intro.append("Experiments: " + ", ".join(f"{c} = {e}" for c, e in experiments_used.items()) + ".")
+    tables = {}
+    for key in ("clip_accuracy", "normalized_clip_score", "fnr_judged", "fpr_judged"):
+        tables[CLEAN_METRICS[key][0]] = rate_table(long, "clean", key, PAPER.get(("clean", key)))
+    for name in ATTACKS:
+        if (long["condition"] == name).any():
+            tables[f"{name}{plus}: CLIP accuracy under attack"] = \
+                rate_table(long, name, "clip_accuracy", PAPER.get((name, "clip_accuracy")))
+    if long["condition"].isin(ATTACKS).any():
+        tables["Worst attack success (shows c_u by judge and passed), and which attack"] = \
+            worst_attack_table(long)
+    for other in COMPARED:
+        diff = differences(long, other)
+        intro.append(difference_sentences(diff, other))
+        tables[f"Espresso fine-tuned vs {FILTER_NAMES[other]} (beyond 95% intervals)"] = diff
+    tables["Secondary: CLIP accuracy with blocked images scored as black"] = rate_table(
+        long, "clean", "clip_accuracy_placeholder")
+    black = long[long["metric"] == "black_image_p_unacceptable"].set_index("concept")["value"]
+    tables["P_eval(u | black image) per concept"] = black.rename("P_eval(u|black)").to_frame()
+    if not ablation.empty:
+        for key in ABLATION_RATES:
+            tables[f"Fine-tuning ablation: {CLEAN_METRICS[key][0]} (eN: chosen epoch; * better, "
+                   "! worse than zero-shot beyond the intervals)"] = ablation_view(ablation, key)
+    with atomic_dir(out) as tmp:
+        figures = {"Per concept and filter, with 95% intervals": summary_figure(long, tmp)}
+        markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures)
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
-        table.to_csv(tmp / "summary.csv")
+        long.to_csv(tmp / "summary.csv", index=False)
+        if not ablation.empty:
+            ablation.to_csv(tmp / "ablation.csv", index=False)
     print(markdown)
 
 

@@ -33,7 +33,9 @@ def tiny_params_for() -> dict:
                               images_per_prompt={"train": 1, "val": 2, "test": 2}, shard_size=8)
     params["generate"]["mini"].update(steps=4)
     params["generate"]["paper"].update(steps=2, size=32)
-    params["finetune"].update(epochs=2, batch=4)
+    params["finetune"].update(batch=4)
+    params["finetune"]["mini"].update(epochs=2)
+    params["finetune"]["paper"].update(epochs=2, epochs_by_concept={})
     params["attack"].update(targets=4, prompts=2, images_per_prompt=2)
     for setting in ("mini", "paper"):
         budgets = params["attack"][setting]

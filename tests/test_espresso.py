@@ -63,7 +63,9 @@ def test_fails_closed_on_images_it_cannot_score(zorbo_filter, renders):
     five_channels = np.zeros((32, 32, 5), dtype=np.uint8)
     result = zorbo_filter.screen([star, nan_image, five_channels, star])
     assert result.blocked.tolist() == [False, True, True, False]
-    assert result.errors[0] is None and result.errors[1] and result.errors[2]
+    assert result.unscored.tolist() == [False, True, True, False]
+    assert result.errors[0] is None and result.errors[3] is None
+    assert "non-finite" in result.errors[1] and "5 channels" in result.errors[2]
     assert np.isnan(result.p_unacceptable[1:3]).all()
 
 

@@ -34,15 +34,15 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
 
     metrics = evaluate.run(params)
     for name in evaluate.FILTERS:
-        assert 0.0 <= metrics[name]["clip_accuracy"] <= 1.0
+        assert 0.0 <= metrics[name]["clip_accuracy"]["value"] <= 1.0
     # the open_clip judge ran on every test image
     scores = pd.read_csv(stage_dir / "reports/evaluate/scores.csv")
     assert len(scores) == metrics["n_test_images"] and scores["judge_shows_concept"].isin(
         [True, False]).all()
-    assert np.isclose(metrics["none"]["block_rate"], 0.0)
+    assert metrics["none"]["fnr"]["value"] == 1.0
     if importlib.util.find_spec("nudenet"):  # the optional second opinion for nudity
         assert scores["nudenet_shows_concept"].isin([True, False]).all()
-        assert set(metrics["espresso"]["by_nudenet"]) >= {"judged_block_rate", "judged_leak_rate"}
+        assert set(metrics["espresso"]["by_nudenet"]) == {"fnr_judged", "fpr_judged"}
 
     # a random-weight judge confirms no target image; the attacks need some to aim at
     monkeypatch.setattr(attack, "load_judge",

@@ -23,15 +23,19 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     assert first == second
     evaluated, attacked = first["evaluate"], first["attack"]
     for name in FILTERS:
-        for key in ("clip_accuracy", "normalized_clip_score", "block_rate", "roc_auc"):
-            assert 0.0 <= evaluated[name][key] <= 1.0 + 1e-6, (name, key)
+        for key in ("clip_accuracy", "normalized_clip_score", "fnr", "fpr", "fnr_judged",
+                    "unscored_rate"):
+            rate = evaluated[name][key]  # every rate carries its 95% interval
+            assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1.0 + 1e-6, (name, key)
+        assert evaluated[name]["unscored_rate"]["value"] == 0.0
         for attack_name in tiny_params["attack"]["attacks"]:
-            assert 0.0 <= attacked[attack_name][name]["attack_success_rate"] <= 1.0
+            success = attacked[attack_name][name]["attack_success_rate"]
+            assert 0.0 <= success["low"] <= success["value"] <= success["high"] <= 1.0
     certified = first["certify"]
     assert certified["total_violations"] == 0  # the certificate held on every test image
     assert set(certified["espresso"]["attacks"]) == set(tiny_params["attack"]["attacks"])
-    assert evaluated["none"]["block_rate"] == 0.0
-    assert evaluated["none"]["normalized_clip_score"] == 1.0
+    assert evaluated["none"]["fnr"]["value"] == 1.0 and evaluated["none"]["fpr"]["value"] == 0.0
+    assert evaluated["none"]["normalized_clip_score"]["value"] == 1.0
 
 
 def test_unknown_concept_stops_the_stage_with_the_known_ones(stage_dir, tiny_params):

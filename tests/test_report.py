@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -16,7 +17,7 @@ def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatc
     report.run(tiny_params)
     out = folder / report.OUT
     markdown = (out / "README.md").read_text()
-    for heading in ("Effectiveness and utility", "CLIP accuracy under attack",
+    for heading in ("Effectiveness and utility", "Error rates", "CLIP accuracy under attack",
                     "Attack success rate", "Certified robustness"):
         assert f"## {heading}" in markdown
     assert "| Espresso fine-tuned" in markdown and "pez" in markdown
@@ -26,6 +27,7 @@ def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatc
     for name in pictures:
         assert Image.open(out / name).size[0] > 100
     assert 'class="dataframe metrics"' in (out / "index.html").read_text()
+    assert "exact by algebra" in markdown and " [" in markdown  # scope stated; intervals shown
 
 
 def test_real_world_unacceptable_images_are_blurred_unless_asked(tiny_run, monkeypatch, tmp_path):
@@ -55,7 +57,7 @@ def exp_show_entry(name, params, metrics, timestamp):
 
 
 @pytest.fixture()
-def summary_page(tiny_run, tiny_params, tmp_path):
+def summary_folder(tiny_run, tiny_params, tmp_path):
     _, metrics = tiny_run
     runs = []
     for i, concept in enumerate(("zorbo", "blip")):
@@ -67,29 +69,63 @@ def summary_page(tiny_run, tiny_params, tmp_path):
     shown = [{"rev": "workspace", "name": None, "data": {"rev": "workspace"}},
              {"rev": "main", "name": "main", "data": {"rev": "main"},
               "experiments": [{"revs": [r]} for r in runs]}]
-    table = summary.summary_table(summary.experiments(shown), tiny_params)
-    assert list(table.index) == ["blip", "zorbo", "average (ours)", "paper (average, SD v1.4)"]
-    assert table.loc["blip", "experiment"] == "exp-blip"
-    espresso = metrics["evaluate"]["espresso"]["clip_accuracy"]
-    assert table.loc["zorbo", "effectiveness ↓"].startswith(f"{espresso:.3f} (")
-    confidence = table.loc["zorbo", "P(u) on c_u (judged): clean → lowest under attack"]
-    assert confidence.count("→") == 2  # Espresso fine-tuned, then zero-shot
-    _, page = report.render("Espresso summary (mini)", [], {"Summary": table}, {})
-    path = tmp_path / "index.html"
-    path.write_text(page)
-    return path
+    chosen = summary.newest_per_concept(summary.experiments(shown), tiny_params,
+                                        ("evaluate", "attack"))
+    assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
+    long = summary.with_averages(summary.long_table(chosen))
+    summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame())
+    return tmp_path / "summary", metrics
+
+
+def test_summary_is_data_one_row_per_concept_filter_condition_metric(summary_folder):
+    folder, metrics = summary_folder
+    data = pd.read_csv(folder / "summary.csv")
+    assert list(data.columns) == ["concept", "filter", "condition", "metric", "value", "low",
+                                  "high", "n", "experiment"]
+    assert not data.duplicated(["concept", "filter", "condition", "metric"]).any()
+    row = data[(data["concept"] == "zorbo") & (data["filter"] == "espresso")
+               & (data["condition"] == "clean") & (data["metric"] == "fpr_judged")].iloc[0]
+    expected = metrics["evaluate"]["espresso"]["fpr_judged"]
+    assert (row["value"], row["low"], row["high"]) == pytest.approx(
+        (expected["value"], expected["low"], expected["high"]))
+    pez = data[(data["concept"] == "average") & (data["filter"] == "none")
+               & (data["condition"] == "pez") & (data["metric"] == "attack_success_rate")]
+    assert len(pez) == 1 and pez["low"].iloc[0] <= pez["value"].iloc[0] <= pez["high"].iloc[0]
+    markdown = (folder / "README.md").read_text()
+    assert "paper (Espresso, SD v1.4, its concepts)" in markdown
+    assert "differ beyond their 95% intervals" in markdown
+    assert "exact by algebra" in markdown  # the certificate's honest scope
+    assert (folder / "summary.png").stat().st_size > 10_000
+
+
+def test_summary_averages_combine_the_concepts_intervals():
+    long = pd.DataFrame([
+        {"concept": c, "filter": "espresso", "condition": "clean", "metric": "fnr",
+         "value": v, "low": v - 0.1, "high": v + 0.1, "n": 100, "experiment": c}
+        for c, v in (("a", 0.2), ("b", 0.4))])
+    average = summary.with_averages(long).iloc[-1]
+    half = 1.959964 * np.sqrt(2 * (0.1 / 1.959964) ** 2) / 2  # sqrt(sum se^2) / k
+    assert average["concept"] == "average" and average["value"] == pytest.approx(0.3)
+    assert (average["low"], average["high"]) == pytest.approx((0.3 - half, 0.3 + half))
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="needs Debian's chromium (.ci/run installs it)")
-def test_a_headless_browser_finds_the_summary_table(summary_page, tmp_path):
+def test_the_summary_page_fits_a_browser_window(summary_folder, tmp_path):
+    folder, _ = summary_folder
+    page = (folder / "index.html").read_text()
+    probe = tmp_path / "probe.html"  # the page, plus a script that records whether it overflows
+    probe.write_text(page.replace("</body>", "<script>document.body.dataset.overflow = "
+                                  "document.documentElement.scrollWidth > innerWidth;</script></body>"))
+    shutil.copy(folder / "summary.png", tmp_path / "summary.png")
     dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", summary_page.as_uri()],
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,800",
+         "--disable-background-networking", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "<h2>Summary</h2>" in dom
+    assert 'data-overflow="false"' in dom
     table = dom[dom.index("<table"):dom.index("</table>")]
-    assert "average (ours)" in table and "paper (average, SD v1.4)" in table
+    assert "average (ours)" in table and "paper (Espresso, SD v1.4, its concepts)" in table
     assert table.count("<tr") == 5  # header + 2 concepts + our average + the paper's
 
 
