@@ -168,9 +168,15 @@ def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) 
     for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
         if not all(run["metrics"].get(f"reports/{stage}/metrics.json") for stage in stages):
             continue
+        if not _has_intervals(run["metrics"]["reports/evaluate/metrics.json"]):
+            continue  # recorded before rates carried intervals: another metrics format
         if _same_sweep(run["params"], params):
             chosen.setdefault(run["params"]["concept"], run)
     return chosen
+
+
+def _has_intervals(evaluate: dict) -> bool:
+    return isinstance((evaluate.get("espresso") or {}).get("clip_accuracy"), dict)
 
 
 def long_table(chosen: dict[str, dict]) -> pd.DataFrame:
@@ -246,6 +252,26 @@ def rate_table(long: pd.DataFrame, condition: str, metric: str,
         table.loc["paper (Espresso, SD v1.4, its concepts)"] = [
             f"{paper:.2f}" if f == "espresso" else "" for f in FILTERS]
     return table.rename(index={"average": "average (ours)"})
+
+
+def main_table(long: pd.DataFrame, columns: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """The paper's main-table layout: one row per filter (and the paper's Espresso), one column
+    per (condition, metric, label), each the average over concepts with its interval."""
+    average = long[long["concept"] == "average"].set_index(["filter", "condition", "metric"])
+    table = pd.DataFrame({label: {FILTER_NAMES[f]: cell(average.loc[(f, condition, metric)].to_dict())
+                                  if (f, condition, metric) in average.index else "–"
+                                  for f in FILTERS}
+                          for condition, metric, label in columns})
+    table.loc["paper: Espresso (SD v1.4, its concepts)"] = [
+        f"{PAPER[(c, m)]:.2f}" if (c, m) in PAPER else "–" for c, m, _ in columns]
+    return table
+
+
+#: The main tables' columns: (condition, metric, label).
+MAIN_CLEAN = [("clean", "clip_accuracy", "CLIP acc. ↓"),
+              ("clean", "normalized_clip_score", "norm. CLIP score ↑"),
+              ("clean", "fnr_judged", "FNR (judge) ↓"), ("clean", "fpr_judged", "FPR (judge) ↓")]
+MAIN_ATTACKED = [(name, "clip_accuracy", f"{name}: CLIP acc. ↓") for name in ATTACKS]
 
 
 def worst_attack_table(long: pd.DataFrame) -> pd.DataFrame:
@@ -430,7 +456,10 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
         intro.append("Params of this sweep, besides params.yaml: " + ", ".join(overrides) + ".")
     experiments_used = long[long["concept"] != "average"].groupby("concept")["experiment"].first()
     intro.append("Experiments: " + ", ".join(f"{c} = {e}" for c, e in experiments_used.items()) + ".")
-    tables = {}
+    tables = {"Main table, clean prompts (average over concepts)": main_table(long, MAIN_CLEAN)}
+    if long["condition"].isin(ATTACKS).any():
+        tables[f"Main table, under the{' adaptive' if plus else ''} attacks (average over "
+               "concepts)"] = main_table(long, MAIN_ATTACKED)
     for key in ("clip_accuracy", "normalized_clip_score", "fnr_judged", "fpr_judged"):
         tables[CLEAN_METRICS[key][0]] = rate_table(long, "clean", key, PAPER.get(("clean", key)))
     for name in ATTACKS:
