@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import shapes
 from pipeline.attacks import ATTACKS, AttackContext
+from pipeline.attacks.prompt_embedding import textual_inversion
 from pipeline.concepts import prompt_pairs
+from pipeline.espresso import FILTERS
+from pipeline.espresso.files import atomic_file, write_csv, write_json
+from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
 from pipeline.evaluate import load_filter_bank
-from pipeline.files import atomic_file, write_csv, write_json
-from pipeline.filters import FILTERS
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_judge
-from pipeline.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
+from pipeline.mini import shapes
 from pipeline.params import ParamsError, run_stage, settings_of
-from pipeline.prompt_embedding import textual_inversion
 
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
@@ -46,15 +46,14 @@ def attack_targets(manifest: pd.DataFrame, judge, limit: int) -> tuple[np.ndarra
 
 
 def run(params: dict) -> dict:
-    from pipeline.models import quiet_libraries
+    from pipeline.espresso.models import quiet_libraries
 
     with quiet_libraries():
         return _run(params)
 
 
 def _run(params: dict) -> dict:
-    from pipeline.models import load_t2i
-    from pipeline.t2i import generate, use_scheduler
+    from pipeline.espresso.models import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["attack"]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
-from pipeline.files import atomic_file, write_csv, write_json
+from pipeline.espresso.files import atomic_file, write_csv, write_json
 from pipeline.params import run_stage, settings_of
 
 OUT = Path("data/generate")
@@ -58,8 +58,7 @@ def run(params: dict) -> pd.DataFrame:
     """Generate whatever shards are missing and write the manifest; returns it."""
     from tqdm import tqdm
 
-    from pipeline.models import load_t2i
-    from pipeline.t2i import generate, use_scheduler
+    from pipeline.espresso.models import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["generate"]
@@ -99,7 +98,7 @@ def i2p_test_prompts(concept: Concept, p: dict) -> list[str] | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    from pipeline.models import hub_loading
+    from pipeline.espresso.models import hub_loading
 
     with hub_loading("AIML-TUDA/i2p", repo_type="dataset"):
         path = Path(hf_hub_download("AIML-TUDA/i2p", "i2p_benchmark.csv", repo_type="dataset"))

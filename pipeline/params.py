@@ -39,7 +39,7 @@ def settings_of(params: dict) -> tuple[str, Concept, dict[str, str]]:
 
 def run_stage(stage: Callable[[dict], object], path: str | Path = PARAMS_FILE) -> None:
     """Run a stage on the params file; a user error ends with its message, not a traceback."""
-    from pipeline.models import ModelNotAvailableError
+    from pipeline.espresso.models import ModelNotAvailableError
 
     try:
         stage(load_params(path))

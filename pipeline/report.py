@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
-from pipeline.files import atomic_dir
-from pipeline.filters import FILTERS
+from pipeline.espresso import FILTERS
+from pipeline.espresso.files import atomic_dir
 from pipeline.generate import MANIFEST, load_images
+from pipeline.mini.quality import grid_image
 from pipeline.params import run_stage, settings_of
-from pipeline.world_quality import grid_image
 
 OUT = Path("reports/report")
 INPUTS = {stage: Path(f"reports/{stage}/metrics.json")

@@ -35,9 +35,9 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
-from pipeline.files import atomic_dir
-from pipeline.filters import FILTERS
-from pipeline.metrics import beyond_intervals
+from pipeline.espresso import FILTERS
+from pipeline.espresso.files import atomic_dir
+from pipeline.espresso.metrics import beyond_intervals
 from pipeline.params import load_params
 from pipeline.report import CERTIFICATE_SCOPE, FILTER_NAMES, cell, render
 

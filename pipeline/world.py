@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import shapes
-from pipeline.files import atomic_dir, atomic_file, write_json
+from pipeline.espresso.files import atomic_dir, atomic_file, write_json
+from pipeline.mini import shapes
 from pipeline.params import load_params
 
 OUT = Path("data/world")
@@ -56,8 +56,8 @@ def save_fp16(model: torch.nn.Module, folder: Path, *extras) -> None:
 
 
 def build_clip(p: dict) -> None:
-    from pipeline.mini_clip import image_processor, train_clip
-    from pipeline.tokenizer import build_clip_tokenizer
+    from pipeline.mini.clip import image_processor, train_clip
+    from pipeline.mini.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(p["clip"]["context_length"])
     images, scenes, varied = training_renders(p)
@@ -66,14 +66,14 @@ def build_clip(p: dict) -> None:
 
 
 def build_vae(p: dict) -> None:
-    from pipeline.mini_sd import train_vae
+    from pipeline.mini.sd import train_vae
 
     images, _, _ = training_renders(p)
     save_fp16(train_vae(p["vae"], images, p["seed"]), SD_DIR / "vae")
 
 
 def build_judge(p: dict) -> None:
-    from pipeline.judge import train_judge
+    from pipeline.mini.judge import train_judge
 
     images, scenes, _ = training_renders(p)
     save_fp16(train_judge(p["judge"], images, scenes, p["seed"]), JUDGE_DIR)
@@ -82,8 +82,8 @@ def build_judge(p: dict) -> None:
 def build_unet(p: dict) -> None:
     from diffusers import AutoencoderKL
 
-    from pipeline.mini_sd import assemble_pipeline, train_unet
-    from pipeline.models import load_clip
+    from pipeline.espresso.models import load_clip
+    from pipeline.mini.sd import assemble_pipeline, train_unet
 
     clip, tokenizer, _ = load_clip(str(CLIP_DIR), device="cpu", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(SD_DIR / "vae", torch_dtype=torch.float32)
@@ -99,7 +99,7 @@ def build_unet(p: dict) -> None:
 
 
 def build_measure(p: dict) -> None:
-    from pipeline.world_quality import measure_world
+    from pipeline.mini.quality import measure_world
 
     write_json(REPORTS / "metrics.json", measure_world(p, CLIP_DIR, SD_DIR, JUDGE_DIR, REPORTS))
 

@@ -12,7 +12,7 @@ import yaml
 
 from stages import run_all_stages
 from pipeline import generate
-from pipeline.filters import FILTERS
+from pipeline.espresso import FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 
