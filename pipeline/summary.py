@@ -1,6 +1,7 @@
-"""The cross-concept summary: every rate of every concept and filter, with its 95% interval, as
-data (``summary.csv``: one row per concept x filter x condition x metric) and rendered as the
-paper's main table (``README.md``, ``index.html``), plus the fine-tuning ablation.
+"""The cross-concept summary of every concept and filter's rates with their 95% intervals.
+
+As data (``summary.csv``: one row per concept x filter x condition x metric) and rendered as the
+paper's main table (``README.md``, ``index.html``), plus the fine-tuning ablation and probe.
 
     python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
                                         # the summary (reports/summary/)
@@ -9,6 +10,8 @@ paper's main table (``README.md``, ``index.html``), plus the fine-tuning ablatio
                                         # another sweep: the same, with other params
     python -m pipeline.summary --run --ablation   # also the fine-tuning variants (ABLATION),
                                                   # fine-tune + evaluate only
+    python -m pipeline.summary --run --probe checkered   # forms, optimisers and budgets
+                                                         # (PROBES) on one concept
 
 Results are read from ``dvc exp show --all-commits --json``: every number comes from a recorded
 experiment (its params and metrics) on any commit, so later commits do not hide earlier
@@ -83,6 +86,20 @@ ABLATION = {
     "prompt_pairs": ["finetune.mini.separation=prompt_pairs"],
 }
 ABLATION_RATES = ("fnr_judged", "fpr_judged", "clip_accuracy", "normalized_clip_score")
+#: Can fine-tuning fix a concept whose zero-shot filter has false positives (``--probe
+#: checkered``)? Each form, optimiser and budget, on that concept only; the target is
+#: FPR <= PROBE_TARGET["fpr_judged"] at FNR <= PROBE_TARGET["fnr_judged"] (by the judge).
+PROBES = {
+    **ABLATION,
+    "adam (release)": ["finetune.mini.optimizer=adam"],
+    "lambda_s x10": [f"finetune.weights.{kind}.separation={weight}" for kind, weight in
+                     (("opposite", 10.0), ("broader_class", 1.0), ("style", 1.0))],
+    "lr x10": ["finetune.lr=5.0e-4"],
+    "lr x10, 30 epochs": ["finetune.lr=5.0e-4", "finetune.mini.epochs=30"],
+    "prompt_pairs, lr x10, 30 epochs": ["finetune.mini.separation=prompt_pairs",
+                                        "finetune.lr=5.0e-4", "finetune.mini.epochs=30"],
+}
+PROBE_TARGET = {"fpr_judged": 0.10, "fnr_judged": 0.05}
 
 HOW_TO_READ = (
     "Each cell is a rate with its 95% interval in brackets: Wilson for shares of images, a "
@@ -103,12 +120,14 @@ def dvc(*args: str) -> str:
     return result.stdout
 
 
-def run_all_concepts(setting: str, overrides: list[str], target: str | None = None) -> None:
-    """One ``dvc exp run`` per concept of ``setting`` (with the ``KEY=VALUE`` param
-    ``overrides``; only up to the stage ``target`` if given), one after another, each in a
-    temporary copy of the repository (``--temp``): the workspace keeps its concept and results."""
+def run_all_concepts(setting: str, overrides: list[str], target: str | None = None,
+                     concepts: list[str] | None = None) -> None:
+    """One ``dvc exp run`` per concept of ``setting`` (or of ``concepts``; with the
+    ``KEY=VALUE`` param ``overrides``; only up to the stage ``target`` if given), one after
+    another, each in a temporary copy of the repository (``--temp``): the workspace keeps its
+    concept and results."""
     sets = [arg for override in overrides for arg in ("-S", override)]
-    for concept in tqdm(known_concepts(setting), desc="concepts", unit="experiment"):
+    for concept in tqdm(concepts or known_concepts(setting), desc="concepts", unit="experiment"):
         dvc("exp", "run", "--temp", *sets, "-S", f"concept={concept}", *([target] if target else []))
 
 
@@ -310,13 +329,16 @@ def summary_figure(long: pd.DataFrame, folder: Path) -> str:
     return "summary.png"
 
 
-def ablation_table(runs: list[dict], params: dict) -> pd.DataFrame:
-    """The fine-tuning ablation as data: per variant, concept and rate, Espresso fine-tuned's
+def ablation_table(runs: list[dict], params: dict, variants: dict[str, list[str]],
+                   concepts: set[str] | None = None) -> pd.DataFrame:
+    """Fine-tuning variants as data: per variant, concept and rate, Espresso fine-tuned's
     value and interval, and zero-shot Espresso's (the same in every variant)."""
     rows = []
-    for variant, overrides in ABLATION.items():
+    for variant, overrides in variants.items():
         chosen = newest_per_concept(runs, with_overrides(params, overrides), ("evaluate",))
         for concept, run in sorted(chosen.items()):
+            if concepts is not None and concept not in concepts:
+                continue
             evaluate = run["metrics"]["reports/evaluate/metrics.json"]
             tuning = run["metrics"].get("reports/finetune/metrics.json") or {}
             for key in ABLATION_RATES:
@@ -343,12 +365,30 @@ def ablation_view(ablation: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(out).fillna("")
 
 
+def probe_view(probe: pd.DataFrame) -> pd.DataFrame:
+    """Rendered probe: one row per variant (zero-shot first), the probe's rates, and whether
+    the target (PROBE_TARGET) is met by the point estimates."""
+    rows = {}
+    for variant, group in probe.groupby("variant", sort=False):
+        for name, f in (("zero-shot (no fine-tuning)", "zero_shot"), (variant, "espresso")):
+            rates = {r.metric: r for r in group[group["filter"] == f].itertuples()}
+            row = {key: cell(rates[key]._asdict()) for key in ABLATION_RATES}
+            row["target met"] = "yes" if all(rates[k].value <= v
+                                             for k, v in PROBE_TARGET.items()) else "no"
+            row["epoch"] = "" if f == "zero_shot" else group["chosen_epoch"].iloc[0]
+            rows.setdefault(name, row)
+    return pd.DataFrame(rows).T
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="store_true",
                         help="first run one DVC experiment per concept of the setting")
     parser.add_argument("--ablation", action="store_true",
                         help="also the fine-tuning ablation (with --run: run its variants too)")
+    parser.add_argument("--probe", metavar="CONCEPT",
+                        help="also the fine-tuning probe (PROBES) on one concept (with --run: "
+                             "run its variants too)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a param of the sweep, as in `dvc exp run -S` (e.g. setting=paper, "
                              "attack.adaptive=false); repeatable")
@@ -362,18 +402,25 @@ def main(argv: list[str] | None = None) -> None:
             for variant, overrides in ABLATION.items():
                 if overrides:
                     run_all_concepts(setting, args.set + overrides, target="evaluate")
+        if args.probe:
+            for variant, overrides in PROBES.items():
+                if variant not in ABLATION or not args.ablation:
+                    run_all_concepts(setting, args.set + overrides, target="evaluate",
+                                     concepts=[args.probe])
     runs = experiments(json.loads(dvc("exp", "show", "--all-commits", "--json")))
     chosen = newest_per_concept(runs, params, ("evaluate", "attack"))
     if not chosen:
         raise SystemExit(f"error: no {setting} experiment with these params and evaluate and "
                          "attack metrics: run `python -m pipeline.summary --run` first")
     long = with_averages(long_table(chosen))
-    ablation = ablation_table(runs, params) if args.ablation else pd.DataFrame()
-    write_summary(args.out, params, args.set, long, ablation)
+    ablation = ablation_table(runs, params, ABLATION) if args.ablation else pd.DataFrame()
+    probe = (ablation_table(runs, params, PROBES, {args.probe}) if args.probe
+             else pd.DataFrame())
+    write_summary(args.out, params, args.set, long, ablation, probe)
 
 
 def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFrame,
-                  ablation: pd.DataFrame) -> None:
+                  ablation: pd.DataFrame, probe: pd.DataFrame) -> None:
     """summary.csv (and ablation.csv), rendered as README.md and index.html with a figure."""
     setting, plus = params["setting"], "+" if params["attack"]["adaptive"] else ""
     world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
@@ -405,6 +452,11 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
         for key in ABLATION_RATES:
             tables[f"Fine-tuning ablation: {CLEAN_METRICS[key][0]} (eN: chosen epoch; * better, "
                    "! worse than zero-shot beyond the intervals)"] = ablation_view(ablation, key)
+    if not probe.empty:
+        concept = probe["concept"].iloc[0]
+        tables[f"Fine-tuning probe on {concept}: does any form, optimiser or budget reach FPR <= "
+               f"{PROBE_TARGET['fpr_judged']:.2f} at FNR <= {PROBE_TARGET['fnr_judged']:.2f} "
+               "(by the judge)?"] = probe_view(probe)
     with atomic_dir(out) as tmp:
         figures = {"Per concept and filter, with 95% intervals": summary_figure(long, tmp)}
         markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures)
@@ -413,6 +465,8 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
         long.to_csv(tmp / "summary.csv", index=False)
         if not ablation.empty:
             ablation.to_csv(tmp / "ablation.csv", index=False)
+        if not probe.empty:
+            probe.to_csv(tmp / "probe.csv", index=False)
     print(markdown)
 
 
