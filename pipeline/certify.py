@@ -28,6 +28,7 @@ from pipeline.params import run_stage, settings_of
 REPORTS = Path("reports/certify")
 ATTACK_DIR = Path("data/attack")
 CERTIFIED_FILTERS = ("zero_shot", "espresso")
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", ATTACK_DIR: "attack"}
 
 
 def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.ndarray) -> dict:
@@ -92,7 +93,7 @@ def run(params: dict) -> dict:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

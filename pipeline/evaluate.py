@@ -24,6 +24,7 @@ from pipeline.judges import load_extra_judges, load_judge
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/evaluate")
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune"}
 
 
 def run(params: dict) -> dict:
@@ -97,7 +98,7 @@ def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame) -> Filte
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

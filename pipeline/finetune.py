@@ -30,6 +30,7 @@ REPORTS = Path("reports/finetune")
 SELECTION_RULE = ("epoch (0 = zero-shot) with the highest validation balanced accuracy of the "
                   "filter; ties -> the lowest validation loss")
 PER_SETTING_KEYS = {"separation", "optimizer", "epochs", "epochs_by_concept"}
+NEEDS = {MANIFEST: "generate"}
 
 
 def trainable_text_side(clip) -> list[torch.nn.Parameter]:
@@ -161,7 +162,7 @@ def run(params: dict) -> dict:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

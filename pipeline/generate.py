@@ -16,11 +16,32 @@ import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
 from pipeline.espresso.files import atomic_file, write_csv, write_json
-from pipeline.params import run_stage, settings_of
+from pipeline.params import ParamsError, run_stage, settings_of
 
 OUT = Path("data/generate")
 MANIFEST = OUT / "manifest.csv"
 LABELS = ("unacceptable", "acceptable")
+WORLD = Path("data/world")
+
+
+def needs(params: dict) -> dict[Path, str]:
+    """The mini world's model folders that the setting's models come from (stage ``world``)."""
+    _, _, models = settings_of(params)
+    return {Path(models[key]): "world" for key in ("t2i", "clip")
+            if Path(models[key]).is_relative_to(WORLD)}
+
+
+def sampler_of(params: dict, setting: str) -> dict:
+    """The setting's sampler (``generate.<setting>``); an unknown scheduler fails here, before
+    any model is loaded."""
+    from pipeline.espresso.models import scheduler_class
+
+    sampler = params["generate"][setting]
+    try:
+        scheduler_class(sampler["scheduler"])
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: generate.{setting}.scheduler: {err}") from None
+    return sampler
 
 
 def plan_images(concept: Concept, p: dict, test_prompts: list[str] | None = None) -> pd.DataFrame:
@@ -62,7 +83,7 @@ def run(params: dict) -> pd.DataFrame:
 
     setting, concept, models = settings_of(params)
     p = params["generate"]
-    sampler = p[setting]
+    sampler = sampler_of(params, setting)
     manifest = plan_images(concept, p, i2p_test_prompts(concept, p) if setting == "paper" else None)
     size = p["shard_size"]
     manifest["shard"] = ""
@@ -112,7 +133,7 @@ def i2p_test_prompts(concept: Concept, p: dict) -> list[str] | None:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, needs)
 
 
 if __name__ == "__main__":

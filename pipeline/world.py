@@ -10,9 +10,9 @@ or one part at a time (``python -m pipeline.world clip|vae|unet|judge|measure``)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 
 from pipeline.espresso.files import atomic_dir, atomic_file, write_json
 from pipeline.mini import shapes
-from pipeline.params import load_params
+from pipeline.params import ParamsError, load_params, stage_parser
 
 OUT = Path("data/world")
 REPORTS = Path("reports/world")
@@ -109,14 +109,19 @@ PARTS = {"clip": build_clip, "vae": build_vae, "judge": build_judge, "unet": bui
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("parts", nargs="*", choices=[*PARTS, "all"], default=["all"])
+    parser = stage_parser(sys.modules[__name__])
+    # a str default: argparse (3.11) checks a list default against the choices as one value
+    parser.add_argument("parts", nargs="*", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = load_params()["world"]
-    for part in PARTS if "all" in args.parts else args.parts:
+    try:
+        p = load_params()["world"]
+    except ParamsError as err:
+        sys.exit(f"error: {err}")
+    parts = [args.parts] if isinstance(args.parts, str) else args.parts
+    for part in PARTS if "all" in parts else parts:
         PARTS[part](p)
 
 

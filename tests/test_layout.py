@@ -2,36 +2,16 @@
 (``pipeline/espresso``) imports nothing of the project outside itself, so it can become a package
 of its own; the attacks and the mini world never import a DVC stage. Read from the source with
 ``ast``, imports inside functions included."""
-import ast
 from pathlib import Path
 
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-PIPELINE = REPO / "pipeline"
+from import_graph import PIPELINE, REPO, imported_modules
 
 
 def stage_modules() -> set[str]:
     """``pipeline.<stage>`` of every stage in dvc.yaml (each one module at the top level)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     return {f"pipeline.{name}" for name in stages}
-
-
-def imported_modules(source: str, module: str) -> set[str]:
-    """Every module an import statement anywhere in ``source`` (of ``module``) names: for
-    ``from package import name`` both the package and ``package.name`` (name may be a module)."""
-    package = module.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-    return found
 
 
 def modules_under(folder: str) -> dict[str, set[str]]:

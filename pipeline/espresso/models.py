@@ -167,14 +167,19 @@ def _require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) 
             "merges.txt) are missing.")
 
 
+def scheduler_class(name: str) -> type:
+    """diffusers' scheduler class ``name`` (e.g. "DDIMScheduler"); ValueError if there is none."""
+    found = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if found is None or not name.endswith("Scheduler"):
+        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. DDIMScheduler, "
+                         "DPMSolverMultistepScheduler, PNDMScheduler)")
+    return found
+
+
 def use_scheduler(pipe, name: str) -> None:
     """Swap the pipeline's sampler for diffusers' ``name`` (e.g. "DDIMScheduler"), keeping the
     noise schedule the model was trained with."""
-    scheduler_class = getattr(diffusers, name, None)
-    if scheduler_class is None or not name.endswith("Scheduler"):
-        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. DDIMScheduler, "
-                         "DPMSolverMultistepScheduler, PNDMScheduler)")
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
 
 
 @torch.no_grad()
