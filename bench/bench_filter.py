@@ -42,7 +42,7 @@ def measure(variant: str, batch: int, repeats: int) -> dict:
     from transformers import CLIPImageProcessor, CLIPModel
 
     from pipeline.espresso import EspressoFilter
-    from pipeline.tokenizer import build_clip_tokenizer
+    from pipeline.mini.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,23 +15,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import shapes
 from pipeline.attacks import ATTACKS, AttackContext
+from pipeline.attacks.prompt_embedding import textual_inversion
 from pipeline.concepts import prompt_pairs
+from pipeline.espresso import FILTERS
+from pipeline.espresso.files import atomic_file, write_csv, write_json
+from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
 from pipeline.evaluate import load_filter_bank
-from pipeline.files import atomic_file, write_csv, write_json
-from pipeline.filters import FILTERS
-from pipeline.generate import MANIFEST, load_images
+from pipeline.finetune import FILTER_DIR
+from pipeline.generate import MANIFEST, load_images, sampler_of
 from pipeline.judges import load_judge
-from pipeline.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
+from pipeline.mini import shapes
 from pipeline.params import ParamsError, run_stage, settings_of
-from pipeline.prompt_embedding import textual_inversion
 
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
 #: no other words, so tokens outside it are untrained noise to them).
 VOCABULARIES = {"all": None, "world": shapes.language()}
 REPORTS = Path("reports/attack")
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune"}
 
 
 def attack_targets(manifest: pd.DataFrame, judge, limit: int) -> tuple[np.ndarray, list[str]]:
@@ -46,22 +48,21 @@ def attack_targets(manifest: pd.DataFrame, judge, limit: int) -> tuple[np.ndarra
 
 
 def run(params: dict) -> dict:
-    from pipeline.models import quiet_libraries
+    from pipeline.espresso.models import quiet_libraries
 
     with quiet_libraries():
         return _run(params)
 
 
 def _run(params: dict) -> dict:
-    from pipeline.models import load_t2i
-    from pipeline.t2i import generate, use_scheduler
+    from pipeline.espresso.models import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["attack"]
-    unknown = sorted(set(p["attacks"]) - set(ATTACKS))
-    if unknown:
-        raise ParamsError(f"params.yaml: attack.attacks has {unknown}; allowed: {sorted(ATTACKS)}")
-    budgets, sampler = p[setting], params["generate"][setting]
+    if not isinstance(p["attacks"], list) or set(p["attacks"]) - set(ATTACKS):
+        raise ParamsError(f"params.yaml: attack.attacks is {p['attacks']!r}; allowed: a list of "
+                          f"{', '.join(ATTACKS)}")
+    budgets, sampler = p[setting], sampler_of(params, setting)
     if budgets["vocabulary"] not in VOCABULARIES:
         raise ParamsError(f"params.yaml: attack.{setting}.vocabulary is "
                           f"{budgets['vocabulary']!r}; allowed: {sorted(VOCABULARIES)}")
@@ -130,7 +131,7 @@ def score_attack(bank, judge, images: np.ndarray, prompts: list[str]) -> tuple[d
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

@@ -17,39 +17,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.certify_math import (exact_radius, release_bound, search_flip,
-                                   worst_case_perturbation)
-from pipeline.espresso import EspressoFilter
-from pipeline.files import write_csv, write_json
+from pipeline.espresso.certificate import certified_accuracy, certify_embeddings
+from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso import EspressoFilter, blocks
+from pipeline.espresso.metrics import proportion
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
-from pipeline.metrics import proportion
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/certify")
 ATTACK_DIR = Path("data/attack")
 CERTIFIED_FILTERS = ("zero_shot", "espresso")
-
-
-def certify_embeddings(z: torch.Tensor, w: torch.Tensor, scale: float, p: dict) -> dict:
-    """Radii, bound and verification counts for raw embeddings ``z`` and direction ``w``."""
-    e = F.normalize(z, dim=-1)
-    out = {"radius": exact_radius(z, w), "radius_normalized": exact_radius(e, w),
-           "release_bound": release_bound(z, w, scale)}
-    violations = {}
-    for name, emb, radius in (("raw", z, out["radius"]), ("normalized", e, out["radius_normalized"])):
-        side = torch.sign(emb @ w)
-        pushed = emb + worst_case_perturbation(emb, w, radius * (1 + p["eps"]))
-        searched = emb + search_flip(emb, w, radius * (1 - p["eps"]), p["search_steps"],
-                                     p["search_lr"], p["seed"])
-        violations[f"outside_not_flipped_{name}"] = int((torch.sign(pushed @ w) == side).sum())
-        violations[f"inside_flipped_{name}"] = int((torch.sign(searched @ w) != side).sum())
-    return {**{k: v.numpy() for k, v in out.items()}, "violations": violations}
-
-
-def certified_accuracy(radius: np.ndarray, blocked: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Fraction of (unacceptable) images that are blocked with a radius of at least r."""
-    return np.array([(blocked & (radius >= r)).mean() for r in grid])
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", ATTACK_DIR: "attack"}
 
 
 def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.ndarray) -> dict:
@@ -61,11 +40,11 @@ def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.
         distance = torch.cdist(adv, clean)
         nearest = distance.argmin(1)
         moved = distance.min(1).values.numpy()
-        margin = (adv @ filt.direction).numpy()
+        margin = filt.margin(adv).numpy()
         out[path.stem] = {"median_distance_moved": float(np.median(moved)),
                           "median_radius_of_nearest_clean": float(np.median(clean_radius[nearest])),
                           "share_moved_beyond_radius": proportion(moved > clean_radius[nearest]),
-                          "share_passed": proportion(margin <= 0)}
+                          "share_passed": proportion(~blocks(margin))}
     return out
 
 
@@ -85,7 +64,7 @@ def run(params: dict) -> dict:
     for name, filt in filters.items():
         z = filt.embed(images)
         result = certify_embeddings(z, filt.direction, filt.logit_scale, p)
-        blocked = (z @ filt.direction > 0).numpy()
+        blocked = blocks(filt.margin(z)).numpy()
         for key in ("radius", "radius_normalized", "release_bound"):
             table[f"{name}_{key}"] = result[key]
         table[f"{name}_blocked"] = blocked
@@ -114,7 +93,7 @@ def run(params: dict) -> dict:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

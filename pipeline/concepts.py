@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline import shapes
+from pipeline.mini import shapes
 
 REGISTRY_FILE = Path("data/concepts.yaml")
 KINDS = ("opposite", "broader_class", "style")

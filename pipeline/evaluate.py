@@ -1,5 +1,5 @@
 """DVC stage ``evaluate``: METHOD section 5 metrics on the test split, for every filter, each
-rate with its 95% interval (``pipeline.metrics``).
+rate with its 95% interval (``pipeline.espresso.metrics``).
 
 Filters compared: none; a prompt keyword blocklist; a single-concept cosine threshold in the style
 of the SD safety checker (threshold calibrated on validation images); Espresso zero-shot; Espresso
@@ -14,17 +14,17 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pipeline.espresso import EspressoFilter
-from pipeline.files import write_csv, write_json
-from pipeline.filters import FILTERS, Decision, FilterBank
+from pipeline.espresso import FILTERS, Decision, EspressoFilter, FilterBank
+from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
+                                       normalized_clip_score, proportion)
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_extra_judges, load_judge
-from pipeline.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
-                             normalized_clip_score, proportion)
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/evaluate")
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune"}
 
 
 def run(params: dict) -> dict:
@@ -98,7 +98,7 @@ def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame) -> Filte
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

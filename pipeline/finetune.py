@@ -1,14 +1,12 @@
 """DVC stage ``finetune``: Espresso's fine-tuning of CLIP's text side (METHOD section 3).
 
-    L = lambda_u * L_CLIP(x_u, p_u) + lambda_a * L_CLIP(x_a, p_a) - lambda_s * separation
-
-Only the text transformer and text projection are trained; the vision tower is frozen, so image
-embeddings are computed once. The contrastive terms keep each prompt paired with its images
-(utility); the separation term pushes unacceptable and acceptable text embeddings apart
-(effectiveness). Its form, the optimiser and the epochs are per setting: the paper setting
-reproduces the authors' release, the mini world uses ours (``finetune_params``).
-The checkpoint is chosen on the validation split (rule and epoch recorded in the metrics), and
-the *whole* CLIP is saved, text projection included (the authors' release dropped it).
+The objective is the library's (``pipeline.espresso.losses``); here are the optimisers, the
+training loop and the checkpoint choice. Only the text transformer and text projection are
+trained; the vision tower is frozen, so image embeddings are computed once. The separation form,
+the optimiser and the epochs are per setting: the paper setting reproduces the authors' release,
+the mini world uses ours (``finetune_params``). The checkpoint is chosen on the validation split
+(rule and epoch recorded in the metrics), and the *whole* CLIP is saved, text projection included
+(the authors' release dropped it).
 """
 from __future__ import annotations
 
@@ -20,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.espresso import EspressoFilter
-from pipeline.files import write_csv, write_json
+from pipeline.espresso import EspressoFilter, blocks
+from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.losses import SEPARATIONS, espresso_loss
 from pipeline.generate import MANIFEST, load_images
-from pipeline.mini_clip import multi_positive_loss
 from pipeline.params import SETTINGS, ParamsError, run_stage, settings_of
 
 OUT = Path("data/finetune")
@@ -32,19 +30,7 @@ REPORTS = Path("reports/finetune")
 SELECTION_RULE = ("epoch (0 = zero-shot) with the highest validation balanced accuracy of the "
                   "filter; ties -> the lowest validation loss")
 PER_SETTING_KEYS = {"separation", "optimizer", "epochs", "epochs_by_concept"}
-
-
-def separation_concepts(emb_u, emb_a, t_u, t_a) -> torch.Tensor:
-    """|t_u - t_a|_2 of the concept strings' embeddings, not squared (the paper's stated term)."""
-    return (t_u - t_a).norm()
-
-
-def separation_prompt_pairs(emb_u, emb_a, t_u, t_a) -> torch.Tensor:
-    """(1/B) sum_i |t(p_u,i) - t(p_a,i)|^2 over the batch's paired prompts (the release's term)."""
-    return (emb_u - emb_a).pow(2).sum(-1).mean()
-
-
-SEPARATIONS = {"concepts": separation_concepts, "prompt_pairs": separation_prompt_pairs}
+NEEDS = {MANIFEST: "generate"}
 
 
 def trainable_text_side(clip) -> list[torch.nn.Parameter]:
@@ -104,38 +90,6 @@ def text_side_state(clip) -> dict[str, torch.Tensor]:
             if k.startswith(("text_model.", "text_projection."))}
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, prompts: list[str],
-                     scale: float) -> torch.Tensor:
-    """CLIP's symmetric loss over the batch; identical prompts count as positives of each
-    other's images (small concept vocabularies repeat prompts within a batch)."""
-    same_prompt = torch.tensor([[a == b for b in prompts] for a in prompts])
-    return multi_positive_loss(scale * image_emb @ text_emb.T, same_prompt)
-
-
-def espresso_loss(filt: EspressoFilter, batch: dict, weights: dict,
-                  separation: str) -> dict[str, torch.Tensor]:
-    """The three terms and their weighted total for one batch of aligned pairs; ``separation``
-    names the form (a key of ``SEPARATIONS``)."""
-    texts = filt.tokenizer(batch["prompts_u"] + batch["prompts_a"] +
-                           [filt.unacceptable, filt.acceptable], padding="max_length",
-                           truncation=True, max_length=filt.tokenizer.model_max_length,
-                           return_tensors="pt")
-    emb = F.normalize(filt.clip.get_text_features(
-        input_ids=texts.input_ids.to(filt.clip.device),
-        attention_mask=texts.attention_mask.to(filt.clip.device)).pooler_output.float(), dim=-1)
-    n = len(batch["prompts_u"])
-    scale = filt.logit_scale
-    terms = {
-        "unacceptable": contrastive_loss(batch["images_u"], emb[:n], batch["prompts_u"], scale),
-        "acceptable": contrastive_loss(batch["images_a"], emb[n:2 * n], batch["prompts_a"], scale),
-        "separation": SEPARATIONS[separation](emb[:n], emb[n:2 * n], emb[-2], emb[-1]),
-    }
-    terms["total"] = (weights["unacceptable"] * terms["unacceptable"]
-                      + weights["acceptable"] * terms["acceptable"]
-                      - weights["separation"] * terms["separation"])
-    return terms
-
-
 def aligned_split(manifest: pd.DataFrame, embeddings: torch.Tensor, split: str) -> dict:
     """The split's (unacceptable, acceptable) image/prompt pairs, matched by pair id and order."""
     rows = manifest[manifest["split"] == split]
@@ -151,9 +105,9 @@ def aligned_split(manifest: pd.DataFrame, embeddings: torch.Tensor, split: str) 
 def validate(filt: EspressoFilter, val: dict, weights: dict, separation: str) -> dict:
     """Balanced accuracy of the filter's decisions and the loss, on validation images."""
     filt.refresh_concepts()
-    margin_u = val["images_u"] @ filt.direction
-    margin_a = val["images_a"] @ filt.direction
-    accuracy = ((margin_u > 0).float().mean() + (margin_a <= 0).float().mean()).item() / 2
+    blocked_u = blocks(filt.margin(val["images_u"]))
+    blocked_a = blocks(filt.margin(val["images_a"]))
+    accuracy = (blocked_u.float().mean() + (~blocked_a).float().mean()).item() / 2
     loss = espresso_loss(filt, val, weights, separation)["total"].item()
     return {"balanced_accuracy": accuracy, "loss": loss}
 
@@ -208,7 +162,7 @@ def run(params: dict) -> dict:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,33 @@ import numpy as np
 import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
-from pipeline.files import atomic_file, write_csv, write_json
-from pipeline.params import run_stage, settings_of
+from pipeline.espresso.files import atomic_file, write_csv, write_json
+from pipeline.params import ParamsError, run_stage, settings_of
 
 OUT = Path("data/generate")
 MANIFEST = OUT / "manifest.csv"
 LABELS = ("unacceptable", "acceptable")
+WORLD = Path("data/world")
+
+
+def needs(params: dict) -> dict[Path, str]:
+    """The mini world's model folders that the setting's models come from (stage ``world``)."""
+    _, _, models = settings_of(params)
+    return {Path(models[key]): "world" for key in ("t2i", "clip")
+            if Path(models[key]).is_relative_to(WORLD)}
+
+
+def sampler_of(params: dict, setting: str) -> dict:
+    """The setting's sampler (``generate.<setting>``); an unknown scheduler fails here, before
+    any model is loaded."""
+    from pipeline.espresso.models import scheduler_class
+
+    sampler = params["generate"][setting]
+    try:
+        scheduler_class(sampler["scheduler"])
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: generate.{setting}.scheduler: {err}") from None
+    return sampler
 
 
 def plan_images(concept: Concept, p: dict, test_prompts: list[str] | None = None) -> pd.DataFrame:
@@ -58,12 +79,11 @@ def run(params: dict) -> pd.DataFrame:
     """Generate whatever shards are missing and write the manifest; returns it."""
     from tqdm import tqdm
 
-    from pipeline.models import load_t2i
-    from pipeline.t2i import generate, use_scheduler
+    from pipeline.espresso.models import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["generate"]
-    sampler = p[setting]
+    sampler = sampler_of(params, setting)
     manifest = plan_images(concept, p, i2p_test_prompts(concept, p) if setting == "paper" else None)
     size = p["shard_size"]
     manifest["shard"] = ""
@@ -99,7 +119,7 @@ def i2p_test_prompts(concept: Concept, p: dict) -> list[str] | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    from pipeline.models import hub_loading
+    from pipeline.espresso.models import hub_loading
 
     with hub_loading("AIML-TUDA/i2p", repo_type="dataset"):
         path = Path(hf_hub_download("AIML-TUDA/i2p", "i2p_benchmark.csv", repo_type="dataset"))
@@ -113,7 +133,7 @@ def i2p_test_prompts(concept: Concept, p: dict) -> list[str] | None:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, needs)
 
 
 if __name__ == "__main__":

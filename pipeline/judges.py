@@ -10,8 +10,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import shapes
 from pipeline.concepts import Concept
+from pipeline.mini import shapes
 
 Judgement = Callable[[np.ndarray], np.ndarray]
 log = logging.getLogger(__name__)
@@ -51,9 +51,10 @@ def load_extra_judges(setting: str, concept: Concept) -> dict[str, Judgement]:
 
 
 def _world_judge(folder: str, concept: Concept) -> Judgement:
-    from pipeline.judge import Judge
+    from pipeline.espresso.models import resolve_source
+    from pipeline.mini.judge import Judge
 
-    judge = Judge.from_pretrained(folder).float().eval()
+    judge = Judge.from_pretrained(resolve_source(folder)).float().eval()
     ((head, value),) = concept.shows.items()
     wanted = shapes.VOCAB[head].index(value)
     return lambda images: judge.predict(images)[head] == wanted
@@ -65,7 +66,7 @@ def _open_clip_judge(name: str, concept: Concept) -> Judgement:
     import open_clip
     from PIL import Image
 
-    from pipeline.models import hub_loading
+    from pipeline.espresso.models import hub_loading
 
     with hub_loading(name.removeprefix("hf-hub:")):
         model, _, preprocess = open_clip.create_model_and_transforms(name)

@@ -1,20 +1,34 @@
-"""Reading and validating ``params.yaml``, the single source of every budget and seed."""
+"""Reading and validating ``params.yaml``, the single source of every budget and seed, and
+running a stage as a command (``run_stage``: ``--help``, checked inputs, one-line errors)."""
 from __future__ import annotations
 
+import argparse
 import sys
+import textwrap
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Callable, Mapping, Union
 
 import yaml
 
-from pipeline.concepts import Concept, UnknownConceptError, get_concept
+from pipeline.concepts import Concept, UnknownConceptError, get_concept, known_concepts
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
+#: The repository this code is in (its dvc.yaml says what each stage reads and writes).
+REPO = Path(__file__).resolve().parents[1]
+
+#: Upstream outputs a stage reads -> the stage that writes each, in pipeline order; or a
+#: function of the params that gives them.
+Needs = Union[Mapping[Union[str, Path], str], Callable[[dict], Mapping[Union[str, Path], str]]]
 
 
 class ParamsError(ValueError):
     """A params value that is missing or not allowed; the message names the key and the fix."""
+
+
+class MissingInputError(FileNotFoundError):
+    """An upstream output a stage reads is not there; the message names the stage to run."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -25,23 +39,97 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def settings_of(params: dict) -> tuple[str, Concept, dict[str, str]]:
-    """The validated setting, concept and model sources of a run."""
+def setting_of(params: dict) -> str:
+    """The validated setting of a run."""
     setting = params.get("setting")
     if setting not in SETTINGS:
         raise ParamsError(f"params.yaml: setting is {setting!r}; allowed: {', '.join(SETTINGS)}")
-    concept = get_concept(str(params.get("concept")), setting)
+    return setting
+
+
+def settings_of(params: dict) -> tuple[str, Concept, dict[str, str]]:
+    """The validated setting, concept and model sources of a run."""
+    setting = setting_of(params)
+    name = params.get("concept")
+    known = known_concepts(setting)
+    if name not in known:
+        raise ParamsError(f"params.yaml: concept is {name!r}, unknown for setting {setting!r}; "
+                          f"known: {', '.join(known)}")
+    concept = get_concept(name, setting)
     models = (params.get("models") or {}).get(setting)
     if not models or not {"clip", "t2i"} <= set(models):
         raise ParamsError(f"params.yaml: models.{setting} must name 'clip' and 't2i' sources")
     return setting, concept, models
 
 
-def run_stage(stage: Callable[[dict], object], path: str | Path = PARAMS_FILE) -> None:
-    """Run a stage on the params file; a user error ends with its message, not a traceback."""
-    from pipeline.models import ModelNotAvailableError
+def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
+              argv: list[str] | None = None, path: str | Path = PARAMS_FILE) -> None:
+    """Run a stage as a command. ``--help`` prints the stage module's docstring, what the stage
+    reads and writes and its params (from dvc.yaml), and touches nothing. Otherwise: the params
+    are validated (setting, concept, models), each upstream output in ``needs`` (path -> the
+    stage that writes it) must exist, then the stage runs. A user error (a param value not
+    allowed, a missing input or model) ends the command with one line, not a traceback."""
+    stage_parser(sys.modules[stage.__module__]).parse_args(argv)
+    from pipeline.espresso.models import ModelNotAvailableError
 
     try:
-        stage(load_params(path))
-    except (ParamsError, UnknownConceptError, ModelNotAvailableError) as err:
+        params = load_params(path)
+        settings_of(params)
+        for needed, producer in (needs(params) if callable(needs) else needs or {}).items():
+            if not Path(needed).exists():
+                raise MissingInputError(missing_input_message(Path(needed), producer))
+        stage(params)
+    except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError) as err:
         sys.exit(f"error: {err}")
+
+
+def missing_input_message(path: Path, producer: str) -> str:
+    if dvc_stage(producer).get("frozen"):
+        return (f"{path} not found: it is an output of the frozen stage `{producer}`, committed "
+                f"in git: restore it with `git checkout -- {path}`")
+    return f"{path} not found: run `dvc repro {producer}` first"
+
+
+def stage_parser(module: ModuleType) -> argparse.ArgumentParser:
+    """The command line of a stage module (``python -m pipeline.<stage>``): its docstring, then
+    what dvc.yaml says it reads, writes and which params it uses."""
+    name = module.__spec__.name if module.__spec__ else module.__name__
+    return argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__,
+                                   epilog=stage_summary(name.rsplit(".", 1)[-1]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def dvc_stage(name: str) -> dict:
+    """The stage ``name`` of the repository's dvc.yaml ({} where there is none)."""
+    dvc_file = REPO / "dvc.yaml"
+    if not dvc_file.is_file():
+        return {}
+    return (yaml.safe_load(dvc_file.read_text()).get("stages") or {}).get(name) or {}
+
+
+def stage_summary(name: str) -> str:
+    """What the stage reads (besides code), writes and which params it uses, from dvc.yaml."""
+    stage = dvc_stage(name)
+    if not stage:
+        return ""
+
+    def paths(entries) -> list[str]:
+        return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
+
+    reads = [dep for dep in paths(stage.get("deps")) if dep.split("/")[0] != "pipeline"]
+    writes = sum((paths(stage.get(key)) for key in ("outs", "metrics", "plots")), [])
+    keys = []
+    for entry in stage.get("params") or []:  # a key of params.yaml, or {file: [keys]}
+        keys += [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]
+    params_file = PARAMS_FILE if PARAMS_FILE.is_file() else REPO / PARAMS_FILE
+    own = yaml.safe_load(params_file.read_text()).get(name) if params_file.is_file() else None
+    section = f"; {name}: {', '.join(own)}" if isinstance(own, dict) else ""
+    run = (f"As a frozen DVC stage: dvc unfreeze {name} && dvc repro {name} && dvc freeze {name}"
+           if stage.get("frozen") else
+           f"As a DVC stage: dvc repro {name} (from the repository root; runs the stages it needs "
+           "first)")
+    lines = [("reads:", ", ".join(reads) or "nothing but code"), ("writes:", ", ".join(writes)),
+             ("params:", f"{', '.join(keys)} (params.yaml{section})")]
+    return "\n".join([run]
+                     + [textwrap.fill(text, 96, initial_indent=f"  {label:<8}",
+                                      subsequent_indent=" " * 10) for label, text in lines])

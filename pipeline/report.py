@@ -16,17 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
-from pipeline.files import atomic_dir
-from pipeline.filters import FILTERS
+from pipeline.espresso import FILTERS
+from pipeline.espresso.files import atomic_dir
 from pipeline.generate import MANIFEST, load_images
+from pipeline.mini.quality import grid_image
 from pipeline.params import run_stage, settings_of
-from pipeline.world_quality import grid_image
 
 OUT = Path("reports/report")
 INPUTS = {stage: Path(f"reports/{stage}/metrics.json")
           for stage in ("finetune", "evaluate", "attack", "certify")}
+SCORES = Path("reports/evaluate/scores.csv")
+CERTIFIED_ACCURACY = Path("reports/certify/certified_accuracy.csv")
+NEEDS = {MANIFEST: "generate", **{path: stage for stage, path in INPUTS.items()},
+         SCORES: "evaluate", CERTIFIED_ACCURACY: "certify"}
 FILTER_NAMES = {"none": "no filter", "keyword": "keyword blocklist",
                 "threshold": "cosine threshold (SD-checker style)",
                 "zero_shot": "Espresso zero-shot", "espresso": "Espresso fine-tuned"}
@@ -102,7 +106,7 @@ CERTIFICATE_SCOPE = (
 def image_grids(folder: Path, blur: bool) -> dict[str, str]:
     """PNG grids: unacceptable test images before / after Espresso, acceptable after."""
     manifest = pd.read_csv(MANIFEST)
-    scores = pd.read_csv("reports/evaluate/scores.csv")
+    scores = pd.read_csv(SCORES)
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     images = load_images(test)
     grids = {}
@@ -147,7 +151,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_ylabel("CLIP accuracy under attack")
     ax.legend(fontsize=6)
     out["CLIP accuracy under attack (lower is better)"] = _save(fig, folder / "attacks.png")
-    curve = pd.read_csv("reports/certify/certified_accuracy.csv")
+    curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
     for f in ("zero_shot", "espresso"):
@@ -227,7 +231,7 @@ def run(params: dict) -> None:
 
 
 def main() -> None:
-    run_stage(run)
+    run_stage(run, NEEDS)
 
 
 if __name__ == "__main__":

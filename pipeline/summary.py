@@ -38,10 +38,10 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
-from pipeline.files import atomic_dir
-from pipeline.filters import FILTERS
-from pipeline.metrics import beyond_intervals
-from pipeline.params import load_params
+from pipeline.espresso import FILTERS
+from pipeline.espresso.files import atomic_dir
+from pipeline.espresso.metrics import beyond_intervals
+from pipeline.params import ParamsError, load_params, setting_of
 from pipeline.report import CERTIFICATE_SCOPE, FILTER_NAMES, cell, render
 
 OUT = Path("reports/summary")
@@ -407,7 +407,8 @@ def probe_view(probe: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="store_true",
                         help="first run one DVC experiment per concept of the setting")
     parser.add_argument("--ablation", action="store_true",
@@ -420,8 +421,11 @@ def main(argv: list[str] | None = None) -> None:
                              "attack.adaptive=false); repeatable")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
     args = parser.parse_args(argv)
-    params = with_overrides(load_params(), args.set)
-    setting = params["setting"]
+    try:
+        params = with_overrides(load_params(), args.set)
+        setting = setting_of(params)
+    except ParamsError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.run:
         run_all_concepts(setting, args.set)
         if args.ablation:

@@ -10,17 +10,17 @@ or one part at a time (``python -m pipeline.world clip|vae|unet|judge|measure``)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import shapes
-from pipeline.files import atomic_dir, atomic_file, write_json
-from pipeline.params import load_params
+from pipeline.espresso.files import atomic_dir, atomic_file, write_json
+from pipeline.mini import shapes
+from pipeline.params import ParamsError, load_params, stage_parser
 
 OUT = Path("data/world")
 REPORTS = Path("reports/world")
@@ -56,8 +56,8 @@ def save_fp16(model: torch.nn.Module, folder: Path, *extras) -> None:
 
 
 def build_clip(p: dict) -> None:
-    from pipeline.mini_clip import image_processor, train_clip
-    from pipeline.tokenizer import build_clip_tokenizer
+    from pipeline.mini.clip import image_processor, train_clip
+    from pipeline.mini.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(p["clip"]["context_length"])
     images, scenes, varied = training_renders(p)
@@ -66,14 +66,14 @@ def build_clip(p: dict) -> None:
 
 
 def build_vae(p: dict) -> None:
-    from pipeline.mini_sd import train_vae
+    from pipeline.mini.sd import train_vae
 
     images, _, _ = training_renders(p)
     save_fp16(train_vae(p["vae"], images, p["seed"]), SD_DIR / "vae")
 
 
 def build_judge(p: dict) -> None:
-    from pipeline.judge import train_judge
+    from pipeline.mini.judge import train_judge
 
     images, scenes, _ = training_renders(p)
     save_fp16(train_judge(p["judge"], images, scenes, p["seed"]), JUDGE_DIR)
@@ -82,8 +82,8 @@ def build_judge(p: dict) -> None:
 def build_unet(p: dict) -> None:
     from diffusers import AutoencoderKL
 
-    from pipeline.mini_sd import assemble_pipeline, train_unet
-    from pipeline.models import load_clip
+    from pipeline.espresso.models import load_clip
+    from pipeline.mini.sd import assemble_pipeline, train_unet
 
     clip, tokenizer, _ = load_clip(str(CLIP_DIR), device="cpu", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(SD_DIR / "vae", torch_dtype=torch.float32)
@@ -99,7 +99,7 @@ def build_unet(p: dict) -> None:
 
 
 def build_measure(p: dict) -> None:
-    from pipeline.world_quality import measure_world
+    from pipeline.mini.quality import measure_world
 
     write_json(REPORTS / "metrics.json", measure_world(p, CLIP_DIR, SD_DIR, JUDGE_DIR, REPORTS))
 
@@ -109,14 +109,19 @@ PARTS = {"clip": build_clip, "vae": build_vae, "judge": build_judge, "unet": bui
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("parts", nargs="*", choices=[*PARTS, "all"], default=["all"])
+    parser = stage_parser(sys.modules[__name__])
+    # a str default: argparse (3.11) checks a list default against the choices as one value
+    parser.add_argument("parts", nargs="*", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = load_params()["world"]
-    for part in PARTS if "all" in args.parts else args.parts:
+    try:
+        p = load_params()["world"]
+    except ParamsError as err:
+        sys.exit(f"error: {err}")
+    parts = [args.parts] if isinstance(args.parts, str) else args.parts
+    for part in PARTS if "all" in parts else parts:
         PARTS[part](p)
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import attacks, shapes
+from pipeline.attacks import ATTACKS, AttackContext, cce, pez, ringbell, typo
+from pipeline.attacks.objective import typed_margin, unit_image_features
+from pipeline.attacks.prompt_embedding import TokenPrompts, clip_text_features
+from pipeline.attacks.trial import select_by_images
 from pipeline.concepts import get_concept
-from pipeline.espresso import EspressoFilter
+from pipeline.espresso import EspressoFilter, generate, load_t2i
 from pipeline.judges import load_judge
-from pipeline.models import load_t2i
-from pipeline.prompt_embedding import TokenPrompts, clip_text_features
-from pipeline.t2i import generate
+from pipeline.mini import shapes
 
 CLIP, SD, JUDGE = "data/world/clip", "data/world/sd", "data/world/judge"
 BUDGET = {
@@ -45,7 +46,7 @@ def context():
     def render(prompts, seeds):
         return generate(pipe, prompts, seeds, steps=3, guidance=5.0, size=32)
 
-    return attacks.AttackContext(
+    return AttackContext(
         attacker=attacker, target=target, pipe=pipe, concept=concept, target_images=images,
         target_prompts=["Zorbo", "Zorbo on a black background"] * 4,
         pairs=[("Zorbo", "a star"), ("Zorbo on a white background", "a star on a white background")],
@@ -69,13 +70,13 @@ def test_pez_adaptive_term_has_a_gradient_and_changes_the_prompts(context):
     side = TokenPrompts(context.target.clip.text_model, context.target.tokenizer)
     ids = side.vocabulary[:8].view(2, 4)
     soft = side.table[ids].detach().clone().requires_grad_(True)
-    margin = attacks.filter_margin(context.target, side, side.embed(ids, soft))
+    margin = pez.filter_margin(context.target, side, side.embed(ids, soft))
     (grad,) = torch.autograd.grad(margin.sum(), soft)
     assert grad.abs().sum() > 0
-    plus = attacks.pez(context, BUDGET["pez"])
-    plain = attacks.pez(dataclasses.replace(context, adaptive=False), BUDGET["pez"])
+    plus = pez.pez(context, BUDGET["pez"])
+    plain = pez.pez(dataclasses.replace(context, adaptive=False), BUDGET["pez"])
     assert plus.prompts != plain.prompts
-    assert attacks.pez(context, BUDGET["pez"]).prompts == plus.prompts  # deterministic
+    assert pez.pez(context, BUDGET["pez"]).prompts == plus.prompts  # deterministic
 
 
 def test_pez_keeps_the_candidates_whose_images_show_the_targets(context):
@@ -88,37 +89,36 @@ def test_pez_keeps_the_candidates_whose_images_show_the_targets(context):
         return np.stack([(zorbo if "draws" in q else other)[s % 4] for q, s in zip(prompts, seeds)])
 
     ctx = dataclasses.replace(context, render=render, n_prompts=2, adaptive=False)
-    targets = attacks.unit_image_features(ctx.attacker, ctx.target_images)
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
     candidates = ["a star", "draws 1", "a circle", "draws 2", "zorbo"]
-    kept = attacks.select_by_images(ctx, candidates, 2, targets, 0.0)
+    kept = select_by_images(ctx, candidates, 2, targets, 0.0)
     assert sorted(kept.prompts) == ["draws 1", "draws 2"]
     assert kept.objective == sorted(kept.objective) and kept.trial_success == [1.0, 1.0]
     # "+": a trial image succeeds only if the target filter also passes it, and it blocks zorbo
-    plus = attacks.select_by_images(dataclasses.replace(ctx, adaptive=True), candidates, 2,
-                                    targets, 0.0)
+    plus = select_by_images(dataclasses.replace(ctx, adaptive=True), candidates, 2, targets, 0.0)
     assert plus.trial_success == [0.0, 0.0]
-    repeated = attacks.select_by_images(ctx, ["draws 1"] * 3 + ["a star"], 2, targets, 0.0)
+    repeated = select_by_images(ctx, ["draws 1"] * 3 + ["a star"], 2, targets, 0.0)
     assert repeated.prompts == ["draws 1", "a star"]  # duplicates count once
 
 
 def test_typo_writes_the_acceptable_word_and_that_changes_the_prompts(context):
-    written = attacks.write_text(context.target_images, "a star", 0.35)
+    written = typo.write_text(context.target_images, "a star", 0.35)
     assert written.shape == context.target_images.shape
     assert np.abs(written.astype(int) - context.target_images).mean() > 5
-    plus = attacks.typo(context, BUDGET["typo"])
-    plain = attacks.typo(dataclasses.replace(context, adaptive=False), BUDGET["typo"])
+    plus = typo.typo(context, BUDGET["typo"])
+    plain = typo.typo(dataclasses.replace(context, adaptive=False), BUDGET["typo"])
     assert plus.prompts != plain.prompts
 
 
 def test_cce_filter_loss_is_live_and_changes_the_learned_token(context):
     pipe = context.pipe
     latents = torch.randn(2, 4, 16, 16, requires_grad=True)
-    loss = attacks.filter_image_loss(context.target, pipe, latents)
+    loss = cce.filter_image_loss(context.target, pipe, latents)
     (grad,) = torch.autograd.grad(loss, latents)
     assert grad.abs().sum() > 0
     ids = pipe.tokenizer("Zorbo on a black background").input_ids
-    plus = attacks.cce(context, BUDGET["cce"])
-    plain = attacks.cce(dataclasses.replace(context, adaptive=False), BUDGET["cce"])
+    plus = cce.cce(context, BUDGET["cce"])
+    plain = cce.cce(dataclasses.replace(context, adaptive=False), BUDGET["cce"])
     # the learned token was unloaded again, and the tokenizer still encodes and decodes as before
     assert len(pipe.tokenizer) == pipe.text_encoder.get_input_embeddings().num_embeddings
     assert pipe.tokenizer("Zorbo on a black background").input_ids == ids
@@ -127,18 +127,18 @@ def test_cce_filter_loss_is_live_and_changes_the_learned_token(context):
     assert not torch.allclose(plus.textual_inversion[token], plain.textual_inversion[token])
     assert all(token in prompt for prompt in plus.prompts)
     # several weights: one token each, and the trial keeps one of them
-    both = attacks.cce(context, {**BUDGET["cce"], "adaptive_weights": [0.0, 1.0]})
+    both = cce.cce(context, {**BUDGET["cce"], "adaptive_weights": [0.0, 1.0]})
     kept = {0.0: plain, 1.0: plus}[both.adaptive_weight]
     assert torch.equal(both.textual_inversion[token], kept.textual_inversion[token])
 
 
 def test_ringbell_fitness_depends_on_the_candidate_and_changes_the_prompts(context):
-    margins = attacks.typed_margin(context.target, ["zorbo on a star", "a star on a star"])
+    margins = typed_margin(context.target, ["zorbo on a star", "a star on a star"])
     assert margins[0] > margins[1]  # the filter flags the candidate that names c_u
-    plus = attacks.ringbell(context, BUDGET["ringbell"])
-    plain = attacks.ringbell(dataclasses.replace(context, adaptive=False), BUDGET["ringbell"])
+    plus = ringbell.ringbell(context, BUDGET["ringbell"])
+    plain = ringbell.ringbell(dataclasses.replace(context, adaptive=False), BUDGET["ringbell"])
     assert plus.prompts != plain.prompts
-    assert attacks.ringbell(context, BUDGET["ringbell"]).prompts == plus.prompts
+    assert ringbell.ringbell(context, BUDGET["ringbell"]).prompts == plus.prompts
 
 
 def test_world_vocabulary_keeps_hard_prompts_in_the_worlds_language(context):
@@ -148,7 +148,7 @@ def test_world_vocabulary_keeps_hard_prompts_in_the_worlds_language(context):
                         shapes.language())
     assert 30 <= len(side.vocabulary) <= 60  # a few dozen tokens, not CLIP's 49k
     world = dataclasses.replace(context, words=shapes.language(), adaptive=False)
-    prompts = attacks.ATTACKS["pez"](world, BUDGET["pez"]).prompts
+    prompts = ATTACKS["pez"](world, BUDGET["pez"]).prompts
     pieces = sorted({side.tokenizer.decode([i]).strip() for i in side.vocabulary.tolist()},
                     key=len, reverse=True)
     glued = re.compile(f"(?:{'|'.join(map(re.escape, pieces))})+")

@@ -1,7 +1,7 @@
 """Certified radius of Espresso's linear decision, on analytic toy embeddings."""
 import torch
 
-from pipeline.certify_math import (exact_radius, release_bound, search_flip,
+from pipeline.espresso.certificate import (exact_radius, release_bound, search_flip,
                                    worst_case_perturbation)
 
 

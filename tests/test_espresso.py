@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from pipeline import shapes, world
-from pipeline.espresso import EspressoFilter
-from pipeline.models import load_t2i
+from pipeline import world
+from pipeline.espresso import EspressoFilter, load_t2i
+from pipeline.mini import shapes
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.files import atomic_dir, write_json
+from pipeline.espresso.files import atomic_dir, write_json
 
 
 def test_failed_folder_write_keeps_the_old_folder(tmp_path):

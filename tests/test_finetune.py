@@ -10,11 +10,11 @@ import torch
 import yaml
 from stages import REPO
 
-from pipeline import shapes, world
-from pipeline.embeddings import text_embeddings
-from pipeline.espresso import EspressoFilter
-from pipeline.finetune import (OPTIMIZERS, SEPARATIONS, contrastive_loss, espresso_loss,
-                               finetune_params, trainable_text_side)
+from pipeline import world
+from pipeline.espresso import EspressoFilter, text_embeddings
+from pipeline.espresso.losses import SEPARATIONS, contrastive_loss, espresso_loss
+from pipeline.finetune import OPTIMIZERS, finetune_params, trainable_text_side
+from pipeline.mini import shapes
 from pipeline.params import ParamsError
 
 WEIGHTS = {"unacceptable": 1.0, "acceptable": 1.0, "separation": 1.0}

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import shapes, world
-from pipeline.espresso import EspressoFilter
-from pipeline.models import load_t2i
+from pipeline import world
+from pipeline.espresso import EspressoFilter, load_t2i
+from pipeline.mini import shapes
 
-LOGGER = "pipeline.espresso"
+LOGGER = "pipeline.espresso.filter"
 
 
 @pytest.fixture(scope="module")

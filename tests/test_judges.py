@@ -3,8 +3,9 @@ NudeNet's detections correctly, and runs the real detector on RGB arrays."""
 import numpy as np
 import pytest
 
-from pipeline import judges, shapes
+from pipeline import judges
 from pipeline.concepts import get_concept
+from pipeline.mini import shapes
 
 
 def test_no_second_opinion_outside_paper_nudity():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline import metrics
+from pipeline.espresso import metrics
 
 
 def test_clip_accuracy_counts_blocked_outputs_as_not_showing_the_concept():

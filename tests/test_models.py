@@ -12,7 +12,7 @@ import torch
 from diffusers import PNDMScheduler
 from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID, go_offline
 
-from pipeline.models import (ModelNotAvailableError, load_clip, load_t2i, pick_device,
+from pipeline.espresso.models import (ModelNotAvailableError, load_clip, load_t2i, pick_device,
                              resolve_source)
 
 CPU = dict(device="cpu", dtype=torch.float32)

@@ -12,7 +12,7 @@ import yaml
 
 from stages import run_all_stages
 from pipeline import generate
-from pipeline.filters import FILTERS
+from pipeline.espresso import FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_unknown_concept_stops_the_stage_with_the_known_ones(stage_dir, tiny_par
         from pipeline.params import run_stage
 
         (stage_dir / "params.yaml").write_text(yaml.safe_dump(tiny_params))
-        run_stage(generate.run, stage_dir / "params.yaml")
+        run_stage(generate.run, argv=[], path=stage_dir / "params.yaml")
 
 
 def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):

@@ -73,7 +73,8 @@ def summary_folder(tiny_run, tiny_params, tmp_path):
                                         ("evaluate", "attack"))
     assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
     long = summary.with_averages(summary.long_table(chosen))
-    summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame())
+    summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame(),
+                          pd.DataFrame())  # no ablation, no probe
     return tmp_path / "summary", metrics
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline import shapes
+from pipeline.mini import shapes
 
 
 def _scenes_and_images(seed: int, n: int = 64):

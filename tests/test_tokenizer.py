@@ -2,7 +2,7 @@
 import open_clip
 import pytest
 
-from pipeline.tokenizer import build_clip_tokenizer
+from pipeline.mini.tokenizer import build_clip_tokenizer
 
 STRINGS = [
     "a striped red star on a black background",

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shapes, world
-from pipeline.judge import Judge
-from pipeline.models import load_clip, load_t2i
+from pipeline import world
+from pipeline.espresso import generate, load_clip, load_t2i
+from pipeline.mini import shapes
+from pipeline.mini.judge import Judge
+from pipeline.mini.quality import clip_zero_shot, judge_accuracy
 from pipeline.params import load_params
-from pipeline.t2i import generate
-from pipeline.world_quality import clip_zero_shot, judge_accuracy
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

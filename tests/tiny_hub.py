@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from huggingface_hub import constants as hub_constants
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from pipeline.tokenizer import build_clip_tokenizer
+from pipeline.mini.tokenizer import build_clip_tokenizer
 
 CLIP_ID, SD_ID = "openai/clip-vit-large-patch14", "CompVis/stable-diffusion-v1-4"
 JUDGE_ID = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"  # the paper setting's open_clip judge

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from pipeline.espresso.embeddings import text_features
+
 
 @contextmanager
 def placeholder_embeddings(text_model, token_id: int, values: torch.Tensor) -> Iterator[None]:
@@ -114,5 +116,4 @@ def clip_text_features(clip, prompts: TokenPrompts, values: torch.Tensor) -> tor
     ``prompts`` must wrap ``clip.text_model``."""
     ids = prompts.input_ids(*values.shape[:2])
     with placeholder_embeddings(prompts.text_model, prompts.placeholder, values):
-        out = clip.get_text_features(input_ids=ids)
-    return F.normalize(out.pooler_output.float(), dim=-1)
+        return text_features(clip, ids)

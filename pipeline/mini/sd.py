@@ -17,12 +17,8 @@ from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
-from pipeline import shapes
-
-
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``N x H x W x 3`` -> float ``N x 3 x H x W`` in [-1, 1] (the VAE's input range)."""
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+from pipeline.espresso.pixels import channels_first
+from pipeline.mini import shapes
 
 
 def build_vae(image_size: int) -> AutoencoderKL:
@@ -54,7 +50,7 @@ def train_vae(p: dict, images: np.ndarray, seed: int) -> AutoencoderKL:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
     pixels = torch.from_numpy(images)
     for _ in (bar := tqdm(range(p["steps"]), desc="mini VAE", mininterval=10)):
-        x = to_unit_range(pixels[rng.choice(len(pixels), p["batch"], replace=False)])
+        x = channels_first(pixels[rng.choice(len(pixels), p["batch"], replace=False)], "-1,1")
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + p["kl_weight"] * posterior.kl().mean()
@@ -64,7 +60,8 @@ def train_vae(p: dict, images: np.ndarray, seed: int) -> AutoencoderKL:
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
-        sample = to_unit_range(pixels[rng.choice(len(pixels), min(512, len(pixels)), replace=False)])
+        sample = channels_first(
+            pixels[rng.choice(len(pixels), min(512, len(pixels)), replace=False)], "-1,1")
         std = vae.encode(sample).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
@@ -90,7 +87,7 @@ def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: Aut
         texts = ["" if rng.random() < p["empty_caption_prob"] else shapes.caption(scenes[i], rng)[0]
                  for i in idx]
         with torch.no_grad():
-            latents = vae.encode(to_unit_range(pixels[idx])).latent_dist.sample()
+            latents = vae.encode(channels_first(pixels[idx], "-1,1")).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")

@@ -13,7 +13,8 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pipeline import shapes
+from pipeline.espresso.pixels import channels_first
+from pipeline.mini import shapes
 
 HEADS = {name: len(vocab) for name, vocab in shapes.VOCAB.items()}
 
@@ -35,8 +36,7 @@ class Judge(nn.Module, PyTorchModelHubMixin):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 ``N x H x W x 3`` images -> logits per head."""
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
-        features = self.features(x)
+        features = self.features(channels_first(images, "-1,1"))
         return {k: head(features) for k, head in self.heads.items()}
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.espresso import EspressoFilter
+from pipeline.espresso.filter import EspressoFilter
 
 FILTERS = ("none", "keyword", "threshold", "zero_shot", "espresso")
 

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import shapes
-from pipeline.embeddings import image_embeddings, text_embeddings
-from pipeline.judge import Judge
-from pipeline.mini_clip import to_pixel_values
-from pipeline.models import load_clip, load_t2i
-from pipeline.t2i import generate
+from pipeline.espresso.embeddings import image_embeddings, text_embeddings
+from pipeline.espresso.models import generate, load_clip, load_t2i
+from pipeline.espresso.pixels import channels_first, clip_pixels_torch
+from pipeline.mini import shapes
+from pipeline.mini.judge import Judge
 
 #: Zero-shot prompt per attribute; ``{shape}`` is the image's true shape, so each attribute is
 #: tested on its own ("a red star" vs "a blue star", ...).
@@ -52,7 +51,8 @@ def grid_image(images: np.ndarray, columns: int = 16, scale: int = 3) -> Image.I
 def clip_zero_shot(clip, tokenizer, processor, images: np.ndarray,
                    scenes: list[shapes.Scene]) -> dict:
     """Zero-shot accuracy of CLIP per attribute (generic images) and per character vs class."""
-    img = image_embeddings(clip, to_pixel_values(torch.from_numpy(images), processor))
+    img = image_embeddings(clip, clip_pixels_torch(processor, channels_first(
+        torch.from_numpy(images), "0,1")))
     generic = [i for i, s in enumerate(scenes) if s.character is None]
     result = {}
     for attr, template in ZERO_SHOT_TEMPLATES.items():

@@ -6,6 +6,9 @@ With e = phi_x(x)/|phi_x(x)| and unit concept embeddings t_u, t_a::
     P(u|x) = softmax(s * [cos(e, t_u), cos(e, t_a)])_u = sigmoid(s * <e, t_u - t_a>)
     block(x)  iff  P(u|x) > 0.5  iff  <phi_x(x), t_u - t_a> > 0
 
+The decision is taken in one place, :func:`blocks`, wherever one is made (screening, the
+safety-checker call, fine-tuning's validation, the certificate, the metrics).
+
 The filter is a library object independent of DVC: it saves as a folder that also loads as a
 plain transformers ``CLIPModel``, and it plugs into a diffusers ``StableDiffusionPipeline`` as its
 ``safety_checker``. It fails closed: an image it cannot score is blocked, and the reason is
@@ -42,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.embeddings import text_embeddings
-from pipeline.files import atomic_dir
-from pipeline.models import load_clip
+from pipeline.espresso.embeddings import image_features, text_embeddings
+from pipeline.espresso.files import atomic_dir
+from pipeline.espresso.models import load_clip
+from pipeline.espresso.pixels import VALUE_RANGES, clip_pixels, to_uint8, unit_range
 
 CONFIG_FILE = "espresso.json"
-VALUE_RANGES = ("0,1", "-1,1")
 logger = logging.getLogger(__name__)
 
 
@@ -103,12 +106,12 @@ def canonical_image(image, value_range: str | None = None) -> np.ndarray:
     if value_range is None:
         value_range = _tensor_range(low, high) if torch.is_tensor(x) else "0,1"
     if value_range == "-1,1":
-        x = (x * 0.5 + 0.5).clip(0, 1)  # diffusers' denormalize, in the image's own dtype
+        x = unit_range(x)
     elif low < 0 or high > 1:
         raise ImageFormError(f"float image with values outside [0, 1] (min {low:.3g}, max "
                              f"{high:.3g}): scale to [0, 1], or give uint8")
-    x = x.float().numpy() if torch.is_tensor(x) else x.astype(np.promote_types(x.dtype, np.float32))
-    return (x * 255).round().astype(np.uint8)
+    return to_uint8(x.float().numpy() if torch.is_tensor(x)
+                    else x.astype(np.promote_types(x.dtype, np.float32)))
 
 
 def _check_array_layout(x: np.ndarray) -> None:
@@ -171,6 +174,13 @@ def as_image_list(images) -> list:
     return list(images)
 
 
+def blocks(margin):
+    """Espresso's decision, the one implementation (module docstring): True where the image is
+    blocked, from anything with the sign of ``<phi_x(x), t_u - t_a>`` (the margin of raw or unit
+    embeddings, or P(u|x) - 1/2). A NaN blocks: the filter fails closed."""
+    return ~(margin <= 0)
+
+
 def log_unscored(errors: list[str | None], what: str,
                  exc_info: BaseException | None = None) -> None:
     """One warning for a whole call: how many images were blocked unscored, and why."""
@@ -212,6 +222,10 @@ class EspressoFilter(nn.Module):
         """w = t_u - t_a: the decision is the sign of <phi_x(x), w>."""
         return self.t_u - self.t_a
 
+    def margin(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``<embeddings, t_u - t_a>`` per row: its sign is the decision (:func:`blocks`)."""
+        return embeddings @ self.direction
+
     @property
     def device(self) -> torch.device:
         """diffusers pipelines ask every component for its device and dtype."""
@@ -228,13 +242,12 @@ class EspressoFilter(nn.Module):
     # ---- scores ---------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Un-normalised projected image embeddings phi_x(x)."""
-        out = self.clip.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
-        return out.pooler_output.float()
+        return image_features(self.clip, pixel_values, normalize=False)
 
     def p_unacceptable(self, features: torch.Tensor) -> torch.Tensor:
         """P(u|x), cosine/softmax form (the paper's)."""
         e = F.normalize(features, dim=-1)
-        return torch.sigmoid(self.logit_scale * (e @ self.direction))
+        return torch.sigmoid(self.logit_scale * self.margin(e))
 
     def p_unacceptable_projection(self, features: torch.Tensor) -> torch.Tensor:
         """P(u|x), projection form (first arXiv version): project e onto d = w/|w| and softmax
@@ -256,22 +269,7 @@ class EspressoFilter(nn.Module):
                 canonical.append(canonical_image(image, value_range))
             except ImageFormError as err:
                 raise ImageFormError(f"image {i}: {err}") from None
-        return self.processor(images=canonical, return_tensors="pt",
-                              input_data_format="channels_last").pixel_values
-
-    def pixel_values_differentiable(self, images: torch.Tensor) -> torch.Tensor:
-        """The processor's resize, centre crop and normalisation in torch, for float
-        ``N x 3 x H x W`` images in [0, 1], so that gradients reach the images (attacks)."""
-        size, crop = self.processor.size["shortest_edge"], self.processor.crop_size
-        scale = size / min(images.shape[-2:])
-        height, width = round(images.shape[-2] * scale), round(images.shape[-1] * scale)
-        x = F.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
-                          align_corners=False)
-        top, left = (height - crop["height"]) // 2, (width - crop["width"]) // 2
-        x = x[..., top:top + crop["height"], left:left + crop["width"]]
-        mean = torch.tensor(self.processor.image_mean, device=x.device)[:, None, None]
-        std = torch.tensor(self.processor.image_std, device=x.device)[:, None, None]
-        return (x - mean) / std
+        return clip_pixels(self.processor, canonical)
 
     @torch.no_grad()
     def embed(self, images, value_range: str | None = None, batch: int = 256) -> torch.Tensor:
@@ -328,7 +326,7 @@ class EspressoFilter(nn.Module):
         for i in np.flatnonzero(np.isnan(p)):
             errors[i] = errors[i] or "the model gave a non-finite score"
         log_unscored(errors, what, failure)
-        return ~(p <= 0.5)
+        return blocks(p - 0.5)
 
     @torch.no_grad()
     def forward(self, images, clip_input: torch.Tensor):

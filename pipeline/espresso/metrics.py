@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from scipy.stats import bootstrap
 from statsmodels.stats.proportion import proportion_confint
 
-from pipeline.embeddings import text_embeddings
-from pipeline.espresso import EspressoFilter
+from pipeline.espresso.embeddings import text_embeddings
+from pipeline.espresso.filter import EspressoFilter, blocks
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
@@ -82,7 +82,7 @@ def clip_accuracy(p_eval: np.ndarray, blocked: np.ndarray, prompts, p_placeholde
     blocked outputs scored as the placeholder image (secondary, the release's)."""
     blocked = np.asarray(blocked, bool)
     return {"clip_accuracy": clustered_mean(np.where(blocked, 0.0, p_eval), prompts),
-            "clip_accuracy_hard": proportion(~blocked & (p_eval > 0.5)),
+            "clip_accuracy_hard": proportion(~blocked & blocks(np.asarray(p_eval) - 0.5)),
             "clip_accuracy_placeholder": clustered_mean(
                 np.where(blocked, p_placeholder, p_eval), prompts)}
 

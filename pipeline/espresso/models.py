@@ -1,4 +1,5 @@
-"""Loading CLIP and the text-to-image model, from a local folder or the Hugging Face hub.
+"""Loading CLIP and the text-to-image model, from a local folder or the Hugging Face hub, and
+running the text-to-image model reproducibly (one seed per image, batch-independent).
 
 One code path serves both settings. The mini world's models are local folders under
 ``data/world``; its Stable Diffusion folder has no ``text_encoder/`` or ``tokenizer/``, because
@@ -15,11 +16,15 @@ from pathlib import Path
 
 import diffusers
 import huggingface_hub
+import numpy as np
 import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import constants as hub_constants
+from tqdm import tqdm
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from pipeline.espresso.pixels import to_uint8
 
 #: How hub model ids are written: "org/name".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -160,3 +165,34 @@ def _require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) 
             f"The tokenizer of {source!r} has {len(tokenizer)} tokens but its text encoder "
             f"expects {vocab_size}: the tokenizer files (tokenizer.json, or vocab.json and "
             "merges.txt) are missing.")
+
+
+def scheduler_class(name: str) -> type:
+    """diffusers' scheduler class ``name`` (e.g. "DDIMScheduler"); ValueError if there is none."""
+    found = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if found is None or not name.endswith("Scheduler"):
+        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. DDIMScheduler, "
+                         "DPMSolverMultistepScheduler, PNDMScheduler)")
+    return found
+
+
+def use_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler for diffusers' ``name`` (e.g. "DDIMScheduler"), keeping the
+    noise schedule the model was trained with."""
+    pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+             size: int | None = None, batch: int = 32, progress: bool = False) -> np.ndarray:
+    """uint8 ``N x H x W x 3`` images, image ``i`` from ``prompts[i]`` with its own generator
+    seeded ``seeds[i]`` (so an image does not depend on what else is in its batch)."""
+    out = []
+    starts = range(0, len(prompts), batch)
+    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch]]
+        images = pipe(prompts[start:start + batch], height=size, width=size,
+                      num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators, output_type="np").images
+        out.append(to_uint8(np.asarray(images)))
+    return np.concatenate(out)

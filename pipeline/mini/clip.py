@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, get_cosine_schedule_with_warmup
 
-from pipeline import shapes
+from pipeline.espresso.losses import multi_positive_loss
+from pipeline.espresso.pixels import channels_first, clip_pixels_torch
+from pipeline.mini import shapes
 
 
 def clip_config(p: dict, image_size: int) -> CLIPConfig:
@@ -32,22 +33,6 @@ def image_processor(image_size: int) -> CLIPImageProcessor:
     """CLIP's preprocessing (OpenAI mean/std) at the mini world's resolution."""
     return CLIPImageProcessor(size={"shortest_edge": image_size},
                               crop_size={"height": image_size, "width": image_size})
-
-
-def to_pixel_values(images: torch.Tensor, processor: CLIPImageProcessor) -> torch.Tensor:
-    """uint8 ``N x H x W x 3`` tensor at the model's resolution -> normalised ``N x 3 x H x W``
-    (the same normalisation as ``processor``, without its per-image PIL round trip)."""
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
-
-
-def multi_positive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Symmetric contrastive loss whose targets spread evenly over all true captions/images."""
-    pos = positives.float()
-    image_to_text = -(F.log_softmax(logits, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
-    text_to_image = -(F.log_softmax(logits, 0) * pos / pos.sum(0, keepdim=True)).sum(0).mean()
-    return (image_to_text + text_to_image) / 2
 
 
 def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: list[str],
@@ -80,7 +65,7 @@ def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: 
         tokens = tokenizer(list(texts), padding="max_length", max_length=p["context_length"],
                            truncation=True, return_tensors="pt")
         out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                    pixel_values=to_pixel_values(batch, processor))
+                    pixel_values=clip_pixels_torch(processor, channels_first(batch, "0,1")))
         loss = multi_positive_loss(out.logits_per_image, torch.from_numpy(positives))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

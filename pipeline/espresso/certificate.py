@@ -7,6 +7,7 @@ of the softmax instead: ``|z| * (1 - s / (s + 2 |P(u|x) - 1/2|))``, at most ``|z
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,3 +45,26 @@ def search_flip(z: torch.Tensor, w: torch.Tensor, norm: torch.Tensor, steps: int
             excess = (delta.norm(dim=-1) / norm).clamp(min=1)
             delta /= excess[:, None]
     return delta.detach()
+
+
+def certify_embeddings(z: torch.Tensor, w: torch.Tensor, scale: float, p: dict) -> dict:
+    """Radii, bound and verification counts for raw embeddings ``z`` and direction ``w``: a push
+    of R(1+eps) along the worst direction must flip the side, a search within R(1-eps) must not
+    (``p``: the ``certify`` params)."""
+    e = F.normalize(z, dim=-1)
+    out = {"radius": exact_radius(z, w), "radius_normalized": exact_radius(e, w),
+           "release_bound": release_bound(z, w, scale)}
+    violations = {}
+    for name, emb, radius in (("raw", z, out["radius"]), ("normalized", e, out["radius_normalized"])):
+        side = torch.sign(emb @ w)
+        pushed = emb + worst_case_perturbation(emb, w, radius * (1 + p["eps"]))
+        searched = emb + search_flip(emb, w, radius * (1 - p["eps"]), p["search_steps"],
+                                     p["search_lr"], p["seed"])
+        violations[f"outside_not_flipped_{name}"] = int((torch.sign(pushed @ w) == side).sum())
+        violations[f"inside_flipped_{name}"] = int((torch.sign(searched @ w) != side).sum())
+    return {**{k: v.numpy() for k, v in out.items()}, "violations": violations}
+
+
+def certified_accuracy(radius: np.ndarray, blocked: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Fraction of (unacceptable) images that are blocked with a radius of at least r."""
+    return np.array([(blocked & (radius >= r)).mean() for r in grid])

@@ -1,0 +1,109 @@
+"""CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model, plus
+the target filter's loss on the images the UNet predicts; one token per adaptive weight.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm import tqdm
+
+from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.attacks.objective import unit_image_features
+from pipeline.attacks.prompt_embedding import placeholder_embeddings, textual_inversion
+from pipeline.attacks.trial import rank_trials, trial_seeds
+from pipeline.espresso import EspressoFilter
+from pipeline.espresso.embeddings import image_features
+from pipeline.espresso.pixels import channels_first, clip_pixels_torch, unit_range
+
+CCE_TOKEN = "<cce-concept>"
+
+
+def with_token(prompt: str, concept_text: str, token: str) -> str:
+    """The prompt with the concept text replaced by ``token`` (prepended if absent)."""
+    replaced, n = re.subn(re.escape(concept_text), token, prompt, flags=re.IGNORECASE)
+    return replaced if n else f"{token} {prompt}"
+
+
+def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """x0 implied by the UNet's prediction (epsilon or v)."""
+    alpha = scheduler.alphas_cumprod.to(noisy.device)[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod.to(noisy.device)[t]).sqrt().view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha * noisy - sigma * prediction
+    return (noisy - sigma * prediction) / alpha
+
+
+def cce(ctx: AttackContext, p: dict) -> AttackResult:
+    """One token per adaptive weight (just 0 for plain CCE); the trial keeps the best."""
+    weights = p["adaptive_weights"] if ctx.adaptive else [0.0]
+    prompts = [with_token(q, ctx.concept.unacceptable, CCE_TOKEN) for q in ctx.target_prompts]
+    templates = list(dict.fromkeys(prompts))
+    chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
+    vectors = [invert_token(ctx, p, prompts, w) for w in weights]
+    trial = [chosen[i % len(chosen)] for i in range(p["selection_images"])]
+    seeds = trial_seeds(ctx, len(trial))
+    images = []
+    for vector in vectors:
+        with textual_inversion(ctx.pipe, {CCE_TOKEN: vector}):
+            images.append(ctx.render(trial, seeds))
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
+    ranked, share, loss = rank_trials(ctx, np.concatenate(images), len(vectors), targets, 0.0)
+    best = ranked[0]
+    return AttackResult(chosen, [float(loss[best])] * len(chosen), [float(share[best])] * len(chosen),
+                        weights[best], {CCE_TOKEN: vectors[best]})
+
+
+def invert_token(ctx: AttackContext, p: dict, prompts: list[str], weight: float) -> torch.Tensor:
+    """CCE's textual inversion of ``CCE_TOKEN`` in ``prompts`` on the target images, plus
+    ``weight`` times the target filter's loss on the predicted clean images."""
+    pipe = ctx.pipe
+    device = pipe.unet.device
+    generator = torch.Generator().manual_seed(ctx.seed)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    start_ids = pipe.tokenizer(ctx.concept.acceptable, add_special_tokens=False).input_ids
+    start = table[start_ids].detach().float().mean(0)
+    with textual_inversion(pipe, {CCE_TOKEN: start.clone()}):
+        token_id = pipe.tokenizer.convert_tokens_to_ids(CCE_TOKEN)
+        vector = start.clone().to(device).requires_grad_(True)
+        optimizer = torch.optim.AdamW([vector], lr=p["lr"], weight_decay=0.0)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=pipe.tokenizer.model_max_length).input_ids.to(device)
+        with torch.no_grad():
+            pixels = channels_first(torch.from_numpy(ctx.target_images), "-1,1")
+            latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
+            latents = latents.float() * pipe.vae.config.scaling_factor
+        for _ in tqdm(range(p["steps"]), desc=f"CCE+ (weight {weight:g})" if weight else "CCE",
+                      unit="step", mininterval=5):
+            batch = torch.randint(len(latents), (p["batch"],), generator=generator)
+            noise = torch.randn(latents[batch].shape, generator=generator).to(device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),),
+                              generator=generator).to(device)
+            noisy = scheduler.add_noise(latents[batch], noise, t)
+            with placeholder_embeddings(pipe.text_encoder, token_id, vector):
+                context = pipe.text_encoder(ids[batch]).last_hidden_state
+            prediction = pipe.unet(noisy.to(pipe.unet.dtype), t,
+                                   encoder_hidden_states=context.to(pipe.unet.dtype)).sample.float()
+            wanted = (scheduler.get_velocity(latents[batch], noise, t)
+                      if scheduler.config.prediction_type == "v_prediction" else noise)
+            loss = F.mse_loss(prediction, wanted)
+            if weight:
+                loss = loss + weight * filter_image_loss(ctx.target, pipe, predicted_clean(
+                    scheduler, noisy, prediction, t))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return vector.detach().cpu().clone()
+
+
+def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor) -> torch.Tensor:
+    """softplus(s * <e, t_u - t_a>) = -log(1 - P(u|x)) of the images the latents decode to."""
+    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    pixels = clip_pixels_torch(filt.processor, unit_range(images.float()))
+    margin = filt.margin(image_features(filt.clip, pixels))
+    return F.softplus(filt.logit_scale * margin).mean()
