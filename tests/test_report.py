@@ -125,7 +125,10 @@ def test_the_summary_page_fits_a_browser_window(summary_folder, tmp_path):
          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120, check=True).stdout
     assert 'data-overflow="false"' in dom
-    table = dom[dom.index("<table"):dom.index("</table>")]
+    main = dom[dom.index("<table"):dom.index("</table>")]  # the paper's layout: a row per filter
+    assert main.count("<tr") == 7 and "paper: Espresso (SD v1.4, its concepts)" in main
+    effectiveness = dom[dom.index("<h2>CLIP accuracy on unacceptable prompts"):]
+    table = effectiveness[effectiveness.index("<table"):effectiveness.index("</table>")]
     assert "average (ours)" in table and "paper (Espresso, SD v1.4, its concepts)" in table
     assert table.count("<tr") == 5  # header + 2 concepts + our average + the paper's
 
