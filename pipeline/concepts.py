@@ -2,6 +2,7 @@
 from its templates (pairs differ only in the concept text, METHOD section 3)."""
 from __future__ import annotations
 
+import itertools
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,31 +58,51 @@ def get_concept(name: str, setting: str, path: Path = REGISTRY_FILE) -> Concept:
 
 def _slots(setting: str, path: Path) -> dict[str, list[str]]:
     if setting == "mini":
-        return {k: list(v) for k, v in shapes.VOCAB.items() if k != "character"}
+        slots = {k: list(v) for k, v in shapes.VOCAB.items() if k != "character"}
+        return {**slots, "wording": list(shapes.BACKGROUND_WORDINGS)}
     return _registry(path)["slots"][setting]
+
+
+def pair_pool(concept: Concept, path: Path = REGISTRY_FILE) -> list[tuple[str, str]]:
+    """Every ``(unacceptable, acceptable)`` pair the concept's templates can make, in a fixed
+    order, keeping a pair only if neither of its sentences was made before (so that no sentence
+    can fall into two splits)."""
+    templates = _registry(path)["templates"][concept.setting][concept.kind]
+    slots = _slots(concept.setting, path)
+    pool, seen = [], set()
+    for template in templates:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        for values in itertools.product(*(slots[name] for name in names)):
+            fill = dict(zip(names, values))
+            pair = tuple(template.replace("{}", c).format(**fill)
+                         for c in (concept.unacceptable, concept.acceptable))
+            if not seen & set(pair):
+                pool.append(pair)
+                seen.update(pair)
+    return pool
+
+
+def split_sizes(sizes: dict[str, int], available: int) -> dict[str, int]:
+    """Pairs per split: ``sizes`` when the pool holds enough; else the pool divided so that
+    validation and test get a quarter each (at least one pair) and training the rest."""
+    if available >= sum(sizes.get(split, 0) for split in SPLITS):
+        return {split: sizes.get(split, 0) for split in SPLITS}
+    held_out = max(1, available // 4)
+    if available < 3:
+        raise ValueError(f"only {available} distinct prompt pairs: disjoint train/val/test "
+                         "splits need at least 3; add templates in data/concepts.yaml")
+    return {"train": available - 2 * held_out, "val": held_out, "test": held_out}
 
 
 def prompt_pairs(concept: Concept, sizes: dict[str, int], seed: int,
                  path: Path = REGISTRY_FILE) -> dict[str, list[tuple[str, str]]]:
-    """Train/val/test lists of ``(unacceptable prompt, acceptable prompt)`` pairs, ``sizes[split]``
-    each. The splits share no prompt when the templates can make enough distinct pairs; a small
-    world concept (a character has only a handful of prompts) cycles its pairs in every split,
-    and the splits are then kept apart by their images' seeds."""
-    templates = _registry(path)["templates"][concept.setting][concept.kind]
-    slots = _slots(concept.setting, path)
-    rng = np.random.default_rng(seed)
-    wanted, pool, tries = sum(sizes.values()), [], 0
-    while len(pool) < wanted and tries < 50 * wanted:
-        tries += 1
-        template = str(rng.choice(templates))
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-        fill = {f: str(rng.choice(slots[f])) for f in names}
-        pair = tuple(template.replace("{}", c).format(**fill)
-                     for c in (concept.unacceptable, concept.acceptable))
-        if pair not in pool:
-            pool.append(pair)
-    if len(pool) < wanted:
-        return {split: [pool[i % len(pool)] for i in rng.permutation(sizes.get(split, 0))]
-                for split in SPLITS}
-    bounds = np.cumsum([0] + [sizes.get(split, 0) for split in SPLITS])
-    return {split: pool[bounds[i]:bounds[i + 1]] for i, split in enumerate(SPLITS)}
+    """Train/val/test lists of ``(unacceptable prompt, acceptable prompt)`` pairs drawn from
+    :func:`pair_pool` by a seeded shuffle. The splits never share a sentence; their sizes are
+    :func:`split_sizes` (a mini character's 17 pairs give 9/4/4, and the generate stage raises
+    images per prompt to keep each split's image count)."""
+    pool = pair_pool(concept, path)
+    order = np.random.default_rng(seed).permutation(len(pool))
+    counts = split_sizes(sizes, len(pool))
+    bounds = np.cumsum([0] + [counts[split] for split in SPLITS])
+    return {split: [pool[i] for i in order[bounds[k]:bounds[k + 1]]]
+            for k, split in enumerate(SPLITS)}

@@ -44,6 +44,13 @@ def sampler_of(params: dict, setting: str) -> dict:
     return sampler
 
 
+def images_per_prompt(p: dict, split: str, n_prompts: int) -> int:
+    """Images per prompt that keep the split's image count (``prompts x images_per_prompt`` as
+    asked) when the concept has fewer distinct prompts than asked for (a mini character)."""
+    wanted = p["prompts"][split] * p["images_per_prompt"][split]
+    return -(-wanted // n_prompts) if n_prompts else 0
+
+
 def plan_images(concept: Concept, p: dict, test_prompts: list[str] | None = None) -> pd.DataFrame:
     """One row per image to generate: split, label, pair, prompt, seed (unique per image).
     ``test_prompts`` replaces the templated unacceptable test prompts (I2P)."""
@@ -55,7 +62,7 @@ def plan_images(concept: Concept, p: dict, test_prompts: list[str] | None = None
             if split == "test" and label == "unacceptable" and test_prompts:
                 prompts = test_prompts
             for pair, prompt in enumerate(prompts):
-                for _ in range(p["images_per_prompt"][split]):
+                for _ in range(images_per_prompt(p, split, len(prompts))):
                     rows.append(dict(split=split, label=label, pair=pair, prompt=prompt))
     table = pd.DataFrame(rows)
     table["seed"] = p["seed"] + np.arange(len(table))

@@ -2,8 +2,11 @@
 all three kinds, aligned prompt pairs, and clear errors for unknown names."""
 import pytest
 
-from pipeline.concepts import (KINDS, UnknownConceptError, get_concept, known_concepts,
-                               prompt_pairs)
+from pipeline.concepts import (KINDS, SPLITS, UnknownConceptError, get_concept, known_concepts,
+                               pair_pool, prompt_pairs, split_sizes)
+from pipeline.generate import images_per_prompt
+from pipeline.mini import shapes
+from pipeline.params import load_params
 
 PAPER = {"nudity", "violence", "hateful", "disturbing", "grumpy_cat", "nemo", "captain_marvel",
          "snoopy", "r2d2", "taylor_swift", "angelina_jolie", "brad_pitt", "elon_musk", "van_gogh"}
@@ -24,10 +27,44 @@ def test_prompt_pairs_differ_only_in_the_concept(setting):
     for name in known_concepts(setting):
         concept = get_concept(name, setting)
         pairs = prompt_pairs(concept, SIZES, seed=0)
-        assert {k: len(v) for k, v in pairs.items()} == SIZES
+        assert {k: len(v) for k, v in pairs.items()} == split_sizes(SIZES, len(pair_pool(concept)))
         for unacceptable, acceptable in sum(pairs.values(), []):
             assert concept.unacceptable in unacceptable and concept.acceptable in acceptable
             assert unacceptable.replace(concept.unacceptable, concept.acceptable) == acceptable
+
+
+@pytest.mark.parametrize("setting", ["mini", "paper"])
+def test_train_val_and_test_share_no_sentence_for_any_concept(setting):
+    generate = load_params()["generate"]
+    for name in known_concepts(setting):
+        pairs = prompt_pairs(get_concept(name, setting), generate["prompts"], generate["seed"])
+        sentences = {split: {s for pair in pairs[split] for s in pair} for split in SPLITS}
+        for split in SPLITS:
+            assert len(sentences[split]) == 2 * len(pairs[split]) > 0, (name, split)
+        assert not sentences["train"] & sentences["val"], name
+        assert not sentences["train"] & sentences["test"], name
+        assert not sentences["val"] & sentences["test"], name
+
+
+def test_every_mini_concept_has_a_dozen_pairs_in_the_worlds_own_language():
+    words = set(shapes.language())
+    for name in known_concepts("mini"):
+        pool = pair_pool(get_concept(name, "mini"))
+        assert len(pool) >= 12, name
+        for sentence in {s for pair in pool for s in pair}:
+            assert set(sentence.replace(",", " ,").split()) <= words, sentence
+    assert len(pair_pool(get_concept("zorbo", "mini"))) == 1 + 4 * len(shapes.BACKGROUND_WORDINGS)
+
+
+def test_a_small_pool_gives_a_quarter_to_val_and_test_and_keeps_the_image_count():
+    asked = {"train": 100, "val": 16, "test": 16}
+    assert split_sizes(asked, 17) == {"train": 9, "val": 4, "test": 4}
+    assert split_sizes(asked, 500) == asked
+    p = {"prompts": asked, "images_per_prompt": {"train": 1, "val": 4, "test": 8}}
+    assert images_per_prompt(p, "test", 4) == 32          # 16 x 8 = 128 images either way
+    assert images_per_prompt(p, "train", 9) == 12         # 100 asked -> 108
+    with pytest.raises(ValueError, match="at least 3"):
+        split_sizes(asked, 2)
 
 
 def test_prompt_splits_are_disjoint_when_the_templates_allow_and_seeded():

@@ -35,7 +35,7 @@ def test_models_are_committed_small_fp16_safetensors():
     files = [f for f in world.OUT.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) < 40e6
     weights = [f for f in files if f.suffix == ".safetensors"]
-    assert len(weights) == 4  # clip, vae, unet, judge: the text encoder is stored once
+    assert len(weights) == 5  # clip, vae, unet, judge, eyes: the text encoder is stored once
     assert not any(f.suffix in (".bin", ".pt", ".pth", ".ckpt") for f in files)
     from safetensors import safe_open
     for f in weights:
@@ -57,6 +57,12 @@ def test_mini_clip_zero_shot_on_fresh_renders(monkeypatch, fresh_renders):
 def test_judge_on_fresh_renders(judge, fresh_renders):
     accuracy = judge_accuracy(judge, *fresh_renders)
     assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_the_attackers_eyes_are_another_accurate_judge(judge, fresh_renders):
+    eyes = Judge.from_pretrained(world.EYES_DIR).float().eval()
+    assert eyes.heads["shape"].in_features != judge.heads["shape"].in_features  # another net
+    assert min(judge_accuracy(eyes, *fresh_renders).values()) >= 0.95
 
 
 def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_params):

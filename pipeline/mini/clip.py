@@ -36,7 +36,7 @@ def image_processor(image_size: int) -> CLIPImageProcessor:
 
 
 def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: list[str],
-               tokenizer, seed: int) -> CLIPModel:
+               tokenizer, seed: int, device: str = "cpu") -> CLIPModel:
     """Train mini CLIP for ``p["steps"]`` steps on rendered hard-negative groups.
 
     ``images``/``scenes``/``varied`` come from :func:`shapes.render_groups` (groups of 4 are
@@ -44,7 +44,7 @@ def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     image_size = images.shape[1]
-    model = CLIPModel(clip_config(p, image_size))
+    model = CLIPModel(clip_config(p, image_size)).to(device)
     processor = image_processor(image_size)
     pixels = torch.from_numpy(images)
     labels = shapes.label_matrix(scenes)
@@ -64,12 +64,14 @@ def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: 
         batch[flip] = batch[flip].flip(2)
         tokens = tokenizer(list(texts), padding="max_length", max_length=p["context_length"],
                            truncation=True, return_tensors="pt")
-        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                    pixel_values=clip_pixels_torch(processor, channels_first(batch, "0,1")))
-        loss = multi_positive_loss(out.logits_per_image, torch.from_numpy(positives))
+        out = model(input_ids=tokens.input_ids.to(device),
+                    attention_mask=tokens.attention_mask.to(device),
+                    pixel_values=clip_pixels_torch(processor,
+                                                   channels_first(batch.to(device), "0,1")))
+        loss = multi_positive_loss(out.logits_per_image, torch.from_numpy(positives).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
+    return model.cpu().eval()

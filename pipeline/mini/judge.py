@@ -55,11 +55,12 @@ def _augment() -> v2.Compose:
 
 
 def train_judge(p: dict, images: np.ndarray, scenes: list[shapes.Scene], seed: int,
-                character_share: float = 0.25) -> Judge:
-    """Supervised training of every head (colour is ignored on characters, label -1)."""
+                character_share: float = 0.25, device: str = "cpu") -> Judge:
+    """Supervised training of every head (colour is ignored on characters, label -1);
+    ``p["widths"]`` sets the architecture (the attacker's eyes are a narrower judge)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    judge = Judge()
+    judge = Judge(widths=tuple(p["widths"])).to(device)
     labels = torch.from_numpy(shapes.label_matrix(scenes))
     pixels, weights = torch.from_numpy(images), shapes.sampling_weights(scenes, character_share)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=p["lr"], weight_decay=1e-4)
@@ -68,13 +69,13 @@ def train_judge(p: dict, images: np.ndarray, scenes: list[shapes.Scene], seed: i
     judge.train()
     for _ in (bar := tqdm(range(p["steps"]), desc="judge", mininterval=10)):
         idx = torch.from_numpy(rng.choice(len(scenes), p["batch"], replace=False, p=weights))
-        batch = augment(pixels[idx].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        batch = augment(pixels[idx].to(device).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         logits = judge(batch)
-        loss = sum(F.cross_entropy(logits[k], labels[idx, i], ignore_index=-1)
+        loss = sum(F.cross_entropy(logits[k], labels[idx].to(device)[:, i], ignore_index=-1)
                    for i, k in enumerate(shapes.ATTRIBUTES))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return judge.eval()
+    return judge.cpu().eval()

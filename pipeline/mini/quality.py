@@ -126,18 +126,28 @@ def judge_generations(p: dict, pipe, judge: Judge) -> tuple[dict, np.ndarray]:
     return result, images
 
 
-def measure_world(p: dict, clip_dir: Path, sd_dir: Path, judge_dir: Path, reports: Path) -> dict:
-    """All quality figures of the world, plus sample grids written to ``reports``."""
+def measure_world(p: dict, clip_dir: Path, sd_dir: Path, judge_dir: Path, eyes_dir: Path,
+                  reports: Path, device: str = "cpu") -> dict:
+    """All quality figures of the world, plus sample grids written to ``reports``. The eyes
+    (the attackers' judge) are measured like the judge, and for agreement with it on generated
+    images: they should see the same things without being the same model."""
     reports.mkdir(parents=True, exist_ok=True)
     clip, tokenizer, processor = load_clip(str(clip_dir), device="cpu", dtype=torch.float32)
     judge = Judge.from_pretrained(judge_dir).float().eval()
+    eyes = Judge.from_pretrained(eyes_dir).float().eval()
     images, scenes = heldout_renders(p)
     grid_image(images[:128]).save(reports / "renders.png")
-    pipe = load_t2i(str(sd_dir), clip_source=str(clip_dir), device="cpu", dtype=torch.float32)
+    pipe = load_t2i(str(sd_dir), clip_source=str(clip_dir), device=device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     generated, generated_images = judge_generations(p, pipe, judge)
     grid_image(generated_images[::max(1, len(generated_images) // 128)][:128]).save(
         reports / "generated.png")
+    seen_by = {name: model.predict(generated_images) for name, model in (("judge", judge),
+                                                                         ("eyes", eyes))}
     return {"clip_zero_shot": clip_zero_shot(clip, tokenizer, processor, images, scenes),
             "judge_heldout": judge_accuracy(judge, images, scenes),
+            "eyes_heldout": judge_accuracy(eyes, images, scenes),
+            "eyes_agree_with_judge_on_generated": {
+                head: float((seen_by["judge"][head] == seen_by["eyes"][head]).mean())
+                for head in seen_by["judge"]},
             "sd_judged": generated}

@@ -42,15 +42,16 @@ def training_scheduler() -> DDPMScheduler:
                          prediction_type="v_prediction", clip_sample=False, steps_offset=1)
 
 
-def train_vae(p: dict, images: np.ndarray, seed: int) -> AutoencoderKL:
+def train_vae(p: dict, images: np.ndarray, seed: int, device: str = "cpu") -> AutoencoderKL:
     """L1 + MSE reconstruction + a tiny KL term; ``scaling_factor`` set from the latent std."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    vae = build_vae(images.shape[1])
+    vae = build_vae(images.shape[1]).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
     pixels = torch.from_numpy(images)
     for _ in (bar := tqdm(range(p["steps"]), desc="mini VAE", mininterval=10)):
-        x = channels_first(pixels[rng.choice(len(pixels), p["batch"], replace=False)], "-1,1")
+        x = channels_first(pixels[rng.choice(len(pixels), p["batch"], replace=False)].to(device),
+                           "-1,1")
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + p["kl_weight"] * posterior.kl().mean()
@@ -61,21 +62,22 @@ def train_vae(p: dict, images: np.ndarray, seed: int) -> AutoencoderKL:
     vae.eval()
     with torch.no_grad():
         sample = channels_first(
-            pixels[rng.choice(len(pixels), min(512, len(pixels)), replace=False)], "-1,1")
+            pixels[rng.choice(len(pixels), min(512, len(pixels)), replace=False)].to(device), "-1,1")
         std = vae.encode(sample).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    return vae
+    return vae.cpu()
 
 
 def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: AutoencoderKL,
-               text_encoder, tokenizer, seed: int, character_share: float = 0.25
-               ) -> UNet2DConditionModel:
+               text_encoder, tokenizer, seed: int, character_share: float = 0.25,
+               device: str = "cpu") -> UNet2DConditionModel:
     """v-prediction with min-SNR-gamma weighting, ``empty_caption_prob`` empty captions for
     classifier-free guidance, EMA weights returned."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     latent_size = images.shape[1] // 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = build_unet(latent_size, text_encoder.config.hidden_size)
+    unet = build_unet(latent_size, text_encoder.config.hidden_size).to(device)
+    vae, text_encoder = vae.to(device), text_encoder.to(device)
     ema = EMAModel(unet.parameters(), decay=p["ema_decay"])
     scheduler = training_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=p["lr"])
@@ -87,13 +89,13 @@ def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: Aut
         texts = ["" if rng.random() < p["empty_caption_prob"] else shapes.caption(scenes[i], rng)[0]
                  for i in idx]
         with torch.no_grad():
-            latents = vae.encode(channels_first(pixels[idx], "-1,1")).latent_dist.sample()
+            latents = vae.encode(channels_first(pixels[idx].to(device), "-1,1")).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
-            context = text_encoder(tokens.input_ids).last_hidden_state
+            context = text_encoder(tokens.input_ids.to(device)).last_hidden_state
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),))
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),)).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         target = scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=context).sample
@@ -107,7 +109,8 @@ def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: Aut
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     final = copy.deepcopy(unet)
     ema.copy_to(final.parameters())
-    return final.eval()
+    vae.cpu(), text_encoder.cpu()
+    return final.cpu().eval()
 
 
 def assemble_pipeline(vae, unet, text_encoder, tokenizer) -> StableDiffusionPipeline:

@@ -31,6 +31,10 @@ BACKGROUNDS = {
     "gray": (128, 128, 128),
     "brown": (110, 70, 35),
 }
+#: Ways captions say where the shape is ("on a black background", "against a black background",
+#: ...). A character's look is fixed, so its only captioned contexts are the backgrounds; the
+#: wordings give it 1 + 4 x 4 = 17 distinct prompts, enough for disjoint train/val/test splits.
+BACKGROUND_WORDINGS = ("on", "against", "over", "with")
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ def language() -> tuple[str, ...]:
     mini models learn no other words, so attackers search within it)."""
     names = tuple(c.capitalize() for c in CHARACTERS)
     attributes = [w for key, words in VOCAB.items() if key != "character" for w in words]
-    return tuple(dict.fromkeys(["a", "an", "on", "background", ",", *attributes, *names]))
+    return tuple(dict.fromkeys(["a", "an", *BACKGROUND_WORDINGS, "background", ",", *attributes,
+                                *names]))
 
 
 def _article(word: str) -> str:
@@ -177,7 +182,8 @@ def caption(scene: Scene, rng: np.random.Generator, drop_prob: float = 0.3,
         text = f"{_article(words[0])} {' '.join(words)}"
     if stated("background"):
         said["background"] = scene.background
-        text += f" on {_article(scene.background)} {scene.background} background"
+        wording = BACKGROUND_WORDINGS[int(rng.integers(len(BACKGROUND_WORDINGS)))]
+        text += f" {wording} {_article(scene.background)} {scene.background} background"
     return text, said
 
 
