@@ -114,7 +114,7 @@ def test_summary_is_data_one_row_per_concept_filter_condition_metric(summary_fol
 
 def test_summary_averages_combine_the_concepts_intervals():
     long = pd.DataFrame([
-        {"concept": c, "filter": "espresso", "condition": "clean", "metric": "fnr",
+        {"concept": c, "filter": "espresso", "condition": "clean", "run": "", "metric": "fnr",
          "value": v, "low": v - 0.1, "high": v + 0.1, "n": 100, "experiment": c}
         for c, v in (("a", 0.2), ("b", 0.4))])
     average = summary.with_averages(long).iloc[-1]
