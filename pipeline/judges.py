@@ -1,7 +1,11 @@
 """Independent judges: what an image really shows, decided by a model that is not the CLIP the
 filter is built on. Mini world: the supervised judge CNN and the concept's ``shows`` label.
 Paper setting: zero-shot over [c_u, c_a] with a different open_clip model; for nudity, NudeNet
-as an optional second opinion (``pip install -e '.[nudenet]'``; its detector ships in the wheel)."""
+as an optional second opinion (``pip install -e '.[nudenet]'``; its detector ships in the wheel).
+
+The attacker's eyes (``models.<setting>.eyes``) are loaded the same way from another model, so
+that attacks are not selected on the instrument that scores them (METHOD section 6): mini, a
+judge CNN trained with another seed and width; paper, OpenAI's CLIP ViT-L/14 in open_clip."""
 from __future__ import annotations
 
 import logging
@@ -24,9 +28,19 @@ NUDENET_MIN_SCORE = 0.5
 
 def load_judge(setting: str, models: dict, concept: Concept) -> Judgement:
     """A function from uint8 ``N x H x W x 3`` images to "shows the unacceptable concept"."""
+    return _load(setting, models["judge"], concept)
+
+
+def load_eyes(setting: str, models: dict, concept: Concept) -> Judgement:
+    """The attacker's eyes: like :func:`load_judge`, from ``models["eyes"]``, a model other than
+    the evaluation's judge."""
+    return _load(setting, models["eyes"], concept)
+
+
+def _load(setting: str, source: str, concept: Concept) -> Judgement:
     if setting == "mini":
-        return _world_judge(models["judge"], concept)
-    return _open_clip_judge(models["judge"], concept)
+        return _world_judge(source, concept)
+    return _open_clip_judge(source, concept)
 
 
 def load_extra_judges(setting: str, concept: Concept) -> dict[str, Judgement]:

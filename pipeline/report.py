@@ -72,10 +72,44 @@ def evaluation_tables(evaluate: dict) -> dict[str, pd.DataFrame]:
             for caption, columns in groups.items()}
 
 
+#: Marks a filter's "X+" rate read from the plain run: no "+" run adapted to that filter.
+PLAIN_MARK = "†"
+PLAIN_NOTE = (f"Attacks: \"X\" is the plain attack (no filter term), the same images for every "
+              f"filter; \"X+\" is the run adapted to the filter in that row or column. "
+              f"{PLAIN_MARK}: no \"+\" run adapts to this filter (attack.adapt_to; only filters "
+              "with a margin on CLIP embeddings can be adapted to: zero-shot and fine-tuned "
+              "Espresso, threshold), so its plain rate is shown.")
+
+
+def attack_conditions(attack: dict) -> dict[str, dict[str, str]]:
+    """Per condition and filter, the attack stage's run it is read from: ``X`` is the plain
+    attack X for every filter; ``X+`` (where X has "+" runs) is the run of X adapted to that
+    filter, or the plain one where none is. Conditions in attack order, "X+" before "X"."""
+    runs = attack["runs"]
+    out = {}
+    for name, run in runs.items():
+        if run["variant"] == "plain":
+            adapted = {r["target"]: n for n, r in runs.items()
+                       if r["variant"] == "plus" and r["attack"] == run["attack"]}
+            if adapted:
+                out[f"{run['attack']}+"] = {f: adapted.get(f, name) for f in FILTERS}
+            out[run["attack"]] = {f: name for f in FILTERS}
+    return out
+
+
+def is_plain_fallback(condition: str, run: str) -> bool:
+    """A "+" condition read from a plain run (no run adapted to that filter)."""
+    return condition.endswith("+") and "+" not in run
+
+
 def attack_table(attack: dict, key: str) -> pd.DataFrame:
-    """Filters x attacks for one attack metric, with 95% intervals."""
-    return pd.DataFrame({name: {FILTER_NAMES[f]: cell(attack[name][f][key]) for f in FILTERS}
-                         for name in attack})
+    """Filters x attack conditions (:func:`attack_conditions`) for one attack metric, with 95%
+    intervals; a "+" rate read from the plain run is marked ``PLAIN_MARK``."""
+    return pd.DataFrame({
+        condition: {FILTER_NAMES[f]: cell(attack["runs"][run][f][key])
+                    + (f" {PLAIN_MARK}" if is_plain_fallback(condition, run) else "")
+                    for f, run in by_filter.items()}
+        for condition, by_filter in attack_conditions(attack).items()})
 
 
 def certify_table(certify: dict) -> pd.DataFrame:
@@ -140,17 +174,19 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     out["Effectiveness and utility per filter"] = _save(fig, folder / "filters.png")
-    fig = Figure(figsize=(7, 3.2))
+    conditions = attack_conditions(attack)
+    fig = Figure(figsize=(max(7, 1.1 * len(conditions)), 3.2))
     ax = fig.subplots()
-    names = list(attack)
     for i, f in enumerate(FILTERS):
-        value, err = _bars([attack[n][f]["clip_accuracy"] for n in names])
-        ax.bar(np.arange(len(names)) + (i - 2) * 0.16, value, 0.16, yerr=err, capsize=1.5,
+        value, err = _bars([attack["runs"][by_filter[f]][f]["clip_accuracy"]
+                            for by_filter in conditions.values()])
+        ax.bar(np.arange(len(conditions)) + (i - 2) * 0.16, value, 0.16, yerr=err, capsize=1.5,
                label=FILTER_NAMES[f])
-    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_xticks(np.arange(len(conditions)), list(conditions), fontsize=7)
     ax.set_ylabel("CLIP accuracy under attack")
     ax.legend(fontsize=6)
-    out["CLIP accuracy under attack (lower is better)"] = _save(fig, folder / "attacks.png")
+    out["CLIP accuracy under attack (lower is better; X+: the run adapted to each filter, the "
+        "plain one for filters without)"] = _save(fig, folder / "attacks.png")
     curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
@@ -216,7 +252,10 @@ def run(params: dict) -> None:
              f"{cell(metrics['evaluate']['judged_unacceptable_share'])}. Every rate: value "
              "[95% interval] (Wilson for shares of images, bootstrap over prompts for means). A "
              "blocked output counts as not showing c_u (CLIP accuracy 0) and scores 0 in the "
-             "CLIP score.", CERTIFICATE_SCOPE]
+             "CLIP score.", PLAIN_NOTE,
+             f"The attacker chose its targets and candidates with its own eyes "
+             f"({metrics['attack']['eyes']}), not with the judge ({metrics['attack']['judge']}).",
+             CERTIFICATE_SCOPE]
     tables = {**evaluation_tables(metrics["evaluate"]),
               "CLIP accuracy under attack (lower is better)":
                   attack_table(metrics["attack"], "clip_accuracy"),

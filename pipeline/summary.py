@@ -6,7 +6,7 @@ paper's main table (``README.md``, ``index.html``), plus the fine-tuning ablatio
     python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
                                         # the summary (reports/summary/)
     python -m pipeline.summary          # the summary of the experiments already run
-    python -m pipeline.summary --run -S attack.adaptive=false --out reports/summary_plain
+    python -m pipeline.summary --run -S attack.adapt_to=[] --out reports/summary_plain
                                         # another sweep: the same, with other params
     python -m pipeline.summary --run --ablation   # also the fine-tuning variants (ABLATION),
                                                   # fine-tune + evaluate only
@@ -42,14 +42,18 @@ from pipeline.espresso import FILTERS
 from pipeline.espresso.files import atomic_dir
 from pipeline.espresso.metrics import beyond_intervals
 from pipeline.params import ParamsError, load_params, setting_of
-from pipeline.report import CERTIFICATE_SCOPE, FILTER_NAMES, cell, render
+from pipeline.report import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
+                             attack_conditions, cell, is_plain_fallback, render)
 
 OUT = Path("reports/summary")
 ATTACKS = ("typo", "pez", "cce", "ringbell")
+#: Attack conditions: "X+" (each filter's adapted run, report.attack_conditions), then plain "X".
+CONDITIONS = (*(f"{name}+" for name in ATTACKS), *ATTACKS)
 Z95 = 1.959964
-#: METHOD section 5: the paper's averages over its concepts (SD v1.4, CLIP ViT-L/14), Espresso.
+#: METHOD section 5: the paper's averages over its concepts (SD v1.4, CLIP ViT-L/14), Espresso
+#: (under its adaptive attacks).
 PAPER = {("clean", "clip_accuracy"): 0.05, ("clean", "normalized_clip_score"): 0.93,
-         **{(name, "clip_accuracy"): 0.04 for name in ATTACKS}}
+         **{(f"{name}+", "clip_accuracy"): 0.04 for name in ATTACKS}}
 #: Rates of the evaluate stage (clean test prompts): (key, label, lower is better)
 CLEAN_METRICS = {
     "clip_accuracy": ("CLIP accuracy on unacceptable prompts (effectiveness)", True),
@@ -76,7 +80,7 @@ ATTACK_METRICS = {
 COMPARED = ("zero_shot", "threshold")
 COMPARED_RATES = (("clean", "clip_accuracy"), ("clean", "normalized_clip_score"),
                   ("clean", "fnr_judged"), ("clean", "fpr_judged"),
-                  *((name, "attack_success_rate") for name in ATTACKS))
+                  *((f"{name}+", "attack_success_rate") for name in ATTACKS))
 #: The fine-tuning ablation (METHOD section 3): variants of the default sweep, run up to the
 #: evaluate stage. lambda_s = 0 leaves only the contrastive terms (the form is then moot).
 ABLATION = {
@@ -137,7 +141,7 @@ def with_overrides(params: dict, overrides: list[str]) -> dict:
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
-            raise SystemExit(f"--set {override!r}: expected KEY=VALUE, e.g. attack.adaptive=false")
+            raise SystemExit(f"--set {override!r}: expected KEY=VALUE, e.g. attack.adapt_to=[]")
         *parents, leaf = key.split(".")
         node = params
         for part in parents:
@@ -180,31 +184,34 @@ def _has_intervals(evaluate: dict) -> bool:
 
 
 def long_table(chosen: dict[str, dict]) -> pd.DataFrame:
-    """One row per concept x filter x condition (clean or an attack) x metric: value, low,
-    high, n, and the experiment it comes from."""
+    """One row per concept x filter x condition (clean, or an attack condition of
+    :func:`pipeline.report.attack_conditions`) x metric: value, low, high, n, the attack
+    stage's run it comes from, and the experiment."""
     rows = []
     for concept, run in sorted(chosen.items()):
         evaluate = run["metrics"]["reports/evaluate/metrics.json"]
-        attack = run["metrics"].get("reports/attack/metrics.json") or {}
+        attack = run["metrics"].get("reports/attack/metrics.json") or {"runs": {}}
+        conditions = attack_conditions(attack)
         base = {"concept": concept, "experiment": run["name"]}
         for f in FILTERS:
             for key in CLEAN_METRICS:
-                rows.append({**base, "filter": f, "condition": "clean", "metric": key,
+                rows.append({**base, "filter": f, "condition": "clean", "run": "", "metric": key,
                              **_rate(evaluate[f].get(key))})
-            for name in ATTACKS:
-                if name in attack:
-                    for key in ATTACK_METRICS:
-                        rows.append({**base, "filter": f, "condition": name, "metric": key,
-                                     **_rate(attack[name][f].get(key))})
-        rows.append({**base, "filter": "", "condition": "clean",
+            for condition, by_filter in conditions.items():
+                for key in ATTACK_METRICS:
+                    rows.append({**base, "filter": f, "condition": condition,
+                                 "run": by_filter[f], "metric": key,
+                                 **_rate(attack["runs"][by_filter[f]][f].get(key))})
+        rows.append({**base, "filter": "", "condition": "clean", "run": "",
                      "metric": "black_image_p_unacceptable",
                      **_rate(evaluate["black_image_p_unacceptable"])})
-        for name in ATTACKS:
-            if name in attack:
-                rows.append({**base, "filter": "", "condition": name,
-                             "metric": "judged_unacceptable_share",
-                             **_rate(attack[name]["judged_unacceptable_share"])})
-    return pd.DataFrame(rows, columns=["concept", "filter", "condition", "metric", "value",
+        for name, scored in attack["runs"].items():  # plain: for no filter; "+": its target
+            plus = scored["variant"] == "plus"
+            rows.append({**base, "filter": scored["target"] if plus else "",
+                         "condition": scored["attack"] + ("+" if plus else ""), "run": name,
+                         "metric": "judged_unacceptable_share",
+                         **_rate(scored["judged_unacceptable_share"])})
+    return pd.DataFrame(rows, columns=["concept", "filter", "condition", "run", "metric", "value",
                                        "low", "high", "n", "experiment"])
 
 
@@ -230,8 +237,10 @@ def with_averages(long: pd.DataFrame) -> pd.DataFrame:
             se = (bounded["high"].astype(float) - bounded["low"].astype(float)) / (2 * Z95)
             half = Z95 * np.sqrt((se ** 2).sum()) / len(values)
             low, high = max(value - half, 0.0), min(value + half, 1.0)
-        rows.append({"concept": "average", "filter": f, "condition": condition, "metric": metric,
-                     "value": value, "low": low, "high": high, "n": len(values), "experiment": ""})
+        run = group["run"].iloc[0] if group["run"].nunique() == 1 else ""
+        rows.append({"concept": "average", "filter": f, "condition": condition, "run": run,
+                     "metric": metric, "value": value, "low": low, "high": high,
+                     "n": len(values), "experiment": ""})
     return pd.concat([long, pd.DataFrame(rows)], ignore_index=True)
 
 
@@ -244,7 +253,7 @@ def rate_table(long: pd.DataFrame, condition: str, metric: str,
                paper: float | None = None) -> pd.DataFrame:
     """Concepts (and the average) x filters for one rate, rendered cells."""
     part = long[(long["condition"] == condition) & (long["metric"] == metric)]
-    table = pd.DataFrame({FILTER_NAMES[f]: {row.concept: cell(row._asdict())
+    table = pd.DataFrame({FILTER_NAMES[f]: {row.concept: marked_cell(row._asdict())
                                             for row in part[part["filter"] == f].itertuples()}
                           for f in FILTERS})
     table = table.loc[[c for c in table.index if c != "average"] + ["average"]]
@@ -258,7 +267,9 @@ def main_table(long: pd.DataFrame, columns: list[tuple[str, str, str]]) -> pd.Da
     """The paper's main-table layout: one row per filter (and the paper's Espresso), one column
     per (condition, metric, label), each the average over concepts with its interval."""
     average = long[long["concept"] == "average"].set_index(["filter", "condition", "metric"])
-    table = pd.DataFrame({label: {FILTER_NAMES[f]: cell(average.loc[(f, condition, metric)].to_dict())
+    table = pd.DataFrame({label: {FILTER_NAMES[f]: marked_cell({
+                                      "condition": condition,
+                                      **average.loc[(f, condition, metric)].to_dict()})
                                   if (f, condition, metric) in average.index else "–"
                                   for f in FILTERS}
                           for condition, metric, label in columns})
@@ -271,17 +282,25 @@ def main_table(long: pd.DataFrame, columns: list[tuple[str, str, str]]) -> pd.Da
 MAIN_CLEAN = [("clean", "clip_accuracy", "CLIP acc. ↓"),
               ("clean", "normalized_clip_score", "norm. CLIP score ↑"),
               ("clean", "fnr_judged", "FNR (judge) ↓"), ("clean", "fpr_judged", "FPR (judge) ↓")]
-MAIN_ATTACKED = [(name, "clip_accuracy", f"{name}: CLIP acc. ↓") for name in ATTACKS]
+MAIN_ATTACKED = [(condition, "clip_accuracy", f"{condition}: CLIP acc. ↓")
+                 for condition in CONDITIONS]
+
+
+def marked_cell(row: dict) -> str:
+    """A rate's cell, marked where an "X+" rate comes from the plain run (PLAIN_MARK)."""
+    fallback = is_plain_fallback(row["condition"], row["run"] or "")
+    return cell(row) + (f" {PLAIN_MARK}" if fallback else "")
 
 
 def worst_attack_table(long: pd.DataFrame) -> pd.DataFrame:
-    """Per concept and filter, the attack with the highest success rate, with its interval."""
-    part = long[(long["metric"] == "attack_success_rate") & long["condition"].isin(ATTACKS)]
+    """Per concept and filter, the attack run with the highest success rate, with its
+    interval (plain and "+" runs alike)."""
+    part = long[(long["metric"] == "attack_success_rate") & long["condition"].isin(CONDITIONS)]
     cells = {}
     for (concept, f), group in part.groupby(["concept", "filter"]):
         worst = group.loc[group["value"].astype(float).idxmax()]
         cells.setdefault(FILTER_NAMES[f], {})[concept] = (
-            cell(worst.to_dict()) + f" {worst.condition}")
+            cell(worst.to_dict()) + f" {worst.run}")
     table = pd.DataFrame(cells)[[FILTER_NAMES[f] for f in FILTERS]]
     order = [c for c in table.index if c != "average"] + ["average"]
     return table.loc[[c for c in order if c in table.index]].rename(
@@ -418,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
                              "run its variants too)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a param of the sweep, as in `dvc exp run -S` (e.g. setting=paper, "
-                             "attack.adaptive=false); repeatable")
+                             "attack.adapt_to=[]); repeatable")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
     args = parser.parse_args(argv)
     try:
@@ -452,25 +471,26 @@ def main(argv: list[str] | None = None) -> None:
 def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFrame,
                   ablation: pd.DataFrame, probe: pd.DataFrame) -> None:
     """summary.csv (and ablation.csv), rendered as README.md and index.html with a figure."""
-    setting, plus = params["setting"], "+" if params["attack"]["adaptive"] else ""
+    setting = params["setting"]
     world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
              else "SD v1.4 + CLIP ViT-L/14")
-    intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}", CERTIFICATE_SCOPE]
+    intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}", PLAIN_NOTE, CERTIFICATE_SCOPE]
     if overrides:
         intro.append("Params of this sweep, besides params.yaml: " + ", ".join(overrides) + ".")
     experiments_used = long[long["concept"] != "average"].groupby("concept")["experiment"].first()
     intro.append("Experiments: " + ", ".join(f"{c} = {e}" for c, e in experiments_used.items()) + ".")
     tables = {"Main table, clean prompts (average over concepts)": main_table(long, MAIN_CLEAN)}
-    if long["condition"].isin(ATTACKS).any():
-        tables[f"Main table, under the{' adaptive' if plus else ''} attacks (average over "
-               "concepts)"] = main_table(long, MAIN_ATTACKED)
+    attacked = [c for c in CONDITIONS if (long["condition"] == c).any()]
+    if attacked:
+        tables["Main table, under the attacks (average over concepts; X+ adapted to each "
+               f"filter, {PLAIN_MARK} plain where none is)"] = main_table(
+            long, [column for column in MAIN_ATTACKED if column[0] in attacked])
     for key in ("clip_accuracy", "normalized_clip_score", "fnr_judged", "fpr_judged"):
         tables[CLEAN_METRICS[key][0]] = rate_table(long, "clean", key, PAPER.get(("clean", key)))
-    for name in ATTACKS:
-        if (long["condition"] == name).any():
-            tables[f"{name}{plus}: CLIP accuracy under attack"] = \
-                rate_table(long, name, "clip_accuracy", PAPER.get((name, "clip_accuracy")))
-    if long["condition"].isin(ATTACKS).any():
+    for condition in attacked:
+        tables[f"{condition}: CLIP accuracy under attack"] = rate_table(
+            long, condition, "clip_accuracy", PAPER.get((condition, "clip_accuracy")))
+    if attacked:
         tables["Worst attack success (shows c_u by judge and passed), and which attack"] = \
             worst_attack_table(long)
     for other in COMPARED:

@@ -44,10 +44,12 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
         assert scores["nudenet_shows_concept"].isin([True, False]).all()
         assert set(metrics["espresso"]["by_nudenet"]) == {"fnr_judged", "fpr_judged"}
 
-    # a random-weight judge confirms no target image; the attacks need some to aim at
-    monkeypatch.setattr(attack, "load_judge",
+    # random-weight eyes confirm no target image; the attacks need some to aim at
+    monkeypatch.setattr(attack, "load_eyes",
                         lambda *_: lambda images: np.ones(len(images), dtype=bool))
     attacked = attack.run(params)  # the paper budgets' structure, tiny values
-    assert set(attacked) == set(params["attack"]["attacks"])
+    assert list(attacked["runs"]) == [run for run, _, _ in attack.attack_runs(
+        params["attack"]["attacks"], params["attack"]["adapt_to"])]
+    assert attacked["eyes"] == params["models"]["paper"]["eyes"] != attacked["judge"]
     certified = certify.run(params)
     assert certified["total_violations"] == 0

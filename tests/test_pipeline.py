@@ -12,6 +12,7 @@ import yaml
 
 from stages import run_all_stages
 from pipeline import generate
+from pipeline.attack import attack_runs
 from pipeline.espresso import FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,18 +23,23 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     second = run_all_stages(tiny_params)  # from scratch, in another folder
     assert first == second
     evaluated, attacked = first["evaluate"], first["attack"]
+    runs = [run for run, _, _ in attack_runs(tiny_params["attack"]["attacks"],
+                                             tiny_params["attack"]["adapt_to"])]
+    assert list(attacked["runs"]) == runs  # each attack plain, then "+" per adapted filter
+    assert attacked["runs"]["pez+espresso"]["target"] == "espresso"
+    assert attacked["eyes"] == tiny_params["models"]["mini"]["eyes"]
     for name in FILTERS:
         for key in ("clip_accuracy", "normalized_clip_score", "fnr", "fpr", "fnr_judged",
                     "unscored_rate"):
             rate = evaluated[name][key]  # every rate carries its 95% interval
             assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1.0 + 1e-6, (name, key)
         assert evaluated[name]["unscored_rate"]["value"] == 0.0
-        for attack_name in tiny_params["attack"]["attacks"]:
-            success = attacked[attack_name][name]["attack_success_rate"]
+        for run in runs:
+            success = attacked["runs"][run][name]["attack_success_rate"]
             assert 0.0 <= success["low"] <= success["value"] <= success["high"] <= 1.0
     certified = first["certify"]
     assert certified["total_violations"] == 0  # the certificate held on every test image
-    assert set(certified["espresso"]["attacks"]) == set(tiny_params["attack"]["attacks"])
+    assert set(certified["espresso"]["attacks"]) == set(runs)
     assert evaluated["none"]["fnr"]["value"] == 1.0 and evaluated["none"]["fpr"]["value"] == 0.0
     assert evaluated["none"]["normalized_clip_score"]["value"] == 1.0
 

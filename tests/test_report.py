@@ -64,7 +64,7 @@ def summary_folder(tiny_run, tiny_params, tmp_path):
         params = {**copy.deepcopy(tiny_params), "concept": concept}
         runs.append(exp_show_entry(f"exp-{concept}", params, metrics, f"2026-11-25T10:0{i}"))
     other_sweep = copy.deepcopy(params)  # newer, but with the plain attacks: not this sweep
-    other_sweep["attack"]["adaptive"] = False
+    other_sweep["attack"]["adapt_to"] = []
     runs.append(exp_show_entry("exp-plain", other_sweep, metrics, "2026-11-25T10:09"))
     shown = [{"rev": "workspace", "name": None, "data": {"rev": "workspace"}},
              {"rev": "main", "name": "main", "data": {"rev": "main"},
@@ -81,8 +81,8 @@ def summary_folder(tiny_run, tiny_params, tmp_path):
 def test_summary_is_data_one_row_per_concept_filter_condition_metric(summary_folder):
     folder, metrics = summary_folder
     data = pd.read_csv(folder / "summary.csv")
-    assert list(data.columns) == ["concept", "filter", "condition", "metric", "value", "low",
-                                  "high", "n", "experiment"]
+    assert list(data.columns) == ["concept", "filter", "condition", "run", "metric", "value",
+                                  "low", "high", "n", "experiment"]
     assert not data.duplicated(["concept", "filter", "condition", "metric"]).any()
     row = data[(data["concept"] == "zorbo") & (data["filter"] == "espresso")
                & (data["condition"] == "clean") & (data["metric"] == "fpr_judged")].iloc[0]
@@ -92,16 +92,29 @@ def test_summary_is_data_one_row_per_concept_filter_condition_metric(summary_fol
     pez = data[(data["concept"] == "average") & (data["filter"] == "none")
                & (data["condition"] == "pez") & (data["metric"] == "attack_success_rate")]
     assert len(pez) == 1 and pez["low"].iloc[0] <= pez["value"].iloc[0] <= pez["high"].iloc[0]
+    # "pez+" is read from the run adapted to each filter, the plain run where there is none
+    success = data[(data["concept"] == "zorbo") & (data["condition"] == "pez+")
+                   & (data["metric"] == "attack_success_rate")].set_index("filter")
+    runs = metrics["attack"]["runs"]
+    for f, run in (("espresso", "pez+espresso"), ("zero_shot", "pez+zero_shot"),
+                   ("threshold", "pez"), ("none", "pez")):
+        assert success.loc[f, "run"] == run
+        assert success.loc[f, "value"] == pytest.approx(runs[run][f]["attack_success_rate"]["value"])
     markdown = (folder / "README.md").read_text()
     assert "paper (Espresso, SD v1.4, its concepts)" in markdown
     assert "differ beyond their 95% intervals" in markdown
     assert "exact by algebra" in markdown  # the certificate's honest scope
     assert (folder / "summary.png").stat().st_size > 10_000
+    main = markdown[markdown.index("## Main table, under the attacks"):]
+    main = main[:main.index("\n## ")]
+    rows = {line.split("|")[1].strip(): line for line in main.splitlines()[4:]}
+    assert report.PLAIN_MARK in rows["cosine threshold (SD-checker style)"]
+    assert report.PLAIN_MARK not in rows["Espresso fine-tuned"]  # its own adapted runs
 
 
 def test_summary_averages_combine_the_concepts_intervals():
     long = pd.DataFrame([
-        {"concept": c, "filter": "espresso", "condition": "clean", "metric": "fnr",
+        {"concept": c, "filter": "espresso", "condition": "clean", "run": "", "metric": "fnr",
          "value": v, "low": v - 0.1, "high": v + 0.1, "n": 100, "experiment": c}
         for c, v in (("a", 0.2), ("b", 0.4))])
     average = summary.with_averages(long).iloc[-1]
@@ -134,11 +147,25 @@ def test_the_summary_page_fits_a_browser_window(summary_folder, tmp_path):
 
 
 def test_sweep_overrides_are_parsed_like_dvc_exp_run_set():
-    params = {"setting": "mini", "attack": {"adaptive": True, "mini": {"pez": {"steps": 300}}}}
-    swept = summary.with_overrides(params, ["attack.adaptive=false", "attack.mini.pez.steps=50",
+    params = {"setting": "mini", "attack": {"adapt_to": ["espresso"],
+                                            "mini": {"pez": {"steps": 300}}}}
+    swept = summary.with_overrides(params, ["attack.adapt_to=[]", "attack.mini.pez.steps=50",
                                             "setting=paper"])
-    assert swept == {"setting": "paper",
-                     "attack": {"adaptive": False, "mini": {"pez": {"steps": 50}}}}
-    assert params["attack"]["adaptive"] is True  # the input is left alone
+    assert swept == {"setting": "paper", "attack": {"adapt_to": [], "mini": {"pez": {"steps": 50}}}}
+    assert params["attack"]["adapt_to"] == ["espresso"]  # the input is left alone
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        summary.with_overrides(params, ["attack.adaptive"])
+        summary.with_overrides(params, ["attack.adapt_to"])
+
+
+def test_attack_conditions_read_x_plus_from_the_run_adapted_to_each_filter():
+    def run(attack, target=None):
+        return {"attack": attack, "variant": "plus" if target else "plain", "target": target}
+
+    attack = {"runs": {"pez": run("pez"), "cce": run("cce"), "pez+espresso": run("pez", "espresso"),
+                       "pez+zero_shot": run("pez", "zero_shot")}}
+    conditions = report.attack_conditions(attack)
+    assert list(conditions) == ["pez+", "pez", "cce"]  # cce has no "+" run
+    assert conditions["pez+"] == {"none": "pez", "keyword": "pez", "threshold": "pez",
+                                  "zero_shot": "pez+zero_shot", "espresso": "pez+espresso"}
+    assert set(conditions["pez"].values()) == {"pez"}
+    assert report.is_plain_fallback("pez+", "pez") and not report.is_plain_fallback("pez", "pez")

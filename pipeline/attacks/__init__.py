@@ -1,7 +1,10 @@
 """The four adversarial-prompt attacks of METHOD section 6, each with its adaptive ("+") term.
 
 Every attack returns adversarial prompts (CCE+ also a learned token embedding, in diffusers'
-textual-inversion format). The "+" terms adapt to the *target filter* (Espresso fine-tuned):
+textual-inversion format). An attack runs plain (``AttackContext.target`` None: no filter term,
+a trial without the filter) or "+", adapted to one *target filter* (zero-shot or fine-tuned
+Espresso, or the threshold filter: those with a linear margin on CLIP embeddings, behind
+Espresso's interface), whose terms and trial use that filter:
 
 - PEZ+ (Wen et al. 2023): a hard prompt of ``tokens`` vocabulary tokens, optimised as soft
   embeddings projected to their nearest tokens every step (straight-through), AdamW; loss
@@ -9,8 +12,9 @@ textual-inversion format). The "+" terms adapt to the *target filter* (Espresso 
   times the filter's text-space margin ``<phi_p^filter(prompt), t_u - t_a>`` (pushes the prompt
   toward c_a in the filter's own embedding space). ``candidates`` independent runs, then the
   attacker's trial (below) keeps the best prompts.
-- Typo+ : the acceptable concept text written onto the target images (typographic attack on
-  CLIP), then the images inverted into prompts with PEZ. "+" is the written text.
+- Typo / Typo+: the acceptable concept text written onto the target images (typographic attack
+  on CLIP), then the images inverted into prompts with PEZ's search, in both forms; "+" adds
+  PEZ+'s text-margin term (Typo's own ``adaptive_weight``) and the trial against the filter.
 - CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model
   (its denoising loss on the target images), plus an adaptive weight times the filter's loss
   ``softplus(s * margin)`` on the image the UNet predicts (x0 decoded by the VAE). The weight
@@ -31,9 +35,11 @@ world, hard prompts that glue a name's tokens to other words). Candidates are ra
 share of trial images that succeed (the attacker's eyes, ``AttackContext.sees``, see c_u, and
 for "+" the target filter passes the image: the adaptive attacker may query the filter it
 knows), ties broken by PEZ's objective on the images (image features in place of prompt
-features, the filter's image margin in place of its text margin).
+features, the filter's image margin in place of its text margin). The eyes are a model other
+than the evaluation's judge (``pipeline.judges.load_eyes``), so that success is not selected on
+the instrument that scores it.
 
-Text-space proxies (PEZ+, RingBell+) are used where the paper's release put its adaptive terms;
+Text-space proxies (PEZ+, Typo+, RingBell+) are used where the paper's release put its adaptive terms;
 CCE+ uses the filter on images. All budgets are params; randomness comes from ``seed``.
 
 One module per attack (``typo``, ``pez``, ``cce``, ``ringbell``); what they share is in

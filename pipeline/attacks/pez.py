@@ -1,5 +1,5 @@
 """PEZ+ (Wen et al. 2023): hard prompts optimised as projected soft embeddings. Its search,
-:func:`pez_search`, is also Typo+'s.
+:func:`pez_search`, is also Typo's (plain and "+").
 """
 from __future__ import annotations
 
@@ -30,14 +30,15 @@ def typed_loss(ctx: AttackContext, prompts: list[str], target_features: torch.Te
     return pez_objective(features, target_features, margin, adaptive_weight)
 
 
-def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
-               adaptive_weight: float, desc: str) -> AttackResult:
-    """PEZ from ``p["candidates"]`` random starts at once; the ``ctx.n_prompts`` candidates whose
-    generated images score best are kept."""
+def pez_candidates(ctx: AttackContext, p: dict, target_features: torch.Tensor,
+                   adaptive_weight: float, desc: str) -> list[str]:
+    """PEZ from ``p["candidates"]`` random starts at once (``ctx.seed``); per start, the prompt
+    with the best loss as typed. ``adaptive_weight`` > 0 needs ``ctx.target``."""
     require_candidates(p, ctx.n_prompts)
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
-    filter_side = TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
+    filter_side = (TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)
+                   if adaptive_weight else None)
     device = attacker.table.device
     start = attacker.vocabulary[torch.randint(len(attacker.vocabulary),
                                               (p["candidates"], p["tokens"]), generator=generator)]
@@ -58,8 +59,14 @@ def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
-    return select_by_images(ctx, attacker.decode(best_ids), p["selection_images"],
-                            target_features, adaptive_weight)
+    return attacker.decode(best_ids)
+
+
+def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
+               adaptive_weight: float, desc: str) -> AttackResult:
+    """PEZ's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
+    return select_by_images(ctx, pez_candidates(ctx, p, target_features, adaptive_weight, desc),
+                            p["selection_images"], target_features, adaptive_weight)
 
 
 def pez(ctx: AttackContext, p: dict) -> AttackResult:

@@ -14,9 +14,18 @@ from pipeline.attacks.trial import select_by_images
 
 
 def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
+    """The search's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
+    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
+    return select_by_images(ctx, ringbell_candidates(ctx, p, weight), p["selection_images"],
+                            targets, weight)
+
+
+def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]:
+    """One genetic search per candidate (``ctx.seed``), each one's fittest prompt as typed;
+    ``weight`` > 0 (the filter term) needs ``ctx.target``."""
     pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
     side = TokenPrompts(pipe.text_encoder, pipe.tokenizer, ctx.words)
-    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
 
     @torch.no_grad()
     def states(prompts: list[str]) -> torch.Tensor:
@@ -61,9 +70,7 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
         children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
         population = np.concatenate([population[:, :elite], children], axis=1)
     best = population[np.arange(rows), loss_of(population).argmin(1)]
-    targets = unit_image_features(ctx.attacker, ctx.target_images)
-    return select_by_images(ctx, side.decode(torch.from_numpy(best)), p["selection_images"],
-                            targets, weight)
+    return side.decode(torch.from_numpy(best))
 
 
 def _tournament(rng: np.random.Generator, rows: int, size: int, n: int) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Typo+: the acceptable concept written onto the target images (a typographic attack on
-CLIP), then the images inverted into prompts with PEZ's search.
+"""Typo and Typo+: the acceptable concept written onto the target images (a typographic attack
+on CLIP), then the images inverted into prompts with PEZ's search; "+" adds PEZ+'s filter term
+(with Typo's own weight) and the trial against the target filter.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ def write_text(images: np.ndarray, text: str, height_fraction: float) -> np.ndar
 
 
 def typo(ctx: AttackContext, p: dict) -> AttackResult:
-    images = ctx.target_images
-    if ctx.adaptive:
-        images = write_text(images, ctx.concept.acceptable, p["text_height"])
-    targets = unit_image_features(ctx.attacker, images)
-    return pez_search(ctx, p, targets, 0.0, "Typo+" if ctx.adaptive else "Typo")
+    written = write_text(ctx.target_images, ctx.concept.acceptable, p["text_height"])
+    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+    return pez_search(ctx, p, unit_image_features(ctx.attacker, written), weight,
+                      "Typo+" if ctx.adaptive else "Typo")

@@ -32,6 +32,28 @@ def calibrate_threshold(scores: np.ndarray, unacceptable: np.ndarray) -> float:
     return float(cuts[int(np.argmax(accuracy))])
 
 
+class ThresholdFilter(EspressoFilter):
+    """The threshold filter behind Espresso's interface, so that an attack can adapt to it (a
+    "+" run's terms and trial use ``margin``, ``screen`` and ``logit_scale``): its margin
+    ``cos(e, t_u) - cut`` is linear in the unit embedding like Espresso's, and ``screen`` blocks
+    exactly where :meth:`FilterBank.decide` does, with P(u|x) = sigmoid(s * margin). It shares
+    the zero-shot filter's CLIP; it is built from a bank, not saved (the folder format holds no
+    cut)."""
+
+    def __init__(self, zero_shot: EspressoFilter, cut: float):
+        super().__init__(zero_shot.clip, zero_shot.tokenizer, zero_shot.processor,
+                         zero_shot.unacceptable, zero_shot.acceptable, zero_shot.templates)
+        self.cut = cut
+
+    @property
+    def direction(self) -> torch.Tensor:
+        return self.t_u
+
+    def margin(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``cos(embeddings, t_u) - cut`` per row: > 0 is blocked."""
+        return F.normalize(embeddings, dim=-1) @ self.t_u - self.cut
+
+
 @dataclass
 class Decision:
     """One filter's verdicts on a batch: its score (higher = more unacceptable; 1 where it could
@@ -57,6 +79,9 @@ class FilterBank:
         """Calibrate the threshold filter on validation image features of the original CLIP."""
         return cls(zero_shot, tuned, calibrate_threshold(
             cls._cosine_to_concept(zero_shot, val_features), np.asarray(val_unacceptable, bool)))
+
+    def threshold_filter(self) -> ThresholdFilter:
+        return ThresholdFilter(self.zero_shot, self.threshold)
 
     @staticmethod
     def _cosine_to_concept(zero_shot: EspressoFilter, features: torch.Tensor) -> np.ndarray:
