@@ -75,11 +75,13 @@ def image_score(ctx: AttackContext, prompts: list[str], vectors=None) -> tuple[f
 
 
 def text_term_effect(ctx, name, plain, plus, weight):
-    """Asserts the term's effect in text space; prints its effect on images (see the report)."""
+    """The term changes the prompts, moves them toward c_a in the filter's text space, and lowers
+    the filter's P(u|x) on their images (fixed seeds); the effect is printed for the README."""
     assert plus != plain  # the term changes what the search finds
     before, after = typed_margin(ctx.target, plain).mean(), typed_margin(ctx.target, plus).mean()
     assert after < before  # and moves it toward c_a in the filter's text space
     (p0, drawn0), (p1, drawn1) = image_score(ctx, plain), image_score(ctx, plus)
+    assert p1 < p0  # and the filter scores the images of the "+" prompts lower
     print(f"{name} at weight {weight:g}: text margin {before:.3f} -> {after:.3f}; on images "
           f"P(u|x) {p0:.3f} -> {p1:.3f}, shows c_u (eyes) {drawn0:.2f} -> {drawn1:.2f}")
 
