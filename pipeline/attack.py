@@ -23,7 +23,7 @@ from pipeline.espresso.files import atomic_file, write_csv, write_json
 from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
 from pipeline.evaluate import load_filter_bank
 from pipeline.finetune import FILTER_DIR
-from pipeline.generate import MANIFEST, load_images, sampler_of
+from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_judge
 from pipeline.mini import shapes
 from pipeline.params import ParamsError, run_stage, settings_of
@@ -59,13 +59,7 @@ def _run(params: dict) -> dict:
 
     setting, concept, models = settings_of(params)
     p = params["attack"]
-    if not isinstance(p["attacks"], list) or set(p["attacks"]) - set(ATTACKS):
-        raise ParamsError(f"params.yaml: attack.attacks is {p['attacks']!r}; allowed: a list of "
-                          f"{', '.join(ATTACKS)}")
-    budgets, sampler = p[setting], sampler_of(params, setting)
-    if budgets["vocabulary"] not in VOCABULARIES:
-        raise ParamsError(f"params.yaml: attack.{setting}.vocabulary is "
-                          f"{budgets['vocabulary']!r}; allowed: {sorted(VOCABULARIES)}")
+    budgets, sampler = p[setting], params["generate"][setting]
     manifest = pd.read_csv(MANIFEST)
     bank = load_filter_bank(models["clip"], concept, manifest)
     judge = load_judge(setting, models, concept)
