@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import KINDS, MINI_SLOTS, Registry, read_yaml, validate
+from pipeline.schema import KINDS, MINI_SLOTS, ParamsError, Registry, read_yaml, validate
 
 REGISTRY_FILE = Path("data/concepts.yaml")
 SPLITS = ("train", "val", "test")
@@ -34,6 +34,8 @@ def load_registry(path: Path = REGISTRY_FILE) -> dict:
     """The registry, checked (``pipeline.schema.Registry``: duplicate names, blank texts,
     c_u = c_a, unknown kinds or judge verdicts...); else ``ParamsError``, one line per problem."""
     path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
     registry = read_yaml(path.read_text(), str(path))
     validate(Registry, registry, str(path))
     return registry

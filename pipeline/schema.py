@@ -4,8 +4,9 @@ reading of both files into one line per problem (key path, value, what is allowe
 
 Its own module, not inside ``params.py`` or ``concepts.py``: the rules of both files (and the
 checks that cross them, such as ``concept`` naming a registry entry) are read in one place, and
-``params.py`` / ``concepts.py`` stay about loading and using the values. It imports only pydantic,
-yaml and the mini world's vocabulary, so a stage's code deps grow by this one file.
+``params.py`` / ``concepts.py`` stay about loading and using the values. It imports pydantic, yaml,
+the mini world's vocabulary and (to check a scheduler name) ``pipeline.espresso.models``, which
+every stage runs anyway: a stage's code deps grow by this one file.
 
 Names that code elsewhere keys tables by (attacks, optimisers, separations, vocabularies) are
 written here as ``Literal``s; ``tests/test_validation.py`` checks that each matches its table.
@@ -309,10 +310,15 @@ def _attack_names(names: list[str]) -> list[str]:
 
 
 class Attack(Strict):
+    """Which filters the "+" terms adapt to: today's ``adaptive`` (true or false) or the
+    attacks branch's ``adapt_to`` (a list of filters), exactly one of the two. Once that branch
+    has landed, deleting the ``adaptive`` line makes ``adapt_to`` required (and ``adaptive`` an
+    unknown key); a new key of every attack's budgets is one line in its class above."""
+
     seed: Seed
     attacks: Annotated[list[str], AfterValidator(_attack_names)]
-    adaptive: Optional[bool] = None                # today's key; being replaced by adapt_to
-    adapt_to: Optional[list[Filter]] = None        # the filters the "+" terms adapt to
+    adaptive: Optional[bool] = None
+    adapt_to: Optional[list[Filter]] = None
     targets: Count
     prompts: Count
     images_per_prompt: Count
@@ -321,9 +327,10 @@ class Attack(Strict):
 
     @model_validator(mode="after")
     def _adaptive_once_and_enough_candidates(self):
-        if (self.adaptive is None) == (self.adapt_to is None):
-            raise not_allowed("exactly one of adaptive (true or false) or adapt_to (a list of "
-                              f"{', '.join(get_args(Filter))})", at=("adaptive",))
+        keys = [key for key in ("adaptive", "adapt_to") if key in type(self).model_fields]
+        if sum(getattr(self, key) is not None for key in keys) != 1:
+            raise not_allowed(f"exactly one of the keys {' and '.join(keys)} (adapt_to: a list "
+                              f"of {', '.join(get_args(Filter))})", at=(keys[-1],))
         for setting in ("mini", "paper"):
             for name in ATTACK_NAMES:
                 budget = getattr(getattr(self, setting), name)
@@ -426,8 +433,8 @@ class Params(Strict):
     def _known_concept(cls, name: str, info: ValidationInfo) -> str:
         registry, setting = (info.context or {}).get("registry"), info.data.get("setting")
         if registry and setting and name not in registry["concepts"][setting]:
-            raise not_allowed(f"a {setting} concept of data/concepts.yaml: "
-                              f"{', '.join(sorted(registry['concepts'][setting]))}")
+            raise not_allowed(f"a {setting} concept of data/concepts.yaml (known: "
+                              f"{', '.join(sorted(registry['concepts'][setting]))})")
         return name
 
 
@@ -486,7 +493,18 @@ def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
     value = _value_at(error["input"], ctx.get("at", ()))
     if value is _MISSING:
         return f"{source}: {key}: missing; must be {allowed}"
-    return f"{source}: {key}: {_show(value)} is not allowed; must be {allowed}"
+    return f"{source}: {key}: {_show(value)} is not allowed; must be {allowed}{_hint(value)}"
+
+
+def _hint(value: Any) -> str:
+    """A number that YAML read as text (quoted, or PyYAML's ``1e-3`` without a dot): say so."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (YAML read it as text: write numbers unquoted, with a dot: 1.0e-3, not 1e-3)"
 
 
 def _show(value: Any) -> str:

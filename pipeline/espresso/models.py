@@ -173,7 +173,11 @@ def _reason(err: BaseException) -> str:
 def _damaged_message(folder: str, err: BaseException) -> str:
     """The local model at ``folder`` did not load: its unreadable weight files, and the fix."""
     unreadable = [str(f) for f in sorted(Path(folder).rglob("*.safetensors")) if not _readable(f)]
+    weightless = [str(config.parent) for config in sorted(Path(folder).rglob("config.json"))
+                  if not any(config.parent.glob("*.safetensors"))
+                  and not any(config.parent.glob("*.bin"))]
     what = (f"{', '.join(unreadable)} is truncated or corrupt" if unreadable
+            else f"{', '.join(weightless)} has no weight file" if weightless
             else "a file of it is missing or unreadable")
     return f"The model at {folder} cannot be loaded: {what}; {restore_hint(folder)} [{_reason(err)}]"
 
