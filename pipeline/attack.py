@@ -26,7 +26,7 @@ from pipeline.espresso.files import atomic_file, write_csv, write_json
 from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
 from pipeline.evaluate import load_filter_bank
 from pipeline.finetune import FILTER_DIR
-from pipeline.generate import MANIFEST, load_images, sampler_of
+from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_eyes, load_judge
 from pipeline.mini import shapes
 from pipeline.params import ParamsError, run_stage, settings_of
@@ -61,20 +61,6 @@ def attack_runs(attacks: list[str], adapt_to: list[str]) -> list[tuple[str, str,
             + [(f"{name}+{target}", name, target) for target in adapt_to for name in attacks])
 
 
-def check_params(p: dict, setting: str) -> None:
-    if not isinstance(p["attacks"], list) or set(p["attacks"]) - set(ATTACKS):
-        raise ParamsError(f"params.yaml: attack.attacks is {p['attacks']!r}; allowed: a list of "
-                          f"{', '.join(ATTACKS)}")
-    adapt_to = p["adapt_to"]
-    if (not isinstance(adapt_to, list) or set(adapt_to) - set(ADAPTABLE)
-            or len(set(adapt_to)) < len(adapt_to)):
-        raise ParamsError(f"params.yaml: attack.adapt_to is {adapt_to!r}; allowed: a list of "
-                          f"distinct filters among {', '.join(ADAPTABLE)} (or [])")
-    if p[setting]["vocabulary"] not in VOCABULARIES:
-        raise ParamsError(f"params.yaml: attack.{setting}.vocabulary is "
-                          f"{p[setting]['vocabulary']!r}; allowed: {sorted(VOCABULARIES)}")
-
-
 def run(params: dict) -> dict:
     from pipeline.espresso.models import quiet_libraries
 
@@ -87,8 +73,7 @@ def _run(params: dict) -> dict:
 
     setting, concept, models = settings_of(params)
     p = params["attack"]
-    check_params(p, setting)
-    budgets, sampler = p[setting], sampler_of(params, setting)
+    budgets, sampler = p[setting], params["generate"][setting]
     manifest = pd.read_csv(MANIFEST)
     bank = load_filter_bank(models["clip"], concept, manifest)
     judge = load_judge(setting, models, concept)

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from pipeline.mini import shapes
+from pipeline.schema import KINDS, MINI_SLOTS, ParamsError, Registry, read_yaml, validate
 
 REGISTRY_FILE = Path("data/concepts.yaml")
-KINDS = ("opposite", "broader_class", "style")
 SPLITS = ("train", "val", "test")
 
 
@@ -32,12 +30,19 @@ class Concept:
     shows: dict[str, str] | None = None  # mini: the judge's {head: value} that means c_u
 
 
-def _registry(path: Path = REGISTRY_FILE) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+def load_registry(path: Path = REGISTRY_FILE) -> dict:
+    """The registry, checked (``pipeline.schema.Registry``: duplicate names, blank texts,
+    c_u = c_a, unknown kinds or judge verdicts...); else ``ParamsError``, one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
+    registry = read_yaml(path.read_text(), str(path))
+    validate(Registry, registry, str(path))
+    return registry
 
 
 def known_concepts(setting: str, path: Path = REGISTRY_FILE) -> list[str]:
-    concepts = _registry(path)["concepts"]
+    concepts = load_registry(path)["concepts"]
     if setting not in concepts:
         raise UnknownConceptError(f"unknown setting {setting!r}; known: {sorted(concepts)}")
     return sorted(concepts[setting])
@@ -49,25 +54,20 @@ def get_concept(name: str, setting: str, path: Path = REGISTRY_FILE) -> Concept:
     if name not in known:
         raise UnknownConceptError(
             f"unknown concept {name!r} for setting {setting!r}; known: {', '.join(known)}")
-    entry = _registry(path)["concepts"][setting][name]
-    if entry.get("kind") not in KINDS:
-        raise UnknownConceptError(
-            f"concept {name!r} in {path} has kind {entry.get('kind')!r}; allowed: {KINDS}")
-    return Concept(name=name, setting=setting, **entry)
+    return Concept(name=name, setting=setting, **load_registry(path)["concepts"][setting][name])
 
 
 def _slots(setting: str, path: Path) -> dict[str, list[str]]:
     if setting == "mini":
-        slots = {k: list(v) for k, v in shapes.VOCAB.items() if k != "character"}
-        return {**slots, "wording": list(shapes.BACKGROUND_WORDINGS)}
-    return _registry(path)["slots"][setting]
+        return MINI_SLOTS
+    return load_registry(path)["slots"][setting]
 
 
 def pair_pool(concept: Concept, path: Path = REGISTRY_FILE) -> list[tuple[str, str]]:
     """Every ``(unacceptable, acceptable)`` pair the concept's templates can make, in a fixed
     order, keeping a pair only if neither of its sentences was made before (so that no sentence
     can fall into two splits)."""
-    templates = _registry(path)["templates"][concept.setting][concept.kind]
+    templates = load_registry(path)["templates"][concept.setting][concept.kind]
     slots = _slots(concept.setting, path)
     pool, seen = [], set()
     for template in templates:

@@ -20,16 +20,15 @@ from tqdm import tqdm
 
 from pipeline.espresso import EspressoFilter, blocks
 from pipeline.espresso.files import write_csv, write_json
-from pipeline.espresso.losses import SEPARATIONS, espresso_loss
+from pipeline.espresso.losses import espresso_loss
 from pipeline.generate import MANIFEST, load_images
-from pipeline.params import SETTINGS, ParamsError, run_stage, settings_of
+from pipeline.params import SETTINGS, run_stage, settings_of
 
 OUT = Path("data/finetune")
 FILTER_DIR = OUT / "filter"
 REPORTS = Path("reports/finetune")
 SELECTION_RULE = ("epoch (0 = zero-shot) with the highest validation balanced accuracy of the "
                   "filter; ties -> the lowest validation loss")
-PER_SETTING_KEYS = {"separation", "optimizer", "epochs", "epochs_by_concept"}
 NEEDS = {MANIFEST: "generate"}
 
 
@@ -65,19 +64,8 @@ OPTIMIZERS = {"adamw": adamw, "adam": adam}
 
 def finetune_params(finetune: dict, setting: str, concept: str) -> dict:
     """The shared ``finetune`` keys plus the setting's separation, optimiser and epochs (per
-    concept where ``epochs_by_concept`` names it); bad values fail here, before any training."""
-    misplaced = sorted(PER_SETTING_KEYS & set(finetune))
-    if misplaced:
-        raise ParamsError(f"params.yaml: finetune.{misplaced[0]} is per setting: "
-                          f"set finetune.{setting}.{misplaced[0]} instead")
-    own = finetune.get(setting)
-    if not isinstance(own, dict):
-        raise ParamsError(f"params.yaml: finetune.{setting} is missing (separation, optimizer, "
-                          "epochs)")
-    for key, allowed in (("separation", SEPARATIONS), ("optimizer", OPTIMIZERS)):
-        if own.get(key) not in allowed:
-            raise ParamsError(f"params.yaml: finetune.{setting}.{key} is {own.get(key)!r}; "
-                              f"allowed: {', '.join(allowed)}")
+    concept where ``epochs_by_concept`` names it), of checked params (``pipeline.schema``)."""
+    own = finetune[setting]
     shared = {k: v for k, v in finetune.items() if k not in SETTINGS}
     epochs = (own.get("epochs_by_concept") or {}).get(concept, own["epochs"])
     return {**shared, "separation": own["separation"], "optimizer": own["optimizer"],

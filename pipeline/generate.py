@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
 from pipeline.espresso.files import atomic_file, write_csv, write_json
-from pipeline.params import ParamsError, run_stage, settings_of
+from pipeline.params import run_stage, settings_of
 
 OUT = Path("data/generate")
 MANIFEST = OUT / "manifest.csv"
@@ -29,19 +29,6 @@ def needs(params: dict) -> dict[Path, str]:
     _, _, models = settings_of(params)
     return {Path(models[key]): "world" for key in ("t2i", "clip")
             if Path(models[key]).is_relative_to(WORLD)}
-
-
-def sampler_of(params: dict, setting: str) -> dict:
-    """The setting's sampler (``generate.<setting>``); an unknown scheduler fails here, before
-    any model is loaded."""
-    from pipeline.espresso.models import scheduler_class
-
-    sampler = params["generate"][setting]
-    try:
-        scheduler_class(sampler["scheduler"])
-    except ValueError as err:
-        raise ParamsError(f"params.yaml: generate.{setting}.scheduler: {err}") from None
-    return sampler
 
 
 def images_per_prompt(p: dict, split: str, n_prompts: int) -> int:
@@ -90,26 +77,26 @@ def run(params: dict) -> pd.DataFrame:
 
     setting, concept, models = settings_of(params)
     p = params["generate"]
-    sampler = sampler_of(params, setting)
+    sampler = p[setting]
     manifest = plan_images(concept, p, i2p_test_prompts(concept, p) if setting == "paper" else None)
     size = p["shard_size"]
     manifest["shard"] = ""
     manifest["index"] = np.arange(len(manifest)) % size
-    pipe = None
-    OUT.mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(0, len(manifest), size), desc="generate shards", unit="shard"):
+    starts = range(0, len(manifest), size)
+    for start in starts:
         rows = manifest.iloc[start:start + size]
-        name = f"shard-{start // size:04d}-{shard_key(rows, sampler, models['t2i'])}.npz"
-        manifest.loc[rows.index, "shard"] = name
-        if (OUT / name).exists():
-            continue
-        if pipe is None:
-            pipe = load_t2i(models["t2i"], clip_source=models["clip"])
-            use_scheduler(pipe, sampler["scheduler"])
-            pipe.set_progress_bar_config(disable=True)
+        manifest.loc[rows.index, "shard"] = (f"shard-{start // size:04d}-"
+                                             f"{shard_key(rows, sampler, models['t2i'])}.npz")
+    missing = [start for start in starts if not (OUT / manifest["shard"].iloc[start]).exists()]
+    if missing:  # the model is loaded only if a shard is missing, before any is written
+        pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+        use_scheduler(pipe, sampler["scheduler"])
+        pipe.set_progress_bar_config(disable=True)
+    for start in tqdm(missing, desc="generate shards", unit="shard"):
+        rows = manifest.iloc[start:start + size]
         images = generate(pipe, rows["prompt"].tolist(), rows["seed"].tolist(), sampler["steps"],
                           sampler["guidance"], sampler["size"], sampler["batch"])
-        with atomic_file(OUT / name) as tmp:
+        with atomic_file(OUT / rows["shard"].iloc[0]) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images)
     for stale in set(OUT.glob("shard-*.npz")) - {OUT / n for n in manifest["shard"]}:

@@ -65,10 +65,9 @@ def load_extra_judges(setting: str, concept: Concept) -> dict[str, Judgement]:
 
 
 def _world_judge(folder: str, concept: Concept) -> Judgement:
-    from pipeline.espresso.models import resolve_source
     from pipeline.mini.judge import Judge
 
-    judge = Judge.from_pretrained(resolve_source(folder)).float().eval()
+    judge = Judge.load(folder)
     ((head, value),) = concept.shows.items()
     wanted = shapes.VOCAB[head].index(value)
     return lambda images: judge.predict(images)[head] == wanted

@@ -1,5 +1,6 @@
-"""Reading and validating ``params.yaml``, the single source of every budget and seed, and
-running a stage as a command (``run_stage``: ``--help``, checked inputs, one-line errors)."""
+"""Reading and validating ``params.yaml``, the single source of every budget and seed (its rules
+are ``pipeline.schema``), and running a stage as a command (``run_stage``: ``--help``, checked
+inputs, one line per error)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,8 @@ from typing import Callable, Mapping, Union
 
 import yaml
 
-from pipeline.concepts import Concept, UnknownConceptError, get_concept, known_concepts
+from pipeline.concepts import Concept, UnknownConceptError, get_concept, load_registry
+from pipeline.schema import Params, ParamsError, read_yaml, validate
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
@@ -23,64 +25,61 @@ REPO = Path(__file__).resolve().parents[1]
 Needs = Union[Mapping[Union[str, Path], str], Callable[[dict], Mapping[Union[str, Path], str]]]
 
 
-class ParamsError(ValueError):
-    """A params value that is missing or not allowed; the message names the key and the fix."""
-
-
 class MissingInputError(FileNotFoundError):
     """An upstream output a stage reads is not there; the message names the stage to run."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
-    """The parsed params file; a missing file is a clear error, not a stack trace."""
+    """The parsed params file, checked (:func:`check_params`); a missing file, or any value not
+    allowed, is a :class:`ParamsError` with one line per problem, not a stack trace."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
-    return yaml.safe_load(path.read_text())
+    return check_params(read_yaml(path.read_text(), path.name), path.name)
 
 
-def setting_of(params: dict) -> str:
-    """The validated setting of a run."""
-    setting = params.get("setting")
-    if setting not in SETTINGS:
-        raise ParamsError(f"params.yaml: setting is {setting!r}; allowed: {', '.join(SETTINGS)}")
-    return setting
+def check_params(params: dict, source: str = PARAMS_FILE.name) -> dict:
+    """``params`` if every key and value is allowed (``pipeline.schema.Params``) and ``concept``
+    names a concept of the setting in a valid registry; else :class:`ParamsError`, one line per
+    problem of either file."""
+    try:
+        context, problems = {"registry": load_registry()}, []
+    except ParamsError as err:
+        context, problems = {}, str(err).splitlines()
+    try:
+        validate(Params, params, source, context)
+    except ParamsError as err:
+        problems += str(err).splitlines()
+    if problems:
+        raise ParamsError("\n".join(problems))
+    return params
 
 
 def settings_of(params: dict) -> tuple[str, Concept, dict[str, str]]:
-    """The validated setting, concept and model sources of a run."""
-    setting = setting_of(params)
-    name = params.get("concept")
-    known = known_concepts(setting)
-    if name not in known:
-        raise ParamsError(f"params.yaml: concept is {name!r}, unknown for setting {setting!r}; "
-                          f"known: {', '.join(known)}")
-    concept = get_concept(name, setting)
-    models = (params.get("models") or {}).get(setting)
-    if not models or not {"clip", "t2i"} <= set(models):
-        raise ParamsError(f"params.yaml: models.{setting} must name 'clip' and 't2i' sources")
-    return setting, concept, models
+    """The setting, concept and model sources of a run (checked params)."""
+    setting = params["setting"]
+    return setting, get_concept(params["concept"], setting), params["models"][setting]
 
 
 def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
               argv: list[str] | None = None, path: str | Path = PARAMS_FILE) -> None:
     """Run a stage as a command. ``--help`` prints the stage module's docstring, what the stage
     reads and writes and its params (from dvc.yaml), and touches nothing. Otherwise: the params
-    are validated (setting, concept, models), each upstream output in ``needs`` (path -> the
-    stage that writes it) must exist, then the stage runs. A user error (a param value not
-    allowed, a missing input or model) ends the command with one line, not a traceback."""
+    and the concept registry are checked (:func:`load_params`), each upstream output in
+    ``needs`` (path -> the stage that writes it) must exist, then the stage runs. A user error
+    (a value not allowed, a missing input, a missing or damaged model) ends the command with one
+    ``error:`` line per problem, not a traceback."""
     stage_parser(sys.modules[stage.__module__]).parse_args(argv)
     from pipeline.espresso.models import ModelNotAvailableError
 
     try:
         params = load_params(path)
-        settings_of(params)
         for needed, producer in (needs(params) if callable(needs) else needs or {}).items():
             if not Path(needed).exists():
                 raise MissingInputError(missing_input_message(Path(needed), producer))
         stage(params)
     except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
 
 
 def missing_input_message(path: Path, producer: str) -> str:

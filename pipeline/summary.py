@@ -41,7 +41,7 @@ from pipeline.concepts import known_concepts
 from pipeline.espresso import FILTERS
 from pipeline.espresso.files import atomic_dir
 from pipeline.espresso.metrics import beyond_intervals
-from pipeline.params import ParamsError, load_params, setting_of
+from pipeline.params import ParamsError, check_params, load_params
 from pipeline.report import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
                              attack_conditions, cell, is_plain_fallback, render)
 
@@ -441,10 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
     args = parser.parse_args(argv)
     try:
-        params = with_overrides(load_params(), args.set)
-        setting = setting_of(params)
+        params = check_params(with_overrides(load_params(), args.set),
+                              "params.yaml with the -S overrides")
     except ParamsError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
+    setting = params["setting"]
     if args.run:
         run_all_concepts(setting, args.set)
         if args.ablation:

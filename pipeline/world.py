@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         p = load_params()["world"]
     except ParamsError as err:
-        sys.exit(f"error: {err}")
+        sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
     parts = [args.parts] if isinstance(args.parts, str) else args.parts
     for part in PARTS if "all" in parts else parts:
         PARTS[part](p, args.device, args.workers)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.attack import attack_runs, check_params
+from pipeline.attack import attack_runs
 from pipeline.attacks import ATTACKS, AttackContext, cce, pez, ringbell, typo
 from pipeline.attacks.objective import typed_margin, unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts, clip_text_features, textual_inversion
@@ -239,16 +239,6 @@ def test_every_attack_runs_plain_once_and_plus_once_per_adapted_filter():
         ("pez+zero_shot", "pez", "zero_shot"), ("cce+zero_shot", "cce", "zero_shot"),
         ("pez+espresso", "pez", "espresso"), ("cce+espresso", "cce", "espresso")]
     assert attack_runs(["typo"], []) == [("typo", "typo", None)]
-
-
-@pytest.mark.parametrize("adapt_to", [True, ["keyword"], ["espresso", "espresso"]])
-def test_adapt_to_accepts_only_distinct_filters_with_a_clip_margin(adapt_to):
-    p = {"attacks": ["pez"], "adapt_to": adapt_to, "mini": {"vocabulary": "world"}}
-    with pytest.raises(ParamsError, match=r"attack\.adapt_to .*zero_shot, espresso, threshold"
-                       ) as err:
-        check_params(p, "mini")
-    assert "\n" not in str(err.value)
-    check_params({**p, "adapt_to": ["threshold", "espresso", "zero_shot"]}, "mini")
 
 
 def test_the_threshold_filter_as_an_attack_target_blocks_where_the_bank_does(context):

@@ -15,7 +15,6 @@ from pipeline.espresso import EspressoFilter, text_embeddings
 from pipeline.espresso.losses import SEPARATIONS, contrastive_loss, espresso_loss
 from pipeline.finetune import OPTIMIZERS, finetune_params, trainable_text_side
 from pipeline.mini import shapes
-from pipeline.params import ParamsError
 
 WEIGHTS = {"unacceptable": 1.0, "acceptable": 1.0, "separation": 1.0}
 HYPER = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.2}
@@ -151,17 +150,3 @@ def test_each_setting_resolves_its_own_defaults(finetune_section):
     assert {k: mini[k] for k in ("separation", "optimizer", "epochs")} == finetune_section["mini"]
     assert (mini["separation"], mini["optimizer"]) == ("concepts", "adamw")
     assert mini["lr"] == finetune_section["lr"] and mini["weights"] == finetune_section["weights"]
-
-
-@pytest.mark.parametrize("key, allowed", [("separation", "concepts, prompt_pairs"),
-                                          ("optimizer", "adamw, adam")])
-def test_an_unknown_form_or_optimiser_is_a_params_error(finetune_section, key, allowed):
-    section = copy.deepcopy(finetune_section)
-    section["mini"][key] = "foo"
-    with pytest.raises(ParamsError, match=f"finetune.mini.{key} is 'foo'; allowed: {allowed}"):
-        finetune_params(section, "mini", "zorbo")
-
-
-def test_a_per_setting_key_at_the_top_is_a_params_error(finetune_section):
-    with pytest.raises(ParamsError, match="finetune.epochs is per setting"):
-        finetune_params({**finetune_section, "epochs": 2}, "mini", "zorbo")

@@ -1,4 +1,4 @@
-"""What every attack gets and returns, and the check of a search's budget."""
+"""What every attack gets and returns."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,7 +9,6 @@ import torch
 
 from pipeline.concepts import Concept
 from pipeline.espresso import EspressoFilter
-from pipeline.params import ParamsError
 
 
 @dataclass
@@ -46,8 +45,3 @@ class AttackResult:
     adaptive_weight: float                             # the "+" term's weight (CCE+: the one kept)
     textual_inversion: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> vector
 
-
-def require_candidates(p: dict, n_prompts: int) -> None:
-    if p["candidates"] < n_prompts:
-        raise ParamsError(f"params.yaml: an attack's `candidates` ({p['candidates']}) must be at "
-                          f"least attack.prompts ({n_prompts}); raise `candidates`")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from pipeline.attacks.context import AttackContext, AttackResult, require_candidates
+from pipeline.attacks.context import AttackContext, AttackResult
 from pipeline.attacks.objective import pez_objective, typed_margin, unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts, clip_text_features
 from pipeline.attacks.trial import select_by_images
@@ -34,7 +34,6 @@ def pez_candidates(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                    adaptive_weight: float, desc: str) -> list[str]:
     """PEZ from ``p["candidates"]`` random starts at once (``ctx.seed``); per start, the prompt
     with the best loss as typed. ``adaptive_weight`` > 0 needs ``ctx.target``."""
-    require_candidates(p, ctx.n_prompts)
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
     filter_side = (TokenPrompts(ctx.target.clip.text_model, ctx.target.tokenizer)

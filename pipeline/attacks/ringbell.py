@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.attacks.context import AttackContext, AttackResult, require_candidates
+from pipeline.attacks.context import AttackContext, AttackResult
 from pipeline.attacks.objective import typed_margin, unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts
 from pipeline.attacks.trial import select_by_images
@@ -33,7 +33,6 @@ def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]
                              max_length=pipe.tokenizer.model_max_length).input_ids
         return pipe.text_encoder(ids.to(pipe.text_encoder.device)).last_hidden_state.float()
 
-    require_candidates(p, ctx.n_prompts)
     unacceptable, acceptable = zip(*ctx.pairs)
     concept_vector = (states(list(unacceptable)) - states(list(acceptable))).mean(0)
     rows = p["candidates"]

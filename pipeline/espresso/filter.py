@@ -51,6 +51,8 @@ from pipeline.espresso.models import load_clip
 from pipeline.espresso.pixels import VALUE_RANGES, clip_pixels, to_uint8, unit_range
 
 CONFIG_FILE = "espresso.json"
+#: The smallest |t_u - t_a| a filter accepts (unit embeddings: 0 means the two concepts are one).
+MIN_DIRECTION_NORM = 1e-6
 logger = logging.getLogger(__name__)
 
 
@@ -213,9 +215,23 @@ class EspressoFilter(nn.Module):
         return F.normalize(text_embeddings(self.clip, self.tokenizer, prompts).mean(0), dim=-1)
 
     def refresh_concepts(self) -> None:
-        """Recompute t_u and t_a (call after changing the text encoder's weights)."""
-        self.register_buffer("t_u", self.concept_embedding(self.unacceptable), persistent=False)
-        self.register_buffer("t_a", self.concept_embedding(self.acceptable), persistent=False)
+        """Recompute t_u and t_a (call after changing the text encoder's weights). Refuses a
+        direction t_u - t_a that is zero or not finite: the filter would pass every image (or
+        decide nothing), so there is no such filter to hand out."""
+        t_u, t_a = self.concept_embedding(self.unacceptable), self.concept_embedding(self.acceptable)
+        concepts = f"unacceptable {self.unacceptable!r} / acceptable {self.acceptable!r}"
+        source = getattr(self.clip.config, "_name_or_path", "") or "the given CLIP"
+        if not (torch.isfinite(t_u).all() and torch.isfinite(t_a).all()):
+            raise ValueError(f"the concept embeddings of {concepts} are not finite (NaN or inf): "
+                             f"the CLIP weights of {source} are damaged; restore or re-save them")
+        norm = (t_u - t_a).norm().item()
+        if norm < MIN_DIRECTION_NORM:
+            raise ValueError(f"the concept texts {concepts} give the same embedding in "
+                             f"{source} (|t_u - t_a| = {norm:.2g} < {MIN_DIRECTION_NORM:g}): the "
+                             "filter's direction is zero and every image would pass; give two "
+                             "concept texts that differ in meaning (data/concepts.yaml)")
+        self.register_buffer("t_u", t_u, persistent=False)
+        self.register_buffer("t_a", t_a, persistent=False)
 
     @property
     def direction(self) -> torch.Tensor:

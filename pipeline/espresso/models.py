@@ -5,10 +5,12 @@ One code path serves both settings. The mini world's models are local folders un
 ``data/world``; its Stable Diffusion folder has no ``text_encoder/`` or ``tokenizer/``, because
 its text encoder *is* the mini CLIP's text tower, stored once in the CLIP folder. The paper's
 models are hub ids, read from the local Hugging Face cache when offline. A model that is not
-there raises ``ModelNotAvailableError`` saying how to get it, instead of a deep library trace.
+there, or whose files are missing or damaged (a truncated weight file), raises
+``ModelNotAvailableError`` naming the path and how to restore it, instead of a deep library trace.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -34,7 +37,13 @@ _PROGRESS_BARS = _LOGGING[:2]
 
 
 class ModelNotAvailableError(RuntimeError):
-    """A model that is neither on disk nor in the Hugging Face cache; the message says the fix."""
+    """A model that is neither on disk nor in the Hugging Face cache, or whose files are missing
+    or damaged; the message names the path and says the fix."""
+
+
+#: What the libraries raise for a model file that is missing, truncated or corrupt (an unreadable
+#: config is a ValueError, a torch checkpoint a RuntimeError).
+_DAMAGED = (OSError, SafetensorError, ValueError, RuntimeError)
 
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
@@ -112,14 +121,14 @@ def _placement(device: torch.device | str | None,
 
 
 @contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """transformers / diffusers / hub logs down to errors and their progress bars off while
-    active: per-key load reports, cache notices, token-length and embedding-resize warnings
-    would bury the stages' own concise progress."""
+def quiet_libraries(verbosity: int = logging.ERROR) -> Iterator[None]:
+    """transformers / diffusers / hub logs down to errors (or ``verbosity``) and their progress
+    bars off while active: per-key load reports, cache notices, token-length and
+    embedding-resize warnings would bury the stages' own concise progress."""
     verbosities = [log.get_verbosity() for log in _LOGGING]
     bars = [log.is_progress_bar_enabled() for log in _PROGRESS_BARS]
     for log in _LOGGING:
-        log.set_verbosity_error()
+        log.set_verbosity(verbosity)
     for log in _PROGRESS_BARS:
         log.disable_progress_bar()
     try:
@@ -134,19 +143,70 @@ def quiet_libraries() -> Iterator[None]:
 
 @contextmanager
 def hub_loading(source: str, repo_type: str = "model") -> Iterator[None]:
-    """Load ``source`` quietly, and turn a hub id's "not in the cache, cannot download"
-    ``OSError`` into the fix."""
-    with quiet_libraries():
+    """Load ``source`` quietly. A local folder with a file missing or damaged, a hub id not in
+    the cache (and not downloadable) or damaged there: ``ModelNotAvailableError``, one line with
+    the path and the fix (the library's reason in brackets). The libraries' own error logs of a
+    failed load are silenced: the error raised says it in one line."""
+    with quiet_libraries(logging.CRITICAL):
         try:
             yield
-        except OSError as err:
+        except ModelNotAvailableError:
+            raise
+        except _DAMAGED as err:
             if Path(source).exists():
-                raise
-            raise ModelNotAvailableError(_not_cached_message(source, err, repo_type)) from None
+                raise ModelNotAvailableError(_damaged_message(source, err)) from None
+            if isinstance(err, OSError):
+                raise ModelNotAvailableError(_not_cached_message(source, err, repo_type)) from None
+            flag = "" if repo_type == "model" else f" --repo-type {repo_type}"
+            raise ModelNotAvailableError(
+                f"{source!r} in the local Hugging Face cache ({hub_constants.HF_HUB_CACHE}) cannot "
+                f"be read: download it again with `hf download {source}{flag} --force-download` "
+                f"[{_reason(err)}]") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The error's class and the first line of its message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _damaged_message(folder: str, err: BaseException) -> str:
+    """The local model at ``folder`` did not load: its unreadable weight files, and the fix."""
+    unreadable = [str(f) for f in sorted(Path(folder).rglob("*.safetensors")) if not _readable(f)]
+    weightless = [str(config.parent) for config in sorted(Path(folder).rglob("config.json"))
+                  if not any(config.parent.glob("*.safetensors"))
+                  and not any(config.parent.glob("*.bin"))]
+    what = (f"{', '.join(unreadable)} is truncated or corrupt" if unreadable
+            else f"{', '.join(weightless)} has no weight file" if weightless
+            else "a file of it is missing or unreadable")
+    return f"The model at {folder} cannot be loaded: {what}; {restore_hint(folder)} [{_reason(err)}]"
+
+
+def _readable(weights: Path) -> bool:
+    try:
+        with safe_open(weights, "pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
+def restore_hint(folder: str | Path) -> str:
+    """How to get back a local model: the mini world is committed in git, the fine-tuned filter
+    is a DVC output; any other folder is the user's."""
+    parts = Path(folder).absolute().parts
+    if _has(parts, ("data", "world")):
+        return ("restore it with `git checkout -- data/world` (the mini world's models are "
+                "committed in git)")
+    if _has(parts, ("data", "finetune")):
+        return "rebuild it with `dvc repro finetune`"
+    return "save the model there again, or point params.yaml's models at another folder"
+
+
+def _has(parts: tuple[str, ...], run: tuple[str, ...]) -> bool:
+    return any(parts[i:i + len(run)] == run for i in range(len(parts)))
 
 
 def _not_cached_message(hub_id: str, err: OSError, repo_type: str) -> str:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     flag = "" if repo_type == "model" else f" --repo-type {repo_type}"
     where = ("we are offline (HF_HUB_OFFLINE=1)" if hub_constants.is_offline_mode()
              else "it could not be downloaded (on a machine without internet, set "
@@ -154,7 +214,7 @@ def _not_cached_message(hub_id: str, err: OSError, repo_type: str) -> str:
     return (f"{hub_id!r} is not in the local Hugging Face cache ({hub_constants.HF_HUB_CACHE}) "
             f"and {where}. To get it, run `hf download {hub_id}{flag}` on a machine with internet and "
             "copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here, or point "
-            f"the params at a local model folder. [{type(err).__name__}: {reason}]")
+            f"the params at a local model folder. [{_reason(err)}]")
 
 
 def _require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) -> None:

@@ -39,6 +39,16 @@ class Judge(nn.Module, PyTorchModelHubMixin):
         features = self.features(channels_first(images, "-1,1"))
         return {k: head(features) for k, head in self.heads.items()}
 
+    @classmethod
+    def load(cls, folder: str) -> "Judge":
+        """The judge saved in ``folder``, fp32, eval mode; a missing or damaged file is a
+        ``ModelNotAvailableError`` naming it and how to restore it."""
+        from pipeline.espresso.models import hub_loading, resolve_source
+
+        source = resolve_source(str(folder))
+        with hub_loading(source):
+            return cls.from_pretrained(source).float().eval()
+
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch: int = 512) -> dict[str, np.ndarray]:
         """Predicted label index per head for uint8 ``N x H x W x 3`` images."""

@@ -133,8 +133,7 @@ def measure_world(p: dict, clip_dir: Path, sd_dir: Path, judge_dir: Path, eyes_d
     images: they should see the same things without being the same model."""
     reports.mkdir(parents=True, exist_ok=True)
     clip, tokenizer, processor = load_clip(str(clip_dir), device="cpu", dtype=torch.float32)
-    judge = Judge.from_pretrained(judge_dir).float().eval()
-    eyes = Judge.from_pretrained(eyes_dir).float().eval()
+    judge, eyes = Judge.load(judge_dir), Judge.load(eyes_dir)
     images, scenes = heldout_renders(p)
     grid_image(images[:128]).save(reports / "renders.png")
     pipe = load_t2i(str(sd_dir), clip_source=str(clip_dir), device=device, dtype=torch.float32)

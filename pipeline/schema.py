@@ -1,0 +1,595 @@
+"""What ``params.yaml`` and ``data/concepts.yaml`` may hold: every key with its type, range and
+allowed values (pydantic models; extra keys are refused, so a typo'd key is caught), and the
+reading of both files into one line per problem (key path, value, what is allowed).
+
+Its own module, not inside ``params.py`` or ``concepts.py``: the rules of both files (and the
+checks that cross them, such as ``concept`` naming a registry entry) are read in one place, and
+``params.py`` / ``concepts.py`` stay about loading and using the values. It imports pydantic, yaml,
+the mini world's vocabulary and (to check a scheduler name) ``pipeline.espresso.models``, which
+every stage runs anyway: a stage's code deps grow by this one file.
+
+Names that code elsewhere keys tables by (attacks, optimisers, separations, vocabularies) are
+written here as ``Literal``s; ``tests/test_validation.py`` checks that each matches its table.
+The stages keep reading the plain dicts: the models only check them.
+"""
+import string
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from pydantic import (AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo,
+                      create_model, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from pipeline.mini import shapes
+
+
+class ParamsError(ValueError):
+    """A value of params.yaml or data/concepts.yaml that is missing or not allowed; the message
+    has one line per problem, each naming the key, the value and what is allowed."""
+
+
+class Allowed:
+    """Annotation metadata: how to say what a field allows, where its type does not say it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def not_allowed(allowed: str, at: tuple = ()) -> PydanticCustomError:
+    """A validator's refusal: ``allowed`` says what would be; ``at`` is the key path below the
+    validated field or model where the problem is (a model validator's loc is the model)."""
+    return PydanticCustomError("not_allowed", "{allowed}", {"allowed": allowed, "at": at})
+
+
+class Strict(BaseModel):
+    """No coercion (``"5"`` is not 5), no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Seed = Annotated[int, Ge(0)]
+Count = Annotated[int, Ge(1)]
+Positive = Annotated[float, Gt(0)]
+NonNegative = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Ge(0), Le(1)]
+Text = Annotated[str, MinLen(1), Allowed("a non-empty text")]
+
+
+# ---- data/concepts.yaml -------------------------------------------------------------------
+Kind = Literal["opposite", "broader_class", "style"]
+KINDS: tuple[str, ...] = get_args(Kind)
+#: The I2P benchmark's categories (its ``categories`` column), from which paper opposites take
+#: their test prompts.
+I2PCategory = Literal["hate", "harassment", "violence", "self-harm", "sexual", "shocking",
+                      "illegal activity"]
+#: The slots a mini template may use: the world's vocabulary (the character aside: that is what
+#: concepts name) and its background wordings.
+MINI_SLOTS = {**{k: list(v) for k, v in shapes.VOCAB.items() if k != "character"},
+              "wording": list(shapes.BACKGROUND_WORDINGS)}
+
+
+def _concept_text(text: str) -> str:
+    if not text.strip():
+        raise not_allowed("a concept text that is not blank")
+    return text
+
+
+ConceptText = Annotated[str, AfterValidator(_concept_text), Allowed("a non-blank text")]
+
+
+class Concept(Strict):
+    unacceptable: ConceptText
+    acceptable: ConceptText
+    kind: Kind
+
+    @model_validator(mode="after")
+    def _texts_differ(self):
+        """c_u = c_a makes the filter's direction t_u - t_a zero: every image would pass."""
+        if self.unacceptable.strip().casefold() == self.acceptable.strip().casefold():
+            raise not_allowed(f"a text other than the unacceptable one ({self.unacceptable!r}): "
+                              "with c_u = c_a the filter's direction is zero and every image "
+                              "passes", at=("acceptable",))
+        return self
+
+
+def _shows(shows: dict[str, str]) -> dict[str, str]:
+    """The judge's one verdict ``{head: value}`` that means c_u (``shapes.VOCAB``)."""
+    if len(shows) != 1:
+        raise not_allowed(f"exactly one head: value of the judge (heads: {', '.join(shapes.VOCAB)})")
+    ((head, value),) = shows.items()
+    if head not in shapes.VOCAB:
+        raise not_allowed(f"a judge head: {', '.join(shapes.VOCAB)}")
+    if value not in shapes.VOCAB[head]:
+        raise not_allowed(f"a value of the judge's {head} head: "
+                          f"{', '.join(shapes.VOCAB[head])}", at=(head,))
+    return shows
+
+
+class MiniConcept(Concept):
+    shows: Annotated[dict[str, str], AfterValidator(_shows),
+                     Allowed(f"one judge head: value, e.g. {{character: zorbo}} "
+                             f"(heads: {', '.join(shapes.VOCAB)})")]
+
+
+class PaperConcept(Concept):
+    i2p_category: Optional[I2PCategory] = None
+
+
+Templates = create_model("Templates", __base__=Strict,
+                         **{kind: (Annotated[list[Text], MinLen(1)], ...) for kind in KINDS})
+
+
+ConceptsBySetting = create_model("ConceptsBySetting", __base__=Strict,
+                                 mini=(dict[str, MiniConcept], ...),
+                                 paper=(dict[str, PaperConcept], ...))
+TemplatesBySetting = create_model("TemplatesBySetting", __base__=Strict, mini=(Templates, ...),
+                                  paper=(Templates, ...))
+Slots = create_model("Slots", __base__=Strict,
+                     paper=(dict[str, Annotated[list[Text], MinLen(1)]], ...))
+
+
+class Registry(Strict):
+    concepts: ConceptsBySetting
+    templates: TemplatesBySetting
+    slots: Slots
+
+    @model_validator(mode="after")
+    def _templates_fill(self):
+        """Each template holds the concept ``{}`` and only slots its setting fills."""
+        slots = {"mini": MINI_SLOTS, "paper": self.slots.paper}
+        for setting in ("mini", "paper"):
+            for kind in KINDS:
+                for i, template in enumerate(getattr(getattr(self.templates, setting), kind)):
+                    names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+                    if "" not in names or names - {""} - set(slots[setting]):
+                        raise not_allowed(
+                            f"a template with the concept as {{}} and slots among: "
+                            f"{', '.join(slots[setting])}", at=("templates", setting, kind, i))
+        return self
+
+
+# ---- params.yaml --------------------------------------------------------------------------
+def _scheduler(name: str) -> str:
+    from pipeline.espresso.models import scheduler_class
+
+    try:
+        scheduler_class(name)
+    except ValueError:
+        raise not_allowed(SCHEDULERS) from None
+    return name
+
+
+SCHEDULERS = "a diffusers scheduler class, e.g. DDIMScheduler, DPMSolverMultistepScheduler"
+Scheduler = Annotated[str, AfterValidator(_scheduler), Allowed(SCHEDULERS)]
+
+
+class Models(Strict):
+    """A local folder or a hub id per model."""
+
+    clip: Text
+    t2i: Text
+    judge: Text
+    eyes: Text
+
+
+class Splits(Strict):
+    train: Count
+    val: Count
+    test: Count
+
+
+class Sampler(Strict):
+    scheduler: Scheduler
+    steps: Count
+    guidance: NonNegative
+    size: Count
+    batch: Count
+
+
+class Generate(Strict):
+    seed: Seed
+    prompts: Splits
+    images_per_prompt: Splits
+    shard_size: Count
+    mini: Sampler
+    paper: Sampler
+
+
+class Weights(Strict):
+    unacceptable: NonNegative
+    acceptable: NonNegative
+    separation: NonNegative
+
+
+KindWeights = create_model("KindWeights", __base__=Strict, **{k: (Weights, ...) for k in KINDS})
+
+
+class FinetuneSetting(Strict):
+    separation: Literal["concepts", "prompt_pairs"]   # pipeline.espresso.losses.SEPARATIONS
+    optimizer: Literal["adamw", "adam"]               # pipeline.finetune.OPTIMIZERS
+    epochs: Count
+    epochs_by_concept: dict[str, Count] = {}
+
+
+class Finetune(Strict):
+    seed: Seed
+    batch: Count
+    lr: Positive
+    betas: Annotated[list[Annotated[float, Ge(0), Lt(1)]], MinLen(2), MaxLen(2),
+                     Allowed("two numbers in [0, 1), e.g. [0.9, 0.98]")]
+    eps: Positive
+    weight_decay: NonNegative
+    weights: KindWeights
+    mini: FinetuneSetting
+    paper: FinetuneSetting
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_setting_keys_below(cls, data: Any) -> Any:
+        """A per-setting key at the top would be ignored: say where it goes."""
+        for key in set(FinetuneSetting.model_fields) & set(data if isinstance(data, dict) else ()):
+            raise not_allowed(f"under finetune.mini and finetune.paper ({key} is per setting)",
+                              at=(key,))
+        return data
+
+    @model_validator(mode="after")
+    def _epochs_of_known_concepts(self, info: ValidationInfo):
+        """A mistyped concept in ``epochs_by_concept`` would silently train the default epochs."""
+        registry = (info.context or {}).get("registry")
+        for setting in ("mini", "paper") if registry else ():
+            known = registry["concepts"][setting]
+            for name in getattr(self, setting).epochs_by_concept:
+                if name not in known:
+                    raise not_allowed(f"a {setting} concept: {', '.join(sorted(known))}",
+                                      at=(setting, "epochs_by_concept", name))
+        return self
+
+
+# The attack section. Adding a key to every attack's budgets, or an attack, is a one-line edit.
+class Search(Strict):
+    """What every search-based attack (PEZ, Typo, RingBell) is given."""
+
+    tokens: Count
+    candidates: Count       # independent runs, of which the trial keeps `attack.prompts`
+    selection_images: Count
+
+
+class Typo(Search):
+    steps: Count
+    lr: Positive
+    weight_decay: NonNegative
+    text_height: Annotated[float, Gt(0), Le(1)]
+    adaptive_weight: NonNegative
+
+
+class Pez(Search):
+    steps: Count
+    lr: Positive
+    weight_decay: NonNegative
+    adaptive_weight: NonNegative
+
+
+class Cce(Strict):
+    steps: Count
+    batch: Count
+    lr: Positive
+    adaptive_weights: Annotated[list[NonNegative], MinLen(1)]
+    selection_images: Count
+
+
+class RingBell(Search):
+    eta: Positive
+    population: Annotated[int, Ge(2)]
+    generations: Count
+    elite: Annotated[float, Gt(0), Le(1)]
+    crossover: Fraction
+    mutation: Fraction
+    adaptive_weight: NonNegative
+
+
+class Budgets(Strict):
+    """One setting's budgets: a field per attack of ``pipeline.attacks.ATTACKS``."""
+
+    vocabulary: Literal["world", "all"]                 # pipeline.attack.VOCABULARIES
+    typo: Typo
+    pez: Pez
+    cce: Cce
+    ringbell: RingBell
+
+
+ATTACK_NAMES = tuple(name for name in Budgets.model_fields if name != "vocabulary")
+#: The filters an adaptive attack may adapt to (``pipeline.espresso.FILTERS`` that score images).
+Filter = Literal["threshold", "zero_shot", "espresso"]
+
+
+def _attack_names(names: list[str]) -> list[str]:
+    if set(names) - set(ATTACK_NAMES) or len(set(names)) != len(names) or not names:
+        raise not_allowed(f"a list of {', '.join(ATTACK_NAMES)}, each at most once")
+    return names
+
+
+def _distinct_filters(names: list[str]) -> list[str]:
+    if len(set(names)) != len(names):
+        raise not_allowed(f"a list of distinct filters among {', '.join(get_args(Filter))} "
+                          "(or [])")
+    return names
+
+
+class Attack(Strict):
+    """``adapt_to``: the filters that get their own "+" run of every attack (METHOD section 6);
+    a new key of every attack's budgets is one line in its class above."""
+
+    seed: Seed
+    attacks: Annotated[list[str], AfterValidator(_attack_names)]
+    adapt_to: Annotated[list[Filter], AfterValidator(_distinct_filters)]
+    targets: Count
+    prompts: Count
+    images_per_prompt: Count
+    mini: Budgets
+    paper: Budgets
+
+    @model_validator(mode="after")
+    def _enough_candidates(self):
+        for setting in ("mini", "paper"):
+            for name in ATTACK_NAMES:
+                budget = getattr(getattr(self, setting), name)
+                if getattr(budget, "candidates", self.prompts) < self.prompts:
+                    raise not_allowed(f"an integer >= attack.prompts ({self.prompts}): the trial "
+                                      "keeps that many of the candidates",
+                                      at=(setting, name, "candidates"))
+        return self
+
+
+class Certify(Strict):
+    seed: Seed
+    eps: Annotated[float, Gt(0), Lt(1)]
+    search_steps: Count
+    search_lr: Positive
+    curve_points: Annotated[int, Ge(2)]
+
+
+class Report(Strict):
+    show_unacceptable: bool
+
+
+class WorldClip(Strict):
+    width: Count
+    layers: Count
+    heads: Count
+    patch: Count
+    context_length: Count
+    steps: Count
+    batch: Count
+    lr: Positive
+    warmup: Annotated[int, Ge(0)]
+    weight_decay: NonNegative
+
+
+class WorldVae(Strict):
+    steps: Count
+    batch: Count
+    lr: Positive
+    kl_weight: NonNegative
+
+
+class WorldUnet(Strict):
+    steps: Count
+    batch: Count
+    lr: Positive
+    ema_decay: Fraction
+    snr_gamma: Positive
+    empty_caption_prob: Fraction
+
+
+class WorldJudge(Strict):
+    steps: Count
+    batch: Count
+    lr: Positive
+    widths: Annotated[list[Count], MinLen(1)]
+
+
+class WorldEyes(WorldJudge):
+    seed: Seed
+
+
+class WorldMeasure(Strict):
+    images_per_prompt: Count
+    inference_steps: Count
+    guidance_scale: NonNegative
+
+
+class World(Strict):
+    seed: Seed
+    image_size: Count
+    train_groups: Count
+    heldout_images: Count
+    character_prob: Fraction
+    clip: WorldClip
+    vae: WorldVae
+    unet: WorldUnet
+    judge: WorldJudge
+    eyes: WorldEyes
+    measure: WorldMeasure
+
+
+ModelsBySetting = create_model("ModelsBySetting", __base__=Strict, mini=(Models, ...),
+                               paper=(Models, ...))
+
+
+class Params(Strict):
+    setting: Literal["mini", "paper"]
+    concept: str
+    models: ModelsBySetting
+    generate: Generate
+    finetune: Finetune
+    attack: Attack
+    certify: Certify
+    report: Report
+    world: World
+
+    @field_validator("concept")
+    @classmethod
+    def _known_concept(cls, name: str, info: ValidationInfo) -> str:
+        registry, setting = (info.context or {}).get("registry"), info.data.get("setting")
+        if registry and setting and name not in registry["concepts"][setting]:
+            raise not_allowed(f"a {setting} concept of data/concepts.yaml (known: "
+                              f"{', '.join(sorted(registry['concepts'][setting]))})")
+        return name
+
+
+# ---- reading and reporting ----------------------------------------------------------------
+def read_yaml(text: str, source: str) -> Any:
+    """The parsed YAML; a syntax error or a key given twice in one mapping (plain YAML keeps the
+    last one silently) raises :class:`ParamsError`, one line per duplicate."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ParamsError(f"{source}: not valid YAML{where}: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    lines = [f"{source}: {'.'.join(path + [key])}: given {len(rows)} times (lines "
+             f"{', '.join(map(str, rows))}); YAML keeps only the last: rename or remove the others"
+             for path, key, rows in _duplicate_keys(root, [])]
+    if lines:
+        raise ParamsError("\n".join(lines))
+    return yaml.safe_load(text)
+
+
+def _duplicate_keys(node, path: list[str]):
+    """(path, key, line numbers) of every key given more than once in a mapping of ``node``."""
+    if isinstance(node, yaml.MappingNode):
+        rows: dict[str, list[int]] = {}
+        for key, value in node.value:
+            rows.setdefault(str(key.value), []).append(key.start_mark.line + 1)
+            yield from _duplicate_keys(value, path + [str(key.value)])
+        yield from ((path, key, lines) for key, lines in rows.items() if len(lines) > 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            yield from _duplicate_keys(value, path + [str(i)])
+
+
+def validate(model: type[BaseModel], data: Any, source: str, context: dict | None = None) -> None:
+    """Check ``data`` against ``model``; raises :class:`ParamsError`, one line per problem."""
+    try:
+        model.model_validate(data, context=context)
+    except ValidationError as err:
+        raise ParamsError("\n".join(problem_line(model, e, source) for e in err.errors())) from None
+
+
+def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
+    """``<source>: <key path>: <value> is not allowed; must be <what is allowed>``."""
+    ctx = error.get("ctx") or {}
+    loc = tuple(error["loc"]) + tuple(ctx.get("at", ()))
+    key = ".".join(map(str, loc)) or "(top)"
+    if error["type"] == "missing":
+        return f"{source}: {key}: missing; must be {describe(model, loc)}"
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(_keys_at(model, loc[:-1]))
+        return (f"{source}: {key}: unknown key (value {_show(error['input'])}); the keys here "
+                f"are: {known}")
+    allowed = ctx.get("allowed") or describe(model, loc)
+    value = _value_at(error["input"], ctx.get("at", ()))
+    if value is _MISSING:
+        return f"{source}: {key}: missing; must be {allowed}"
+    return f"{source}: {key}: {_show(value)} is not allowed; must be {allowed}{_hint(value)}"
+
+
+def _hint(value: Any) -> str:
+    """A number that YAML read as text (quoted, or PyYAML's ``1e-3`` without a dot): say so."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (YAML read it as text: write numbers unquoted, with a dot: 1.0e-3, not 1e-3)"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_MISSING = object()
+
+
+def _value_at(value: Any, at: tuple) -> Any:
+    """The input's value at the key path ``at`` below it (``_MISSING`` where there is none)."""
+    for part in at:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            return _MISSING
+    return value
+
+
+def _field_at(model: type[BaseModel], loc: tuple) -> tuple[Any, list]:
+    """The annotation and its metadata (constraints, ``Allowed``) of the key at ``loc``."""
+    annotation, metadata = model, []
+    for part in loc:
+        annotation, extra = _unwrap(annotation)
+        metadata = extra
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part not in annotation.model_fields:
+                return None, []
+            info = annotation.model_fields[part]
+            annotation, metadata = info.annotation, list(info.metadata)
+        elif get_origin(annotation) in (dict, list):
+            annotation, metadata = get_args(annotation)[-1], []
+        else:
+            return None, []
+    annotation, extra = _unwrap(annotation)
+    return annotation, metadata + extra
+
+
+def _unwrap(annotation: Any) -> tuple[Any, list]:
+    """``Optional[X]`` -> X and ``Annotated[X, ...]`` -> X with its metadata."""
+    metadata = []
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation, *more = get_args(annotation)
+            metadata += more
+        elif get_origin(annotation) is Union:
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        else:
+            return annotation, metadata
+
+
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    annotation, _ = _field_at(model, loc)
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return list(annotation.model_fields) if is_model else []
+
+
+def describe(model: type[BaseModel], loc: tuple) -> str:
+    """What the key at ``loc`` allows, in words: "an integer >= 1", "one of: adamw, adam"."""
+    annotation, metadata = _field_at(model, loc)
+    return _describe(annotation, metadata)
+
+
+def _describe(annotation: Any, metadata: list) -> str:
+    for item in metadata:
+        if isinstance(item, Allowed):
+            return item.text
+    bounds = " and ".join(f"{sign} {getattr(item, attr)}" for item in metadata
+                          for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                          if hasattr(item, attr))
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is bool:
+        return "true or false"
+    if annotation in (int, float):
+        return " ".join(filter(None, ["an integer" if annotation is int else "a number", bounds]))
+    if origin is Literal:
+        return f"one of: {', '.join(map(str, args))}"
+    if origin is list:
+        length = next((f" ({m.min_length} or more)" for m in metadata if isinstance(m, MinLen)), "")
+        return f"a list{length} of: {_describe(*_unwrap(args[0]))}"
+    if origin is dict:
+        return f"a mapping of names to: {_describe(*_unwrap(args[1]))}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"a mapping with the keys: {', '.join(annotation.model_fields)}"
+    return "a text" if annotation is str else str(annotation)
