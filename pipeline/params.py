@@ -15,6 +15,12 @@ from pipeline.concepts import Concept, UnknownConceptError, get_concept, known_c
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
+#: torch's CPU threads in every stage, fixed rather than read from the environment: the thread
+#: count changes the bytes of CPU training (finetune's weights differ between 1 and 2 threads),
+#: so outputs must not depend on OMP_NUM_THREADS or the machine's core count. 2 is the reference
+#: machine's core count; the cost is that a CPU run uses 2 cores on a bigger machine (and two
+#: threads share one core on a 1-core machine). GPU work is not affected.
+TORCH_THREADS = 2
 #: The repository this code is in (its dvc.yaml says what each stage reads and writes).
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,12 +78,14 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
     """Run a stage as a command. ``--help`` prints the stage module's docstring, what the stage
     reads and writes and its params (from dvc.yaml), and touches nothing. Otherwise: the params
     are validated (setting, concept, models), each upstream output in ``needs`` (path -> the
-    stage that writes it) must exist, then the stage runs, after what an interrupted run of it
-    left (temporaries among its outputs) is removed. A user
+    stage that writes it) must exist, then the stage runs, on ``TORCH_THREADS`` CPU threads,
+    after what an interrupted run of it left (temporaries among its outputs) is removed. A user
     error (a param value not allowed, a missing or damaged input or model) ends the command with
     one line, not a traceback."""
     module = sys.modules[stage.__module__]
     stage_parser(module).parse_args(argv)
+    import torch
+
     from pipeline.espresso.files import remove_stray_temps
     from pipeline.espresso.models import ModelNotAvailableError
 
@@ -88,6 +96,7 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
             if not Path(needed).exists():
                 raise MissingInputError(missing_input_message(Path(needed), producer))
         remove_stray_temps(stage_outputs(module_name(module).rsplit(".", 1)[-1]))
+        torch.set_num_threads(TORCH_THREADS)
         stage(params)
     except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError,
             DamagedInputError) as err:
