@@ -3,25 +3,33 @@
 Prompt pairs come from the concept registry (paper opposites: test prompts from the I2P
 benchmark). Images are stored as a few ``.npz`` shards named by a hash of exactly what they
 contain (prompts, seeds, model, sampler), written atomically; a rerun after an interruption keeps
-every finished shard and only generates the missing ones. ``manifest.csv`` lists every image.
+every finished shard and only generates the missing ones. ``manifest.csv`` lists every image
+with its shard's sha256: a rerun regenerates a shard that fails its checksum (or, without a
+manifest yet, does not load completely), and ``load_images`` refuses one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
-from pipeline.espresso.files import atomic_file, write_csv, write_json
-from pipeline.params import run_stage, settings_of
+from pipeline.espresso.files import atomic_file, sha256_file, write_csv, write_json
+from pipeline.params import DamagedInputError, run_stage, settings_of
 
 OUT = Path("data/generate")
 MANIFEST = OUT / "manifest.csv"
 LABELS = ("unacceptable", "acceptable")
 WORLD = Path("data/world")
+#: The manifest's column with the sha256 of each image's shard.
+CHECKSUM = "shard_sha256"
+
+log = logging.getLogger(__name__)
 
 
 def needs(params: dict) -> dict[Path, str]:
@@ -63,14 +71,58 @@ def shard_key(rows: pd.DataFrame, sampler: dict, t2i_source: str) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
+def verify_shard(path: Path, checksum: str | None = None,
+                 shape: tuple[int, ...] | None = None) -> str:
+    """The sha256 of the shard at ``path``, once it is known good: it equals ``checksum`` (the
+    manifest's) or, without one, the shard loads completely as uint8 images of ``shape``.
+    ``DamagedInputError`` (one line, naming the file) when it is missing or not good."""
+    if not path.is_file():
+        raise DamagedInputError(f"shard {path} is missing")
+    actual = sha256_file(path)
+    if checksum is not None:
+        if actual != checksum:
+            raise DamagedInputError(f"shard {path} is damaged: its sha256 is not the manifest's")
+        return actual
+    try:
+        images = np.load(path)["images"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DamagedInputError(f"shard {path} is damaged: it does not load "
+                                f"({type(err).__name__}: {reason})") from None
+    if images.dtype != np.uint8 or images.shape != shape:
+        raise DamagedInputError(f"shard {path} is damaged: it holds {images.dtype} images of "
+                                f"shape {images.shape}, not uint8 {shape}")
+    return actual
+
+
 def load_images(manifest: pd.DataFrame, folder: Path = OUT) -> np.ndarray:
-    """The manifest's images, in manifest order, from their shards."""
-    shards = {name: np.load(folder / name)["images"] for name in manifest["shard"].unique()}
+    """The manifest's images, in manifest order, from their shards, each checked against its
+    sha256 first: a missing or damaged shard is a one-line ``DamagedInputError`` naming it and
+    the fix, never a half-read array or a ``BadZipFile``."""
+    fix = "run `dvc repro generate` (or `python -m pipeline.generate`) to regenerate it"
+    if CHECKSUM not in manifest:
+        raise DamagedInputError(f"the manifest of {folder} has no shard checksums (written by an "
+                                f"older version): {fix}")
+    shards = {}
+    for name, checksum in manifest.groupby("shard", sort=False)[CHECKSUM].first().items():
+        try:
+            verify_shard(folder / name, checksum)
+        except DamagedInputError as err:
+            raise DamagedInputError(f"{err}: {fix}") from None
+        shards[name] = np.load(folder / name)["images"]
     return np.stack([shards[s][i] for s, i in zip(manifest["shard"], manifest["index"])])
 
 
+def recorded_checksums() -> dict[str, str]:
+    """Shard name -> sha256 from the manifest of an earlier run ({} where there is none)."""
+    if not MANIFEST.is_file():
+        return {}
+    table = pd.read_csv(MANIFEST)
+    return dict(zip(table["shard"], table[CHECKSUM])) if CHECKSUM in table else {}
+
+
 def run(params: dict) -> pd.DataFrame:
-    """Generate whatever shards are missing and write the manifest; returns it."""
+    """Generate whatever shards are missing or damaged and write the manifest; returns it."""
     from tqdm import tqdm
 
     from pipeline.espresso.models import generate, load_t2i, use_scheduler
@@ -82,12 +134,23 @@ def run(params: dict) -> pd.DataFrame:
     size = p["shard_size"]
     manifest["shard"] = ""
     manifest["index"] = np.arange(len(manifest)) % size
+    manifest[CHECKSUM] = ""
+    recorded = recorded_checksums()
     starts = range(0, len(manifest), size)
+    missing = []
     for start in starts:
         rows = manifest.iloc[start:start + size]
-        manifest.loc[rows.index, "shard"] = (f"shard-{start // size:04d}-"
-                                             f"{shard_key(rows, sampler, models['t2i'])}.npz")
-    missing = [start for start in starts if not (OUT / manifest["shard"].iloc[start]).exists()]
+        name = f"shard-{start // size:04d}-{shard_key(rows, sampler, models['t2i'])}.npz"
+        manifest.loc[rows.index, "shard"] = name
+        if (OUT / name).exists() or name in recorded:  # a recorded one that is gone: say so
+            shape = (len(rows), sampler["size"], sampler["size"], 3)
+            try:
+                manifest.loc[rows.index, CHECKSUM] = verify_shard(OUT / name, recorded.get(name),
+                                                                  shape)
+                continue
+            except DamagedInputError as err:
+                log.warning("%s: regenerating it", err)
+        missing.append(start)
     if missing:  # the model is loaded only if a shard is missing, before any is written
         pipe = load_t2i(models["t2i"], clip_source=models["clip"])
         use_scheduler(pipe, sampler["scheduler"])
@@ -99,6 +162,7 @@ def run(params: dict) -> pd.DataFrame:
         with atomic_file(OUT / rows["shard"].iloc[0]) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images)
+            manifest.loc[rows.index, CHECKSUM] = sha256_file(tmp)
     for stale in set(OUT.glob("shard-*.npz")) - {OUT / n for n in manifest["shard"]}:
         stale.unlink()
     write_csv(MANIFEST, manifest)

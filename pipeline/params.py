@@ -17,6 +17,12 @@ from pipeline.schema import Params, ParamsError, read_yaml, validate
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
+#: torch's CPU threads in every stage, fixed rather than read from the environment: the thread
+#: count changes the bytes of CPU training (finetune's weights differ between 1 and 2 threads),
+#: so outputs must not depend on OMP_NUM_THREADS or the machine's core count. 2 is the reference
+#: machine's core count; the cost is that a CPU run uses 2 cores on a bigger machine (and two
+#: threads share one core on a 1-core machine). GPU work is not affected.
+TORCH_THREADS = 2
 #: The repository this code is in (its dvc.yaml says what each stage reads and writes).
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +33,11 @@ Needs = Union[Mapping[Union[str, Path], str], Callable[[dict], Mapping[Union[str
 
 class MissingInputError(FileNotFoundError):
     """An upstream output a stage reads is not there; the message names the stage to run."""
+
+
+class DamagedInputError(ValueError):
+    """An upstream output a stage reads is missing a part or is damaged (fails its checksum, does
+    not load); the message names the file and, where a stage reads it, the stage to rerun."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -66,10 +77,15 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
     """Run a stage as a command. ``--help`` prints the stage module's docstring, what the stage
     reads and writes and its params (from dvc.yaml), and touches nothing. Otherwise: the params
     and the concept registry are checked (:func:`load_params`), each upstream output in
-    ``needs`` (path -> the stage that writes it) must exist, then the stage runs. A user error
-    (a value not allowed, a missing input, a missing or damaged model) ends the command with one
-    ``error:`` line per problem, not a traceback."""
-    stage_parser(sys.modules[stage.__module__]).parse_args(argv)
+    ``needs`` (path -> the stage that writes it) must exist, then the stage runs, on
+    ``TORCH_THREADS`` CPU threads, after what an interrupted run of it left (temporaries among
+    its outputs) is removed. A user error (a value not allowed, a missing or damaged input or
+    model) ends the command with one ``error:`` line per problem, not a traceback."""
+    module = sys.modules[stage.__module__]
+    stage_parser(module).parse_args(argv)
+    import torch
+
+    from pipeline.espresso.files import remove_stray_temps
     from pipeline.espresso.models import ModelNotAvailableError
 
     try:
@@ -77,8 +93,11 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
         for needed, producer in (needs(params) if callable(needs) else needs or {}).items():
             if not Path(needed).exists():
                 raise MissingInputError(missing_input_message(Path(needed), producer))
+        remove_stray_temps(stage_outputs(module_name(module).rsplit(".", 1)[-1]))
+        torch.set_num_threads(TORCH_THREADS)
         stage(params)
-    except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError) as err:
+    except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError,
+            DamagedInputError) as err:
         sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
 
 
@@ -92,10 +111,15 @@ def missing_input_message(path: Path, producer: str) -> str:
 def stage_parser(module: ModuleType) -> argparse.ArgumentParser:
     """The command line of a stage module (``python -m pipeline.<stage>``): its docstring, then
     what dvc.yaml says it reads, writes and which params it uses."""
-    name = module.__spec__.name if module.__spec__ else module.__name__
+    name = module_name(module)
     return argparse.ArgumentParser(prog=f"python -m {name}", description=module.__doc__,
                                    epilog=stage_summary(name.rsplit(".", 1)[-1]),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def module_name(module: ModuleType) -> str:
+    """``pipeline.<stage>``, also when the module runs as ``__main__``."""
+    return module.__spec__.name if module.__spec__ else module.__name__
 
 
 def dvc_stage(name: str) -> dict:
@@ -106,17 +130,25 @@ def dvc_stage(name: str) -> dict:
     return (yaml.safe_load(dvc_file.read_text()).get("stages") or {}).get(name) or {}
 
 
+def _paths(entries) -> list[str]:
+    """The paths of a dvc.yaml list (``deps``, ``outs``, ...), whose entries are a path or
+    ``{path: options}``."""
+    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
+
+
+def stage_outputs(name: str) -> list[str]:
+    """Everything the stage ``name`` writes, per dvc.yaml (outs, metrics, plots)."""
+    stage = dvc_stage(name)
+    return sum((_paths(stage.get(key)) for key in ("outs", "metrics", "plots")), [])
+
+
 def stage_summary(name: str) -> str:
     """What the stage reads (besides code), writes and which params it uses, from dvc.yaml."""
     stage = dvc_stage(name)
     if not stage:
         return ""
-
-    def paths(entries) -> list[str]:
-        return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
-
-    reads = [dep for dep in paths(stage.get("deps")) if dep.split("/")[0] != "pipeline"]
-    writes = sum((paths(stage.get(key)) for key in ("outs", "metrics", "plots")), [])
+    reads = [dep for dep in _paths(stage.get("deps")) if dep.split("/")[0] != "pipeline"]
+    writes = stage_outputs(name)
     keys = []
     for entry in stage.get("params") or []:  # a key of params.yaml, or {file: [keys]}
         keys += [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in ks]

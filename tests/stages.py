@@ -1,5 +1,7 @@
 """Running the stages in scratch folders with CPU-sized budgets (shared by the stage tests)."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -14,6 +16,21 @@ def make_stage_dir(path: Path) -> Path:
     os.symlink(REPO / "data" / "world", path / "data" / "world")
     os.symlink(REPO / "data" / "concepts.yaml", path / "data" / "concepts.yaml")
     return path
+
+
+def stage_command(stage: str, *args: str, cwd: Path, env: dict | None = None,
+                  kill: tuple[str, int, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline.<stage> *args`` in ``cwd``, as a user runs it, with this checkout's
+    code and umask 022; ``env`` is added to the environment (a None value unsets the variable).
+    ``kill=(function, n, "before" | "after")`` runs it under ``kill_runner.py``, which SIGKILLs it
+    at the n-th call of ``function`` (a dotted name)."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
+    launcher = ([str(REPO / "tests" / "kill_runner.py"), *map(str, kill), stage] if kill
+                else ["-m", f"pipeline.{stage}"])
+    return subprocess.run([sys.executable, *launcher, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, umask=0o022,
+                          env={k: v for k, v in environment.items() if v is not None})
 
 
 def run_all_stages(params: dict) -> dict:

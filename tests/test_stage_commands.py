@@ -5,24 +5,17 @@ traceback. Each command runs in a subprocess in a scratch folder, as a user runs
 import importlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from import_graph import dvc_stages
 from stages import make_stage_dir
+from stages import stage_command as command
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = list(dvc_stages())
 MANIFEST, FILTER = "data/generate/manifest.csv", "data/finetune/filter"
-
-
-def command(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", f"pipeline.{module}", *args], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": pythonpath}, capture_output=True,
-                          text=True, timeout=600)
 
 
 def listing(folder: Path) -> list[str]:

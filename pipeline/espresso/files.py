@@ -1,25 +1,52 @@
-"""Atomic file output: a stage that is interrupted never leaves a half-written result."""
+"""Atomic file output: a stage that is interrupted never leaves a half-written result.
+
+Temporaries are named ``.<target name>.tmp-<random>`` beside their target, so that what a killed
+run left behind is recognisable: ``remove_stray_temps`` deletes it when the stage runs again
+(otherwise the stray file would change the hash of the stage's output folder). What is published
+has the permissions of a plain ``open`` under the process umask (0644 / 0755 under umask 022),
+not ``tempfile``'s private 0600 / 0700.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+#: Marks the temporaries of this module: ``.<target name>.tmp-<random>``.
+TEMP_TAG = ".tmp-"
+
+log = logging.getLogger(__name__)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}{TEMP_TAG}"
+
+
+def _published_mode(is_dir: bool) -> int:
+    """The mode ``open`` / ``mkdir`` would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename,
+    with everything in it given the published permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
+        for entry in [tmp, *tmp.rglob("*")]:  # libraries may write private files in it
+            entry.chmod(_published_mode(entry.is_dir()))
+        old = path.with_name(f"{_temp_prefix(path)}old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
@@ -31,10 +58,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; on success it replaces ``path``."""
+    """Yield a temporary file path beside ``path`` (already with the published permissions);
+    on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, _published_mode(False))
     os.close(fd)
     try:
         yield Path(tmp)
@@ -42,6 +71,33 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def remove_stray_temps(outputs) -> None:
+    """Delete (and log) the temporaries that a killed run left: beside each output path and, for
+    an output folder, anywhere inside it."""
+    stray = []
+    for out in map(Path, outputs):
+        stray += out.parent.glob(f"{_temp_prefix(out)}*")
+        if out.is_dir():
+            stray += out.rglob(f".*{TEMP_TAG}*")
+    for path in sorted(stray):  # a folder before what is inside it
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue  # inside a folder removed above
+        log.warning("removed %s, left by an interrupted run", path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, data) -> None:

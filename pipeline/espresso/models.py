@@ -31,6 +31,10 @@ from pipeline.espresso.pixels import to_uint8
 
 #: How hub model ids are written: "org/name".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: What transformers records in a loaded tokenizer's ``init_kwargs`` about how it was loaded
+#: (``local_files_only`` follows HF_HUB_OFFLINE); ``save_pretrained`` would write them into
+#: ``tokenizer_config.json``, making a saved filter's bytes depend on the environment.
+LOADER_KEYS = ("local_files_only", "is_local")
 #: Loggers silenced while loading, and the libraries whose loading progress bars are hidden.
 _LOGGING = (transformers.utils.logging, diffusers.utils.logging, huggingface_hub.utils.logging)
 _PROGRESS_BARS = _LOGGING[:2]
@@ -65,6 +69,8 @@ def load_clip(source: str, device: torch.device | str | None = None,
         model = CLIPModel.from_pretrained(source, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source)
         processor = CLIPImageProcessor.from_pretrained(source)
+    for key in LOADER_KEYS:  # how it was loaded is no part of the tokenizer
+        tokenizer.init_kwargs.pop(key, None)
     _require_vocabulary(tokenizer, model.config.text_config.vocab_size, source)
     return model.to(device).eval(), tokenizer, processor
 
