@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import KINDS, MINI_SLOTS, ParamsError, Registry, read_yaml, validate
+from pipeline.schema import MINI_SLOTS, ParamsError, Registry, read_yaml, validate
 
 REGISTRY_FILE = Path("data/concepts.yaml")
 SPLITS = ("train", "val", "test")

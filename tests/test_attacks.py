@@ -22,7 +22,6 @@ from pipeline.espresso import EspressoFilter, FilterBank, generate, load_t2i
 from pipeline.espresso.models import use_scheduler
 from pipeline.judges import load_eyes
 from pipeline.mini import shapes
-from pipeline.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP, SD, EYES = "data/world/clip", "data/world/sd", "data/world/eyes"

@@ -2,11 +2,12 @@
 all three kinds, aligned prompt pairs, and clear errors for unknown names."""
 import pytest
 
-from pipeline.concepts import (KINDS, SPLITS, UnknownConceptError, get_concept, known_concepts,
+from pipeline.concepts import (SPLITS, UnknownConceptError, get_concept, known_concepts,
                                pair_pool, prompt_pairs, split_sizes)
 from pipeline.generate import images_per_prompt
 from pipeline.mini import shapes
 from pipeline.params import load_params
+from pipeline.schema import KINDS
 
 PAPER = {"nudity", "violence", "hateful", "disturbing", "grumpy_cat", "nemo", "captain_marvel",
          "snoopy", "r2d2", "taylor_swift", "angelina_jolie", "brad_pitt", "elon_musk", "van_gogh"}

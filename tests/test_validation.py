@@ -19,7 +19,7 @@ from pipeline import schema, world
 from pipeline.attack import ADAPTABLE, VOCABULARIES
 from pipeline.attacks import ATTACKS
 from pipeline.concepts import get_concept, load_registry
-from pipeline.espresso import FILTERS, EspressoFilter, ModelNotAvailableError
+from pipeline.espresso import EspressoFilter, ModelNotAvailableError
 from pipeline.espresso.losses import SEPARATIONS
 from pipeline.finetune import OPTIMIZERS
 from pipeline.judges import load_judge
