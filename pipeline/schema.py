@@ -587,7 +587,8 @@ def _describe(annotation: Any, metadata: list) -> str:
         return f"one of: {', '.join(map(str, args))}"
     if origin is list:
         length = next((f" ({m.min_length} or more)" for m in metadata if isinstance(m, MinLen)), "")
-        return f"a list{length} of: {_describe(*_unwrap(args[0]))}"
+        item = _describe(*_unwrap(args[0])).removeprefix("one of: ")
+        return f"a list{length} of: {item}"
     if origin is dict:
         return f"a mapping of names to: {_describe(*_unwrap(args[1]))}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

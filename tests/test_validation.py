@@ -93,12 +93,12 @@ def problems(params: dict) -> list[str]:
     (lambda p: p["attack"]["mini"]["cce"]["adaptive_weights"].__setitem__(1, -1),
      "attack.mini.cce.adaptive_weights.1: -1 is not allowed; must be a number >= 0"),
     (lambda p: p["attack"].pop("adapt_to"),
-     "attack.adapt_to: missing; must be a list"),
+     "attack.adapt_to: missing; must be a list of: threshold, zero_shot, espresso"),
     (lambda p: p["attack"].update(adapt_to=["espresso", "espresso"]),
      "attack.adapt_to: ['espresso', 'espresso'] is not allowed; must be a list of distinct "
      "filters among threshold, zero_shot, espresso (or [])"),
     (lambda p: p["attack"].update(adapt_to=True),
-     "attack.adapt_to: True is not allowed; must be a list"),
+     "attack.adapt_to: True is not allowed; must be a list of: threshold, zero_shot, espresso"),
     (lambda p: p["attack"].update(adapt_to=["espresso", "keywords"]),
      "attack.adapt_to.1: 'keywords' is not allowed; must be one of: threshold, zero_shot, "
      "espresso"),
