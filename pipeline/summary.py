@@ -174,6 +174,8 @@ def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) 
             continue
         if not _has_intervals(run["metrics"]["reports/evaluate/metrics.json"]):
             continue  # recorded before rates carried intervals: another metrics format
+        if "attack" in stages and "runs" not in run["metrics"]["reports/attack/metrics.json"]:
+            continue  # recorded before each attack ran plain and per adapted filter
         if _same_sweep(run["params"], params):
             chosen.setdefault(run["params"]["concept"], run)
     return chosen
