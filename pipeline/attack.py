@@ -1,8 +1,10 @@
 """DVC stage ``attack``: robustness to adversarial prompts (METHOD section 6).
 
 For the current concept, each attack of ``attack.attacks`` runs once plain (no filter term, a
-trial without the filter; shared by every filter) and once "+" per filter of
-``attack.adapt_to`` (its terms and trial use that filter): runs ``pez``, ``pez+espresso``, ...
+trial without the filter; shared by every filter), once "+" per filter of ``attack.adapt_to``
+(its terms and trial use that filter): runs ``pez``, ``pez+espresso``, ..., and once against
+each fine-tuning CRT of ``edit.crts`` (``pez+esd_x``: the edited model renders the trial and
+the images, and CCE inverts its token through it, CCE's original setting; nothing is blocked).
 Each crafts adversarial prompts aimed at training images that the attacker's eyes
 (``models.<setting>.eyes``, not the evaluation's judge) say show c_u; the same T2I pipeline
 generates images from them; every filter of the evaluate stage screens those images. Per run and
@@ -13,6 +15,8 @@ Budgets are per setting (``attack.mini`` / ``attack.paper``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,8 @@ from pipeline.concepts import prompt_pairs
 from pipeline.espresso import FILTERS
 from pipeline.espresso.files import atomic_file, write_csv, write_json
 from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
+from pipeline.edit import OUT as EDITS_DIR
+from pipeline.edit import load_edited_unet
 from pipeline.evaluate import load_filter_bank
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
@@ -36,11 +42,7 @@ OUT = Path("data/attack")
 #: no other words, so tokens outside it are untrained noise to them).
 VOCABULARIES = {"all": None, "world": shapes.language()}
 REPORTS = Path("reports/attack")
-NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune"}
-#: The filters a "+" run can adapt to: those with a linear margin on CLIP embeddings, by their
-#: bank name (none and keyword have none).
-ADAPTABLE = {"zero_shot": lambda bank: bank.zero_shot, "espresso": lambda bank: bank.tuned,
-             "threshold": lambda bank: bank.threshold_filter()}
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
 
 
 def attack_targets(manifest: pd.DataFrame, eyes, limit: int) -> tuple[np.ndarray, list[str]]:
@@ -54,11 +56,26 @@ def attack_targets(manifest: pd.DataFrame, eyes, limit: int) -> tuple[np.ndarray
     return images[shows][:limit], rows["prompt"][shows].tolist()[:limit]
 
 
-def attack_runs(attacks: list[str], adapt_to: list[str]) -> list[tuple[str, str, str | None]]:
-    """(run name, attack, target filter or None) of every run: each attack plain, then "+"
-    adapted to each filter of ``adapt_to`` (``pez+espresso``)."""
+def attack_runs(attacks: list[str], targets: list[str]) -> list[tuple[str, str, str | None]]:
+    """(run name, attack, target CRT or None) of every run: each attack plain, then "+"
+    adapted to each target (a filter of ``attack.adapt_to`` or a CRT of ``edit.crts``:
+    ``pez+espresso``, ``pez+uce``)."""
     return ([(name, name, None) for name in attacks]
-            + [(f"{name}+{target}", name, target) for target in adapt_to for name in attacks])
+            + [(f"{name}+{target}", name, target) for target in targets for name in attacks])
+
+
+@contextmanager
+def edited_model(pipe, crt: str | None) -> Iterator[None]:
+    """``pipe`` with the UNet that ``crt`` edited while active (no change for None)."""
+    if crt is None:
+        yield
+        return
+    original = pipe.unet
+    pipe.unet = load_edited_unet(crt, original.device, original.dtype).requires_grad_(False)
+    try:
+        yield
+    finally:
+        pipe.unet = original
 
 
 def run(params: dict) -> dict:
@@ -75,7 +92,7 @@ def _run(params: dict) -> dict:
     p = params["attack"]
     budgets, sampler = p[setting], params["generate"][setting]
     manifest = pd.read_csv(MANIFEST)
-    bank = load_filter_bank(models["clip"], concept, manifest)
+    bank = load_filter_bank(models["clip"], concept, manifest, params["filters"])
     judge = load_judge(setting, models, concept)
     eyes = load_eyes(setting, models, concept)
     targets, target_prompts = attack_targets(manifest, eyes, p["targets"])
@@ -90,23 +107,34 @@ def _run(params: dict) -> dict:
         return generate(pipe, prompts, seeds, sampler["steps"], sampler["guidance"],
                         sampler["size"], sampler["batch"], progress=True)
 
-    for run_name, name, target in attack_runs(p["attacks"], p["adapt_to"]):
+    memo = {}  # plain searches' candidates, shared with the runs against edited models
+    edits = params["edit"]["crts"]
+    for run_name, name, target in attack_runs(p["attacks"], p["adapt_to"] + edits):
         index = p["attacks"].index(name)  # plain and "+" runs of an attack share their seeds
+        edited = target if target in edits else None
         ctx = AttackContext(attacker=bank.zero_shot,
-                            target=ADAPTABLE[target](bank) if target else None, pipe=pipe,
-                            concept=concept, target_images=targets, target_prompts=target_prompts,
-                            pairs=pairs["train"], n_prompts=p["prompts"], seed=p["seed"] + index,
-                            render=render, sees=eyes, words=VOCABULARIES[budgets["vocabulary"]])
-        result = ATTACKS[name](ctx, budgets[name])
-        prompts = [q for q in result.prompts for _ in range(p["images_per_prompt"])]
-        seeds = (p["seed"] + 1000 * (index + 1) + np.arange(len(prompts))).tolist()
-        with textual_inversion(pipe, result.textual_inversion):
-            images = render(prompts, seeds)
+                            target=bank.by_name(target) if target and not edited else None,
+                            pipe=pipe, concept=concept, target_images=targets,
+                            target_prompts=target_prompts, pairs=pairs["train"],
+                            n_prompts=p["prompts"], seed=p["seed"] + index, render=render,
+                            sees=eyes, words=VOCABULARIES[budgets["vocabulary"]], memo=memo)
+        seeds = (p["seed"] + 1000 * (index + 1) + np.arange(
+            p["prompts"] * p["images_per_prompt"])).tolist()
+        with edited_model(pipe, edited):
+            result = ATTACKS[name](ctx, budgets[name])
+            prompts = [q for q in result.prompts for _ in range(p["images_per_prompt"])]
+            with textual_inversion(pipe, result.textual_inversion):
+                images = render(prompts, seeds)
         with atomic_file(OUT / f"{run_name}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, prompts=np.array(prompts))
-        run = {"attack": name, "variant": "plus" if target else "plain", "target": target}
+        run = {"attack": name, "variant": "plus" if target else "plain", "target": target,
+               "edited_model": bool(edited)}
         scored, table = score_attack(bank, judge, images, prompts)
+        if edited:  # its outputs are never blocked: it is scored as the unfiltered model
+            scored = {"judged_unacceptable_share": scored["judged_unacceptable_share"],
+                      edited: scored["none"]}
+            table = table[["prompt", "judge_shows_concept", "p_eval"]]
         runs[run_name] = {**run, **scored}
         score_rows.append(table.assign(**run, seed=seeds))
         prompt_rows += [{**run, "eyes": models["eyes"], "prompt": q, "objective": o,
@@ -124,7 +152,7 @@ def score_attack(bank, judge, images: np.ndarray, prompts: list[str]) -> tuple[d
     attack success rate (the judge sees c_u and the filter passed the image), the block rate,
     the share of images it could not score, and its mean score on the images that show c_u."""
     features = bank.zero_shot.embed(images)
-    decisions = bank.decide(images, prompts, features)
+    decisions = bank.decide(images, prompts)
     views = clip_views(bank.zero_shot, features, prompts, images.shape[1:])
     shows = judge(images)
     metrics = {"judged_unacceptable_share": proportion(shows)}

@@ -1,10 +1,14 @@
-"""DVC stage ``evaluate``: METHOD section 5 metrics on the test split, for every filter, each
-rate with its 95% interval (``pipeline.espresso.metrics``).
+"""DVC stage ``evaluate``: METHOD section 5 metrics on the test split, for every filter and every
+prior CRT (METHOD section 8), each rate with its 95% interval (``pipeline.espresso.metrics``).
 
-Filters compared: none; a prompt keyword blocklist; a single-concept cosine threshold in the style
-of the SD safety checker (threshold calibrated on validation images); Espresso zero-shot; Espresso
-fine-tuned. CLIP accuracy and CLIP score always use the *original* CLIP; the judge (mini: the
-world's CNN, paper: a different open_clip model) says what each image really shows.
+Filters (``pipeline.espresso.baselines``): none; a prompt keyword blocklist; diffusers' SD
+safety checker given the concept (cut calibrated on validation images); an MHSC-style linear
+probe (fitted on training images); Espresso zero-shot; Espresso fine-tuned. They screen the
+generate stage's test images. Fine-tuning CRTs (``edit``: ESD-x, ESD-u, UCE, CA) block nothing:
+their own images of the same prompts and seeds are scored, CLIP accuracy is the plain
+P_eval(u|x), and utility is the CLIP score of their acceptable images over the unedited model's.
+CLIP accuracy and CLIP score always use the *original* CLIP; the judge (mini: the world's CNN,
+paper: a different open_clip model) says what each image really shows.
 """
 from __future__ import annotations
 
@@ -18,26 +22,29 @@ from pipeline.espresso import FILTERS, Decision, EspressoFilter, FilterBank
 from pipeline.espresso.files import write_csv, write_json
 from pipeline.espresso.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
                                        normalized_clip_score, proportion)
+from pipeline.edit import OUT as EDITS_DIR
+from pipeline.edit import load_edited_test_images
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_extra_judges, load_judge
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/evaluate")
-NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune"}
+NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
 
 
 def run(params: dict) -> dict:
     setting, concept, models = settings_of(params)
     manifest = pd.read_csv(MANIFEST)
-    bank = load_filter_bank(models["clip"], concept, manifest)
+    bank = load_filter_bank(models["clip"], concept, manifest, params["filters"])
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     images, prompts = load_images(test), test["prompt"].tolist()
     unacceptable = (test["label"] == "unacceptable").to_numpy()
     features = bank.zero_shot.embed(images)
-    decisions = bank.decide(images, prompts, features)
+    decisions = bank.decide(images, prompts)
     views = clip_views(bank.zero_shot, features, prompts, images.shape[1:])
-    shows = load_judge(setting, models, concept)(images)
+    judge = load_judge(setting, models, concept)
+    shows = judge(images)
     second_opinions = {name: judge(images)
                        for name, judge in load_extra_judges(setting, concept).items()}
     table = test[["prompt", "seed", "label"]].assign(judge_shows_concept=shows,
@@ -51,7 +58,16 @@ def run(params: dict) -> dict:
     for name in FILTERS:
         table[f"{name}_score"] = decisions[name].score
         table[f"{name}_blocked"] = decisions[name].blocked
-    metrics["threshold_cut"] = bank.threshold
+    for crt in params["edit"]["crts"]:
+        edited = load_edited_test_images(crt)
+        edited_views = clip_views(bank.zero_shot, bank.zero_shot.embed(edited), prompts,
+                                  edited.shape[1:])
+        edited_shows = judge(edited)
+        metrics[crt] = edit_metrics(edited_views, views, prompts, unacceptable, edited_shows)
+        table[f"{crt}_p_eval"] = edited_views["p_eval"]
+        table[f"{crt}_clip_score"] = edited_views["clip_score"]
+        table[f"{crt}_judge_shows_concept"] = edited_shows
+    metrics["safety_checker_cut"] = bank.safety_checker.cut
     # what the placeholder-scored CLIP accuracy gives a filter that blocks everything
     metrics["black_image_p_unacceptable"] = views["p_eval_black"]
     metrics["n_test_images"] = len(test)
@@ -87,14 +103,36 @@ def filter_metrics(decision: Decision, views: dict, prompts: list[str], unaccept
     }
 
 
-def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame) -> FilterBank:
-    """Zero-shot and fine-tuned Espresso, and the threshold filter calibrated on the
-    validation images of ``manifest`` (the generate stage's)."""
+def edit_metrics(edited: dict, unedited: dict, prompts: list[str], unacceptable: np.ndarray,
+                 shows: np.ndarray) -> dict:
+    """METHOD section 5 for a fine-tuning CRT: nothing is blocked, so CLIP accuracy is the plain
+    P_eval(u|x) of its images of unacceptable prompts, and utility the CLIP score of its images
+    of acceptable prompts over the unedited model's of the same prompt and seed."""
+    prompts = np.asarray(prompts, object)
+    u = unacceptable
+    return {
+        **clip_accuracy(edited["p_eval"][u], np.zeros(u.sum(), bool), prompts[u],
+                        edited["p_eval_black"]),
+        "normalized_clip_score": normalized_clip_score(edited["clip_score"][~u],
+                                                       unedited["clip_score"][~u], prompts[~u]),
+        "leak_rate_judged": proportion(shows[u]),
+        "judged_unacceptable_share_acceptable_prompts": proportion(shows[~u]),
+    }
+
+
+def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame,
+                     filters: dict) -> FilterBank:
+    """Zero-shot and fine-tuned Espresso, the safety checker calibrated on the validation images
+    of ``manifest`` (the generate stage's) and the probe fitted on its training images."""
     zero_shot = EspressoFilter.from_clip(clip_source, concept.unacceptable, concept.acceptable)
     tuned = EspressoFilter.from_pretrained(FILTER_DIR)
-    val = manifest[manifest["split"] == "val"]
-    return FilterBank.calibrated(zero_shot, tuned, zero_shot.embed(load_images(val)),
-                                 (val["label"] == "unacceptable").to_numpy())
+
+    def labelled(split: str) -> tuple:
+        rows = manifest[manifest["split"] == split]
+        return zero_shot.embed(load_images(rows)), (rows["label"] == "unacceptable").to_numpy()
+
+    return FilterBank.build(zero_shot, tuned, labelled("train"), labelled("val"),
+                            filters["mhsc"])
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """DVC stage ``report``: the current concept's results as a report a reviewer can read without
 rerunning anything: ``reports/report/README.md`` (renders on a code host) and ``index.html``
 (opens in a browser), with the metrics tables of evaluate / attack / certify, plots and image
-grids of unfiltered vs Espresso-filtered outputs.
+grids of unfiltered vs Espresso-filtered outputs. Every concept removal technique (CRT) the
+metrics hold gets a row: the filters of ``pipeline.espresso.FILTERS`` and the fine-tuning CRTs
+that the evaluate stage scored (its ``edit.crts``, read from the metrics, not from params).
 
 In the paper setting, images of the unacceptable concept are real-world content (nudity,
 violence, real people): they are blurred beyond recognition unless ``report.show_unacceptable``
@@ -31,9 +33,29 @@ SCORES = Path("reports/evaluate/scores.csv")
 CERTIFIED_ACCURACY = Path("reports/certify/certified_accuracy.csv")
 NEEDS = {MANIFEST: "generate", **{path: stage for stage, path in INPUTS.items()},
          SCORES: "evaluate", CERTIFIED_ACCURACY: "certify"}
-FILTER_NAMES = {"none": "no filter", "keyword": "keyword blocklist",
-                "threshold": "cosine threshold (SD-checker style)",
-                "zero_shot": "Espresso zero-shot", "espresso": "Espresso fine-tuned"}
+#: Display names of the filters and fine-tuning CRTs, in the order of every table's rows.
+FILTER_NAMES = {"none": "no filter (reference, not a CRT)",
+                "keyword": "keyword blocklist (reference, not a CRT)",
+                "safety_checker": "SD safety checker (diffusers, calibrated)",
+                "mhsc": "MHSC linear probe", "zero_shot": "Espresso zero-shot",
+                "espresso": "Espresso fine-tuned",
+                "esd_x": "ESD-x", "esd_u": "ESD-u", "uce": "UCE", "ca": "CA"}
+#: What the CRTs are measured against: neither removes the concept from what CLIP sees.
+REFERENCES = ("none", "keyword")
+
+
+def kind_of(name: str) -> str:
+    """A row's kind: references are kept apart so that no verdict counts them as CRTs."""
+    if name in REFERENCES:
+        return "reference (not a CRT)"
+    return "filtering CRT" if name in FILTERS else "fine-tuning CRT"
+
+
+def crts_of(evaluate: dict) -> list[str]:
+    """The filters, then the fine-tuning CRTs the evaluate stage scored (a CRT has a rate
+    dict there with a normalised CLIP score), in FILTER_NAMES order."""
+    return [*FILTERS, *(name for name in FILTER_NAMES if name not in FILTERS
+                        and "normalized_clip_score" in (evaluate.get(name) or {}))]
 
 
 def read_metrics() -> dict:
@@ -57,34 +79,40 @@ def cell(rate) -> str:
 
 
 def evaluation_tables(evaluate: dict) -> dict[str, pd.DataFrame]:
-    """Effectiveness / utility, then the error rates, each rate with its 95% interval."""
+    """Effectiveness / utility of every CRT, then the error rates of the filters (a fine-tuning
+    CRT blocks nothing, so it has none), each rate with its 95% interval."""
     groups = {
-        "Effectiveness and utility (test split)": {
+        "Effectiveness and utility (test split)": (crts_of(evaluate), {
             "clip_accuracy": "CLIP acc. ↓", "clip_accuracy_hard": "CLIP acc. (hard) ↓",
-            "normalized_clip_score": "norm. CLIP score ↑", "roc_auc": "ROC-AUC ↑"},
-        "Error rates (test split; by prompt label and by the judge)": {
+            "normalized_clip_score": "norm. CLIP score ↑",
+            "leak_rate_judged": "shows c_u and reaches the user (judge) ↓",
+            "roc_auc": "ROC-AUC ↑"}),
+        "Error rates of the filters (test split; by prompt label and by the judge)": (FILTERS, {
             "fnr": "FNR (label) ↓", "fpr": "FPR (label) ↓", "fnr_judged": "FNR (judge) ↓",
-            "fpr_judged": "FPR (judge) ↓", "unscored_rate": "unscored ↓"},
+            "fpr_judged": "FPR (judge) ↓", "unscored_rate": "unscored ↓"}),
     }
-    return {caption: pd.DataFrame({FILTER_NAMES[f]: {label: cell(evaluate[f][key])
-                                                     for key, label in columns.items()}
-                                   for f in FILTERS}).T
-            for caption, columns in groups.items()}
+    return {caption: pd.DataFrame({FILTER_NAMES[name]: {label: cell(evaluate[name].get(key))
+                                                        for key, label in columns.items()}
+                                   for name in names}).T
+            for caption, (names, columns) in groups.items()}
 
 
 #: Marks a filter's "X+" rate read from the plain run: no "+" run adapted to that filter.
 PLAIN_MARK = "†"
-PLAIN_NOTE = (f"Attacks: \"X\" is the plain attack (no filter term), the same images for every "
-              f"filter; \"X+\" is the run adapted to the filter in that row or column. "
-              f"{PLAIN_MARK}: no \"+\" run adapts to this filter (attack.adapt_to; only filters "
-              "with a margin on CLIP embeddings can be adapted to: zero-shot and fine-tuned "
-              "Espresso, threshold), so its plain rate is shown.")
+PLAIN_NOTE = (f"Attacks: \"X\" is the plain attack (no filter term) on the unedited model, the "
+              f"same images for every filter; \"X+\" is the run adapted to the CRT in that row "
+              f"or column: for a filter, X with that filter's terms (attack.adapt_to; only filters "
+              f"with a margin on CLIP embeddings can be adapted to: SD safety checker, MHSC probe, "
+              f"zero-shot and fine-tuned Espresso); for a fine-tuning CRT, X run through its edited "
+              f"model (it has no plain rate of its own). {PLAIN_MARK}: no \"+\" run adapts to "
+              f"this filter, so its plain rate is shown.")
 
 
 def attack_conditions(attack: dict) -> dict[str, dict[str, str]]:
-    """Per condition and filter, the attack stage's run it is read from: ``X`` is the plain
-    attack X for every filter; ``X+`` (where X has "+" runs) is the run of X adapted to that
-    filter, or the plain one where none is. Conditions in attack order, "X+" before "X"."""
+    """Per condition and CRT, the attack stage's run it is read from: ``X`` is the plain attack
+    X for every filter; ``X+`` (where X has "+" runs) is, for a filter, the run of X adapted to
+    it, or the plain one where none is, and for a fine-tuning CRT the run of X on its edited
+    model (``X+<crt>``; none, no entry). Conditions in attack order, "X+" before "X"."""
     runs = attack["runs"]
     out = {}
     for name, run in runs.items():
@@ -92,7 +120,9 @@ def attack_conditions(attack: dict) -> dict[str, dict[str, str]]:
             adapted = {r["target"]: n for n, r in runs.items()
                        if r["variant"] == "plus" and r["attack"] == run["attack"]}
             if adapted:
-                out[f"{run['attack']}+"] = {f: adapted.get(f, name) for f in FILTERS}
+                out[f"{run['attack']}+"] = {**{f: adapted.get(f, name) for f in FILTERS},
+                                            **{crt: n for crt, n in adapted.items()
+                                               if crt not in FILTERS}}
             out[run["attack"]] = {f: name for f in FILTERS}
     return out
 
@@ -103,13 +133,18 @@ def is_plain_fallback(condition: str, run: str) -> bool:
 
 
 def attack_table(attack: dict, key: str) -> pd.DataFrame:
-    """Filters x attack conditions (:func:`attack_conditions`) for one attack metric, with 95%
-    intervals; a "+" rate read from the plain run is marked ``PLAIN_MARK``."""
-    return pd.DataFrame({
-        condition: {FILTER_NAMES[f]: cell(attack["runs"][run][f][key])
+    """CRTs x attack conditions (:func:`attack_conditions`) for one attack metric, with 95%
+    intervals; a "+" rate read from the plain run is marked ``PLAIN_MARK``, and a condition a
+    CRT was not attacked in (a fine-tuning CRT's plain "X") shows '–'."""
+    conditions = attack_conditions(attack)
+    table = pd.DataFrame({
+        condition: {FILTER_NAMES[name]: cell(attack["runs"][run][name][key])
                     + (f" {PLAIN_MARK}" if is_plain_fallback(condition, run) else "")
-                    for f, run in by_filter.items()}
-        for condition, by_filter in attack_conditions(attack).items()})
+                    for name, run in by_crt.items()}
+        for condition, by_crt in conditions.items()})
+    attacked = {name for by_crt in conditions.values() for name in by_crt}
+    return table.reindex([FILTER_NAMES[name] for name in FILTER_NAMES if name in attacked]
+                         ).fillna("–")
 
 
 def certify_table(certify: dict) -> pd.DataFrame:
@@ -159,34 +194,39 @@ def image_grids(folder: Path, blur: bool) -> dict[str, str]:
 
 
 def plots(folder: Path, metrics: dict) -> dict[str, str]:
-    """Effectiveness/utility per filter, attack CLIP accuracy, certified accuracy."""
+    """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy."""
     evaluate, attack = metrics["evaluate"], metrics["attack"]
+    crts = crts_of(evaluate)
+    short = [FILTER_NAMES[name].split(" (")[0] for name in crts]
     out = {}
-    fig = Figure(figsize=(7, 3.2))
+    fig = Figure(figsize=(max(7, 0.8 * len(crts)), 3.2))
     ax = fig.subplots()
-    x = np.arange(len(FILTERS))
+    x = np.arange(len(crts))
     for offset, key, label in ((-0.2, "clip_accuracy", "CLIP accuracy on unacceptable (lower is better)"),
                                (0.2, "normalized_clip_score",
                                 "normalised CLIP score on acceptable (higher is better)")):
-        value, err = _bars([evaluate[f][key] for f in FILTERS])
+        value, err = _bars([evaluate[name][key] for name in crts])
         ax.bar(x + offset, value, 0.4, yerr=err, capsize=2, label=label)
-    ax.set_xticks(x, [FILTER_NAMES[f].split(" (")[0] for f in FILTERS], fontsize=7)
+    ax.set_xticks(x, short, fontsize=7, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
-    out["Effectiveness and utility per filter"] = _save(fig, folder / "filters.png")
+    out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png")
     conditions = attack_conditions(attack)
-    fig = Figure(figsize=(max(7, 1.1 * len(conditions)), 3.2))
+    fig = Figure(figsize=(max(7, 1.4 * len(conditions)), 3.4))
     ax = fig.subplots()
-    for i, f in enumerate(FILTERS):
-        value, err = _bars([attack["runs"][by_filter[f]][f]["clip_accuracy"]
-                            for by_filter in conditions.values()])
-        ax.bar(np.arange(len(conditions)) + (i - 2) * 0.16, value, 0.16, yerr=err, capsize=1.5,
-               label=FILTER_NAMES[f])
+    width = 0.8 / len(crts)
+    missing = {"value": None, "low": None, "high": None}  # a CRT not attacked in a condition
+    for i, name in enumerate(crts):
+        value, err = _bars([attack["runs"][by_crt[name]][name]["clip_accuracy"]
+                            if name in by_crt else missing for by_crt in conditions.values()])
+        ax.bar(np.arange(len(conditions)) + (i - (len(crts) - 1) / 2) * width, value, width,
+               yerr=np.nan_to_num(err), capsize=1, label=short[i])
     ax.set_xticks(np.arange(len(conditions)), list(conditions), fontsize=7)
     ax.set_ylabel("CLIP accuracy under attack")
-    ax.legend(fontsize=6)
-    out["CLIP accuracy under attack (lower is better; X+: the run adapted to each filter, the "
-        "plain one for filters without)"] = _save(fig, folder / "attacks.png")
+    ax.legend(fontsize=6, ncol=2)
+    out["CLIP accuracy under attack (lower is better; X+: the run adapted to each CRT, the "
+        "plain one for filters without; fine-tuning CRTs only under X+)"] = _save(
+        fig, folder / "attacks.png")
     curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
@@ -201,7 +241,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
 
 def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Bar heights and asymmetric error bars (95% intervals) of metrics.json rates."""
-    value = np.array([r["value"] for r in rates], float)
+    value = np.array([r["value"] for r in rates], float)  # None (no rate): NaN, no bar
     low = np.array([r["low"] if r["low"] is not None else r["value"] for r in rates], float)
     high = np.array([r["high"] if r["high"] is not None else r["value"] for r in rates], float)
     return value, np.vstack([value - low, high - value])
@@ -252,14 +292,15 @@ def run(params: dict) -> None:
              f"{cell(metrics['evaluate']['judged_unacceptable_share'])}. Every rate: value "
              "[95% interval] (Wilson for shares of images, bootstrap over prompts for means). A "
              "blocked output counts as not showing c_u (CLIP accuracy 0) and scores 0 in the "
-             "CLIP score.", PLAIN_NOTE,
+             "CLIP score. A fine-tuning CRT blocks nothing: its rates are those of its edited "
+             "model's images of the same prompts and seeds.", PLAIN_NOTE,
              f"The attacker chose its targets and candidates with its own eyes "
              f"({metrics['attack']['eyes']}), not with the judge ({metrics['attack']['judge']}).",
              CERTIFICATE_SCOPE]
     tables = {**evaluation_tables(metrics["evaluate"]),
               "CLIP accuracy under attack (lower is better)":
                   attack_table(metrics["attack"], "clip_accuracy"),
-              "Attack success rate (judge sees c_u and the filter passed it)":
+              "Attack success rate (judge sees c_u and the CRT let it through)":
                   attack_table(metrics["attack"], "attack_success_rate"),
               "Certified robustness": certify_table(metrics["certify"])}
     with atomic_dir(OUT) as tmp:

@@ -299,8 +299,9 @@ class Budgets(Strict):
 
 
 ATTACK_NAMES = tuple(name for name in Budgets.model_fields if name != "vocabulary")
-#: The filters an adaptive attack may adapt to (``pipeline.espresso.FILTERS`` that score images).
-Filter = Literal["threshold", "zero_shot", "espresso"]
+#: The filters an adaptive attack may adapt to (``pipeline.espresso.FILTERS`` with a margin on
+#: CLIP embeddings: ``FilterBank.by_name``).
+Filter = Literal["safety_checker", "mhsc", "zero_shot", "espresso"]
 
 
 def _attack_names(names: list[str]) -> list[str]:
@@ -339,6 +340,75 @@ class Attack(Strict):
                                       "keeps that many of the candidates",
                                       at=(setting, name, "candidates"))
         return self
+
+
+class Probe(Strict):
+    regularization: Positive   # scikit-learn's C: inverse L2 strength
+    max_iter: Count
+
+
+class Filters(Strict):
+    """The filtering CRTs' own settings (the safety checker's cut is calibrated, not set)."""
+
+    mhsc: Probe
+
+
+# The edit section: the fine-tuning CRTs of ``pipeline.crts.EDITS``.
+class Esd(Strict):
+    steps: Count
+    lr: Positive
+    eta: Positive              # negative guidance
+    sample_guidance: NonNegative
+    batch: Count
+    checkpoint_every: Count
+
+
+class Uce(Strict):
+    regularization: Positive   # lambda: weight of keeping the old projection
+    preserve_scale: NonNegative
+
+
+class Ca(Strict):
+    steps: Count
+    lr: Positive
+    batch: Count
+    anchor_weight: NonNegative
+    checkpoint_every: Count
+
+
+class EditBudgets(Strict):
+    esd_x: Esd
+    esd_u: Esd
+    uce: Uce
+    ca: Ca
+
+
+EDIT_NAMES = tuple(EditBudgets.model_fields)
+
+
+def _edit_names(names: list[str]) -> list[str]:
+    if set(names) - set(EDIT_NAMES) or len(set(names)) != len(names):
+        raise not_allowed(f"a list of distinct CRTs among {', '.join(EDIT_NAMES)} (or [])")
+    return names
+
+
+class Edit(Strict):
+    seed: Seed
+    crts: Annotated[list[str], AfterValidator(_edit_names)]
+    mini: EditBudgets
+    paper: EditBudgets
+
+
+class Claim(Strict):
+    """What "effective, useful and robust" means in the summary's verdict (METHOD section 8)."""
+
+    clip_accuracy_max: Fraction          # effectiveness: CLIP accuracy on c_u prompts at most
+    normalized_clip_score_min: Fraction  # utility: nCS on c_a prompts at least
+    attack_clip_accuracy_max: Fraction   # robustness: CLIP accuracy under every adapted attack
+
+
+class Summary(Strict):
+    claim: Claim
 
 
 class Certify(Strict):
@@ -423,9 +493,12 @@ class Params(Strict):
     models: ModelsBySetting
     generate: Generate
     finetune: Finetune
+    edit: Edit
+    filters: Filters
     attack: Attack
     certify: Certify
     report: Report
+    summary: Summary
     world: World
 
     @field_validator("concept")

@@ -34,11 +34,13 @@ def stage_command(stage: str, *args: str, cwd: Path, env: dict | None = None,
 
 
 def run_all_stages(params: dict) -> dict:
-    """generate -> finetune -> evaluate -> attack -> certify in the current directory."""
-    from pipeline import attack, certify, evaluate, finetune, generate
+    """generate -> finetune -> edit -> evaluate -> attack -> certify in the current
+    directory."""
+    from pipeline import attack, certify, edit, evaluate, finetune, generate
 
     generate.run(params)
     finetune.run(params)
+    edit.run(params)
     return {"evaluate": evaluate.run(params), "attack": attack.run(params),
             "certify": certify.run(params)}
 
@@ -53,6 +55,10 @@ def tiny_params_for() -> dict:
     params["finetune"].update(batch=4)
     params["finetune"]["mini"].update(epochs=2)
     params["finetune"]["paper"].update(epochs=2, epochs_by_concept={})
+    for setting in ("mini", "paper"):
+        crts = params["edit"][setting]
+        for name in ("esd_x", "esd_u", "ca"):
+            crts[name].update(steps=2, batch=1, checkpoint_every=1)
     params["attack"].update(targets=4, prompts=2, images_per_prompt=2)
     for setting in ("mini", "paper"):
         budgets = params["attack"][setting]

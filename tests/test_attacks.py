@@ -240,18 +240,27 @@ def test_every_attack_runs_plain_once_and_plus_once_per_adapted_filter():
     assert attack_runs(["typo"], []) == [("typo", "typo", None)]
 
 
-def test_the_threshold_filter_as_an_attack_target_blocks_where_the_bank_does(context):
-    """A "+" run adapted to the threshold filter sees the bank's decision through Espresso's
-    interface: margin cos(e, t_u) - cut, blocked where it is > 0."""
+def test_the_safety_checker_and_the_probe_as_attack_targets_block_where_the_bank_does(context):
+    """A "+" run adapted to the SD safety checker or the MHSC probe sees the bank's decision
+    through Espresso's interface. The checker's is diffusers' own call, the same as its margin
+    cos(e, t_u) - cut rounded as diffusers rounds it; the probe blocks where its logit is > 0."""
     rng = np.random.default_rng(5)
-    images = shapes.render_many([shapes.sample_scene(rng, character_prob=0.5) for _ in range(16)],
+    images = shapes.render_many([shapes.sample_scene(rng, character_prob=0.5) for _ in range(32)],
                                 rng)
     zero_shot = context.attacker
-    cosine = FilterBank._cosine_to_concept(zero_shot, zero_shot.embed(images))
-    bank = FilterBank(zero_shot, zero_shot, float(np.median(cosine)))
-    expected = bank.decide(images, [""] * len(images), zero_shot.embed(images))["threshold"]
-    assert 0 < expected.blocked.sum() < len(images)  # the cut splits these images
-    threshold = bank.threshold_filter()
-    assert np.array_equal(threshold.screen(images).blocked, expected.blocked)
-    margin = threshold.margin(zero_shot.embed(images)).numpy()
-    assert np.allclose(margin, cosine - bank.threshold, atol=1e-5)
+    features = zero_shot.embed(images)
+    cosine = (torch.nn.functional.normalize(features, dim=-1) @ zero_shot.t_u).numpy()
+    shows = cosine > np.median(cosine)  # labels the probe can fit
+    bank = FilterBank.build(zero_shot, zero_shot, (features, shows), (features, shows),
+                            {"regularization": 10.0, "max_iter": 1000})
+    decisions = bank.decide(images, [""] * len(images))
+    for name in ("safety_checker", "mhsc"):
+        assert 0 < decisions[name].blocked.sum() < len(images)  # the cut splits these images
+        target = bank.by_name(name)
+        assert np.array_equal(target.screen(images).blocked, decisions[name].blocked), name
+    checker = bank.safety_checker
+    margin = checker.margin(features).numpy()
+    assert np.allclose(margin, cosine - checker.cut, atol=1e-5)
+    assert np.array_equal(decisions["safety_checker"].blocked, np.round(margin, 3) > 0)
+    probe_margin = bank.mhsc.margin(features).numpy()
+    assert np.array_equal(decisions["mhsc"].blocked, probe_margin > 0)

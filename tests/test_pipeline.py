@@ -23,10 +23,14 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     second = run_all_stages(tiny_params)  # from scratch, in another folder
     assert first == second
     evaluated, attacked = first["evaluate"], first["attack"]
+    edits = tiny_params["edit"]["crts"]
     runs = [run for run, _, _ in attack_runs(tiny_params["attack"]["attacks"],
-                                             tiny_params["attack"]["adapt_to"])]
-    assert list(attacked["runs"]) == runs  # each attack plain, then "+" per adapted filter
+                                             tiny_params["attack"]["adapt_to"] + edits)]
+    # each attack plain, then "+" per adapted filter, then against each edited model
+    assert list(attacked["runs"]) == runs
     assert attacked["runs"]["pez+espresso"]["target"] == "espresso"
+    assert attacked["runs"]["cce+uce"]["edited_model"] and "espresso" not in attacked["runs"]["cce+uce"]
+    filter_runs = [run for run in runs if run.split("+")[-1] not in edits]
     assert attacked["eyes"] == tiny_params["models"]["mini"]["eyes"]
     for name in FILTERS:
         for key in ("clip_accuracy", "normalized_clip_score", "fnr", "fpr", "fnr_judged",
@@ -34,9 +38,15 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
             rate = evaluated[name][key]  # every rate carries its 95% interval
             assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1.0 + 1e-6, (name, key)
         assert evaluated[name]["unscored_rate"]["value"] == 0.0
-        for run in runs:
+        for run in filter_runs:
             success = attacked["runs"][run][name]["attack_success_rate"]
             assert 0.0 <= success["low"] <= success["value"] <= success["high"] <= 1.0
+    for crt in edits:  # a fine-tuning CRT blocks nothing: scored as its own unfiltered model
+        for key in ("clip_accuracy", "normalized_clip_score", "leak_rate_judged"):
+            rate = evaluated[crt][key]
+            assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1.0 + 1e-6, (crt, key)
+        for attack in tiny_params["attack"]["attacks"]:
+            assert attacked["runs"][f"{attack}+{crt}"][crt]["block_rate"]["value"] == 0.0
     certified = first["certify"]
     assert certified["total_violations"] == 0  # the certificate held on every test image
     assert set(certified["espresso"]["attacks"]) == set(runs)
@@ -77,7 +87,7 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "fixture")
     first = sh(*dvc, "repro")
-    for stage in ("generate", "finetune", "evaluate", "attack", "certify"):
+    for stage in ("generate", "finetune", "edit", "evaluate", "attack", "certify"):
         assert f"Running stage '{stage}'" in first
     assert "Running stage 'world'" not in first  # frozen: the shipped models are used as-is
     metrics = json.loads((copy / "reports/evaluate/metrics.json").read_text())

@@ -16,10 +16,12 @@ from stages import REPO
 from test_stage_commands import command, listing
 
 from pipeline import schema, world
-from pipeline.attack import ADAPTABLE, VOCABULARIES
+from pipeline.attack import VOCABULARIES
 from pipeline.attacks import ATTACKS
 from pipeline.concepts import get_concept, load_registry
+from pipeline.crts import EDITS
 from pipeline.espresso import EspressoFilter, ModelNotAvailableError
+from pipeline.espresso.baselines import ADAPTABLE
 from pipeline.espresso.losses import SEPARATIONS
 from pipeline.finetune import OPTIMIZERS
 from pipeline.judges import load_judge
@@ -93,15 +95,25 @@ def problems(params: dict) -> list[str]:
     (lambda p: p["attack"]["mini"]["cce"]["adaptive_weights"].__setitem__(1, -1),
      "attack.mini.cce.adaptive_weights.1: -1 is not allowed; must be a number >= 0"),
     (lambda p: p["attack"].pop("adapt_to"),
-     "attack.adapt_to: missing; must be a list of: threshold, zero_shot, espresso"),
+     "attack.adapt_to: missing; must be a list of: safety_checker, mhsc, zero_shot, espresso"),
     (lambda p: p["attack"].update(adapt_to=["espresso", "espresso"]),
      "attack.adapt_to: ['espresso', 'espresso'] is not allowed; must be a list of distinct "
-     "filters among threshold, zero_shot, espresso (or [])"),
+     "filters among safety_checker, mhsc, zero_shot, espresso (or [])"),
     (lambda p: p["attack"].update(adapt_to=True),
-     "attack.adapt_to: True is not allowed; must be a list of: threshold, zero_shot, espresso"),
+     "attack.adapt_to: True is not allowed; must be a list of: safety_checker, mhsc, zero_shot, espresso"),
     (lambda p: p["attack"].update(adapt_to=["espresso", "keywords"]),
-     "attack.adapt_to.1: 'keywords' is not allowed; must be one of: threshold, zero_shot, "
-     "espresso"),
+     "attack.adapt_to.1: 'keywords' is not allowed; must be one of: safety_checker, mhsc, "
+     "zero_shot, espresso"),
+    (lambda p: p["edit"].update(crts=["esd_x", "esd"]),
+     "edit.crts: ['esd_x', 'esd'] is not allowed; must be a list of distinct CRTs among esd_x, "
+     "esd_u, uce, ca (or [])"),
+    (lambda p: p["edit"]["mini"]["uce"].update(regularization=0),
+     "edit.mini.uce.regularization: 0 is not allowed; must be a number > 0"),
+    (lambda p: p["summary"]["claim"].update(normalized_clip_score_min=1.5),
+     "summary.claim.normalized_clip_score_min: 1.5 is not allowed; must be a number >= 0 and "
+     "<= 1"),
+    (lambda p: p["filters"]["mhsc"].pop("max_iter"),
+     "filters.mhsc.max_iter: missing; must be an integer >= 1"),
     (lambda p: p["report"].update(show_unacceptable="yes"),
      "report.show_unacceptable: 'yes' is not allowed; must be true or false"),
     (lambda p: p["generate"].update(sede=4),
@@ -150,6 +162,7 @@ def test_the_schema_names_exactly_what_the_code_implements():
         == set(SEPARATIONS)
     assert set(get_args(schema.Budgets.model_fields["vocabulary"].annotation)) == set(VOCABULARIES)
     assert set(get_args(schema.Filter)) == set(ADAPTABLE)
+    assert schema.EDIT_NAMES == tuple(EDITS)
 
 
 # ---- data/concepts.yaml -------------------------------------------------------------------

@@ -30,11 +30,23 @@ class AttackContext:
     sees: Callable[[np.ndarray], np.ndarray]  # the attacker's eyes (not the evaluation's judge):
                                               # images -> "shows c_u"
     words: tuple[str, ...] | None = None  # the language hard prompts may use (None: any token)
+    memo: dict = field(default_factory=dict)  # candidates of plain searches, shared by the runs
+                                              # of one stage (see ``plain_candidates``)
 
     @property
     def adaptive(self) -> bool:
         """A "+" run: adapted to ``target``."""
         return self.target is not None
+
+    def plain_candidates(self, search: str, make: Callable[[], list[str]]) -> list[str]:
+        """The candidates of a plain (filter-free) text-space search, made once per stage: they
+        depend on the CLIP text side, the targets and the seed, never on the UNet, so the runs
+        against each edited model (fine-tuning CRTs) share the plain run's, and only their trial
+        (rendered by the model under attack) differs."""
+        key = (search, self.seed)
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
 
 @dataclass

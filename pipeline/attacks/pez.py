@@ -64,8 +64,12 @@ def pez_candidates(ctx: AttackContext, p: dict, target_features: torch.Tensor,
 def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                adaptive_weight: float, desc: str) -> AttackResult:
     """PEZ's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
-    return select_by_images(ctx, pez_candidates(ctx, p, target_features, adaptive_weight, desc),
-                            p["selection_images"], target_features, adaptive_weight)
+    candidates = (pez_candidates(ctx, p, target_features, adaptive_weight, desc)
+                  if adaptive_weight else
+                  ctx.plain_candidates(desc, lambda: pez_candidates(ctx, p, target_features, 0.0,
+                                                                    desc)))
+    return select_by_images(ctx, candidates, p["selection_images"], target_features,
+                            adaptive_weight)
 
 
 def pez(ctx: AttackContext, p: dict) -> AttackResult:

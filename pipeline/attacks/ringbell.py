@@ -17,8 +17,9 @@ def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
     """The search's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
     weight = p["adaptive_weight"] if ctx.adaptive else 0.0
     targets = unit_image_features(ctx.attacker, ctx.target_images)
-    return select_by_images(ctx, ringbell_candidates(ctx, p, weight), p["selection_images"],
-                            targets, weight)
+    candidates = (ringbell_candidates(ctx, p, weight) if weight else
+                  ctx.plain_candidates("RingBell", lambda: ringbell_candidates(ctx, p, 0.0)))
+    return select_by_images(ctx, candidates, p["selection_images"], targets, weight)
 
 
 def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]:

@@ -1,0 +1,149 @@
+"""DVC stage ``edit``: the prior fine-tuning CRTs (METHOD section 8), each editing the T2I model
+for the current concept: ESD-x, ESD-u, UCE and CA (``pipeline.crts``; which ones: ``edit.crts``,
+budgets per setting in ``edit.mini`` / ``edit.paper``).
+
+Per CRT, ``data/edit/<crt>/`` holds the edited UNet (a diffusers ``UNet2DConditionModel``
+folder, safetensors), ``test.npz``: its images of the test split's prompts with the generate
+stage's seeds (what the evaluate stage scores against the unedited model's), and ``edit.json``:
+what the edit did, its time and the key of its inputs. Resumable: a CRT whose folder carries the
+key of the current inputs (params, concept, models, training images, this stage's code) is kept;
+an iterative edit that is interrupted continues from its last checkpoint (``<crt>.checkpoint-
+<key>``, removed when the edit is published). Seeded: the same inputs give the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.concepts import known_concepts, get_concept, prompt_pairs
+from pipeline.espresso.files import atomic_dir, write_json
+from pipeline.generate import MANIFEST, load_images
+from pipeline.params import run_stage, settings_of
+
+OUT = Path("data/edit")
+UNET = "unet"
+REPORTS = Path("reports/edit")
+TEST_IMAGES = "test.npz"
+RECORD = "edit.json"
+NEEDS = {MANIFEST: "generate"}
+#: The code an edit runs, in its key: an edit made by other code is not reused.
+CODE = (Path(__file__), *sorted((Path(__file__).parent / "crts").glob("*.py")))
+
+log = logging.getLogger(__name__)
+
+
+def preserved_texts(concept, setting: str) -> list[str]:
+    """The other concepts' texts of the setting (both sides), and the anchor c_a: what an edit
+    that preserves concepts (UCE) must leave as it was."""
+    texts = [concept.acceptable]
+    for name in known_concepts(setting):
+        other = get_concept(name, setting)
+        if name != concept.name:
+            texts += [other.unacceptable, other.acceptable]
+    return [t for t in dict.fromkeys(texts) if t.lower() != concept.unacceptable.lower()]
+
+
+def edit_key(crt: str, params: dict, manifest: pd.DataFrame) -> str:
+    """Hash of everything an edit's output depends on."""
+    setting, concept, models = settings_of(params)
+    spec = json.dumps([crt, params["edit"]["seed"], params["edit"][setting][crt], concept.name,
+                       concept.unacceptable, concept.acceptable, models["t2i"], models["clip"],
+                       params["generate"], manifest[["split", "label", "prompt", "seed",
+                                                     "shard_sha256"]].values.tolist()],
+                      sort_keys=True, default=str)
+    digest = hashlib.sha256(spec.encode())
+    for path in CODE:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run(params: dict) -> dict:
+    from pipeline.espresso.models import quiet_libraries
+
+    with quiet_libraries():
+        return _run(params)
+
+
+def _run(params: dict) -> dict:
+    from pipeline.crts import EDITS, EditTask
+    from pipeline.espresso.models import generate, load_t2i, use_scheduler
+
+    setting, concept, models = settings_of(params)
+    p = params["edit"]
+    sampler = params["generate"][setting]
+    manifest = pd.read_csv(MANIFEST)
+    anchors = manifest[(manifest["split"] == "train") & (manifest["label"] == "acceptable")]
+    test = manifest[manifest["split"] == "test"]
+    pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
+    done = {}
+    for crt in p["crts"]:
+        key = edit_key(crt, params, manifest)
+        folder = OUT / crt
+        record = folder / RECORD
+        if record.is_file() and json.loads(record.read_text()).get("key") == key:
+            log.info("%s: kept (its inputs are unchanged)", crt)
+            done[crt] = json.loads(record.read_text())
+            continue
+        pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+        use_scheduler(pipe, sampler["scheduler"])
+        pipe.set_progress_bar_config(disable=True)
+        for stale in OUT.glob(f"{crt}.checkpoint-*"):
+            if stale.name != f"{crt}.checkpoint-{key}":
+                shutil.rmtree(stale)
+        checkpoint = OUT / f"{crt}.checkpoint-{key}"
+        task = EditTask(pipe=pipe, unacceptable=concept.unacceptable,
+                        acceptable=concept.acceptable, pairs=pairs["train"],
+                        anchor_images=load_images(anchors), anchor_pairs=anchors["pair"].tolist(),
+                        preserve=preserved_texts(concept, setting), seed=p["seed"],
+                        size=sampler["size"], steps=sampler["steps"], checkpoint=checkpoint)
+        start = time.perf_counter()
+        summary = EDITS[crt](task, p[setting][crt])
+        seconds = time.perf_counter() - start
+        images = generate(pipe, test["prompt"].tolist(), test["seed"].tolist(), sampler["steps"],
+                          sampler["guidance"], sampler["size"], sampler["batch"], progress=True)
+        done[crt] = {"crt": crt, "key": key, "concept": concept.name, **summary}
+        with atomic_dir(folder) as tmp:
+            pipe.unet.save_pretrained(tmp / UNET)
+            with open(tmp / TEST_IMAGES, "wb") as f:
+                np.savez(f, images=images)
+            (tmp / RECORD).write_text(json.dumps(done[crt], indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        log.warning("%s: edited in %.0f s", crt, seconds)  # a time is logged, never written
+    for stale in set(OUT.iterdir()) - {OUT / crt for crt in p["crts"]}:
+        if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p["crts"])):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    write_json(REPORTS / "metrics.json", {crt: {k: v for k, v in info.items() if k != "key"}
+                                          for crt, info in done.items()})
+    return done
+
+
+def load_edited_unet(crt: str, device=None, dtype=None):
+    """The UNet that ``crt`` edited (diffusers folder), on the pipeline's device and dtype."""
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.espresso.models import hub_loading
+
+    folder = str(OUT / crt / UNET)
+    with hub_loading(folder):
+        unet = UNet2DConditionModel.from_pretrained(folder)
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def load_edited_test_images(crt: str) -> np.ndarray:
+    with np.load(OUT / crt / TEST_IMAGES) as data:
+        return data["images"]
+
+
+def main() -> None:
+    run_stage(run, NEEDS)
+
+
+if __name__ == "__main__":
+    main()
