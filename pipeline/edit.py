@@ -108,6 +108,7 @@ def _run(params: dict) -> dict:
         seconds = time.perf_counter() - start
         images = generate(pipe, test["prompt"].tolist(), test["seed"].tolist(), sampler["steps"],
                           sampler["guidance"], sampler["size"], sampler["batch"], progress=True)
+        summary.pop("resumed_from", None)  # how it got there is no part of the result
         done[crt] = {"crt": crt, "key": key, "concept": concept.name, **summary}
         with atomic_dir(folder) as tmp:
             pipe.unet.save_pretrained(tmp / UNET)

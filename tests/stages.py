@@ -46,8 +46,10 @@ def run_all_stages(params: dict) -> dict:
 
 
 def tiny_params_for() -> dict:
-    """params.yaml with CPU-sized budgets (seconds per stage)."""
+    """params.yaml with CPU-sized budgets (seconds per stage), on the character `zorbo`
+    (whatever concept params.yaml has)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["concept"] = "zorbo"
     params["generate"].update(prompts={"train": 4, "val": 2, "test": 2},
                               images_per_prompt={"train": 1, "val": 2, "test": 2}, shard_size=8)
     params["generate"]["mini"].update(steps=4)
@@ -59,7 +61,9 @@ def tiny_params_for() -> dict:
         crts = params["edit"][setting]
         for name in ("esd_x", "esd_u", "ca"):
             crts[name].update(steps=2, batch=1, checkpoint_every=1)
-    params["attack"].update(targets=4, prompts=2, images_per_prompt=2)
+    params["edit"]["crts"] = ["esd_x", "uce"]  # every CRT's own tests are in test_crts.py
+    params["attack"].update(targets=4, prompts=2, images_per_prompt=2,
+                            adapt_to=["safety_checker", "espresso"])
     for setting in ("mini", "paper"):
         budgets = params["attack"][setting]
         for name in ("typo", "pez"):

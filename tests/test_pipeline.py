@@ -29,7 +29,8 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     # each attack plain, then "+" per adapted filter, then against each edited model
     assert list(attacked["runs"]) == runs
     assert attacked["runs"]["pez+espresso"]["target"] == "espresso"
-    assert attacked["runs"]["cce+uce"]["edited_model"] and "espresso" not in attacked["runs"]["cce+uce"]
+    against_uce = attacked["runs"]["cce+uce"]
+    assert against_uce["edited_model"] and "espresso" not in against_uce  # nothing to filter
     filter_runs = [run for run in runs if run.split("+")[-1] not in edits]
     assert attacked["eyes"] == tiny_params["models"]["mini"]["eyes"]
     for name in FILTERS:

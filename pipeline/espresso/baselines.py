@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
 from pipeline.espresso.filter import EspressoFilter
+from pipeline.espresso.models import quiet_libraries
 
 FILTERS = ("none", "keyword", "safety_checker", "mhsc", "zero_shot", "espresso")
 #: The filters with a margin on CLIP embeddings, which a "+" attack can adapt to: name in
@@ -91,8 +92,9 @@ class SafetyCheckerFilter(EspressoFilter):
     def flags(self, pixel_values: torch.Tensor) -> np.ndarray:
         """The diffusers checker's own decision on the processor's pixel values."""
         placeholders = [np.zeros(1) for _ in range(len(pixel_values))]
-        _, flagged = self.checker(clip_input=pixel_values.to(self.device, self.dtype),
-                                  images=placeholders)
+        with quiet_libraries():  # its "NSFW content was detected" warning per flagged batch
+            _, flagged = self.checker(clip_input=pixel_values.to(self.device, self.dtype),
+                                      images=placeholders)
         return np.asarray(flagged, bool)
 
 
