@@ -15,7 +15,7 @@ from stages import make_stage_dir, stage_command, tiny_params_for
 
 from pipeline.params import stage_outputs
 
-CHAIN = ("generate", "finetune", "attack")
+CHAIN = ("generate", "finetune", "edit", "attack")
 #: The clean run's environment, and another one that must not change a byte (nor must the path).
 ENV = {"HF_HUB_OFFLINE": None, "OMP_NUM_THREADS": "2"}
 OTHER_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -30,6 +30,10 @@ KILLS = {
         (("os.replace", 1, "before"), "reports/finetune/.metrics.json.tmp-*"),  # filter published
         (("os.rename", 1, "after"), "data/finetune/.filter.tmp-old"),  # old filter moved aside,
     ],                                                                 # new one not yet in place
+    "edit": [  # ESD-x checkpoints every step (tiny params): resumed from its first checkpoint
+        (("os.replace", 2, "after"), "data/edit/esd_x.checkpoint-*/state.pt"),
+        (("numpy.savez", 1, "before"), "data/edit/.esd_x.tmp-*"),  # edit being published
+    ],
     "attack": [
         (("numpy.savez", 1, "before"), "data/attack/.typo.npz.tmp-*"),  # images being written
     ],
@@ -76,7 +80,7 @@ def digests(folder: Path, stages) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> Path:
-    """generate -> finetune -> attack, each run once without a fault, in ``ENV``."""
+    """generate -> finetune -> edit -> attack, each run once without a fault, in ``ENV``."""
     folder = scratch(tmp_path_factory.mktemp("clean"))
     for stage in CHAIN:
         run(stage, folder)
