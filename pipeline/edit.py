@@ -5,7 +5,7 @@ budgets per setting in ``edit.mini`` / ``edit.paper``).
 Per CRT, ``data/edit/<crt>/`` holds the edited UNet (a diffusers ``UNet2DConditionModel``
 folder, safetensors), ``test.npz``: its images of the test split's prompts with the generate
 stage's seeds (what the evaluate stage scores against the unedited model's), and ``edit.json``:
-what the edit did, its time and the key of its inputs. Resumable: a CRT whose folder carries the
+what the edit did and the key of its inputs. Resumable: a CRT whose folder carries the
 key of the current inputs (params, concept, models, training images, this stage's code) is kept;
 an iterative edit that is interrupted continues from its last checkpoint (``<crt>.checkpoint-
 <key>``, removed when the edit is published). Seeded: the same inputs give the same bytes.
