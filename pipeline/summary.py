@@ -509,6 +509,10 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     fig = Figure(figsize=(12, 5.5))
     whole, corner = fig.subplots(1, 2)
     top = 1.05
+    # (x, y) spans of each panel, and the labels placed in it: a label near earlier ones goes
+    # below them, so CRTs at the same point (e.g. several at 0 and 1) stay readable
+    spans = {whole: (1.04, 1.07), corner: (2 * claim["clip_accuracy_max"] + 0.025, 0.15)}
+    labelled = {whole: [], corner: []}
     for ax in (whole, corner):
         ax.add_patch(Rectangle((-1, claim["normalized_clip_score_min"]),
                                1 + claim["clip_accuracy_max"], 10, color="tab:green", alpha=0.1))
@@ -528,8 +532,12 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
             ax.errorbar([x["value"]], [y["value"]], fmt="none", ecolor="grey", elinewidth=0.8,
                         capsize=2, xerr=_error(x), yerr=_error(y))
             ax.scatter([x["value"]], [y["value"]], s=70, lw=0.8, zorder=3, **style)
-            ax.annotate(FILTER_NAMES[name].split(" (")[0], (x["value"], y["value"]), fontsize=7,
-                        textcoords="offset points", xytext=(5, 4), clip_on=True)
+            point, (width, height) = (x["value"], y["value"]), spans[ax]
+            near = sum(abs(point[0] - a) < 0.12 * width and abs(point[1] - b) < 0.04 * height
+                       for a, b in labelled[ax])
+            labelled[ax].append(point)
+            ax.annotate(FILTER_NAMES[name].split(" (")[0], point, fontsize=7, clip_on=True,
+                        textcoords="offset points", xytext=(6, 3 - 9 * near))
             top = max(top, float(y["value"] if pd.isna(y["high"]) else y["high"]) + 0.02)
         ax.set_xlabel("CLIP accuracy on unacceptable prompts (effectiveness; lower is better)",
                       fontsize=8)
