@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pandas as pd
 import torch
+from diffusers import UNet2DConditionModel
 from tiny_hub import COMMIT
 from transformers import CLIPModel
 
-from pipeline import attack, certify, evaluate, finetune, generate
+from pipeline import attack, certify, edit, evaluate, finetune, generate
 
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,
@@ -32,8 +33,13 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
     assert torch.equal(saved.vision_model.embeddings.patch_embedding.weight,
                        clip.vision_model.embeddings.patch_embedding.weight)  # vision frozen
 
+    edited = edit.run(params)  # the fine-tuning CRTs on the SD v1.4-format model
+    assert set(edited) == set(params["edit"]["crts"])
+    unet = UNet2DConditionModel.from_pretrained(stage_dir / "data/edit/uce/unet")
+    assert unet.config.cross_attention_dim == clip.config.text_config.hidden_size
+
     metrics = evaluate.run(params)
-    for name in evaluate.FILTERS:
+    for name in [*evaluate.FILTERS, *params["edit"]["crts"]]:
         assert 0.0 <= metrics[name]["clip_accuracy"]["value"] <= 1.0
     # the open_clip judge ran on every test image
     scores = pd.read_csv(stage_dir / "reports/evaluate/scores.csv")
@@ -49,7 +55,7 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
                         lambda *_: lambda images: np.ones(len(images), dtype=bool))
     attacked = attack.run(params)  # the paper budgets' structure, tiny values
     assert list(attacked["runs"]) == [run for run, _, _ in attack.attack_runs(
-        params["attack"]["attacks"], params["attack"]["adapt_to"])]
+        params["attack"]["attacks"], params["attack"]["adapt_to"] + params["edit"]["crts"])]
     assert attacked["eyes"] == params["models"]["paper"]["eyes"] != attacked["judge"]
     certified = certify.run(params)
     assert certified["total_violations"] == 0

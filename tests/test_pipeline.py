@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -45,7 +46,9 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     for crt in edits:  # a fine-tuning CRT blocks nothing: scored as its own unfiltered model
         for key in ("clip_accuracy", "normalized_clip_score", "leak_rate_judged"):
             rate = evaluated[crt][key]
-            assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1.0 + 1e-6, (crt, key)
+            # an edited model's image can score above the unedited one's: nCS may exceed 1
+            top = np.inf if key == "normalized_clip_score" else 1.0 + 1e-6
+            assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= top, (crt, key)
         for attack in tiny_params["attack"]["attacks"]:
             assert attacked["runs"][f"{attack}+{crt}"][crt]["block_rate"]["value"] == 0.0
     certified = first["certify"]
