@@ -25,7 +25,7 @@ import pandas as pd
 from pipeline.attacks import ATTACKS, AttackContext
 from pipeline.attacks.prompt_embedding import textual_inversion
 from pipeline.concepts import prompt_pairs
-from pipeline.espresso import FILTERS
+from pipeline.espresso.baselines import FILTERS
 from pipeline.espresso.files import atomic_file, write_csv, write_json
 from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
 from pipeline.edit import OUT as EDITS_DIR
@@ -86,7 +86,7 @@ def run(params: dict) -> dict:
 
 
 def _run(params: dict) -> dict:
-    from pipeline.espresso.models import generate, load_t2i, use_scheduler
+    from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["attack"]
@@ -96,7 +96,7 @@ def _run(params: dict) -> dict:
     judge = load_judge(setting, models, concept)
     eyes = load_eyes(setting, models, concept)
     targets, target_prompts = attack_targets(manifest, eyes, p["targets"])
-    pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+    pipe = load_t2i(models["t2i"])
     use_scheduler(pipe, sampler["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     for model in (bank.zero_shot.clip, bank.tuned.clip, pipe.unet, pipe.vae, pipe.text_encoder):

@@ -73,7 +73,7 @@ def run(params: dict) -> dict:
 
 def _run(params: dict) -> dict:
     from pipeline.crts import EDITS, EditTask
-    from pipeline.espresso.models import generate, load_t2i, use_scheduler
+    from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["edit"]
@@ -91,7 +91,7 @@ def _run(params: dict) -> dict:
             log.info("%s: kept (its inputs are unchanged)", crt)
             done[crt] = json.loads(record.read_text())
             continue
-        pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+        pipe = load_t2i(models["t2i"])
         use_scheduler(pipe, sampler["scheduler"])
         pipe.set_progress_bar_config(disable=True)
         for stale in OUT.glob(f"{crt}.checkpoint-*"):

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pipeline.espresso import FILTERS, Decision, EspressoFilter, FilterBank
+from pipeline.espresso import EspressoFilter
+from pipeline.espresso.baselines import FILTERS, Decision, FilterBank
 from pipeline.espresso.files import write_csv, write_json
 from pipeline.espresso.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
                                        normalized_clip_score, proportion)

@@ -125,7 +125,7 @@ def run(params: dict) -> pd.DataFrame:
     """Generate whatever shards are missing or damaged and write the manifest; returns it."""
     from tqdm import tqdm
 
-    from pipeline.espresso.models import generate, load_t2i, use_scheduler
+    from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
     p = params["generate"]
@@ -152,7 +152,7 @@ def run(params: dict) -> pd.DataFrame:
                 log.warning("%s: regenerating it", err)
         missing.append(start)
     if missing:  # the model is loaded only if a shard is missing, before any is written
-        pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+        pipe = load_t2i(models["t2i"])
         use_scheduler(pipe, sampler["scheduler"])
         pipe.set_progress_bar_config(disable=True)
     for start in tqdm(missing, desc="generate shards", unit="shard"):

@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
 from PIL import ImageFilter
 
-from pipeline.espresso import FILTERS
+from pipeline.espresso.baselines import FILTERS
 from pipeline.espresso.files import atomic_dir
 from pipeline.generate import MANIFEST, load_images
 from pipeline.mini.quality import grid_image

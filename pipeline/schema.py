@@ -151,7 +151,7 @@ class Registry(Strict):
 
 # ---- params.yaml --------------------------------------------------------------------------
 def _scheduler(name: str) -> str:
-    from pipeline.espresso.models import scheduler_class
+    from pipeline.espresso.t2i import scheduler_class
 
     try:
         scheduler_class(name)

@@ -49,7 +49,7 @@ from matplotlib.patches import Rectangle
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
-from pipeline.espresso import FILTERS
+from pipeline.espresso.baselines import FILTERS
 from pipeline.espresso.files import atomic_dir
 from pipeline.espresso.metrics import beyond_intervals
 from pipeline.params import ParamsError, check_params, load_params
@@ -177,8 +177,8 @@ def with_overrides(params: dict, overrides: list[str]) -> dict:
 
 
 def experiments(shown: list[dict]) -> list[dict]:
-    """(name, params, metrics) of every experiment in ``dvc exp show --json`` output, newest
-    first, the workspace included."""
+    """(name, rev, baseline, params, metrics) of every experiment in ``dvc exp show --json``
+    output, the workspace included (rev "workspace"); ``baseline`` is the commit it ran on."""
     out = []
     for rev in shown:
         for entry in [rev, *[e for exp in rev.get("experiments") or [] for e in exp["revs"]]]:
@@ -186,8 +186,9 @@ def experiments(shown: list[dict]) -> list[dict]:
             params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
             metrics = {path: m.get("data") for path, m in (data.get("metrics") or {}).items()}
             if params and metrics:
-                out.append({"name": entry.get("name") or entry.get("rev"), "params": params,
-                            "metrics": metrics, "timestamp": data.get("timestamp") or ""})
+                out.append({"name": entry.get("name") or entry.get("rev"), "rev": entry["rev"],
+                            "baseline": rev["rev"], "params": params, "metrics": metrics,
+                            "timestamp": data.get("timestamp") or ""})
     return out
 
 

@@ -17,7 +17,6 @@ it (METHOD section 6).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def build_unet(p: dict, device: str, workers: int) -> None:
     from diffusers import AutoencoderKL
 
     from pipeline.espresso.models import load_clip
-    from pipeline.mini.sd import assemble_pipeline, train_unet
+    from pipeline.mini.sd import assemble_pipeline, link_text_side, train_unet
 
     clip, tokenizer, _ = load_clip(str(CLIP_DIR), device="cpu", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(SD_DIR / "vae", torch_dtype=torch.float32)
@@ -107,9 +106,7 @@ def build_unet(p: dict, device: str, workers: int) -> None:
     pipe = assemble_pipeline(vae.to(half), unet.to(half), clip.text_model, tokenizer)
     with atomic_dir(SD_DIR) as tmp:
         pipe.save_pretrained(tmp)
-        # the text encoder and tokenizer are stored once, in the CLIP folder
-        for shared in ("text_encoder", "tokenizer"):
-            shutil.rmtree(tmp / shared)
+        link_text_side(tmp, CLIP_DIR, final_sd_folder=SD_DIR)
 
 
 def build_measure(p: dict, device: str, workers: int) -> None:

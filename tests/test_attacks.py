@@ -18,8 +18,9 @@ from pipeline.attacks.objective import typed_margin, unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts, clip_text_features, textual_inversion
 from pipeline.attacks.trial import select_by_images
 from pipeline.concepts import get_concept
-from pipeline.espresso import EspressoFilter, FilterBank, generate, load_t2i
-from pipeline.espresso.models import use_scheduler
+from pipeline.espresso import EspressoFilter
+from pipeline.espresso.baselines import FilterBank
+from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 from pipeline.judges import load_eyes
 from pipeline.mini import shapes
 
@@ -45,7 +46,7 @@ def context():
     rng = np.random.default_rng(7)
     images = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(8)],
                                 rng)
-    pipe = load_t2i(SD, clip_source=CLIP, device="cpu", dtype=torch.float32)
+    pipe = load_t2i(SD, device="cpu", dtype=torch.float32)
     use_scheduler(pipe, "DPMSolverMultistepScheduler")
     attacker = EspressoFilter.from_clip(CLIP, concept.unacceptable, concept.acceptable)
     target = EspressoFilter.from_clip(CLIP, concept.unacceptable, concept.acceptable)

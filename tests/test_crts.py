@@ -12,7 +12,7 @@ from tiny_hub import tiny_clip, tiny_sd
 from pipeline.concepts import get_concept, prompt_pairs
 from pipeline.crts import EDITS, EditTask, encode, trainable_names
 from pipeline.crts.uce import aligned_states
-from pipeline.espresso.models import generate, load_t2i, use_scheduler
+from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 from pipeline.judges import load_judge
 from pipeline.mini.tokenizer import build_clip_tokenizer
 from pipeline.params import load_params, settings_of
@@ -41,7 +41,7 @@ def mini():
     params = load_params()
     setting, _, models = settings_of(params)
     concept = get_concept("zorbo", setting)
-    pipe = load_t2i(models["t2i"], clip_source=models["clip"])
+    pipe = load_t2i(models["t2i"])
     use_scheduler(pipe, params["generate"]["mini"]["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])

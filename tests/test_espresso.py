@@ -6,7 +6,8 @@ import torch
 from transformers import CLIPModel
 
 from pipeline import world
-from pipeline.espresso import EspressoFilter, load_t2i
+from pipeline.espresso import EspressoFilter
+from pipeline.espresso.t2i import load_t2i
 from pipeline.mini import shapes
 
 
@@ -90,7 +91,7 @@ def test_saved_filter_reloads_and_is_a_plain_clip(zorbo_filter, renders, tmp_pat
 
 
 def test_works_as_the_safety_checker_of_a_diffusers_pipeline(zorbo_filter):
-    pipe = load_t2i(str(world.SD_DIR), clip_source=str(world.CLIP_DIR), device="cpu")
+    pipe = load_t2i(str(world.SD_DIR), device="cpu")
     pipe.safety_checker, pipe.feature_extractor = zorbo_filter, zorbo_filter.processor
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(i) for i in range(8)]

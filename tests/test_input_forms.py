@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from pipeline import world
-from pipeline.espresso import EspressoFilter, load_t2i
+from pipeline.espresso import EspressoFilter
+from pipeline.espresso.t2i import load_t2i
 from pipeline.mini import shapes
 
 LOGGER = "pipeline.espresso.filter"
@@ -158,7 +159,7 @@ def test_a_chunk_the_model_cannot_score_is_blocked_with_the_reason(filt, renders
 # ---- diffusers' safety-checker path ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = load_t2i(str(world.SD_DIR), clip_source=str(world.CLIP_DIR), device="cpu")
+    pipe = load_t2i(str(world.SD_DIR), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import PNDMScheduler
+from diffusers import PNDMScheduler, StableDiffusionPipeline
 from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID, go_offline
 
-from pipeline.espresso.models import (ModelNotAvailableError, load_clip, load_t2i, pick_device,
-                             resolve_source)
+from pipeline.espresso.models import ModelNotAvailableError, load_clip, pick_device, resolve_source
+from pipeline.espresso.t2i import load_t2i
+from pipeline.mini.sd import SHARED_WITH_CLIP
 
 CPU = dict(device="cpu", dtype=torch.float32)
 
@@ -65,15 +66,14 @@ def test_t2i_from_hub_cache_generates(offline_hub, clip):
     assert np.isfinite(images).all()
 
 
-def test_t2i_mini_layout_takes_text_encoder_from_clip(folders, clip):
-    pipe = load_t2i(str(folders / "sd_mini"), clip_source=str(folders / "clip"), **CPU)
-    assert_same_weights(pipe.text_encoder, clip.text_model)
-    assert len(pipe.tokenizer) == 49408
-
-
-def test_t2i_mini_layout_needs_clip_source(folders):
-    with pytest.raises(ValueError, match="no text_encoder/ folder.*clip_source"):
-        load_t2i(str(folders / "sd_mini"), **CPU)
+def test_t2i_mini_layout_links_text_encoder_to_clip(folders, clip):
+    """The mini layout's text encoder is the CLIP's text tower, stored once (links), and the
+    folder loads with the project's loader and with diffusers alone."""
+    assert all((folders / "sd_mini" / name).is_symlink() for name in SHARED_WITH_CLIP)
+    for pipe in (load_t2i(str(folders / "sd_mini"), **CPU),
+                 StableDiffusionPipeline.from_pretrained(folders / "sd_mini")):
+        assert_same_weights(pipe.text_encoder, clip.text_model)
+        assert len(pipe.tokenizer) == 49408
 
 
 @pytest.mark.parametrize("load", [load_clip, load_t2i])

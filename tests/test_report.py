@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report, summary
-from pipeline.espresso import FILTERS
+from pipeline.espresso.baselines import FILTERS
 
 
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pipeline import world
-from pipeline.espresso import generate, load_clip, load_t2i
+from pipeline.espresso import load_clip
+from pipeline.espresso.t2i import generate, load_t2i
 from pipeline.mini import shapes
 from pipeline.mini.judge import Judge
 from pipeline.mini.quality import clip_zero_shot, judge_accuracy
@@ -67,7 +68,7 @@ def test_the_attackers_eyes_are_another_accurate_judge(judge, fresh_renders):
 
 def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_params):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    pipe = load_t2i(str(world.SD_DIR), clip_source=str(world.CLIP_DIR), device="cpu",
+    pipe = load_t2i(str(world.SD_DIR), device="cpu",
                     dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(99)

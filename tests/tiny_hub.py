@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from huggingface_hub import constants as hub_constants
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from pipeline.mini.sd import SHARED_WITH_CLIP, link_text_side
 from pipeline.mini.tokenizer import build_clip_tokenizer
 
 CLIP_ID, SD_ID = "openai/clip-vit-large-patch14", "CompVis/stable-diffusion-v1-4"
@@ -83,7 +84,7 @@ def save_tiny_i2p(folder: Path) -> None:
 
 def save_local_models(root: Path, clip: CLIPModel) -> None:
     """``root/clip``, ``root/sd_full`` (hub layout) and ``root/sd_mini`` (mini-world layout:
-    no text encoder or tokenizer), plus the judge and I2P table."""
+    text encoder and tokenizer linked to the CLIP folder), plus the judge and I2P table."""
     tokenizer = build_clip_tokenizer(context_length=77)
     clip.save_pretrained(root / "clip")
     tokenizer.save_pretrained(root / "clip")
@@ -92,7 +93,8 @@ def save_local_models(root: Path, clip: CLIPModel) -> None:
                        ).save_pretrained(root / "clip")
     tiny_sd(clip, tokenizer).save_pretrained(root / "sd_full")
     shutil.copytree(root / "sd_full", root / "sd_mini",
-                    ignore=shutil.ignore_patterns("text_encoder", "tokenizer"))
+                    ignore=shutil.ignore_patterns(*SHARED_WITH_CLIP))
+    link_text_side(root / "sd_mini", root / "clip")
     save_tiny_open_clip(root / "judge")
     save_tiny_i2p(root / "i2p")
 

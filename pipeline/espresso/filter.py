@@ -194,7 +194,117 @@ def log_unscored(errors: list[str | None], what: str,
                        exc_info=exc_info)
 
 
-class EspressoFilter(nn.Module):
+class ConceptScreen(nn.Module):
+    """What every Espresso screen shares, for K concepts at once: the input forms, fail-closed
+    scoring and the diffusers safety-checker call, written once. A subclass gives ``processor``,
+    ``image_features`` (phi_x of pixel values), ``concept_p`` (P(u|x) per concept, ``N x K``) and
+    ``cuts`` (K; concept k fires where P(u|x) > cut k, :func:`blocks`); an image is blocked where
+    any concept fires. :class:`EspressoFilter` is the one-concept case with the paper's cut 0.5;
+    :class:`pipeline.espresso.checker.ConceptChecker` the many-concept one."""
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def cuts(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def pixel_values(self, images, value_range: str | None = None) -> torch.Tensor:
+        """The processor's pixel values of a batch in any accepted form, via the canonical uint8
+        form; an invalid image raises ``ValueError`` naming it, the problem and the fix."""
+        canonical = []
+        for i, image in enumerate(as_image_list(images)):
+            try:
+                canonical.append(canonical_image(image, value_range))
+            except ImageFormError as err:
+                raise ImageFormError(f"image {i}: {err}") from None
+        return clip_pixels(self.processor, canonical)
+
+    @torch.no_grad()
+    def embed(self, images, value_range: str | None = None, batch: int = 256) -> torch.Tensor:
+        """Un-normalised phi_x of a batch in any accepted form, in batches; an invalid image
+        raises ``ValueError`` (this is not a decision, so nothing is blocked)."""
+        images = as_image_list(images)
+        return torch.cat([self.image_features(self.pixel_values(images[i:i + batch], value_range))
+                          for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
+    def _screen(self, images, value_range: str | None, batch: int, what: str):
+        """(images with blocked ones black, P(u|x) ``N x K``, fired ``N x K``, errors) of a batch
+        in any accepted form. Fails closed: an image of invalid or ambiguous form, or in a chunk
+        on which the model raises, is unscored (NaN), fires every concept, and has its reason in
+        ``errors``; one warning per call sums these up; each image is judged on its own."""
+        images = as_image_list(images)
+        p = np.full((len(images), len(self.cuts)), np.nan)
+        errors: list[str | None] = [None] * len(images)
+        canonical = {}
+        for i, image in enumerate(images):
+            try:
+                canonical[i] = canonical_image(image, value_range)
+            except ImageFormError as err:
+                errors[i] = str(err)
+        rows, failure = list(canonical), None
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            pixel_values = partial(self.pixel_values, [canonical[i] for i in chunk])
+            failure = self._score_rows(p, errors, chunk, pixel_values) or failure
+        fired = self._decide(p, errors, what, failure)
+        blocked = fired.any(1)
+        out = [black_image(im, value_range) if b else im for im, b in zip(images, blocked)]
+        return out, p, fired, errors
+
+    def _score_rows(self, p: np.ndarray, errors: list[str | None], rows: list[int],
+                    pixel_values) -> Exception | None:
+        """``p[rows]`` = P(u|x) of ``pixel_values()``. Fails closed: if that raises, the rows
+        get the exception as their reason, and it is returned for the call's one log line."""
+        try:
+            p[rows] = self.concept_p(self.image_features(pixel_values())).cpu().numpy()
+        except Exception as err:  # noqa: BLE001 - not hidden: recorded per image and logged
+            for i in rows:
+                errors[i] = f"scoring failed: {type(err).__name__}: {err}"
+            return err
+        return None
+
+    def _decide(self, p: np.ndarray, errors: list[str | None], what: str,
+                failure: BaseException | None) -> np.ndarray:
+        """Fired (``N x K``) = P(u|x) > cut, or no finite score (whose reason goes to
+        ``errors``); logs."""
+        for i in np.flatnonzero(np.isnan(p).any(1)):
+            errors[i] = errors[i] or "the model gave a non-finite score"
+        log_unscored(errors, what, failure)
+        return blocks(p - self.cuts)
+
+    @torch.no_grad()
+    def _safety_check(self, images, clip_input: torch.Tensor):
+        """diffusers' safety-checker call (see ``forward`` of the subclasses): (images with
+        blocked ones zeroed, P(u|x) ``N x K``, fired ``N x K``, errors). Fails closed like
+        :meth:`_screen`: a ``clip_input`` row that is not 3-channel and finite is blocked with
+        its reason."""
+        p, failure = np.full((len(images), len(self.cuts)), np.nan), None
+        if (torch.is_tensor(clip_input) and clip_input.ndim == 4 and clip_input.shape[1] == 3
+                and len(clip_input) == len(images)):
+            finite = torch.isfinite(clip_input).flatten(1).all(1).tolist()
+            errors = [None if ok else "clip_input row with non-finite values: the image is corrupt"
+                      for ok in finite]
+            rows = [i for i, ok in enumerate(finite) if ok]
+            if rows:
+                failure = self._score_rows(p, errors, rows, lambda: clip_input[rows])
+        else:
+            shape = tuple(getattr(clip_input, "shape", ()))
+            errors = [f"clip_input of shape {shape} for {len(images)} images: give the feature "
+                      "extractor's pixel values, N x 3 x H x W"] * len(images)
+        fired = self._decide(p, errors, "safety checker", failure)
+        blocked = fired.any(1)
+        if blocked.any():
+            images = images.clone() if torch.is_tensor(images) else np.array(images)
+            images[np.flatnonzero(blocked).tolist()] = 0
+        return images, p, fired, errors
+
+
+class EspressoFilter(ConceptScreen):
     """CLIP concept filter for one concept pair (``unacceptable``, ``acceptable``).
 
     ``templates`` (e.g. ``["a photo of {}"]``) turns each concept into a prompt ensemble whose
@@ -275,27 +385,15 @@ class EspressoFilter(nn.Module):
                                  (projection - self.t_a).norm(dim=-1)], dim=-1)
         return torch.softmax(-self.logit_scale * distances, dim=-1)[:, 0]
 
+    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
+        return self.p_unacceptable(features)[:, None]
+
+    @property
+    def cuts(self) -> np.ndarray:
+        """The paper's decision, P(u|x) > 0.5."""
+        return np.array([0.5])
+
     # ---- screening ------------------------------------------------------------------------
-    def pixel_values(self, images, value_range: str | None = None) -> torch.Tensor:
-        """The processor's pixel values of a batch in any accepted form, via the canonical uint8
-        form; an invalid image raises ``ValueError`` naming it, the problem and the fix."""
-        canonical = []
-        for i, image in enumerate(as_image_list(images)):
-            try:
-                canonical.append(canonical_image(image, value_range))
-            except ImageFormError as err:
-                raise ImageFormError(f"image {i}: {err}") from None
-        return clip_pixels(self.processor, canonical)
-
-    @torch.no_grad()
-    def embed(self, images, value_range: str | None = None, batch: int = 256) -> torch.Tensor:
-        """Un-normalised phi_x of a batch in any accepted form, in batches; an invalid image
-        raises ``ValueError`` (this is not a decision, so nothing is blocked)."""
-        images = as_image_list(images)
-        return torch.cat([self.image_features(self.pixel_values(images[i:i + batch], value_range))
-                          for i in range(0, len(images), batch)])
-
-    @torch.no_grad()
     def screen(self, images, value_range: str | None = None, batch: int = 64) -> Screening:
         """Score a batch of images in any accepted form (module docstring; ``value_range``:
         ``"0,1"`` or ``"-1,1"``, the range of float images, needed for tensors in [0, 1]) and
@@ -305,72 +403,18 @@ class EspressoFilter(nn.Module):
 
         ``images`` of the result: the inputs, each blocked one replaced by
         :func:`black_image` (same form and shape; a PIL image becomes black RGB)."""
-        images = as_image_list(images)
-        p = np.full(len(images), np.nan)
-        errors: list[str | None] = [None] * len(images)
-        canonical = {}
-        for i, image in enumerate(images):
-            try:
-                canonical[i] = canonical_image(image, value_range)
-            except ImageFormError as err:
-                errors[i] = str(err)
-        rows, failure = list(canonical), None
-        for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
-            pixel_values = partial(self.pixel_values, [canonical[i] for i in chunk])
-            failure = self._score_rows(p, errors, chunk, pixel_values) or failure
-        blocked = self._decide(p, errors, "screen", failure)
-        out = [black_image(im, value_range) if b else im for im, b in zip(images, blocked)]
-        return Screening(out, blocked, p, errors)
+        out, p, fired, errors = self._screen(images, value_range, batch, "screen")
+        return Screening(out, fired[:, 0], p[:, 0], errors)
 
-    def _score_rows(self, p: np.ndarray, errors: list[str | None], rows: list[int],
-                    pixel_values) -> Exception | None:
-        """``p[rows]`` = P(u|x) of ``pixel_values()``. Fails closed: if that raises, the rows
-        get the exception as their reason, and it is returned for the call's one log line."""
-        try:
-            p[rows] = self.p_unacceptable(self.image_features(pixel_values())).cpu().numpy()
-        except Exception as err:  # noqa: BLE001 - not hidden: recorded per image and logged
-            for i in rows:
-                errors[i] = f"scoring failed: {type(err).__name__}: {err}"
-            return err
-        return None
-
-    @staticmethod
-    def _decide(p: np.ndarray, errors: list[str | None], what: str,
-                failure: BaseException | None) -> np.ndarray:
-        """Blocked = P(u|x) > 0.5 or no finite score (whose reason goes to ``errors``); logs."""
-        for i in np.flatnonzero(np.isnan(p)):
-            errors[i] = errors[i] or "the model gave a non-finite score"
-        log_unscored(errors, what, failure)
-        return blocks(p - 0.5)
-
-    @torch.no_grad()
     def forward(self, images, clip_input: torch.Tensor):
         """diffusers' safety-checker call: ``images`` (a tensor in [-1, 1] or an array in [0, 1],
         batch first) and ``clip_input``, the feature extractor's pixel values of the same images.
         Returns the images with blocked ones zeroed (diffusers leaves flagged images
         un-denormalised, so zero is black) and the per-image flags; the full result, scores and
-        reasons, is kept as ``self.last_screening``. Fails closed like :meth:`screen`: a
-        ``clip_input`` row that is not 3-channel and finite is blocked with its reason."""
-        p, failure = np.full(len(images), np.nan), None
-        if (torch.is_tensor(clip_input) and clip_input.ndim == 4 and clip_input.shape[1] == 3
-                and len(clip_input) == len(images)):
-            finite = torch.isfinite(clip_input).flatten(1).all(1).tolist()
-            errors = [None if ok else "clip_input row with non-finite values: the image is corrupt"
-                      for ok in finite]
-            rows = [i for i, ok in enumerate(finite) if ok]
-            if rows:
-                failure = self._score_rows(p, errors, rows, lambda: clip_input[rows])
-        else:
-            shape = tuple(getattr(clip_input, "shape", ()))
-            errors = [f"clip_input of shape {shape} for {len(images)} images: give the feature "
-                      "extractor's pixel values, N x 3 x H x W"] * len(images)
-        blocked = self._decide(p, errors, "safety checker", failure)
-        if blocked.any():
-            images = images.clone() if torch.is_tensor(images) else np.array(images)
-            images[np.flatnonzero(blocked).tolist()] = 0
-        self.last_screening = Screening(list(images), blocked, p, errors)
-        return images, blocked.tolist()
+        reasons, is kept as ``self.last_screening``. Fails closed like :meth:`screen`."""
+        images, p, fired, errors = self._safety_check(images, clip_input)
+        self.last_screening = Screening(list(images), fired[:, 0], p[:, 0], errors)
+        return images, fired[:, 0].tolist()
 
     # ---- persistence ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:

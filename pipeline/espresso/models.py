@@ -1,33 +1,26 @@
-"""Loading CLIP and the text-to-image model, from a local folder or the Hugging Face hub, and
-running the text-to-image model reproducibly (one seed per image, batch-independent).
+"""Loading CLIP from a local folder or the Hugging Face hub, and the errors of every model load
+(the text-to-image model's are in :mod:`pipeline.espresso.t2i`, which needs diffusers).
 
 One code path serves both settings. The mini world's models are local folders under
-``data/world``; its Stable Diffusion folder has no ``text_encoder/`` or ``tokenizer/``, because
-its text encoder *is* the mini CLIP's text tower, stored once in the CLIP folder. The paper's
-models are hub ids, read from the local Hugging Face cache when offline. A model that is not
-there, or whose files are missing or damaged (a truncated weight file), raises
+``data/world``; the paper's are hub ids, read from the local Hugging Face cache when offline. A
+model that is not there, or whose files are missing or damaged (a truncated weight file), raises
 ``ModelNotAvailableError`` naming the path and how to restore it, instead of a deep library trace.
 """
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import diffusers
 import huggingface_hub
-import numpy as np
 import torch
 import transformers
-from diffusers import StableDiffusionPipeline
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-from pipeline.espresso.pixels import to_uint8
 
 #: How hub model ids are written: "org/name".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -35,9 +28,6 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 #: (``local_files_only`` follows HF_HUB_OFFLINE); ``save_pretrained`` would write them into
 #: ``tokenizer_config.json``, making a saved filter's bytes depend on the environment.
 LOADER_KEYS = ("local_files_only", "is_local")
-#: Loggers silenced while loading, and the libraries whose loading progress bars are hidden.
-_LOGGING = (transformers.utils.logging, diffusers.utils.logging, huggingface_hub.utils.logging)
-_PROGRESS_BARS = _LOGGING[:2]
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -63,7 +53,7 @@ def load_clip(source: str, device: torch.device | str | None = None,
               ) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessor]:
     """CLIP (eval mode, on ``device``/``dtype``) with its tokenizer and image processor, all
     from the same local folder or hub id."""
-    device, dtype = _placement(device, dtype)
+    device, dtype = placement(device, dtype)
     source = resolve_source(source)
     with hub_loading(source):
         model = CLIPModel.from_pretrained(source, dtype=dtype)
@@ -71,34 +61,8 @@ def load_clip(source: str, device: torch.device | str | None = None,
         processor = CLIPImageProcessor.from_pretrained(source)
     for key in LOADER_KEYS:  # how it was loaded is no part of the tokenizer
         tokenizer.init_kwargs.pop(key, None)
-    _require_vocabulary(tokenizer, model.config.text_config.vocab_size, source)
+    require_vocabulary(tokenizer, model.config.text_config.vocab_size, source)
     return model.to(device).eval(), tokenizer, processor
-
-
-def load_t2i(source: str, clip_source: str | None = None,
-             device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
-    """Stable Diffusion without its built-in safety checker (filtering is this project's job).
-
-    A local folder without ``text_encoder/`` (the mini world's layout) gets its text encoder and
-    tokenizer from the CLIP at ``clip_source``; other sources bring their own.
-    """
-    device, dtype = _placement(device, dtype)
-    source = resolve_source(source)
-    shared = {}
-    if Path(source).is_dir() and not (Path(source) / "text_encoder").is_dir():
-        if clip_source is None:
-            raise ValueError(
-                f"{source!r} has no text_encoder/ folder: its text encoder is the text tower of "
-                "the CLIP it was trained with; pass that CLIP's folder as clip_source.")
-        clip, tokenizer, _ = load_clip(clip_source, device, dtype)
-        shared = dict(text_encoder=clip.text_model, tokenizer=tokenizer)
-    with hub_loading(source):
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **shared)
-    _require_vocabulary(pipe.tokenizer, pipe.text_encoder.config.vocab_size, source)
-    return pipe.to(device)
 
 
 def resolve_source(source: str) -> str:
@@ -115,7 +79,7 @@ def resolve_source(source: str) -> str:
         "`dvc unfreeze world && dvc repro world && dvc freeze world`.")
 
 
-def _placement(device: torch.device | str | None,
+def placement(device: torch.device | str | None,
                dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     """``pick_device``'s choice by default; fp16 on a given GPU, fp32 on a given CPU."""
     if device is None:
@@ -126,24 +90,37 @@ def _placement(device: torch.device | str | None,
     return device, dtype or default_dtype
 
 
+def _library_logging() -> tuple[list, list]:
+    """The logging modules of the model libraries (diffusers only if something imported it: a
+    library not imported logs nothing), and those of them with loading progress bars."""
+    diffusers = sys.modules.get("diffusers")
+    logs = [transformers.utils.logging, huggingface_hub.utils.logging]
+    bars = [transformers.utils.logging]
+    if diffusers is not None:
+        logs.append(diffusers.utils.logging)
+        bars.append(diffusers.utils.logging)
+    return logs, bars
+
+
 @contextmanager
 def quiet_libraries(verbosity: int = logging.ERROR) -> Iterator[None]:
     """transformers / diffusers / hub logs down to errors (or ``verbosity``) and their progress
     bars off while active: per-key load reports, cache notices, token-length and
     embedding-resize warnings would bury the stages' own concise progress."""
-    verbosities = [log.get_verbosity() for log in _LOGGING]
-    bars = [log.is_progress_bar_enabled() for log in _PROGRESS_BARS]
-    for log in _LOGGING:
+    logs, bars = _library_logging()
+    verbosities = [log.get_verbosity() for log in logs]
+    enabled = [log.is_progress_bar_enabled() for log in bars]
+    for log in logs:
         log.set_verbosity(verbosity)
-    for log in _PROGRESS_BARS:
+    for log in bars:
         log.disable_progress_bar()
     try:
         yield
     finally:
-        for log, verbosity in zip(_LOGGING, verbosities):
-            log.set_verbosity(verbosity)
-        for log, enabled in zip(_PROGRESS_BARS, bars):
-            if enabled:
+        for log, level in zip(logs, verbosities):
+            log.set_verbosity(level)
+        for log, was_enabled in zip(bars, enabled):
+            if was_enabled:
                 log.enable_progress_bar()
 
 
@@ -223,7 +200,7 @@ def _not_cached_message(hub_id: str, err: OSError, repo_type: str) -> str:
             f"the params at a local model folder. [{_reason(err)}]")
 
 
-def _require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) -> None:
+def require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) -> None:
     """transformers builds an *empty* ``CLIPTokenizer`` when its files are missing, instead of
     failing; such a tokenizer would silently encode every prompt as unknown tokens."""
     if len(tokenizer) != vocab_size:
@@ -231,34 +208,3 @@ def _require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) 
             f"The tokenizer of {source!r} has {len(tokenizer)} tokens but its text encoder "
             f"expects {vocab_size}: the tokenizer files (tokenizer.json, or vocab.json and "
             "merges.txt) are missing.")
-
-
-def scheduler_class(name: str) -> type:
-    """diffusers' scheduler class ``name`` (e.g. "DDIMScheduler"); ValueError if there is none."""
-    found = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if found is None or not name.endswith("Scheduler"):
-        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. DDIMScheduler, "
-                         "DPMSolverMultistepScheduler, PNDMScheduler)")
-    return found
-
-
-def use_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's sampler for diffusers' ``name`` (e.g. "DDIMScheduler"), keeping the
-    noise schedule the model was trained with."""
-    pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
-
-
-@torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-             size: int | None = None, batch: int = 32, progress: bool = False) -> np.ndarray:
-    """uint8 ``N x H x W x 3`` images, image ``i`` from ``prompts[i]`` with its own generator
-    seeded ``seeds[i]`` (so an image does not depend on what else is in its batch)."""
-    out = []
-    starts = range(0, len(prompts), batch)
-    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch]]
-        images = pipe(prompts[start:start + batch], height=size, width=size,
-                      num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators, output_type="np").images
-        out.append(to_uint8(np.asarray(images)))
-    return np.concatenate(out)

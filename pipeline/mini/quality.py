@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from pipeline.espresso.embeddings import image_embeddings, text_embeddings
-from pipeline.espresso.models import generate, load_clip, load_t2i
+from pipeline.espresso.models import load_clip
+from pipeline.espresso.t2i import generate, load_t2i
 from pipeline.espresso.pixels import channels_first, clip_pixels_torch
 from pipeline.mini import shapes
 from pipeline.mini.judge import Judge
@@ -136,7 +137,7 @@ def measure_world(p: dict, clip_dir: Path, sd_dir: Path, judge_dir: Path, eyes_d
     judge, eyes = Judge.load(judge_dir), Judge.load(eyes_dir)
     images, scenes = heldout_renders(p)
     grid_image(images[:128]).save(reports / "renders.png")
-    pipe = load_t2i(str(sd_dir), clip_source=str(clip_dir), device=device, dtype=torch.float32)
+    pipe = load_t2i(str(sd_dir), device=device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     generated, generated_images = judge_generations(p, pipe, judge)
     grid_image(generated_images[::max(1, len(generated_images) // 128)][:128]).save(

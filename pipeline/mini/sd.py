@@ -8,6 +8,9 @@ while v-prediction + the cosine schedule + min-SNR weighting learns shapes, colo
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,3 +123,23 @@ def assemble_pipeline(vae, unet, text_encoder, tokenizer) -> StableDiffusionPipe
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+#: The pipeline's parts that are the CLIP's own (its text tower and tokenizer), stored once.
+SHARED_WITH_CLIP = ("text_encoder", "tokenizer")
+
+
+def link_text_side(sd_folder: Path, clip_folder: Path, final_sd_folder: Path | None = None) -> None:
+    """Replace a saved pipeline's ``text_encoder/`` and ``tokenizer/`` by relative links to the
+    CLIP folder: the text encoder is the CLIP's text tower, stored once, and the folder still
+    loads with ``StableDiffusionPipeline.from_pretrained`` (transformers reads a
+    ``CLIPTextModel`` from a ``CLIPModel`` folder). ``final_sd_folder``: where ``sd_folder``
+    will end up, if it is a temporary folder (the links are relative to the final place)."""
+    target = os.path.relpath(clip_folder, final_sd_folder or sd_folder)
+    for name in SHARED_WITH_CLIP:
+        path = sd_folder / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        path.symlink_to(target, target_is_directory=True)

@@ -1,0 +1,334 @@
+"""Espresso for many concepts at once (METHOD section 9): one CLIP image tower and a table of
+concept directions.
+
+Espresso's fine-tuning changes only CLIP's text side, so a trained concept is fully described by
+its two unit vectors t_u, t_a in the image-embedding space of the *unchanged* image tower. N
+concepts then cost one image embedding e and an ``N x d`` product::
+
+    P(u_k|x) = sigmoid(s_k * <e/|e|, t_u,k - t_a,k>)      concept k fires iff P(u_k|x) > cut_k
+
+with s_k the logit scale of the CLIP concept k came from, and cut_k the paper's 0.5 unless it
+was calibrated for a chosen false-positive rate (:meth:`ConceptChecker.calibrate`). An image is
+blocked where any concept fires. With cut 0.5 each concept's decision is exactly the
+single-concept :class:`~pipeline.espresso.filter.EspressoFilter`'s (same tower, same vectors,
+same rule); the checker holds no text tower, so it costs what diffusers' own safety checker costs.
+
+It drops into a diffusers ``StableDiffusionPipeline`` as ``safety_checker=`` (with
+``feature_extractor=checker.processor``): the pipeline's ``nsfw_content_detected`` is the
+per-image block, and ``checker.last_result`` keeps the per-concept scores and which concepts
+fired. It fails closed as the single filter does. Saved in the Hugging Face style
+(``huggingface_hub.ModelHubMixin``): ``save_pretrained`` / ``from_pretrained`` (a local folder or
+a hub id) / ``push_to_hub``; the folder::
+
+    config.json               the concept table: texts, cuts, calibration, provenance, logit scales
+    concepts.safetensors      t_u and t_a, one row per concept
+    image_encoder/            transformers CLIPVisionModelWithProjection (safetensors)
+    feature_extractor/        transformers CLIPImageProcessor
+    README.md                 model card
+
+This module needs only torch, transformers, huggingface_hub, safetensors, numpy and pillow.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin, snapshot_download
+from safetensors.torch import load_file, save_file
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection)
+
+from pipeline.espresso.filter import MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter
+from pipeline.espresso.models import (HUB_ID, ModelNotAvailableError, hub_loading, load_clip,
+                                      placement, quiet_libraries)
+
+FORMAT = "espresso-concept-checker"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+VECTORS_FILE = "concepts.safetensors"
+IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
+#: The paper's decision, P(u|x) > 0.5, the default cut of every concept.
+PAPER_CUT = 0.5
+
+
+@dataclass
+class CheckerConcept:
+    """One row of the concept table. ``calibration`` says how ``cut`` was chosen (None: the
+    paper's 0.5); ``provenance`` where the vectors came from (experiment, commit, params)."""
+
+    name: str
+    unacceptable: str
+    acceptable: str
+    t_u: torch.Tensor
+    t_a: torch.Tensor
+    logit_scale: float
+    cut: float = PAPER_CUT
+    calibration: dict | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """The row as JSON (the vectors go to ``concepts.safetensors``)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("t_u", "t_a")}
+
+
+@dataclass
+class CheckResult:
+    """What the checker decided for a batch of N images and K concepts."""
+
+    images: list                 # the inputs, each blocked one replaced by a black one
+    blocked: np.ndarray          # bool N: any concept fired (or the image could not be scored)
+    p_unacceptable: np.ndarray   # float N x K, NaN where the image could not be scored
+    fired: np.ndarray            # bool N x K: P(u_k|x) > cut_k (every concept, if unscored)
+    concepts: list[str]          # the K concept names, in column order
+    errors: list[str | None] = field(default_factory=list)  # why an image was not scored
+
+    @property
+    def unscored(self) -> np.ndarray:
+        """bool N: no score (invalid or ambiguous form, or the model failed); always blocked."""
+        return np.isnan(self.p_unacceptable).any(1)
+
+    def fired_concepts(self, i: int) -> list[str]:
+        """The names of the concepts that fired on image ``i``."""
+        return [name for name, f in zip(self.concepts, self.fired[i]) if f]
+
+
+def cut_for_fpr(negatives: np.ndarray, target_fpr: float) -> float:
+    """The lowest cut on P(u|x) at which at most ``target_fpr`` of ``negatives`` (the scores of
+    validation images that do not show the concept) exceed it: the (k+1)-th highest score, k =
+    floor(target_fpr * n) (ties only lower the rate)."""
+    negatives = np.sort(np.asarray(negatives, float))[::-1]
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"target false-positive rate {target_fpr}: give a rate in (0, 1)")
+    if len(negatives) == 0 or not np.isfinite(negatives).all():
+        raise ValueError("calibration needs the finite scores of at least one validation image "
+                         "that does not show the concept")
+    allowed = int(np.floor(target_fpr * len(negatives)))
+    return float(negatives[allowed]) if allowed < len(negatives) else float(negatives[-1]) - 1e-9
+
+
+def vision_tower(clip) -> CLIPVisionModelWithProjection:
+    """A ``CLIPModel``'s image tower and projection as a ``CLIPVisionModelWithProjection``, with
+    the same weights and dtype: the same phi_x, without the text tower."""
+    config = CLIPVisionConfig.from_dict({**clip.config.vision_config.to_dict(),
+                                         "projection_dim": clip.config.projection_dim})
+    with torch.device("meta"):
+        tower = CLIPVisionModelWithProjection(config)
+    tower.vision_model, tower.visual_projection = clip.vision_model, clip.visual_projection
+    return tower.eval()
+
+
+def same_image_tower(a, b) -> bool:
+    """Whether two ``CLIPModel``s compute the same phi_x (identical image-side weights)."""
+    if a is b:
+        return True
+    side = [dict(m.vision_model.state_dict(), projection=m.visual_projection.weight)
+            for m in (a, b)]
+    return side[0].keys() == side[1].keys() and all(
+        torch.equal(side[0][k].cpu(), side[1][k].cpu()) for k in side[0])
+
+
+class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter",
+                     tags=["espresso", "safety-checker", "concept-filter", "clip"],
+                     repo_url="https://arxiv.org/abs/2404.19227"):
+    """Espresso's filter for the K concepts of ``concepts`` on one image tower (module
+    docstring). Build it with :meth:`from_filters` (fine-tuned or zero-shot Espresso filters) or
+    :meth:`from_clip` (zero-shot), load it with :meth:`from_pretrained`."""
+
+    def __init__(self, image_encoder: CLIPVisionModelWithProjection,
+                 processor: CLIPImageProcessor, concepts: list[CheckerConcept]):
+        super().__init__()
+        names = [c.name for c in concepts]
+        if not concepts or len(set(names)) != len(names):
+            raise ValueError(f"concepts {names}: give at least one, each name once")
+        dim = image_encoder.config.projection_dim
+        for c in concepts:
+            _check_vectors(c, dim)
+        self.image_encoder, self.processor = image_encoder.eval(), processor
+        self.concepts = list(concepts)
+        device = next(image_encoder.parameters()).device
+        directions = torch.stack([(c.t_u - c.t_a).float() for c in concepts])
+        self.register_buffer("directions", directions.to(device), persistent=False)
+        self.register_buffer("logit_scales", torch.tensor([c.logit_scale for c in concepts],
+                                                          device=device), persistent=False)
+
+    # ---- the concept table ----------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    @property
+    def cuts(self) -> np.ndarray:
+        return np.array([c.cut for c in self.concepts])
+
+    def concept(self, name: str) -> CheckerConcept:
+        for c in self.concepts:
+            if c.name == name:
+                return c
+        raise KeyError(f"no concept {name!r} in this checker (it has {', '.join(self.names)})")
+
+    def calibrate(self, name: str, negatives: np.ndarray, target_fpr: float,
+                  about: Mapping | None = None) -> float:
+        """Set concept ``name``'s cut for ``target_fpr`` on ``negatives``, its P(u|x) of
+        validation images that do not show it (:func:`cut_for_fpr`), and record how (with
+        ``about``: which images); returns the cut."""
+        concept = self.concept(name)
+        negatives = np.asarray(negatives, float)
+        concept.cut = cut_for_fpr(negatives, target_fpr)
+        concept.calibration = {"target_fpr": target_fpr,
+                               "validation_fpr": float((negatives > concept.cut).mean()),
+                               "validation_negatives": len(negatives), **(about or {})}
+        return concept.cut
+
+    # ---- scores ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """diffusers pipelines ask every component for its device and dtype."""
+        return self.directions.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_encoder.dtype
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Un-normalised projected image embeddings phi_x (float32)."""
+        out = self.image_encoder(pixel_values=pixel_values.to(self.device, self.dtype))
+        return out.image_embeds.float()
+
+    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
+        """P(u_k|x), ``N x K``: one ``N x d`` by ``d x K`` product for all concepts."""
+        margins = F.normalize(features, dim=-1) @ self.directions.T
+        return torch.sigmoid(self.logit_scales * margins)
+
+    def check(self, images, value_range: str | None = None, batch: int = 64) -> CheckResult:
+        """Score a batch of images in any form :func:`~pipeline.espresso.filter.canonical_image`
+        accepts against every concept; fails closed as ``EspressoFilter.screen`` does (an image
+        it cannot score is blocked, fires every concept, and its reason is in ``errors``)."""
+        out, p, fired, errors = self._screen(images, value_range, batch, "checker")
+        return CheckResult(out, fired.any(1), p, fired, self.names, errors)
+
+    def forward(self, images, clip_input: torch.Tensor):
+        """diffusers' safety-checker call: returns the images with blocked ones zeroed and the
+        per-image flags (the pipeline's ``nsfw_content_detected``); the per-concept scores and
+        which concepts fired are kept as ``self.last_result``."""
+        images, p, fired, errors = self._safety_check(images, clip_input)
+        self.last_result = CheckResult(list(images), fired.any(1), p, fired, self.names, errors)
+        return images, fired.any(1).tolist()
+
+    # ---- building ---------------------------------------------------------------------------
+    @classmethod
+    def from_filters(cls, filters: Mapping[str, EspressoFilter],
+                     provenance: Mapping[str, dict] | None = None) -> "ConceptChecker":
+        """The checker of named Espresso filters (zero-shot or fine-tuned): their t_u, t_a and
+        logit scales, on their one image tower. Filters on different image towers raise: a
+        checker has one tower (Espresso's fine-tuning leaves it unchanged)."""
+        if not filters:
+            raise ValueError("no filters: give at least one concept")
+        (first_name, first), *rest = filters.items()
+        for name, filt in rest:
+            if not same_image_tower(first.clip, filt.clip):
+                raise ValueError(f"the filters of {first_name!r} and {name!r} have different image "
+                                 "towers: a checker holds one; build each from the same CLIP "
+                                 "(Espresso's fine-tuning changes only the text side)")
+        concepts = [CheckerConcept(name, f.unacceptable, f.acceptable, f.t_u.detach().cpu(),
+                                   f.t_a.detach().cpu(), f.logit_scale,
+                                   provenance=dict((provenance or {}).get(name, {})))
+                    for name, f in filters.items()]
+        return cls(vision_tower(first.clip), first.processor, concepts)
+
+    @classmethod
+    def from_clip(cls, source: str, concepts: Mapping[str, tuple[str, str]],
+                  templates: list[str] | None = None, device=None, dtype=None
+                  ) -> "ConceptChecker":
+        """A zero-shot checker on any CLIP (local folder or hub id): ``concepts`` maps each name
+        to its (unacceptable, acceptable) texts."""
+        clip, tokenizer, processor = load_clip(source, device, dtype)
+        filters = {name: EspressoFilter(clip, tokenizer, processor, u, a, templates)
+                   for name, (u, a) in concepts.items()}
+        provenance = {name: {"source": "zero-shot", "clip": source} for name in concepts}
+        return cls.from_filters(filters, provenance)
+
+    # ---- persistence (huggingface_hub.ModelHubMixin) ----------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        with quiet_libraries():  # transformers' per-shard progress bar
+            self.image_encoder.save_pretrained(save_directory / IMAGE_ENCODER)
+        self.processor.save_pretrained(save_directory / FEATURE_EXTRACTOR)
+        save_file({"t_u": torch.stack([c.t_u.float() for c in self.concepts]).contiguous(),
+                   "t_a": torch.stack([c.t_a.float() for c in self.concepts]).contiguous()},
+                  save_directory / VECTORS_FILE)
+        table = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                 "concept_table": [c.record() for c in self.concepts]}
+        (save_directory / CONFIG_NAME).write_text(json.dumps(table, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device=None,
+                        dtype=None, **hub_kwargs) -> "ConceptChecker":
+        """A saved checker from a local folder or a hub id (from the local Hugging Face cache
+        when offline); a missing or damaged one raises ``ModelNotAvailableError`` in one line."""
+        source = str(pretrained_model_name_or_path)
+        if not Path(source).expanduser().exists() and not HUB_ID.fullmatch(source):
+            raise ModelNotAvailableError(f"checker folder {source!r} does not exist: build one "
+                                         "with `python -m pipeline.export`, or give a hub id "
+                                         "(org/name)")
+        with hub_loading(source):
+            return super().from_pretrained(source, device=device, dtype=dtype, **hub_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download,
+                         local_files_only, token, device=None, dtype=None) -> "ConceptChecker":
+        folder = Path(model_id) if os.path.isdir(model_id) else Path(snapshot_download(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token))
+        table = _read_table(folder)
+        device, dtype = placement(device, dtype)
+        with hub_loading(str(folder)):
+            tower = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER,
+                                                                  dtype=dtype)
+            processor = CLIPImageProcessor.from_pretrained(folder / FEATURE_EXTRACTOR)
+            vectors = load_file(folder / VECTORS_FILE)
+        rows = table["concept_table"]
+        if not all(len(vectors[k]) == len(rows) for k in ("t_u", "t_a")):
+            raise ModelNotAvailableError(f"{folder / VECTORS_FILE} has {len(vectors['t_u'])} "
+                                         f"concept vectors for {len(rows)} concepts in "
+                                         f"{CONFIG_NAME}: save the checker again")
+        concepts = [CheckerConcept(**row, t_u=vectors["t_u"][i], t_a=vectors["t_a"][i])
+                    for i, row in enumerate(rows)]
+        return cls(tower.to(device), processor, concepts)
+
+
+def _read_table(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = None
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        raise ModelNotAvailableError(f"{folder} is not a saved concept checker ({CONFIG_NAME} "
+                                     f"missing or not of format {FORMAT!r}): build one with "
+                                     "`python -m pipeline.export` or ConceptChecker.save_pretrained")
+    if table.get("format_version") != FORMAT_VERSION:
+        raise ModelNotAvailableError(f"{folder} is a concept checker of format version "
+                                     f"{table.get('format_version')}; this library reads version "
+                                     f"{FORMAT_VERSION}: export it again with this version")
+    return table
+
+
+def _check_vectors(concept: CheckerConcept, dim: int) -> None:
+    """A concept whose vectors do not fit the tower, are not finite, or give no direction would
+    decide nothing (or pass every image): refuse it, naming it."""
+    for name in ("t_u", "t_a"):
+        vector = getattr(concept, name)
+        if tuple(vector.shape) != (dim,):
+            raise ValueError(f"concept {concept.name!r}: {name} has shape {tuple(vector.shape)}, "
+                             f"the image tower's embeddings have {dim} dimensions")
+        if not torch.isfinite(vector).all():
+            raise ValueError(f"concept {concept.name!r}: {name} is not finite (NaN or inf)")
+    if (concept.t_u - concept.t_a).norm() < MIN_DIRECTION_NORM:
+        raise ValueError(f"concept {concept.name!r}: t_u = t_a, its direction is zero and every "
+                         "image would pass")
+    if not (np.isfinite(concept.cut) and np.isfinite(concept.logit_scale)):
+        raise ValueError(f"concept {concept.name!r}: cut and logit scale must be finite numbers")

@@ -1,0 +1,64 @@
+"""The text-to-image model: loading Stable Diffusion from a local folder or the Hugging Face hub,
+and running it reproducibly (one seed per image, batch-independent). Needs diffusers (the
+``pipeline`` extra); the filter and the checker do not.
+
+Both settings' models are plain diffusers ``StableDiffusionPipeline`` folders or hub ids. The
+mini world's ``data/world/sd`` links its ``text_encoder/`` and ``tokenizer/`` to
+``data/world/clip`` (its text encoder is the mini CLIP's text tower, stored once), so it loads
+with ``StableDiffusionPipeline.from_pretrained`` alone.
+"""
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm import tqdm
+
+from pipeline.espresso.models import hub_loading, placement, require_vocabulary, resolve_source
+from pipeline.espresso.pixels import to_uint8
+
+
+def load_t2i(source: str, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """Stable Diffusion without its built-in safety checker (filtering is this project's job),
+    on ``device``/``dtype`` (:func:`~pipeline.espresso.models.placement`)."""
+    device, dtype = placement(device, dtype)
+    source = resolve_source(source)
+    with hub_loading(source):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    require_vocabulary(pipe.tokenizer, pipe.text_encoder.config.vocab_size, source)
+    return pipe.to(device)
+
+
+def scheduler_class(name: str) -> type:
+    """diffusers' scheduler class ``name`` (e.g. "DDIMScheduler"); ValueError if there is none."""
+    found = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if found is None or not name.endswith("Scheduler"):
+        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. DDIMScheduler, "
+                         "DPMSolverMultistepScheduler, PNDMScheduler)")
+    return found
+
+
+def use_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler for diffusers' ``name`` (e.g. "DDIMScheduler"), keeping the
+    noise schedule the model was trained with."""
+    pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+             size: int | None = None, batch: int = 32, progress: bool = False) -> np.ndarray:
+    """uint8 ``N x H x W x 3`` images, image ``i`` from ``prompts[i]`` with its own generator
+    seeded ``seeds[i]`` (so an image does not depend on what else is in its batch)."""
+    out = []
+    starts = range(0, len(prompts), batch)
+    for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch]]
+        images = pipe(prompts[start:start + batch], height=size, width=size,
+                      num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators, output_type="np").images
+        out.append(to_uint8(np.asarray(images)))
+    return np.concatenate(out)
