@@ -52,11 +52,21 @@ def training_renders(p: dict, workers: int = 2) -> tuple[np.ndarray, list[shapes
 
 
 def save_fp16(model: torch.nn.Module, folder: Path, *extras) -> None:
-    """Save ``model`` (and processors/tokenizers in ``extras``) as fp16 safetensors, atomically."""
+    """Save ``model`` (and processors/tokenizers in ``extras``) as fp16 safetensors, atomically.
+    Stored in fp16 to halve the repository, computed in fp32: a transformers config (and each
+    tower's sub-config) says ``"dtype": "float32"``, so that a plain ``from_pretrained``
+    (transformers 5 follows the config's dtype) computes in fp32 like diffusers' parts of the
+    mini pipeline."""
     with atomic_dir(folder) as tmp:
         model.to(torch.float16).save_pretrained(tmp)
         for extra in extras:
             extra.save_pretrained(tmp)
+        config = tmp / "config.json"
+        settings = json.loads(config.read_text())
+        if "dtype" in settings:  # a transformers config, and its towers' (CLIPTextModel alone)
+            for part in [settings] + [v for k, v in settings.items() if k.endswith("_config")]:
+                part["dtype"] = "float32"
+            config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     model.to(torch.float32)
 
 
