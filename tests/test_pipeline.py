@@ -72,8 +72,10 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
     for name in files:
-        if (REPO / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).is_symlink():  # the mini SD's text side links to the CLIP folder
+            (copy / name).symlink_to(os.readlink(REPO / name))
+        elif (REPO / name).is_file():
             shutil.copy2(REPO / name, copy / name)
     (copy / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
     # stage commands say `python`: the one of this environment, as for a user with it activated
@@ -97,6 +99,7 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     metrics = json.loads((copy / "reports/evaluate/metrics.json").read_text())
     assert metrics["n_test_images"] == 8 and set(FILTERS) <= set(metrics)
     assert "Running stage" not in sh(*dvc, "repro")  # nothing changed: nothing reruns
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "zorbo results")
 
     sh(*dvc, "exp", "run", "-S", "concept=blip")  # a concept sweep, as users run it
     shown = json.loads(sh(*dvc, "exp", "show", "--json"))
@@ -106,3 +109,15 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     assert "blip" in concepts
     blip = next(r for r in runs if r["params"]["params.yaml"]["data"]["concept"] == "blip")
     assert "espresso" in blip["metrics"]["reports/evaluate/metrics.json"]["data"]
+
+    # the deployable checker, gathered from the workspace's concept and the experiment's
+    sh(sys.executable, "-m", "pipeline.export", "--concepts", "zorbo", "blip", "--calibrate",
+       "--target-fpr", "0.25")
+    table = json.loads((copy / "data/checker/config.json").read_text())["concept_table"]
+    assert [row["name"] for row in table] == ["zorbo", "blip"]
+    sources = {row["name"]: row["provenance"] for row in table}
+    assert sources["blip"]["experiment"] not in ("workspace", "main", "master")
+    assert sources["zorbo"]["params"]["finetune"] == tiny_params["finetune"]
+    assert all(row["calibration"]["target_fpr"] == 0.25 for row in table)
+    points = json.loads((copy / "reports/checker/metrics.json").read_text())
+    assert set(points) == {"zorbo", "blip"} and (copy / "reports/checker/roc.png").is_file()

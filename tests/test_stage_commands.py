@@ -49,7 +49,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("module", [*STAGES, "summary"])
+@pytest.mark.parametrize("module", [*STAGES, "summary", "export", "screen"])
 def test_help_says_what_the_command_does_and_touches_nothing(tmp_path, module):
     folder = make_stage_dir(tmp_path)
     before = listing(folder)
@@ -69,7 +69,7 @@ def test_help_says_what_the_command_does_and_touches_nothing(tmp_path, module):
     assert listing(folder) == before  # nothing written, nothing loaded: it only printed
 
 
-@pytest.mark.parametrize("module", ["report", "world", "summary"])
+@pytest.mark.parametrize("module", ["report", "world", "summary", "export"])
 def test_an_unknown_argument_is_argparse_s_error(tmp_path, module):
     result = command(module, "--bogus", cwd=make_stage_dir(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -89,3 +89,24 @@ def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_par
     again = generate(pipe, prompts[:4], seeds[:4], steps=m["inference_steps"],
                      guidance=m["guidance_scale"], batch=2)
     assert np.array_equal(again, images[:4])
+
+
+def test_the_shipped_models_load_with_plain_library_calls(monkeypatch):
+    """No project loader: diffusers and transformers alone load the mini SD (its text encoder
+    and tokenizer are links to the CLIP folder, stored once) and the mini CLIP, in fp32, and
+    diffusers' pipeline draws what the project's loader draws."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plain = StableDiffusionPipeline.from_pretrained("data/world/sd")
+    clip = CLIPModel.from_pretrained("data/world/clip")
+    assert clip.dtype == plain.text_encoder.dtype == plain.unet.dtype == torch.float32
+    text, tower = plain.text_encoder.state_dict(), clip.text_model.state_dict()
+    assert text.keys() == tower.keys() and all(torch.equal(text[k], tower[k]) for k in text)
+    ours = load_t2i(str(world.SD_DIR), device="cpu")
+    for pipe in (plain, ours):
+        pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a red star", "Zorbo"], [1, 2]
+    assert np.array_equal(generate(plain, prompts, seeds, steps=6, guidance=5.0),
+                          generate(ours, prompts, seeds, steps=6, guidance=5.0))
