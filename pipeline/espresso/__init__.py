@@ -5,7 +5,7 @@ metrics, the losses, the certificate, the text-to-image model).
 It imports nothing from the DVC stages, the attacks or the mini world (``tests/test_layout.py``),
 so that it can be lifted into a top-level package of its own unchanged. What is re-exported here
 (``from pipeline.espresso import ConceptChecker``) needs only the core dependencies (torch,
-transformers, safetensors, numpy, pillow; ``pip install espresso-filter``). The evaluation's
+transformers, safetensors, numpy, pillow: ``pip install .``). The evaluation's
 modules are imported from their own names and need the ``pipeline`` extra:
 ``pipeline.espresso.baselines`` and ``.t2i`` (diffusers), ``.metrics`` (scipy, statsmodels).
 """

@@ -80,7 +80,7 @@ class CheckerConcept:
 class CheckResult:
     """What the checker decided for a batch of N images and K concepts."""
 
-    images: list                 # the inputs, each blocked one replaced by a black one
+    images: list                 # the inputs (as given), each blocked one replaced by a black one
     blocked: np.ndarray          # bool N: any concept fired (or the image could not be scored)
     p_unacceptable: np.ndarray   # float N x K, NaN where the image could not be scored
     fired: np.ndarray            # bool N x K: P(u_k|x) > cut_k (every concept, if unscored)
@@ -216,7 +216,7 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         per-image flags (the pipeline's ``nsfw_content_detected``); the per-concept scores and
         which concepts fired are kept as ``self.last_result``."""
         images, p, fired, errors = self._safety_check(images, clip_input)
-        self.last_result = CheckResult(list(images), fired.any(1), p, fired, self.names, errors)
+        self.last_result = CheckResult(images, fired.any(1), p, fired, self.names, errors)
         return images, fired.any(1).tolist()
 
     # ---- building ---------------------------------------------------------------------------

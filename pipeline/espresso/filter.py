@@ -64,7 +64,8 @@ class ImageFormError(ValueError):
 class Screening:
     """What the filter decided for a batch of images."""
 
-    images: list                   # the input images, each blocked one replaced by a black one
+    images: list                   # the inputs (a list, or the batch diffusers gave), each blocked
+                                   # one replaced by a black one
     blocked: np.ndarray            # bool N
     p_unacceptable: np.ndarray     # float N, NaN where the image could not be scored
     errors: list[str | None] = field(default_factory=list)  # why an image was not scored
@@ -415,7 +416,7 @@ class EspressoFilter(ConceptScreen):
         un-denormalised, so zero is black) and the per-image flags; the full result, scores and
         reasons, is kept as ``self.last_screening``. Fails closed like :meth:`screen`."""
         images, p, fired, errors = self._safety_check(images, clip_input)
-        self.last_screening = Screening(list(images), fired[:, 0], p[:, 0], errors)
+        self.last_screening = Screening(images, fired[:, 0], p[:, 0], errors)
         return images, fired[:, 0].tolist()
 
     # ---- persistence ----------------------------------------------------------------------
