@@ -288,13 +288,14 @@ class ConceptScreen(nn.Module):
         if (torch.is_tensor(clip_input) and clip_input.ndim == 4 and clip_input.shape[1] == 3
                 and len(clip_input) == len(images)):
             errors: list[str | None] = [None] * len(images)
-            # every row is scored in one call (rows are independent; a corrupt row's NaN stays in
-            # it), and the finiteness is read after the scores: no extra sync, no batch copy
-            finite = torch.isfinite(clip_input).flatten(1).all(1)
+            # every row is scored in one call (rows are independent: a corrupt row's NaN stays
+            # in it and blocks it); only rows without a finite score have their input examined
             failure = self._score_rows(p, errors, list(range(len(images))), lambda: clip_input)
-            for i in np.flatnonzero(~finite.cpu().numpy()):
-                p[i] = np.nan
-                errors[i] = "clip_input row with non-finite values: the image is corrupt"
+            unscored = np.flatnonzero(np.isnan(p).any(1))
+            if failure is None and len(unscored):
+                finite = torch.isfinite(clip_input[unscored.tolist()]).flatten(1).all(1)
+                for i in unscored[~finite.cpu().numpy()]:
+                    errors[i] = "clip_input row with non-finite values: the image is corrupt"
         else:
             shape = tuple(getattr(clip_input, "shape", ()))
             errors = [f"clip_input of shape {shape} for {len(images)} images: give the feature "
