@@ -232,15 +232,16 @@ def registry_problems(tmp_path: Path, text: str) -> list[str]:
 
 # ---- stage commands -----------------------------------------------------------------------
 def stage_folder(tmp_path: Path, params: str | None = None, registry: str | None = None,
-                 world_copy: str | None = None) -> Path:
-    """A scratch stage folder; ``registry`` replaces the concept registry, ``world_copy`` (a
-    part of data/world) is copied rather than linked, so that it can be damaged."""
+                 world_copy: tuple[str, ...] = ()) -> Path:
+    """A scratch stage folder; ``registry`` replaces the concept registry, the parts of
+    data/world in ``world_copy`` are copied (their links kept) rather than linked, so that they
+    can be damaged."""
     folder = tmp_path / "work"
     (folder / "data" / "world").mkdir(parents=True)
     for part in (REPO / "data" / "world").iterdir():
         target = folder / "data" / "world" / part.name
-        if part.name == world_copy:
-            shutil.copytree(part, target)
+        if part.name in world_copy:
+            shutil.copytree(part, target, symlinks=True)
         else:
             os.symlink(part, target)
     (folder / "data" / "concepts.yaml").write_text(registry or REGISTRY_TEXT)
@@ -276,16 +277,19 @@ WEIGHTS = {"clip": "clip/model.safetensors", "unet": "sd/unet/diffusion_pytorch_
 @pytest.mark.parametrize("model", WEIGHTS)
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_damaged_world_model_is_one_line_naming_the_file_and_the_fix(tmp_path, model, damage):
-    folder = stage_folder(tmp_path, world_copy=WEIGHTS[model].split("/")[0])
+    """generate loads the SD folder, whose text encoder is the CLIP folder (a link): a damaged
+    CLIP is named through the link."""
+    folder = stage_folder(tmp_path, world_copy=("clip", "sd"))
     weights = folder / "data" / "world" / WEIGHTS[model]
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     else:
         weights.unlink()
     (line,) = error_lines(folder)
-    source = "data/world/clip" if model == "clip" else "data/world/sd"
-    what = (f"data/world/{WEIGHTS[model]} is truncated or corrupt" if damage == "truncated"
-            else f"data/world/{Path(WEIGHTS[model]).parent} has no weight file")
+    source = "data/world/sd"
+    seen = WEIGHTS[model].replace("clip/", "sd/text_encoder/")
+    what = (f"data/world/{seen} is truncated or corrupt" if damage == "truncated"
+            else f"data/world/{Path(seen).parent} has no weight file")
     assert line.startswith(f"The model at {source} cannot be loaded: {what}; {WORLD_FIX}")
 
 

@@ -9,6 +9,7 @@ model that is not there, or whose files are missing or damaged (a truncated weig
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -155,14 +156,25 @@ def _reason(err: BaseException) -> str:
 
 def _damaged_message(folder: str, err: BaseException) -> str:
     """The local model at ``folder`` did not load: its unreadable weight files, and the fix."""
-    unreadable = [str(f) for f in sorted(Path(folder).rglob("*.safetensors")) if not _readable(f)]
-    weightless = [str(config.parent) for config in sorted(Path(folder).rglob("config.json"))
-                  if not any(config.parent.glob("*.safetensors"))
+    files = _files_under(Path(folder))
+    unreadable = [str(f) for f in files if f.suffix == ".safetensors" and not _readable(f)]
+    weightless = [str(config.parent) for config in files if config.name == "config.json"
+                  and not any(config.parent.glob("*.safetensors"))
                   and not any(config.parent.glob("*.bin"))]
     what = (f"{', '.join(unreadable)} is truncated or corrupt" if unreadable
             else f"{', '.join(weightless)} has no weight file" if weightless
             else "a file of it is missing or unreadable")
     return f"The model at {folder} cannot be loaded: {what}; {restore_hint(folder)} [{_reason(err)}]"
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, through linked subfolders too (the mini SD's text encoder
+    and tokenizer are links to the CLIP folder), each once (by its first path), sorted."""
+    seen = {}
+    for path in sorted(Path(root, name) for root, _, names in os.walk(folder, followlinks=True)
+                       for name in names):
+        seen.setdefault(os.path.realpath(path), path)
+    return sorted(seen.values())
 
 
 def _readable(weights: Path) -> bool:
