@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline import generate
-from pipeline.espresso import models
+from pipeline.espresso import t2i
 
 
 def test_plan_has_every_split_and_label_with_unique_seeds(tiny_params):
@@ -19,7 +19,7 @@ def test_plan_has_every_split_and_label_with_unique_seeds(tiny_params):
 
 def test_interrupted_generation_resumes_without_redoing_finished_shards(
         stage_dir, tiny_params, monkeypatch):
-    real_generate, calls = models.generate, []
+    real_generate, calls = t2i.generate, []
 
     def flaky(pipe, prompts, *args, **kwargs):
         if len(calls) == 1:
@@ -27,7 +27,7 @@ def test_interrupted_generation_resumes_without_redoing_finished_shards(
         calls.append(len(prompts))
         return real_generate(pipe, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(models, "generate", flaky)
+    monkeypatch.setattr(t2i, "generate", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate.run(tiny_params)
     finished = sorted(p.name for p in (stage_dir / "data/generate").glob("*.npz"))
@@ -35,7 +35,7 @@ def test_interrupted_generation_resumes_without_redoing_finished_shards(
     assert not list((stage_dir / "data/generate").glob(".*"))  # no half-written shard
 
     calls.clear()
-    monkeypatch.setattr(models, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    monkeypatch.setattr(t2i, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
     manifest = generate.run(tiny_params)
     assert len(calls) == len(manifest["shard"].unique()) - 1  # the finished shard was kept
     resumed = generate.load_images(manifest)
