@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelHubMixin, snapshot_download
+from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
@@ -54,6 +54,31 @@ VECTORS_FILE = "concepts.safetensors"
 IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
 #: The paper's decision, P(u|x) > 0.5, the default cut of every concept.
 PAPER_CUT = 0.5
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# Espresso concept checker ({{ count }} concepts)
+
+Espresso (Das, Duddu, Zhang, Asokan, ACM CODASPY 2025, [arXiv 2404.19227](https://arxiv.org/abs/2404.19227))
+for several concepts on one CLIP image tower: concept k fires on an image x where
+P(u_k|x) = sigmoid(s_k <e, t_u,k - t_a,k>) exceeds its cut (the paper's 0.5 unless calibrated for
+a target false-positive rate), and the image is blocked where any concept fires. Images it
+cannot score are blocked (fail closed).
+
+| concept | unacceptable | acceptable | cut | source |
+|---|---|---|---|---|
+{{ concepts }}
+
+```python
+from pipeline.espresso import ConceptChecker
+checker = ConceptChecker.from_pretrained("<this folder or repo id>")
+result = checker.check(images)   # .blocked, .p_unacceptable (N x K), .fired, .errors
+```
+
+It is also a diffusers `safety_checker` (with `feature_extractor=checker.processor`).
+`config.json` records each concept's texts, cut, calibration and provenance.
+"""
 
 
 @dataclass
@@ -134,7 +159,7 @@ def same_image_tower(a, b) -> bool:
 
 class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter",
                      tags=["espresso", "safety-checker", "concept-filter", "clip"],
-                     repo_url="https://arxiv.org/abs/2404.19227"):
+                     paper_url="https://arxiv.org/abs/2404.19227"):
     """Espresso's filter for the K concepts of ``concepts`` on one image tower (module
     docstring). Build it with :meth:`from_filters` (fine-tuned or zero-shot Espresso filters) or
     :meth:`from_clip` (zero-shot), load it with :meth:`from_pretrained`."""
@@ -263,6 +288,16 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         table = {"format": FORMAT, "format_version": FORMAT_VERSION,
                  "concept_table": [c.record() for c in self.concepts]}
         (save_directory / CONFIG_NAME).write_text(json.dumps(table, indent=2) + "\n")
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The folder's README.md: what the checker is, its concept table, how to use it."""
+        rows = "\n".join(
+            f"| {c.name} | {c.unacceptable} | {c.acceptable} | {c.cut:.4g}"
+            f"{' (calibrated)' if c.calibration else ''} | {c.provenance.get('source', '')} "
+            f"{c.provenance.get('experiment', '')} |" for c in self.concepts)
+        return ModelCard.from_template(self._hub_mixin_info.model_card_data,
+                                       template_str=MODEL_CARD, concepts=rows,
+                                       count=len(self.concepts))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device=None,
