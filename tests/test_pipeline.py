@@ -121,3 +121,9 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     assert all(row["calibration"]["target_fpr"] == 0.25 for row in table)
     points = json.loads((copy / "reports/checker/metrics.json").read_text())
     assert set(points) == {"zorbo", "blip"} and (copy / "reports/checker/roc.png").is_file()
+    missing = subprocess.run([sys.executable, "-m", "pipeline.export", "--concepts", "kroll",
+                              "--out", "data/checker-kroll"], cwd=copy, env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "no experiment" in missing.stderr and "concept=NAME" in missing.stderr
+    assert not (copy / "data/checker-kroll").exists()
