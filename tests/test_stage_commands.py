@@ -49,7 +49,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("module", [*STAGES, "summary", "export", "screen"])
+@pytest.mark.parametrize("module", [*STAGES, "summary", "export", "screen", "plan"])
 def test_help_says_what_the_command_does_and_touches_nothing(tmp_path, module):
     folder = make_stage_dir(tmp_path)
     before = listing(folder)

@@ -1,0 +1,226 @@
+"""A plan before a long run: the work of every stage for the current params, per concept, and
+an estimate of the GPU-hours it takes on 1 and N GPUs.
+
+Work is counted as evaluations (forward passes of one item) of each model: the T2I UNet and
+VAE decoder at the setting's resolution, its text encoder, CLIP's text and image towers; a
+training step counts as three forward passes (forward + backward). Each evaluation's FLOPs are
+counted once, exactly, on the models' architectures built on the meta device (no weights:
+``torch.utils.flop_counter``); the mini world's from its folders, the paper's from SD v1.4's
+and CLIP ViT-L/14's published configurations. Time = FLOPs / the GPU's effective FLOP rate,
+calibrated on a published SD v1.4-architecture figure: ``--unet-steps-per-second`` (default
+31.19 denoising steps per second with classifier-free guidance, i.e. 62.4 UNet evaluations per
+second: diffusers with PyTorch 2.1 SDPA on one A100 80 GB SXM, SD v1.5 at 512 px, 50 steps,
+github.com/fal-ai/stable-diffusion-benchmarks; SD v1.5 has SD v1.4's UNet). Small batches,
+text models and training run below that efficiency, so read the hours as a lower bound.
+
+On N GPUs: each concept's experiment on one GPU (parallel sweeps, ``dvc queue``), longest
+first, and, as a bound, the work divided evenly (data-parallel stages); the GPU-hours do not
+change. The mini world gets counts only (its models are far below the calibrated scale).
+
+    python -m pipeline.plan                        # the current setting's concepts, 1 and 8 GPUs
+    python -m pipeline.plan --setting paper --gpus 1 8
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline.concepts import known_concepts
+from pipeline.params import ParamsError, check_params, load_params
+
+#: fal-ai/stable-diffusion-benchmarks, "Diffusers (torch 2.1, SDPA)", A100 80 GB SXM.
+PUBLISHED_STEPS_PER_SECOND = 31.19
+MODELS = ("unet", "vae_decode", "t2i_text", "clip_text", "clip_image")
+TRAIN = 3  # a training step: forward + backward = three forward passes
+
+
+@dataclass
+class Work:
+    """Evaluations of each model (``MODELS``) one stage does for one concept."""
+
+    evaluations: Counter = field(default_factory=Counter)
+
+    def add(self, model: str, n: float) -> None:
+        self.evaluations[model] += n
+
+    def images(self, n: float, steps: int, guidance: float) -> None:
+        """``n`` generated images: ``steps`` UNet evaluations each (two with guidance), a text
+        encoding per prompt and its empty prompt, and a VAE decode."""
+        self.add("unet", n * steps * (2 if guidance > 1 else 1))
+        self.add("t2i_text", 2 * n)
+        self.add("vae_decode", n)
+
+
+def stage_work(params: dict) -> dict[str, Work]:
+    """The work of every stage for one concept, from the params' budgets (``setting``'s)."""
+    setting = params["setting"]
+    g, f = params["generate"], params["finetune"]
+    sampler = g[setting]
+    per_label = {s: g["prompts"][s] * g["images_per_prompt"][s] for s in ("train", "val", "test")}
+    work = {name: Work() for name in ("generate", "finetune", "edit", "evaluate", "attack")}
+
+    def render(stage: str, n: float) -> None:
+        work[stage].images(n, sampler["steps"], sampler["guidance"])
+
+    render("generate", 2 * sum(per_label.values()))
+    epochs = (f[setting].get("epochs_by_concept") or {}).get(params["concept"], f[setting]["epochs"])
+    work["finetune"].add("clip_image", 2 * (per_label["train"] + per_label["val"]))
+    work["finetune"].add("clip_text", epochs * 2 * (per_label["train"] * TRAIN + per_label["val"]))
+
+    crts, edit = params["edit"]["crts"], params["edit"][setting]
+    for crt in crts:
+        p = edit[crt]
+        if crt in ("esd_x", "esd_u"):  # partial sampling (mean half the steps, paired), teacher
+            per_item = (sampler["steps"] - 1) / 2 * 2 + 2 + TRAIN
+            work["edit"].add("unet", p["steps"] * p["batch"] * per_item)
+        elif crt == "ca":  # frozen teacher + trained student
+            work["edit"].add("unet", p["steps"] * p["batch"] * (1 + TRAIN))
+        render("edit", 2 * per_label["test"])  # each edited model's test images
+    work["evaluate"].add("clip_image", 2 * per_label["test"] * (1 + len(crts)))
+
+    a = params["attack"]
+    budgets, filters = a[setting], a["adapt_to"]
+    final = a["prompts"] * a["images_per_prompt"]
+    for attack in a["attacks"]:
+        p = budgets[attack]
+        kinds = ["plain"] + ["filter"] * len(filters) + ["crt"] * len(crts)
+        for kind in kinds:
+            adaptive = kind == "filter"
+            if attack == "cce":  # textual inversion through the UNet, per adaptive weight
+                weights = len(p["adaptive_weights"]) if adaptive else 1
+                steps = weights * p["steps"] * p["batch"]
+                work["attack"].add("unet", steps * TRAIN)
+                work["attack"].add("t2i_text", steps * TRAIN)
+                if adaptive:  # the filter's loss on the decoded prediction
+                    work["attack"].add("vae_decode", steps * TRAIN)
+                    work["attack"].add("clip_image", steps * TRAIN)
+                trial = weights * p["selection_images"]
+            else:
+                searches = kind == "plain" or adaptive  # CRT runs reuse the plain candidates
+                if searches and attack == "ringbell":
+                    evals = (p["generations"] + 1) * p["candidates"] * p["population"]
+                    work["attack"].add("t2i_text", evals)
+                    work["attack"].add("clip_text", evals * adaptive)
+                elif searches:  # PEZ and Typo: a step trains the soft prompt, evaluates it typed
+                    per_step = TRAIN + 1 + (TRAIN + 1) * adaptive
+                    work["attack"].add("clip_text", p["steps"] * p["candidates"] * per_step)
+                trial = p["candidates"] * p["selection_images"]
+            render("attack", trial + final)
+            work["attack"].add("clip_image", 2 * (trial + final))  # the eyes and the filter
+    return work
+
+
+def flops_per_evaluation(setting: str, params: dict) -> dict[str, float]:
+    """FLOPs of one evaluation of each model (``MODELS``), counted on meta-device models."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPConfig, CLIPModel
+
+    size = params["generate"][setting]["size"]
+    with torch.device("meta"):
+        if setting == "paper":
+            unet = UNet2DConditionModel(
+                sample_size=size // 8, cross_attention_dim=768, attention_head_dim=8,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+            clip = CLIPModel(CLIPConfig(
+                text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=77),
+                vision_config=dict(hidden_size=1024, intermediate_size=4096,
+                                   num_hidden_layers=24, num_attention_heads=16, image_size=224,
+                                   patch_size=14), projection_dim=768))
+        else:
+            models = params["models"]["mini"]
+            unet = UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(f"{models['t2i']}/unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(f"{models['t2i']}/vae"))
+            clip = CLIPModel(CLIPConfig.from_pretrained(models["clip"]))
+    text_len = clip.config.text_config.max_position_embeddings
+    image = clip.config.vision_config.image_size
+    latent = size // 2 ** (len(vae.config.block_out_channels) - 1)
+    calls = {
+        "unet": lambda: unet(torch.randn(1, unet.config.in_channels, latent, latent), 1,
+                             encoder_hidden_states=torch.randn(1, text_len,
+                                                               unet.config.cross_attention_dim)),
+        "vae_decode": lambda: vae.decode(torch.randn(1, vae.config.latent_channels, latent,
+                                                     latent)),
+        "t2i_text": lambda: clip.text_model(torch.zeros(1, text_len, dtype=torch.long)),
+        "clip_text": lambda: clip.get_text_features(torch.zeros(1, text_len, dtype=torch.long)),
+        "clip_image": lambda: clip.get_image_features(torch.randn(1, 3, image, image)),
+    }
+    out = {}
+    with torch.device("meta"), torch.no_grad():
+        for name, call in calls.items():
+            with FlopCounterMode(display=False) as counter:
+                call()
+            out[name] = float(counter.get_total_flops())
+    return out
+
+
+def gpu_hours(work: dict[str, Work], flops: dict[str, float], steps_per_second: float) -> dict:
+    """GPU-hours per stage: FLOPs over the rate of a UNet doing ``steps_per_second`` guided
+    denoising steps (two evaluations each)."""
+    rate = flops["unet"] * 2 * steps_per_second
+    return {stage: sum(n * flops[m] for m, n in w.evaluations.items()) / rate / 3600
+            for stage, w in work.items()}
+
+
+def wall_hours(per_concept: list[float], gpus: int) -> float:
+    """Longest-first assignment of the concepts' experiments to ``gpus`` GPUs: the makespan."""
+    loads = [0.0] * gpus
+    for hours in sorted(per_concept, reverse=True):
+        heapq.heapreplace(loads, loads[0] + hours)
+    return max(loads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=("mini", "paper"),
+                        help="plan for this setting (default: params.yaml's)")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8], metavar="N")
+    parser.add_argument("--unet-steps-per-second", type=float, default=PUBLISHED_STEPS_PER_SECOND,
+                        help="guided SD denoising steps per second on one GPU "
+                             f"(default {PUBLISHED_STEPS_PER_SECOND}: A100, see above)")
+    args = parser.parse_args(argv)
+    if args.unet_steps_per_second <= 0 or min(args.gpus) < 1:
+        parser.error("--unet-steps-per-second and --gpus must be positive")
+    try:
+        params = check_params(load_params())
+    except ParamsError as err:
+        raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
+    setting = args.setting or params["setting"]
+    concepts = known_concepts(setting)
+    flops = flops_per_evaluation(setting, params)
+    plans = {c: stage_work({**params, "setting": setting, "concept": c}) for c in concepts}
+    work = plans[concepts[0]]
+    print(f"setting {setting}, per concept ({concepts[0]}); FLOPs per evaluation: "
+          + ", ".join(f"{m} {flops[m] / 1e9:.3g} G" for m in MODELS))
+    print(f"{'stage':<10}" + "".join(f"{m:>14}" for m in MODELS) + f"{'GPU-hours':>12}")
+    hours = gpu_hours(work, flops, args.unet_steps_per_second)
+    for stage, w in work.items():
+        print(f"{stage:<10}" + "".join(f"{w.evaluations[m]:>14,.0f}" for m in MODELS)
+              + (f"{hours[stage]:>12.2f}" if setting == "paper" else ""))
+    if setting != "paper":
+        print("(no GPU-hours: the FLOP rate is calibrated on SD v1.4-sized models; the mini "
+              "world runs on CPU)")
+        return
+    per_concept = [sum(gpu_hours(w, flops, args.unet_steps_per_second).values())
+                   for w in plans.values()]
+    total = sum(per_concept)
+    print(f"\n{len(concepts)} concepts: {total:.1f} GPU-hours "
+          f"({min(per_concept):.1f}-{max(per_concept):.1f} per concept)")
+    print(f"{'GPUs':>6}{'concepts in parallel (h)':>28}{'work divided evenly (h)':>26}")
+    for n in args.gpus:
+        print(f"{n:>6}{wall_hours(per_concept, n):>28.1f}{total / n:>26.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The plan before a long run: work counts against hand-counted answers, FLOPs of the paper's
+models against their known sizes, and the GPU schedule."""
+import pytest
+
+from pipeline import plan
+
+
+def test_generated_images_count_guided_unet_evaluations():
+    work = plan.Work()
+    work.images(10, steps=25, guidance=5.0)
+    work.images(4, steps=25, guidance=1.0)  # no guidance: one evaluation per step
+    assert work.evaluations == {"unet": 10 * 25 * 2 + 4 * 25, "t2i_text": 28, "vae_decode": 14}
+
+
+def test_stage_work_of_the_tiny_params(tiny_params):
+    work = plan.stage_work(tiny_params)
+    sampler = tiny_params["generate"]["mini"]
+    images = 2 * (4 * 1 + 2 * 2 + 2 * 2)  # 2 labels x (train, val, test) prompts x images each
+    assert work["generate"].evaluations["unet"] == images * sampler["steps"] * 2
+    assert work["generate"].evaluations["vae_decode"] == images
+    crts = tiny_params["edit"]["crts"]
+    assert work["edit"].evaluations["vae_decode"] == len(crts) * 2 * 2 * 2  # each edit's test set
+    a = tiny_params["attack"]
+    runs = len(a["attacks"]) * (1 + len(a["adapt_to"]) + len(crts))
+    final = a["prompts"] * a["images_per_prompt"]
+    assert work["attack"].evaluations["vae_decode"] >= runs * final
+
+
+def test_flops_of_the_paper_models_match_their_size(tiny_params):
+    flops = plan.flops_per_evaluation("paper", {**tiny_params, "setting": "paper",
+                                                "generate": {**tiny_params["generate"],
+                                                             "paper": {"size": 512}}})
+    assert 7.5e11 < flops["unet"] < 8.5e11       # SD v1.4 UNet at 64 x 64 latents: ~0.8 TFLOPs
+    assert 1.5e11 < flops["clip_image"] < 1.7e11  # ViT-L/14 at 224 px: ~81 GMACs
+    assert flops["clip_text"] == pytest.approx(flops["t2i_text"], rel=0.01)
+
+
+def test_hours_and_the_gpu_schedule():
+    work = {"generate": plan.Work()}
+    work["generate"].add("unet", 7200)
+    flops = {m: 1.0 for m in plan.MODELS}
+    assert plan.gpu_hours(work, flops, steps_per_second=0.5) == {"generate": 2.0}
+    assert plan.wall_hours([3, 3, 2, 2, 2], gpus=2) == 7  # longest first: 3+2+2 and 3+2
+    assert plan.wall_hours([3, 3, 2, 2, 2], gpus=8) == 3
