@@ -6,6 +6,12 @@ contain (prompts, seeds, model, sampler), written atomically; a rerun after an i
 every finished shard and only generates the missing ones. ``manifest.csv`` lists every image
 with its shard's sha256: a rerun regenerates a shard that fails its checksum (or, without a
 manifest yet, does not load completely), and ``load_images`` refuses one.
+
+Data-parallel: started with ``accelerate launch --multi_gpu --num_processes N`` (GPUs, nodes)
+or ``torchrun --nproc_per_node N`` (CPU processes too), the processes split the missing shards;
+each image's seed and each shard's name come from its global index, so the files are
+byte-identical for 1 and N processes
+(``tests/test_parallel.py``). The main process writes the manifest.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
 from pipeline.espresso.files import atomic_file, sha256_file, write_csv, write_json
-from pipeline.params import DamagedInputError, run_stage, settings_of
+from pipeline.params import DamagedInputError, processes, run_stage, settings_of
 
 OUT = Path("data/generate")
 MANIFEST = OUT / "manifest.csv"
@@ -151,18 +157,29 @@ def run(params: dict) -> pd.DataFrame:
             except DamagedInputError as err:
                 log.warning("%s: regenerating it", err)
         missing.append(start)
-    if missing:  # the model is loaded only if a shard is missing, before any is written
-        pipe = load_t2i(models["t2i"])
-        use_scheduler(pipe, sampler["scheduler"])
-        pipe.set_progress_bar_config(disable=True)
-    for start in tqdm(missing, desc="generate shards", unit="shard"):
+    state = processes()
+    state.wait_for_everyone()  # every process has its list of missing shards before any writes
+    with state.split_between_processes(missing) as mine:  # shard names are global: any split
+        if mine:  # the model is loaded only if a shard is missing, before any is written
+            pipe = load_t2i(models["t2i"], device=state.device)
+            use_scheduler(pipe, sampler["scheduler"])
+            pipe.set_progress_bar_config(disable=True)
+        desc = "generate shards" + (f" (1 of {state.num_processes} processes)"
+                                    if state.num_processes > 1 else "")
+        for start in tqdm(mine, desc=desc, unit="shard", disable=not state.is_local_main_process):
+            rows = manifest.iloc[start:start + size]
+            images = generate(pipe, rows["prompt"].tolist(), rows["seed"].tolist(),
+                              sampler["steps"], sampler["guidance"], sampler["size"],
+                              sampler["batch"])
+            with atomic_file(OUT / rows["shard"].iloc[0]) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, images=images)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return manifest
+    for start in missing:  # the main process records every new shard's checksum
         rows = manifest.iloc[start:start + size]
-        images = generate(pipe, rows["prompt"].tolist(), rows["seed"].tolist(), sampler["steps"],
-                          sampler["guidance"], sampler["size"], sampler["batch"])
-        with atomic_file(OUT / rows["shard"].iloc[0]) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images)
-            manifest.loc[rows.index, CHECKSUM] = sha256_file(tmp)
+        manifest.loc[rows.index, CHECKSUM] = sha256_file(OUT / rows["shard"].iloc[0])
     for stale in set(OUT.glob("shard-*.npz")) - {OUT / n for n in manifest["shard"]}:
         stale.unlink()
     write_csv(MANIFEST, manifest)

@@ -80,7 +80,8 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
     ``needs`` (path -> the stage that writes it) must exist, then the stage runs, on
     ``TORCH_THREADS`` CPU threads, after what an interrupted run of it left (temporaries among
     its outputs) is removed. A user error (a value not allowed, a missing or damaged input or
-    model) ends the command with one ``error:`` line per problem, not a traceback."""
+    model) ends the command with one ``error:`` line per problem, not a traceback. Started with
+    ``accelerate launch`` it runs in every process; the stage splits its work between them."""
     module = sys.modules[stage.__module__]
     stage_parser(module).parse_args(argv)
     import torch
@@ -93,12 +94,27 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
         for needed, producer in (needs(params) if callable(needs) else needs or {}).items():
             if not Path(needed).exists():
                 raise MissingInputError(missing_input_message(Path(needed), producer))
-        remove_stray_temps(stage_outputs(module_name(module).rsplit(".", 1)[-1]))
-        torch.set_num_threads(TORCH_THREADS)
+        state = processes()
+        if state.is_main_process:
+            remove_stray_temps(stage_outputs(module_name(module).rsplit(".", 1)[-1]))
+        state.wait_for_everyone()  # before any process writes: nothing of theirs is removed
+        # processes on one CPU share its TORCH_THREADS cores (more would oversubscribe them)
+        torch.set_num_threads(max(1, TORCH_THREADS // state.num_processes)
+                              if state.device.type == "cpu" else TORCH_THREADS)
         stage(params)
     except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError,
             DamagedInputError) as err:
         sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
+
+
+def processes():
+    """The processes this stage runs in (accelerate's ``PartialState``): one, unless started by
+    ``accelerate launch`` or ``torchrun``; on a machine without a GPU they are CPU processes
+    (gloo). Stages split their work between them by global index (``generate``)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def missing_input_message(path: Path, producer: str) -> str:
