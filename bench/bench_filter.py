@@ -20,19 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.plan import vit_l14_config
+
 VARIANTS = ("image_embedding", "espresso", "safety_checker")
-
-
-def vit_l14_config():
-    """OpenAI CLIP ViT-L/14's architecture (``openai/clip-vit-large-patch14``)."""
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                           num_attention_heads=16, image_size=224, patch_size=14),
-        projection_dim=768)
 
 
 def measure(variant: str, batch: int, repeats: int) -> dict:

@@ -112,6 +112,19 @@ def stage_work(params: dict) -> dict[str, Work]:
     return work
 
 
+def vit_l14_config():
+    """OpenAI CLIP ViT-L/14's architecture (``openai/clip-vit-large-patch14``), the paper's
+    filter; the benchmarks build it too."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                           num_attention_heads=16, image_size=224, patch_size=14),
+        projection_dim=768)
+
+
 def flops_per_evaluation(setting: str, params: dict) -> dict[str, float]:
     """FLOPs of one evaluation of each model (``MODELS``), counted on meta-device models."""
     import torch
@@ -130,12 +143,7 @@ def flops_per_evaluation(setting: str, params: dict) -> dict[str, float]:
             vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                                 down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
-            clip = CLIPModel(CLIPConfig(
-                text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77),
-                vision_config=dict(hidden_size=1024, intermediate_size=4096,
-                                   num_hidden_layers=24, num_attention_heads=16, image_size=224,
-                                   patch_size=14), projection_dim=768))
+            clip = CLIPModel(vit_l14_config())
         else:
             models = params["models"]["mini"]
             unet = UNet2DConditionModel.from_config(
