@@ -12,6 +12,11 @@ filter, each with its 95% interval: CLIP accuracy under attack (soft, hard; a bl
 counts 0), the attack success rate (the judge sees c_u AND the filter passed the image) and the
 block rate. A filter's robustness to "X+" is read from the run adapted to it (``report``).
 Budgets are per setting (``attack.mini`` / ``attack.paper``).
+
+Data-parallel (as ``generate``: ``accelerate launch`` or ``torchrun``): the runs are split
+between the processes, an attack's runs together (they share its plain search); a run's
+optimisation, trial images and final images stay on its process and depend only on its seeds,
+so the outputs are byte-identical for 1 and N processes. The main process writes the reports.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_eyes, load_judge
 from pipeline.mini import shapes
-from pipeline.params import ParamsError, run_stage, settings_of
+from pipeline.params import ParamsError, processes, run_stage, settings_of
 
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
@@ -86,6 +91,9 @@ def run(params: dict) -> dict:
 
 
 def _run(params: dict) -> dict:
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
@@ -102,14 +110,15 @@ def _run(params: dict) -> dict:
     for model in (bank.zero_shot.clip, bank.tuned.clip, pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
     pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
-    runs, prompt_rows, score_rows = {}, [], []
     def render(prompts: list[str], seeds: list[int]) -> np.ndarray:
         return generate(pipe, prompts, seeds, sampler["steps"], sampler["guidance"],
                         sampler["size"], sampler["batch"], progress=True)
 
     memo = {}  # plain searches' candidates, shared with the runs against edited models
     edits = params["edit"]["crts"]
-    for run_name, name, target in attack_runs(p["attacks"], p["adapt_to"] + edits):
+
+    def attack_run(run_name: str, name: str, target: str | None) -> tuple[dict, list, pd.DataFrame]:
+        """One run: its prompts, its images (written to ``data/attack/<run>.npz``), its scores."""
         index = p["attacks"].index(name)  # plain and "+" runs of an attack share their seeds
         edited = target if target in edits else None
         ctx = AttackContext(attacker=bank.zero_shot,
@@ -135,11 +144,29 @@ def _run(params: dict) -> dict:
             scored = {"judged_unacceptable_share": scored["judged_unacceptable_share"],
                       edited: scored["none"]}
             table = table[["prompt", "judge_shows_concept", "p_eval"]]
-        runs[run_name] = {**run, **scored}
-        score_rows.append(table.assign(**run, seed=seeds))
-        prompt_rows += [{**run, "eyes": models["eyes"], "prompt": q, "objective": o,
-                         "trial_success": t, "adaptive_weight": result.adaptive_weight}
-                        for q, o, t in zip(result.prompts, result.objective, result.trial_success)]
+        prompt_rows = [{**run, "eyes": models["eyes"], "prompt": q, "objective": o,
+                        "trial_success": t, "adaptive_weight": result.adaptive_weight}
+                       for q, o, t in zip(result.prompts, result.objective, result.trial_success)]
+        return {**run, **scored}, prompt_rows, table.assign(**run, seed=seeds)
+
+    all_runs = attack_runs(p["attacks"], p["adapt_to"] + edits)
+    # an attack's runs go together (they share its plain search), split between the processes;
+    # a run depends only on its own seeds, never on which process ran it or after what
+    order = sorted(range(len(all_runs)), key=lambda i: p["attacks"].index(all_runs[i][1]))
+    state = processes()
+    with state.split_between_processes(order) as mine:
+        desc = "attack runs" + (f" (1 of {state.num_processes} processes)"
+                                if state.num_processes > 1 else "")
+        done = [(i, attack_run(*all_runs[i]))
+                for i in tqdm(mine, desc=desc, unit="run", disable=not state.is_local_main_process)]
+    if state.num_processes > 1:
+        done = gather_object(done)
+    if not state.is_main_process:
+        return {}
+    done = dict(done)
+    runs = {all_runs[i][0]: done[i][0] for i in range(len(all_runs))}
+    prompt_rows = [row for i in range(len(all_runs)) for row in done[i][1]]
+    score_rows = [done[i][2] for i in range(len(all_runs))]
     metrics = {"eyes": models["eyes"], "judge": models["judge"], "runs": runs}
     write_json(REPORTS / "metrics.json", metrics)
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))

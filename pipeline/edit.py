@@ -9,6 +9,10 @@ what the edit did and the key of its inputs. Resumable: a CRT whose folder carri
 key of the current inputs (params, concept, models, training images, this stage's code) is kept;
 an iterative edit that is interrupted continues from its last checkpoint (``<crt>.checkpoint-
 <key>``, removed when the edit is published). Seeded: the same inputs give the same bytes.
+
+Data-parallel (as ``generate``: ``accelerate launch`` or ``torchrun``): the CRTs still to edit
+are split between the processes; each CRT's edit and test images run on one process from its
+own seeds, so the outputs are byte-identical for 1 and N processes.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import pandas as pd
 from pipeline.concepts import known_concepts, get_concept, prompt_pairs
 from pipeline.espresso.files import atomic_dir, write_json
 from pipeline.generate import MANIFEST, load_images
-from pipeline.params import run_stage, settings_of
+from pipeline.params import processes, run_stage, settings_of
 
 OUT = Path("data/edit")
 UNET = "unet"
@@ -82,41 +86,47 @@ def _run(params: dict) -> dict:
     anchors = manifest[(manifest["split"] == "train") & (manifest["label"] == "acceptable")]
     test = manifest[manifest["split"] == "test"]
     pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
-    done = {}
-    for crt in p["crts"]:
-        key = edit_key(crt, params, manifest)
-        folder = OUT / crt
-        record = folder / RECORD
-        if record.is_file() and json.loads(record.read_text()).get("key") == key:
-            log.info("%s: kept (its inputs are unchanged)", crt)
-            done[crt] = json.loads(record.read_text())
-            continue
-        pipe = load_t2i(models["t2i"])
-        use_scheduler(pipe, sampler["scheduler"])
-        pipe.set_progress_bar_config(disable=True)
-        for stale in OUT.glob(f"{crt}.checkpoint-*"):
-            if stale.name != f"{crt}.checkpoint-{key}":
-                shutil.rmtree(stale)
-        checkpoint = OUT / f"{crt}.checkpoint-{key}"
-        task = EditTask(pipe=pipe, unacceptable=concept.unacceptable,
-                        acceptable=concept.acceptable, pairs=pairs["train"],
-                        anchor_images=load_images(anchors), anchor_pairs=anchors["pair"].tolist(),
-                        preserve=preserved_texts(concept, setting), seed=p["seed"],
-                        size=sampler["size"], steps=sampler["steps"], checkpoint=checkpoint)
-        start = time.perf_counter()
-        summary = EDITS[crt](task, p[setting][crt])
-        seconds = time.perf_counter() - start
-        images = generate(pipe, test["prompt"].tolist(), test["seed"].tolist(), sampler["steps"],
-                          sampler["guidance"], sampler["size"], sampler["batch"], progress=True)
-        summary.pop("resumed_from", None)  # how it got there is no part of the result
-        done[crt] = {"crt": crt, "key": key, "concept": concept.name, **summary}
-        with atomic_dir(folder) as tmp:
-            pipe.unet.save_pretrained(tmp / UNET)
-            with open(tmp / TEST_IMAGES, "wb") as f:
-                np.savez(f, images=images)
-            (tmp / RECORD).write_text(json.dumps(done[crt], indent=2, sort_keys=True) + "\n")
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        log.warning("%s: edited in %.0f s", crt, seconds)  # a time is logged, never written
+    keys = {crt: edit_key(crt, params, manifest) for crt in p["crts"]}
+    kept = [crt for crt in p["crts"] if (OUT / crt / RECORD).is_file()
+            and json.loads((OUT / crt / RECORD).read_text()).get("key") == keys[crt]]
+    for crt in kept:
+        log.info("%s: kept (its inputs are unchanged)", crt)
+    state = processes()
+    with state.split_between_processes([c for c in p["crts"] if c not in kept]) as mine:
+        for crt in mine:  # a CRT's edit and its images, on one process: seeded by its own seed
+            key, folder = keys[crt], OUT / crt
+            pipe = load_t2i(models["t2i"])
+            use_scheduler(pipe, sampler["scheduler"])
+            pipe.set_progress_bar_config(disable=True)
+            for stale in OUT.glob(f"{crt}.checkpoint-*"):
+                if stale.name != f"{crt}.checkpoint-{key}":
+                    shutil.rmtree(stale)
+            checkpoint = OUT / f"{crt}.checkpoint-{key}"
+            task = EditTask(pipe=pipe, unacceptable=concept.unacceptable,
+                            acceptable=concept.acceptable, pairs=pairs["train"],
+                            anchor_images=load_images(anchors),
+                            anchor_pairs=anchors["pair"].tolist(),
+                            preserve=preserved_texts(concept, setting), seed=p["seed"],
+                            size=sampler["size"], steps=sampler["steps"], checkpoint=checkpoint)
+            start = time.perf_counter()
+            summary = EDITS[crt](task, p[setting][crt])
+            seconds = time.perf_counter() - start
+            images = generate(pipe, test["prompt"].tolist(), test["seed"].tolist(),
+                              sampler["steps"], sampler["guidance"], sampler["size"],
+                              sampler["batch"], progress=state.is_local_main_process)
+            summary.pop("resumed_from", None)  # how it got there is no part of the result
+            record = {"crt": crt, "key": key, "concept": concept.name, **summary}
+            with atomic_dir(folder) as tmp:
+                pipe.unet.save_pretrained(tmp / UNET)
+                with open(tmp / TEST_IMAGES, "wb") as f:
+                    np.savez(f, images=images)
+                (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            log.warning("%s: edited in %.0f s", crt, seconds)  # a time is logged, never written
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    done = {crt: json.loads((OUT / crt / RECORD).read_text()) for crt in p["crts"]}
     for stale in set(OUT.iterdir()) - {OUT / crt for crt in p["crts"]}:
         if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p["crts"])):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()

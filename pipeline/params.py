@@ -98,9 +98,10 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
         if state.is_main_process:
             remove_stray_temps(stage_outputs(module_name(module).rsplit(".", 1)[-1]))
         state.wait_for_everyone()  # before any process writes: nothing of theirs is removed
-        # processes on one CPU share its TORCH_THREADS cores (more would oversubscribe them)
-        torch.set_num_threads(max(1, TORCH_THREADS // state.num_processes)
-                              if state.device.type == "cpu" else TORCH_THREADS)
+        # TORCH_THREADS in every process, whatever their number: a CPU training step's bytes
+        # depend on its thread count, so N CPU processes oversubscribe the cores rather than
+        # write other bytes than one process (CPU processes test the mechanism; GPUs speed up)
+        torch.set_num_threads(TORCH_THREADS)
         stage(params)
     except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError,
             DamagedInputError) as err:

@@ -3,6 +3,7 @@ processes under ``torchrun``, gloo: ``accelerate launch`` needs MPI for CPU proc
 interrupted parallel run resumes."""
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,17 @@ LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"
 def launch(module: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m pipeline.<module>`` in two CPU processes (torchrun)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                     os.environ.get("PYTHONPATH")]))}
+                                                                     os.environ.get("PYTHONPATH")])),
+           # each process runs TORCH_THREADS threads (the bytes of CPU training depend on it);
+           # busy-waiting OpenMP threads of two processes on shared cores would run ~9x slower
+           "OMP_WAIT_POLICY": "PASSIVE"}
     return subprocess.run([*LAUNCH, "-m", f"pipeline.{module}"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file()}
 
 
 def scratch(path: Path, params: dict) -> Path:
@@ -54,3 +59,22 @@ def test_a_parallel_run_resumes_from_what_an_interrupted_one_finished(tmp_path, 
     result = launch("generate", resumed)
     assert result.returncode == 0, result.stderr[-3000:]
     assert digests(resumed / "data/generate") == digests(reference / "data/generate")
+
+
+def test_edit_and_attack_are_byte_identical_on_one_and_two_processes(tiny_run, tmp_path,
+                                                                    tiny_params):
+    """The CRTs' edits and images, and the attack runs (optimisation, trial and final images),
+    split between two processes, write what one process wrote (``tiny_run``), byte for byte."""
+    one, _ = tiny_run
+    two = scratch(tmp_path / "two", tiny_params)
+    for upstream in ("data/generate", "data/finetune"):
+        shutil.copytree(one / upstream, two / upstream)
+    for stage in ("edit", "attack"):
+        result = launch(stage, two)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "attack runs (1 of 2 processes)" in result.stderr
+    for folder in ("data/attack", "reports/attack", "reports/edit"):
+        assert digests(two / folder) == digests(one / folder), folder
+    for crt in tiny_params["edit"]["crts"]:  # one CRT per process
+        assert digests(two / "data/edit" / crt) == digests(one / "data/edit" / crt)
+        assert digests(two / "data/edit" / crt / "unet") == digests(one / "data/edit" / crt / "unet")
