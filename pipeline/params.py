@@ -4,8 +4,12 @@ inputs, one line per error)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping, Union
@@ -23,6 +27,11 @@ SETTINGS = ("mini", "paper")
 #: machine's core count; the cost is that a CPU run uses 2 cores on a bigger machine (and two
 #: threads share one core on a 1-core machine). GPU work is not affected.
 TORCH_THREADS = 2
+#: Where stages on this machine hold their claims on GPUs (``claim_device``).
+DEVICE_CLAIMS = Path(tempfile.gettempdir()) / f"espresso-devices-{os.getuid()}"
+_claimed: list = []  # the open claim of this process, held until it ends
+
+log = logging.getLogger(__name__)
 #: The repository this code is in (its dvc.yaml says what each stage reads and writes).
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +103,7 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
         for needed, producer in (needs(params) if callable(needs) else needs or {}).items():
             if not Path(needed).exists():
                 raise MissingInputError(missing_input_message(Path(needed), producer))
+        claim_device()
         state = processes()
         if state.is_main_process:
             remove_stray_temps(stage_outputs(module_name(module).rsplit(".", 1)[-1]))
@@ -106,6 +116,49 @@ def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
     except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError,
             DamagedInputError) as err:
         sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
+
+
+def claim_device() -> str | None:
+    """With several GPUs visible and one process per stage (not started by ``accelerate launch``
+    or ``torchrun``), take the first GPU that no other stage on this machine holds, or wait for
+    one, and make it the only one visible (``CUDA_VISIBLE_DEVICES``, before CUDA starts). So
+    experiments that a queue runs side by side (``dvc queue start --jobs N``, ``python -m
+    pipeline.summary --run --jobs N``) each get their own GPU. The claim is an ``flock`` on
+    ``DEVICE_CLAIMS/<gpu>.lock``, released when the process ends, killed or not. Returns the GPU
+    claimed, or None where there is nothing to choose. The GPU counts from NVML (torch's
+    ``device_count`` without starting CUDA) or from ``CUDA_VISIBLE_DEVICES`` where it is set."""
+    import fcntl
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None  # the launcher gave each process its device
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    if len(devices) < 2:
+        return None
+    DEVICE_CLAIMS.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for device in devices:
+            claim = open(DEVICE_CLAIMS / f"{device}.lock", "a")
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                claim.close()
+                continue
+            _claimed.append(claim)
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
+            log.warning("GPU %s of %s, claimed for this stage", device, ",".join(devices))
+            return device
+        if not waited:
+            log.warning("GPUs %s are all claimed by other stages: waiting for one",
+                        ",".join(devices))
+            waited = True
+        time.sleep(1)
 
 
 def processes():

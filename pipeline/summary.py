@@ -18,6 +18,8 @@ stage scored; "no filter" and "keyword" are kept as references, not CRTs.
                                                   # fine-tune + evaluate only
     python -m pipeline.summary --run --probe checkered   # forms, optimisers and budgets
                                                          # (PROBES) on one concept
+    python -m pipeline.summary --run --jobs 4   # 4 experiments at once (DVC's queue; with
+                                                # several GPUs, each stage claims its own)
 
 Results are read from ``dvc exp show --all-commits --json``: every number comes from a recorded
 experiment (its params and metrics) on any commit, so later commits do not hide earlier
@@ -33,8 +35,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,22 +148,60 @@ HOW_TO_READ = (
 
 
 
-def dvc(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+def dvc(*args: str, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
+                            env=env)
     if result.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return result.stdout
 
 
-def run_all_concepts(setting: str, overrides: list[str], target: str | None = None,
-                     concepts: list[str] | None = None) -> None:
-    """One ``dvc exp run`` per concept of ``setting`` (or of ``concepts``; with the
-    ``KEY=VALUE`` param ``overrides``; only up to the stage ``target`` if given), one after
-    another, each in a temporary copy of the repository (``--temp``): the workspace keeps its
-    concept and results."""
+def concept_runs(setting: str, overrides: list[str], target: str | None = None,
+                 concepts: list[str] | None = None) -> list[list[str]]:
+    """The ``dvc exp run`` arguments of one experiment per concept of ``setting`` (or of
+    ``concepts``), with the ``KEY=VALUE`` param ``overrides``, up to the stage ``target`` if
+    given."""
     sets = [arg for override in overrides for arg in ("-S", override)]
-    for concept in tqdm(concepts or known_concepts(setting), desc="concepts", unit="experiment"):
-        dvc("exp", "run", "--temp", *sets, "-S", f"concept={concept}", *([target] if target else []))
+    return [[*sets, "-S", f"concept={concept}", *([target] if target else [])]
+            for concept in concepts or known_concepts(setting)]
+
+
+def run_experiments(runs: list[list[str]], jobs: int = 1) -> None:
+    """Each of ``runs`` (``dvc exp run`` arguments) as a DVC experiment in a temporary copy of
+    the repository: the workspace keeps its concept and results. ``jobs`` 1: one after another
+    (``--temp``). More: all queued (``dvc exp run --queue``, which snapshots the workspace now)
+    and run by ``jobs`` queue workers (``dvc queue start --jobs``) until every one has ended;
+    with several GPUs each stage claims its own (``pipeline.params.claim_device``). Fails, naming
+    them, if any failed."""
+    if jobs == 1:
+        for args in tqdm(runs, desc="experiments", unit="experiment"):
+            dvc("exp", "run", "--temp", *args)
+        return
+    names = [re.search(r"Queued experiment '([^']+)'", dvc("exp", "run", "--queue", *args))[1]
+             for args in runs]
+    # each worker's stages keep TORCH_THREADS threads: sleeping, not spinning, while they wait
+    # lets workers share CPU cores (no effect on any output)
+    dvc("queue", "start", "--jobs", str(jobs),
+        env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ})
+    with tqdm(total=len(names), desc=f"experiments ({jobs} workers)", unit="experiment") as bar:
+        while True:
+            status = queue_status(names)
+            ended = [name for name in names if status.get(name, "Queued") not in ("Queued",
+                                                                                  "Running")]
+            bar.update(len(ended) - bar.n)
+            if len(ended) == len(names):
+                break
+            time.sleep(5)
+    failed = [name for name in names if status[name] != "Success"]
+    if failed:
+        raise RuntimeError(f"experiments {', '.join(failed)} failed: see `dvc queue logs NAME`")
+
+
+def queue_status(names: list[str]) -> dict[str, str]:
+    """Experiment name -> its status in ``dvc queue status`` (Queued, Running, Success, Failed
+    or Unknown), for those of ``names`` it lists."""
+    rows = (line.split() for line in dvc("queue", "status").splitlines())
+    return {row[1]: row[-1] for row in rows if len(row) >= 3 and row[1] in names}
 
 
 def with_overrides(params: dict, overrides: list[str]) -> dict:
@@ -633,7 +676,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="a param of the sweep, as in `dvc exp run -S` (e.g. setting=paper, "
                              "attack.adapt_to=[]); repeatable")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="with --run: run N experiments at once through DVC's queue "
+                             "(default 1: one after another); with several GPUs each stage "
+                             "claims its own")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more experiments at once")
     try:
         params = check_params(with_overrides(load_params(), args.set),
                               "params.yaml with the -S overrides")
@@ -641,16 +690,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
     setting = params["setting"]
     if args.run:
-        run_all_concepts(setting, args.set)
+        runs = concept_runs(setting, args.set)
         if args.ablation:
-            for variant, overrides in ABLATION.items():
-                if overrides:
-                    run_all_concepts(setting, args.set + overrides, target="evaluate")
+            runs += [run for variant, overrides in ABLATION.items() if overrides
+                     for run in concept_runs(setting, args.set + overrides, target="evaluate")]
         if args.probe:
-            for variant, overrides in PROBES.items():
-                if variant not in ABLATION or not args.ablation:
-                    run_all_concepts(setting, args.set + overrides, target="evaluate",
-                                     concepts=[args.probe])
+            runs += [run for variant, overrides in PROBES.items()
+                     if variant not in ABLATION or not args.ablation
+                     for run in concept_runs(setting, args.set + overrides, target="evaluate",
+                                             concepts=[args.probe])]
+        run_experiments(runs, args.jobs)
     runs = experiments(json.loads(dvc("exp", "show", "--all-commits", "--json")))
     chosen = newest_per_concept(runs, params, ("evaluate", "attack"))
     if not chosen:

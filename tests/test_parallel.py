@@ -2,10 +2,12 @@
 processes under ``torchrun``, gloo: ``accelerate launch`` needs MPI for CPU processes), and an
 interrupted parallel run resumes."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -78,3 +80,99 @@ def test_edit_and_attack_are_byte_identical_on_one_and_two_processes(tiny_run, t
     for crt in tiny_params["edit"]["crts"]:  # one CRT per process
         assert digests(two / "data/edit" / crt) == digests(one / "data/edit" / crt)
         assert digests(two / "data/edit" / crt / "unet") == digests(one / "data/edit" / crt / "unet")
+
+
+HOLD_A_GPU = """
+import json, os, sys, time
+from pathlib import Path
+from pipeline.params import claim_device
+device = claim_device()
+print(json.dumps(device), flush=True)
+while not Path(sys.argv[1]).exists():  # hold the claim until the test says release
+    time.sleep(0.05)
+"""
+
+
+def test_stages_running_side_by_side_each_claim_their_own_gpu(tmp_path):
+    """Two stage processes take the two GPUs; a third waits until one of them ends, then takes
+    the GPU it left (``claim_device``: what lets queue workers share a machine's GPUs)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "3,5",
+           "TMPDIR": str(tmp_path)}  # the claims live in a scratch folder
+
+    def hold(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", HOLD_A_GPU, str(tmp_path / name)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    first, second = hold("release-first"), hold("release-second")
+    first_gpu, second_gpu = (json.loads(p.stdout.readline()) for p in (first, second))
+    assert {first_gpu, second_gpu} == {"3", "5"}
+    third = hold("release-third")
+    time.sleep(3)
+    assert third.poll() is None  # both GPUs are held: it waits
+    (tmp_path / "release-first").touch()
+    first.wait(timeout=30)
+    assert json.loads(third.stdout.readline()) == first_gpu  # the GPU the first one left
+    for name in ("release-second", "release-third"):
+        (tmp_path / name).touch()
+    assert second.wait(timeout=30) == 0 and third.wait(timeout=30) == 0
+    assert "GPUs 3,5 are all claimed by other stages: waiting for one" in third.stderr.read()
+
+
+def test_a_launchers_processes_and_a_single_gpu_claim_nothing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
+    claim = [sys.executable, "-c", "from pipeline.params import claim_device; "
+             "import os; print(claim_device(), os.environ.get('CUDA_VISIBLE_DEVICES'))"]
+    for extra, expected in (({"CUDA_VISIBLE_DEVICES": "3,5", "WORLD_SIZE": "2"}, "None 3,5"),
+                            ({"CUDA_VISIBLE_DEVICES": "7"}, "None 7"),
+                            ({"CUDA_VISIBLE_DEVICES": "3,5"}, "3 3")):
+        out = subprocess.run(claim, env={**env, **extra}, capture_output=True, text=True)
+        assert out.stdout.split() == expected.split(), (extra, out.stderr)
+
+
+TOY_STAGE = """
+import json, os, time, yaml
+from pipeline.params import claim_device
+gpu = claim_device()
+start = time.time()
+time.sleep(3)
+concept = yaml.safe_load(open("params.yaml"))["concept"]
+json.dump({"concept": concept, "gpu": gpu, "start": start, "end": time.time()},
+          open("metrics.json", "w"))
+"""
+
+
+def test_a_sweep_runs_its_experiments_through_the_queue_a_gpu_each(tmp_path, monkeypatch):
+    """``summary --run --jobs 2``'s mechanism on a toy stage: four experiments queued, two
+    workers, every experiment recorded; those that ran at the same time had different GPUs."""
+    from pipeline.summary import run_experiments
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "stage.py").write_text(TOY_STAGE)
+    (repo / "params.yaml").write_text("concept: a\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"toy": {
+        "cmd": "python stage.py", "deps": ["stage.py"], "params": ["concept"],
+        "metrics": [{"metrics.json": {"cache": False}}]}}}))
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent),
+                                                os.environ["PATH"]]))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the stages' GPU claims go in a scratch folder
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [*git, "add", "-A"], [*git, "commit", "-qm", "toy"]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    run_experiments([["-S", f"concept={c}"] for c in "bcde"], jobs=2)
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    runs = [rev["revs"][0]["data"]["metrics"]["metrics.json"]["data"]
+            for entry in shown for rev in entry.get("experiments") or []]
+    assert sorted(r["concept"] for r in runs) == list("bcde")
+    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
+                   if a["start"] < b["end"] and b["start"] < a["end"]]
+    assert overlapping  # two workers ran at once
+    assert all(a["gpu"] != b["gpu"] and {a["gpu"], b["gpu"]} == {"0", "1"}
+               for a, b in overlapping)
