@@ -36,7 +36,7 @@ def vit_l14_vision():
     """OpenAI CLIP ViT-L/14's image tower and projection (``openai/clip-vit-large-patch14``)."""
     from transformers import CLIPConfig
 
-    from pipeline.plan import vit_l14_config
+    from pipeline.architectures import vit_l14_config
 
     config: CLIPConfig = vit_l14_config()
     return config, dict(config.vision_config.to_dict(), projection_dim=config.projection_dim)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.plan import vit_l14_config
+from pipeline.architectures import vit_l14_config
 
 VARIANTS = ("image_embedding", "espresso", "safety_checker")
 

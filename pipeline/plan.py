@@ -27,6 +27,7 @@ import heapq
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.architectures import sd_v14_unet_and_vae, vit_l14_config
 from pipeline.concepts import known_concepts
 from pipeline.params import ParamsError, check_params, load_params
 
@@ -112,19 +113,6 @@ def stage_work(params: dict) -> dict[str, Work]:
     return work
 
 
-def vit_l14_config():
-    """OpenAI CLIP ViT-L/14's architecture (``openai/clip-vit-large-patch14``), the paper's
-    filter; the benchmarks build it too."""
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                           num_attention_heads=16, image_size=224, patch_size=14),
-        projection_dim=768)
-
-
 def flops_per_evaluation(setting: str, params: dict) -> dict[str, float]:
     """FLOPs of one evaluation of each model (``MODELS``), counted on meta-device models."""
     import torch
@@ -135,14 +123,7 @@ def flops_per_evaluation(setting: str, params: dict) -> dict[str, float]:
     size = params["generate"][setting]["size"]
     with torch.device("meta"):
         if setting == "paper":
-            unet = UNet2DConditionModel(
-                sample_size=size // 8, cross_attention_dim=768, attention_head_dim=8,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+            unet, vae = sd_v14_unet_and_vae(size)
             clip = CLIPModel(vit_l14_config())
         else:
             models = params["models"]["mini"]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -84,8 +85,8 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
            "DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
     dvc = [sys.executable, "-m", "dvc"]
 
-    def sh(*cmd):
-        result = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+    def sh(*cmd, cwd=copy):
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
@@ -100,6 +101,9 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     assert metrics["n_test_images"] == 8 and set(FILTERS) <= set(metrics)
     assert "Running stage" not in sh(*dvc, "repro")  # nothing changed: nothing reruns
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "zorbo results")
+    sh(*dvc, "remote", "add", "-d", "shared", str(tmp_path / "remote"))  # a shared DVC cache
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "DVC remote",
+       ".dvc/config")
 
     sh(*dvc, "exp", "run", "-S", "concept=blip")  # a concept sweep, as users run it
     shown = json.loads(sh(*dvc, "exp", "show", "--json"))
@@ -127,3 +131,33 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "no experiment" in missing.stderr and "concept=NAME" in missing.stderr
     assert not (copy / "data/checker-kroll").exists()
+
+    # The reviewer's path, exactly as the README's "Reviewer workflow" gives it: a second concept
+    # experiment; one experiment becomes a branch and an annotated tag; a fresh clone checks the
+    # tag out and shows the same metrics; the two experiments compared in numbers and plots.
+    sh(*dvc, "exp", "run", "-S", "concept=kroll")
+    shown = json.loads(sh(*dvc, "exp", "show", "--json"))
+    recorded = {r["data"]["params"]["params.yaml"]["data"]["concept"]: r for rev in shown
+                for e in rev.get("experiments") or [] for r in e["revs"]}
+    blip, kroll = recorded["blip"]["name"], recorded["kroll"]["name"]
+    sh(*dvc, "exp", "branch", blip, "result/blip")
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "tag", "-a", "blip-v1", "result/blip",
+       "-m", "blip, tiny budgets")
+    sh(*dvc, "push", "--all-branches")  # the tagged branch's data, to the shared cache
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", str(copy), str(fresh))
+    sh("git", "checkout", "-q", "blip-v1", cwd=fresh)
+    sh(*dvc, "pull", cwd=fresh)
+    assert "up to date" in sh(*dvc, "status", cwd=fresh)  # the exact data of the experiment
+    (cloned,) = json.loads(sh(*dvc, "metrics", "show", "--json", cwd=fresh)).values()
+    expected = {path: m["data"] for path, m in recorded["blip"]["data"]["metrics"].items()}
+    assert {path: m["data"] for path, m in cloned["data"].items()} == expected
+    assert yaml.safe_load((fresh / "params.yaml").read_text())["concept"] == "blip"
+    diff = json.loads(sh(*dvc, "metrics", "diff", blip, kroll, "--json"))
+    changed = diff["reports/evaluate/metrics.json"]
+    assert len(changed) > 10  # two concepts' filters: their rates differ
+    blip_rates = pd.json_normalize(expected["reports/evaluate/metrics.json"]).iloc[0]
+    assert all(change["old"] == blip_rates[key] for key, change in changed.items())
+    sh(*dvc, "plots", "diff", blip, kroll, "-o", "compared")
+    page = (copy / "compared" / "index.html").read_text()
+    assert blip in page and kroll in page and "reports/certify" in page
