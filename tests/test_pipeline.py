@@ -160,4 +160,5 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     assert all(change["old"] == blip_rates[key] for key, change in changed.items())
     sh(*dvc, "plots", "diff", blip, kroll, "-o", "compared")
     page = (copy / "compared" / "index.html").read_text()
-    assert blip in page and kroll in page and "reports/certify" in page
+    assert blip in page and kroll in page  # both experiments' curves, in each plot:
+    assert "Certified accuracy" in page and "reports/finetune/history.csv" in page
