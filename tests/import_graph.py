@@ -9,12 +9,26 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "pipeline"
 
 
-def imported_modules(source: str, module: str) -> set[str]:
+def type_checking_imports(tree: ast.AST) -> list[ast.AST]:
+    """The import statements under ``if TYPE_CHECKING:``: read by type checkers, never run."""
+    return [node for block in ast.walk(tree) if isinstance(block, ast.If)
+            and (getattr(block.test, "id", None) == "TYPE_CHECKING"
+                 or getattr(block.test, "attr", None) == "TYPE_CHECKING")
+            for statement in block.body for node in ast.walk(statement)
+            if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def imported_modules(source: str, module: str, type_checking: bool = True) -> set[str]:
     """Every module an import statement anywhere in ``source`` (of ``module``) names: for
-    ``from package import name`` both the package and ``package.name`` (name may be a module)."""
+    ``from package import name`` both the package and ``package.name`` (name may be a module).
+    ``type_checking`` False: without the imports that only type checkers read."""
     package = module.rsplit(".", 1)[0]
+    tree = ast.parse(source)
+    skipped = set() if type_checking else set(map(id, type_checking_imports(tree)))
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -37,22 +51,44 @@ def module_file(name: str, root: Path = REPO) -> Path | None:
     return None
 
 
+def lazy_exports(package: str, root: Path = REPO) -> dict[str, str]:
+    """Name -> the module it is loaded from, for a package that loads its re-exports on first
+    use (a module-level ``__getattr__``, PEP 562), read from its ``if TYPE_CHECKING:`` imports;
+    {} for any other module."""
+    path = module_file(package, root)
+    if path is None or path.name != "__init__.py":
+        return {}
+    tree = ast.parse(path.read_text())
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+               for node in tree.body):
+        return {}
+    return {alias.asname or alias.name: node.module for node in type_checking_imports(tree)
+            if isinstance(node, ast.ImportFrom) for alias in node.names}
+
+
 def imported_files(module: str, root: Path = REPO) -> set[Path]:
     """The files of ``pipeline`` that running ``module`` can execute: the module, what it imports,
-    transitively, and every parent package's ``__init__.py``. An empty ``__init__.py`` runs no
-    code and is left out (it becomes a dependency the moment it holds anything)."""
+    transitively, and every parent package's ``__init__.py``; of a package that loads its
+    re-exports lazily (:func:`lazy_exports`), only the modules of the names imported from it.
+    Imports only type checkers read are left out, and so is an empty ``__init__.py``: it runs no
+    code (it becomes a dependency the moment it holds anything)."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         path = module_file(name, root)
-        if path is None or path in seen:
+        if path is None:
+            package, _, attribute = name.rpartition(".")
+            todo += [source for exported, source in lazy_exports(package, root).items()
+                     if exported == attribute]
+            continue
+        if path in seen:
             continue
         seen.add(path)
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
         is_package = path.name == "__init__.py"
         todo += [m for m in imported_modules(path.read_text(), name + ".__init__" if is_package
-                                             else name)
+                                             else name, type_checking=False)
                  if m.split(".")[0] == "pipeline"]
     return {path for path in seen if path.stat().st_size > 0}
 

@@ -8,13 +8,45 @@ so that it can be lifted into a top-level package of its own unchanged. What is 
 transformers, safetensors, numpy, pillow: ``pip install .``). The evaluation's
 modules are imported from their own names and need the ``pipeline`` extra:
 ``pipeline.espresso.baselines`` and ``.t2i`` (diffusers), ``.metrics`` (scipy, statsmodels).
+
+The re-exports load on first use (PEP 562): ``from pipeline.espresso import EspressoFilter``
+imports only ``filter`` and what it imports, not the checker, and importing a submodule such as
+``pipeline.espresso.files`` imports no model library.
 """
-from pipeline.espresso.checker import CheckerConcept, CheckResult, ConceptChecker, cut_for_fpr
-from pipeline.espresso.embeddings import image_embeddings, text_embeddings
-from pipeline.espresso.filter import (EspressoFilter, ImageFormError, Screening, black_image,
-                                      blocks, canonical_image)
-from pipeline.espresso.models import ModelNotAvailableError, load_clip
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ loads: also read by tests/import_graph.py
+    from pipeline.espresso.checker import (CheckerConcept, CheckResult, ConceptChecker,
+                                           cut_for_fpr)
+    from pipeline.espresso.embeddings import image_embeddings, text_embeddings
+    from pipeline.espresso.filter import (EspressoFilter, ImageFormError, Screening, black_image,
+                                          blocks, canonical_image)
+    from pipeline.espresso.models import ModelNotAvailableError, load_clip
+
+#: Each re-exported name -> the submodule that defines it.
+_SOURCES = {
+    **dict.fromkeys(["CheckResult", "CheckerConcept", "ConceptChecker", "cut_for_fpr"], "checker"),
+    **dict.fromkeys(["image_embeddings", "text_embeddings"], "embeddings"),
+    **dict.fromkeys(["EspressoFilter", "ImageFormError", "Screening", "black_image", "blocks",
+                     "canonical_image"], "filter"),
+    **dict.fromkeys(["ModelNotAvailableError", "load_clip"], "models"),
+}
 
 __all__ = ["CheckResult", "CheckerConcept", "ConceptChecker", "EspressoFilter", "ImageFormError",
            "ModelNotAvailableError", "Screening", "black_image", "blocks", "canonical_image",
            "cut_for_fpr", "image_embeddings", "load_clip", "text_embeddings"]
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
