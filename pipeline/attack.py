@@ -23,24 +23,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from pipeline.attacks import ATTACKS, AttackContext
-from pipeline.attacks.prompt_embedding import textual_inversion
 from pipeline.concepts import prompt_pairs
-from pipeline.espresso.baselines import FILTERS
 from pipeline.espresso.files import atomic_file, write_csv, write_json
-from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
-from pipeline.edit import OUT as EDITS_DIR
-from pipeline.edit import load_edited_unet
-from pipeline.evaluate import load_filter_bank
-from pipeline.finetune import FILTER_DIR
-from pipeline.generate import MANIFEST, load_images
-from pipeline.judges import load_eyes, load_judge
+from pipeline.espresso.filter_names import FILTERS
 from pipeline.mini import shapes
+from pipeline.outputs.edited import OUT as EDITS_DIR
+from pipeline.outputs.edited import load_edited_unet
+from pipeline.outputs.filter_bank import load_filter_bank
+from pipeline.outputs.finetuned import FILTER_DIR
+from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import ParamsError, processes, run_stage, settings_of
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
@@ -91,10 +90,14 @@ def run(params: dict) -> dict:
 
 
 def _run(params: dict) -> dict:
+    import pandas as pd
     from accelerate.utils import gather_object
     from tqdm import tqdm
 
+    from pipeline.attacks import ATTACKS, AttackContext
+    from pipeline.attacks.prompt_embedding import textual_inversion
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
+    from pipeline.judges import load_eyes, load_judge
 
     setting, concept, models = settings_of(params)
     p = params["attack"]
@@ -178,6 +181,10 @@ def score_attack(bank, judge, images: np.ndarray, prompts: list[str]) -> tuple[d
     """Per filter, with 95% intervals: CLIP accuracy under attack (soft, hard, placeholder), the
     attack success rate (the judge sees c_u and the filter passed the image), the block rate,
     the share of images it could not score, and its mean score on the images that show c_u."""
+    import pandas as pd
+
+    from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
+
     features = bank.zero_shot.embed(images)
     decisions = bank.decide(images, prompts)
     views = clip_views(bank.zero_shot, features, prompts, images.shape[1:])

@@ -11,19 +11,19 @@ the clean images' radii.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
 
-from pipeline.espresso.certificate import certified_accuracy, certify_embeddings
 from pipeline.espresso.files import write_csv, write_json
-from pipeline.espresso import EspressoFilter, blocks
-from pipeline.espresso.metrics import proportion
-from pipeline.finetune import FILTER_DIR
-from pipeline.generate import MANIFEST, load_images
+from pipeline.outputs.finetuned import FILTER_DIR
+from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.espresso import EspressoFilter
 
 REPORTS = Path("reports/certify")
 ATTACK_DIR = Path("data/attack")
@@ -34,6 +34,12 @@ NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", ATTACK_DIR: "attack"}
 def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.ndarray) -> dict:
     """Per attack of the attack stage: distance of each attack image's unit embedding to the
     nearest clean unacceptable test image's, against that clean image's certified radius."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.espresso import blocks
+    from pipeline.espresso.metrics import proportion
+
     out = {}
     for path in sorted(ATTACK_DIR.glob("*.npz")):
         adv = F.normalize(filt.embed(np.load(path)["images"]), dim=-1)
@@ -49,6 +55,12 @@ def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.
 
 
 def run(params: dict) -> dict:
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from pipeline.espresso import EspressoFilter, blocks
+    from pipeline.espresso.certificate import certified_accuracy, certify_embeddings
+
     setting, concept, models = settings_of(params)
     p = params["certify"]
     manifest = pd.read_csv(MANIFEST)

@@ -22,19 +22,20 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.concepts import known_concepts, get_concept, prompt_pairs
 from pipeline.espresso.files import atomic_dir, write_json
-from pipeline.generate import MANIFEST, load_images
+from pipeline.outputs.edited import OUT, TEST_IMAGES, UNET
+from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import processes, run_stage, settings_of
 
-OUT = Path("data/edit")
-UNET = "unet"
+if TYPE_CHECKING:
+    import pandas as pd
+
 REPORTS = Path("reports/edit")
-TEST_IMAGES = "test.npz"
 RECORD = "edit.json"
 NEEDS = {MANIFEST: "generate"}
 #: The code an edit runs, in its key: an edit made by other code is not reused.
@@ -76,6 +77,8 @@ def run(params: dict) -> dict:
 
 
 def _run(params: dict) -> dict:
+    import pandas as pd
+
     from pipeline.crts import EDITS, EditTask
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 
@@ -133,23 +136,6 @@ def _run(params: dict) -> dict:
     write_json(REPORTS / "metrics.json", {crt: {k: v for k, v in info.items() if k != "key"}
                                           for crt, info in done.items()})
     return done
-
-
-def load_edited_unet(crt: str, device=None, dtype=None):
-    """The UNet that ``crt`` edited (diffusers folder), on the pipeline's device and dtype."""
-    from diffusers import UNet2DConditionModel
-
-    from pipeline.espresso.models import hub_loading
-
-    folder = str(OUT / crt / UNET)
-    with hub_loading(folder):
-        unet = UNet2DConditionModel.from_pretrained(folder)
-    return unet.to(device=device, dtype=dtype).eval()
-
-
-def load_edited_test_images(crt: str) -> np.ndarray:
-    with np.load(OUT / crt / TEST_IMAGES) as data:
-        return data["images"]
 
 
 def main() -> None:

@@ -13,28 +13,32 @@ paper: a different open_clip model) says what each image really shows.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from sklearn.metrics import roc_auc_score
 
-from pipeline.espresso import EspressoFilter
-from pipeline.espresso.baselines import FILTERS, Decision, FilterBank
 from pipeline.espresso.files import write_csv, write_json
-from pipeline.espresso.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
-                                       normalized_clip_score, proportion)
-from pipeline.edit import OUT as EDITS_DIR
-from pipeline.edit import load_edited_test_images
-from pipeline.finetune import FILTER_DIR
-from pipeline.generate import MANIFEST, load_images
-from pipeline.judges import load_extra_judges, load_judge
+from pipeline.espresso.filter_names import FILTERS
+from pipeline.outputs.edited import OUT as EDITS_DIR
+from pipeline.outputs.edited import load_edited_test_images
+from pipeline.outputs.filter_bank import load_filter_bank
+from pipeline.outputs.finetuned import FILTER_DIR
+from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
+
+if TYPE_CHECKING:
+    from pipeline.espresso.baselines import Decision
 
 REPORTS = Path("reports/evaluate")
 NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
 
 
 def run(params: dict) -> dict:
+    import pandas as pd
+
+    from pipeline.espresso.metrics import clip_views, proportion
+    from pipeline.judges import load_extra_judges, load_judge
+
     setting, concept, models = settings_of(params)
     manifest = pd.read_csv(MANIFEST)
     bank = load_filter_bank(models["clip"], concept, manifest, params["filters"])
@@ -83,6 +87,11 @@ def filter_metrics(decision: Decision, views: dict, prompts: list[str], unaccept
                    shows: np.ndarray, second_opinions: dict[str, np.ndarray]) -> dict:
     """METHOD section 5 for one filter on the test split: effectiveness on unacceptable
     prompts, utility on acceptable prompts, FNR/FPR by prompt label and by judge(s)."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.espresso.metrics import (clip_accuracy, error_rates, judged_mean_score,
+                                           normalized_clip_score, proportion)
+
     prompts = np.asarray(prompts, object)
     blocked = decision.blocked
     u = unacceptable
@@ -109,6 +118,8 @@ def edit_metrics(edited: dict, unedited: dict, prompts: list[str], unacceptable:
     """METHOD section 5 for a fine-tuning CRT: nothing is blocked, so CLIP accuracy is the plain
     P_eval(u|x) of its images of unacceptable prompts, and utility the CLIP score of its images
     of acceptable prompts over the unedited model's of the same prompt and seed."""
+    from pipeline.espresso.metrics import clip_accuracy, normalized_clip_score, proportion
+
     prompts = np.asarray(prompts, object)
     u = unacceptable
     return {
@@ -119,21 +130,6 @@ def edit_metrics(edited: dict, unedited: dict, prompts: list[str], unacceptable:
         "leak_rate_judged": proportion(shows[u]),
         "judged_unacceptable_share_acceptable_prompts": proportion(shows[~u]),
     }
-
-
-def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame,
-                     filters: dict) -> FilterBank:
-    """Zero-shot and fine-tuned Espresso, the safety checker calibrated on the validation images
-    of ``manifest`` (the generate stage's) and the probe fitted on its training images."""
-    zero_shot = EspressoFilter.from_clip(clip_source, concept.unacceptable, concept.acceptable)
-    tuned = EspressoFilter.from_pretrained(FILTER_DIR)
-
-    def labelled(split: str) -> tuple:
-        rows = manifest[manifest["split"] == split]
-        return zero_shot.embed(load_images(rows)), (rows["label"] == "unacceptable").to_numpy()
-
-    return FilterBank.build(zero_shot, tuned, labelled("train"), labelled("val"),
-                            filters["mhsc"])
 
 
 def main() -> None:

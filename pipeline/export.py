@@ -23,22 +23,22 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 from pipeline.concepts import get_concept, known_concepts
-from pipeline.espresso import ConceptChecker, EspressoFilter, cut_for_fpr
-from pipeline.espresso.checker import CheckerConcept, same_image_tower, vision_tower
 from pipeline.espresso.files import atomic_dir, write_json
-from pipeline.espresso.metrics import error_rates
-from pipeline.espresso.models import load_clip
-from pipeline.generate import load_images
+from pipeline.experiments import dvc, experiments
+from pipeline.outputs.generated import load_images
 from pipeline.params import ParamsError, check_params, load_params, settings_of
-from pipeline.summary import dvc, experiments
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from pipeline.espresso import ConceptChecker
 
 OUT = Path("data/checker")
 REPORT = Path("reports/checker")
@@ -49,7 +49,7 @@ FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 
 def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
-    """Per concept, its newest experiment (``pipeline.summary.experiments``) with fine-tuning
+    """Per concept, its newest experiment (``pipeline.experiments.experiments``) with fine-tuning
     metrics and the ``MATCHED`` params of ``params``; SystemExit naming the concepts that have
     none and how to run them."""
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
@@ -71,6 +71,7 @@ def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
 def fetch_outputs(run: dict, folder: Path) -> pd.DataFrame:
     """The experiment's fine-tuned filter and its validation and test images, copied from the
     DVC cache into ``folder``; returns the manifest of those images."""
+    import pandas as pd
     from dvc.api import DVCFileSystem
 
     fs = DVCFileSystem(".", rev=None if run["rev"] == "workspace" else run["rev"])
@@ -96,6 +97,10 @@ def build(params: dict, concepts: list[str], zero_shot: bool, work: Path
           ) -> tuple[ConceptChecker, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
     """The checker of ``concepts`` (vectors fine-tuned, or zero-shot), and per concept the
     manifest rows and images of its experiment's validation and test images."""
+    from pipeline.espresso import ConceptChecker, EspressoFilter
+    from pipeline.espresso.checker import CheckerConcept, same_image_tower, vision_tower
+    from pipeline.espresso.models import load_clip
+
     setting, _, models = settings_of(params)
     runs = source_runs(params, concepts)
     base = load_clip(models["clip"], device="cpu")
@@ -124,6 +129,11 @@ def operating_points(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
                      ) -> tuple[dict, dict]:
     """Per concept: its cut for ``target_fpr`` on validation (set as the checker's cut if
     ``calibrate``), and on test its ROC curve, AUC and the error rates at 0.5 and at that cut."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from pipeline.espresso import cut_for_fpr
+    from pipeline.espresso.metrics import error_rates
+
     points, curves = {}, {}
     for k, name in enumerate(tqdm(checker.names, desc="operating points", unit="concept")):
         p = checker.check(images[name]).p_unacceptable[:, k]
@@ -147,6 +157,8 @@ def operating_points(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
 
 def roc_figure(curves: dict, points: dict, target_fpr: float) -> Figure:
     """One panel per concept: its test ROC curve and the two operating points."""
+    from matplotlib.figure import Figure
+
     n = len(curves)
     cols = min(n, 3)
     fig = Figure(figsize=(3.4 * cols, 3.2 * -(-n // cols)), layout="constrained")
@@ -169,6 +181,8 @@ def roc_figure(curves: dict, points: dict, target_fpr: float) -> Figure:
 
 
 def report_table(checker: ConceptChecker, points: dict) -> pd.DataFrame:
+    import pandas as pd
+
     def rate(r: dict) -> str:
         return f"{r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 

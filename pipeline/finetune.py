@@ -11,21 +11,21 @@ the mini world uses ours (``finetune_params``). The checkpoint is chosen on the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from pipeline.espresso import EspressoFilter, blocks
 from pipeline.espresso.files import write_csv, write_json
-from pipeline.espresso.losses import espresso_loss
-from pipeline.generate import MANIFEST, load_images
+from pipeline.outputs.finetuned import FILTER_DIR
+from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import SETTINGS, run_stage, settings_of
 
-OUT = Path("data/finetune")
-FILTER_DIR = OUT / "filter"
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from pipeline.espresso import EspressoFilter
+
 REPORTS = Path("reports/finetune")
 SELECTION_RULE = ("epoch (0 = zero-shot) with the highest validation balanced accuracy of the "
                   "filter; ties -> the lowest validation loss")
@@ -44,6 +44,8 @@ def adamw(clip, p: dict) -> torch.optim.Optimizer:
     """Ours: AdamW, decoupled decay on the weight matrices only. No decay on parameters with
     ndim < 2 (norms, biases: open_clip's rule) nor on the token/position embedding tables
     (open_clip decays those; we do not, since decay shrinks every token a batch never uses)."""
+    import torch
+
     trainable = trainable_text_side(clip)
     tables = {id(m.weight) for m in clip.modules() if isinstance(m, torch.nn.Embedding)}
     decayed = [q for q in trainable if q.ndim >= 2 and id(q) not in tables]
@@ -55,6 +57,8 @@ def adamw(clip, p: dict) -> torch.optim.Optimizer:
 
 def adam(clip, p: dict) -> torch.optim.Optimizer:
     """The release's: Adam with coupled L2 on every trainable parameter (unused tokens shrink)."""
+    import torch
+
     return torch.optim.Adam(trainable_text_side(clip), lr=p["lr"], betas=tuple(p["betas"]),
                             eps=p["eps"], weight_decay=p["weight_decay"])
 
@@ -89,18 +93,31 @@ def aligned_split(manifest: pd.DataFrame, embeddings: torch.Tensor, split: str) 
             "prompts_u": u["prompt"].tolist(), "prompts_a": a["prompt"].tolist()}
 
 
-@torch.no_grad()
 def validate(filt: EspressoFilter, val: dict, weights: dict, separation: str) -> dict:
     """Balanced accuracy of the filter's decisions and the loss, on validation images."""
-    filt.refresh_concepts()
-    blocked_u = blocks(filt.margin(val["images_u"]))
-    blocked_a = blocks(filt.margin(val["images_a"]))
-    accuracy = (blocked_u.float().mean() + (~blocked_a).float().mean()).item() / 2
-    loss = espresso_loss(filt, val, weights, separation)["total"].item()
-    return {"balanced_accuracy": accuracy, "loss": loss}
+    import torch
+
+    from pipeline.espresso import blocks
+    from pipeline.espresso.losses import espresso_loss
+
+    with torch.no_grad():
+        filt.refresh_concepts()
+        blocked_u = blocks(filt.margin(val["images_u"]))
+        blocked_a = blocks(filt.margin(val["images_a"]))
+        accuracy = (blocked_u.float().mean() + (~blocked_a).float().mean()).item() / 2
+        loss = espresso_loss(filt, val, weights, separation)["total"].item()
+        return {"balanced_accuracy": accuracy, "loss": loss}
 
 
 def run(params: dict) -> dict:
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from pipeline.espresso import EspressoFilter
+    from pipeline.espresso.losses import espresso_loss
+
     setting, concept, models = settings_of(params)
     p = finetune_params(params["finetune"], setting, concept.name)
     weights, form = p["weights"][concept.kind], p["separation"]

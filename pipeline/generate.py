@@ -5,7 +5,8 @@ benchmark). Images are stored as a few ``.npz`` shards named by a hash of exactl
 contain (prompts, seeds, model, sampler), written atomically; a rerun after an interruption keeps
 every finished shard and only generates the missing ones. ``manifest.csv`` lists every image
 with its shard's sha256: a rerun regenerates a shard that fails its checksum (or, without a
-manifest yet, does not load completely), and ``load_images`` refuses one.
+manifest yet, does not load completely), and ``pipeline.outputs.generated.load_images``
+refuses one.
 
 Data-parallel: started with ``accelerate launch --multi_gpu --num_processes N`` (GPUs, nodes)
 or ``torchrun --nproc_per_node N`` (CPU processes too), the processes split the missing shards;
@@ -18,22 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.concepts import SPLITS, Concept, prompt_pairs
 from pipeline.espresso.files import atomic_file, sha256_file, write_csv, write_json
+from pipeline.outputs.generated import CHECKSUM, MANIFEST, OUT, verify_shard
 from pipeline.params import DamagedInputError, processes, run_stage, settings_of
 
-OUT = Path("data/generate")
-MANIFEST = OUT / "manifest.csv"
+if TYPE_CHECKING:
+    import pandas as pd
+
 LABELS = ("unacceptable", "acceptable")
 WORLD = Path("data/world")
-#: The manifest's column with the sha256 of each image's shard.
-CHECKSUM = "shard_sha256"
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def images_per_prompt(p: dict, split: str, n_prompts: int) -> int:
 def plan_images(concept: Concept, p: dict, test_prompts: list[str] | None = None) -> pd.DataFrame:
     """One row per image to generate: split, label, pair, prompt, seed (unique per image).
     ``test_prompts`` replaces the templated unacceptable test prompts (I2P)."""
+    import pandas as pd
+
     pairs = prompt_pairs(concept, p["prompts"], p["seed"])
     rows = []
     for split in SPLITS:
@@ -77,50 +79,10 @@ def shard_key(rows: pd.DataFrame, sampler: dict, t2i_source: str) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def verify_shard(path: Path, checksum: str | None = None,
-                 shape: tuple[int, ...] | None = None) -> str:
-    """The sha256 of the shard at ``path``, once it is known good: it equals ``checksum`` (the
-    manifest's) or, without one, the shard loads completely as uint8 images of ``shape``.
-    ``DamagedInputError`` (one line, naming the file) when it is missing or not good."""
-    if not path.is_file():
-        raise DamagedInputError(f"shard {path} is missing")
-    actual = sha256_file(path)
-    if checksum is not None:
-        if actual != checksum:
-            raise DamagedInputError(f"shard {path} is damaged: its sha256 is not the manifest's")
-        return actual
-    try:
-        images = np.load(path)["images"]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DamagedInputError(f"shard {path} is damaged: it does not load "
-                                f"({type(err).__name__}: {reason})") from None
-    if images.dtype != np.uint8 or images.shape != shape:
-        raise DamagedInputError(f"shard {path} is damaged: it holds {images.dtype} images of "
-                                f"shape {images.shape}, not uint8 {shape}")
-    return actual
-
-
-def load_images(manifest: pd.DataFrame, folder: Path = OUT) -> np.ndarray:
-    """The manifest's images, in manifest order, from their shards, each checked against its
-    sha256 first: a missing or damaged shard is a one-line ``DamagedInputError`` naming it and
-    the fix, never a half-read array or a ``BadZipFile``."""
-    fix = "run `dvc repro generate` (or `python -m pipeline.generate`) to regenerate it"
-    if CHECKSUM not in manifest:
-        raise DamagedInputError(f"the manifest of {folder} has no shard checksums (written by an "
-                                f"older version): {fix}")
-    shards = {}
-    for name, checksum in manifest.groupby("shard", sort=False)[CHECKSUM].first().items():
-        try:
-            verify_shard(folder / name, checksum)
-        except DamagedInputError as err:
-            raise DamagedInputError(f"{err}: {fix}") from None
-        shards[name] = np.load(folder / name)["images"]
-    return np.stack([shards[s][i] for s, i in zip(manifest["shard"], manifest["index"])])
-
-
 def recorded_checksums() -> dict[str, str]:
     """Shard name -> sha256 from the manifest of an earlier run ({} where there is none)."""
+    import pandas as pd
+
     if not MANIFEST.is_file():
         return {}
     table = pd.read_csv(MANIFEST)
@@ -192,6 +154,7 @@ def i2p_test_prompts(concept: Concept, p: dict) -> list[str] | None:
     recorded in ``data/generate/i2p.json``."""
     if concept.i2p_category is None:
         return None
+    import pandas as pd
     from huggingface_hub import hf_hub_download
 
     from pipeline.espresso.models import hub_loading

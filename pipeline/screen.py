@@ -16,12 +16,15 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import PIL.Image
 from tqdm import tqdm
 
-from pipeline.espresso import ConceptChecker, ModelNotAvailableError
 from pipeline.espresso.files import atomic_file
+
+if TYPE_CHECKING:
+    from pipeline.espresso import ConceptChecker
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 COLUMNS = ("path", "concept", "p_unacceptable", "cut", "fired", "blocked", "error")
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch {args.batch}: give a positive number")
+    from pipeline.espresso import ConceptChecker, ModelNotAvailableError
+
     try:
         files = image_files(args.images)
         checker = ConceptChecker.from_pretrained(args.checker)

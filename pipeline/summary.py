@@ -33,37 +33,27 @@ independent samples). Two rates "differ" only where their 95% intervals do not o
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import yaml
-from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import TwoSlopeNorm
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
-from tqdm import tqdm
 
-from pipeline.concepts import known_concepts
-from pipeline.espresso.baselines import FILTERS
 from pipeline.espresso.files import atomic_dir
-from pipeline.espresso.metrics import beyond_intervals
+from pipeline.espresso.filter_names import FILTERS
+from pipeline.experiments import (concept_runs, dvc, experiments, newest_per_concept,
+                                  run_experiments, with_overrides)
 from pipeline.params import ParamsError, check_params, load_params
-from pipeline.report import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE, REFERENCES,
-                             attack_conditions, cell, crts_of, is_plain_fallback, kind_of, render)
+from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
+                                REFERENCES, attack_conditions, cell, crts_of, is_plain_fallback,
+                                kind_of, render)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OUT = Path("reports/summary")
 ATTACKS = ("typo", "pez", "cce", "ringbell")
-#: Attack conditions: "X+" (each CRT's adapted run, report.attack_conditions), then plain "X".
+#: Attack conditions: "X+" (each CRT's adapted run, rendering.attack_conditions), then plain "X".
 CONDITIONS = (*(f"{name}+" for name in ATTACKS), *ATTACKS)
 Z95 = 1.959964
 #: METHOD section 5: the paper's averages over its concepts (SD v1.4, CLIP ViT-L/14), Espresso
@@ -101,8 +91,6 @@ ATTACK_METRICS = {
 #: accuracy; FILTER_ONLY_RATES only against filters (a fine-tuning CRT blocks nothing).
 COMPARED_RATES = ("clip_accuracy", "normalized_clip_score")
 FILTER_ONLY_RATES = ("fnr_judged", "fpr_judged")
-#: Params that pick no stage's output: experiments that differ only in them are one sweep.
-NOT_SWEPT = ("concept", "summary")
 #: The verdict's answers, weakest first: a CRT meets all three criteria as well as its weakest.
 VERDICTS = ("no", "–", "yes (point only)", "yes")
 ALL_THREE = "all three"
@@ -146,119 +134,12 @@ HOW_TO_READ = (
     "is, 'no' otherwise, '–' where not measured.")
 
 
-
-
-def dvc(*args: str, env: dict | None = None) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
-                            env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return result.stdout
-
-
-def concept_runs(setting: str, overrides: list[str], target: str | None = None,
-                 concepts: list[str] | None = None) -> list[list[str]]:
-    """The ``dvc exp run`` arguments of one experiment per concept of ``setting`` (or of
-    ``concepts``), with the ``KEY=VALUE`` param ``overrides``, up to the stage ``target`` if
-    given."""
-    sets = [arg for override in overrides for arg in ("-S", override)]
-    return [[*sets, "-S", f"concept={concept}", *([target] if target else [])]
-            for concept in concepts or known_concepts(setting)]
-
-
-def run_experiments(runs: list[list[str]], jobs: int = 1) -> None:
-    """Each of ``runs`` (``dvc exp run`` arguments) as a DVC experiment in a temporary copy of
-    the repository: the workspace keeps its concept and results. ``jobs`` 1: one after another
-    (``--temp``). More: all queued (``dvc exp run --queue``, which snapshots the workspace now)
-    and run by ``jobs`` queue workers (``dvc queue start --jobs``) until every one has ended;
-    with several GPUs each stage claims its own (``pipeline.params.claim_device``). Fails, naming
-    them, if any failed."""
-    if jobs == 1:
-        for args in tqdm(runs, desc="experiments", unit="experiment"):
-            dvc("exp", "run", "--temp", *args)
-        return
-    names = [re.search(r"Queued experiment '([^']+)'", dvc("exp", "run", "--queue", *args))[1]
-             for args in runs]
-    # each worker's stages keep TORCH_THREADS threads: sleeping, not spinning, while they wait
-    # lets workers share CPU cores (no effect on any output)
-    dvc("queue", "start", "--jobs", str(jobs),
-        env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ})
-    with tqdm(total=len(names), desc=f"experiments ({jobs} workers)", unit="experiment") as bar:
-        while True:
-            status = queue_status(names)
-            ended = [name for name in names if status.get(name, "Queued") not in ("Queued",
-                                                                                  "Running")]
-            bar.update(len(ended) - bar.n)
-            if len(ended) == len(names):
-                break
-            time.sleep(5)
-    failed = [name for name in names if status[name] != "Success"]
-    if failed:
-        raise RuntimeError(f"experiments {', '.join(failed)} failed: see `dvc queue logs NAME`")
-
-
-def queue_status(names: list[str]) -> dict[str, str]:
-    """Experiment name -> its status in ``dvc queue status`` (Queued, Running, Success, Failed
-    or Unknown), for those of ``names`` it lists."""
-    rows = (line.split() for line in dvc("queue", "status").splitlines())
-    return {row[1]: row[-1] for row in rows if len(row) >= 3 and row[1] in names}
-
-
-def with_overrides(params: dict, overrides: list[str]) -> dict:
-    """``params`` with DVC-style ``dotted.key=value`` overrides (values parsed as YAML)."""
-    params = copy.deepcopy(params)
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {override!r}: expected KEY=VALUE, e.g. attack.adapt_to=[]")
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return params
-
-
-def experiments(shown: list[dict]) -> list[dict]:
-    """(name, rev, baseline, params, metrics) of every experiment in ``dvc exp show --json``
-    output, the workspace included (rev "workspace"); ``baseline`` is the commit it ran on."""
-    out = []
-    for rev in shown:
-        for entry in [rev, *[e for exp in rev.get("experiments") or [] for e in exp["revs"]]]:
-            data = entry.get("data") or {}
-            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-            metrics = {path: m.get("data") for path, m in (data.get("metrics") or {}).items()}
-            if params and metrics:
-                out.append({"name": entry.get("name") or entry.get("rev"), "rev": entry["rev"],
-                            "baseline": rev["rev"], "params": params, "metrics": metrics,
-                            "timestamp": data.get("timestamp") or ""})
-    return out
-
-
-def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) -> dict[str, dict]:
-    """Per concept, its newest experiment run with exactly ``params`` (the concept aside) that
-    has the metrics of every stage in ``stages``."""
-    chosen = {}
-    for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
-        if not all(run["metrics"].get(f"reports/{stage}/metrics.json") for stage in stages):
-            continue
-        if not _has_intervals(run["metrics"]["reports/evaluate/metrics.json"]):
-            continue  # recorded before rates carried intervals: another metrics format
-        if "attack" in stages and "runs" not in run["metrics"]["reports/attack/metrics.json"]:
-            continue  # recorded before each attack ran plain and per adapted filter
-        if _same_sweep(run["params"], params):
-            chosen.setdefault(run["params"]["concept"], run)
-    return chosen
-
-
-def _has_intervals(evaluate: dict) -> bool:
-    return isinstance((evaluate.get("espresso") or {}).get("clip_accuracy"), dict)
-
-
 def long_table(chosen: dict[str, dict]) -> pd.DataFrame:
     """One row per concept x CRT x condition (clean, or an attack condition of
-    :func:`pipeline.report.attack_conditions`) x metric that CRT has: value, low, high, n, the
+    :func:`pipeline.rendering.attack_conditions`) x metric that CRT has: value, low, high, n, the
     attack stage's run it comes from, and the experiment."""
+    import pandas as pd
+
     rows = []
     for concept, run in sorted(chosen.items()):
         evaluate = run["metrics"]["reports/evaluate/metrics.json"]
@@ -297,6 +178,8 @@ def _rate(entry) -> dict:
 def with_averages(long: pd.DataFrame) -> pd.DataFrame:
     """``long`` plus one 'average' concept per CRT x condition x metric, over the concepts
     that have the rate, with the normal-approximation interval (module docstring)."""
+    import pandas as pd
+
     rows = []
     for (crt, condition, metric), group in long.groupby(["crt", "condition", "metric"], sort=False):
         values = group["value"].astype(float).dropna()
@@ -318,11 +201,6 @@ def with_averages(long: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([long, pd.DataFrame(rows)], ignore_index=True)
 
 
-def _same_sweep(run_params: dict, params: dict) -> bool:
-    return ({k: v for k, v in run_params.items() if k not in NOT_SWEPT}
-            == {k: v for k, v in params.items() if k not in NOT_SWEPT})
-
-
 def crts_in(long: pd.DataFrame) -> list[str]:
     """The CRTs (and references) that have rates in ``long``, in FILTER_NAMES order."""
     present = set(long["crt"])
@@ -339,6 +217,8 @@ def averages(long: pd.DataFrame) -> dict[tuple[str, str, str], dict]:
 def rate_table(long: pd.DataFrame, condition: str, metric: str,
                paper: float | None = None) -> pd.DataFrame:
     """Concepts (and the average) x the CRTs that have the rate, rendered cells."""
+    import pandas as pd
+
     part = long[(long["condition"] == condition) & (long["metric"] == metric)]
     names = crts_in(part)
     table = pd.DataFrame({FILTER_NAMES[name]: {row.concept: marked_cell(row._asdict())
@@ -357,6 +237,8 @@ def main_table(long: pd.DataFrame, columns: list[tuple[str, str, str]],
     ``long``; and the paper's Espresso where it reports a column), its kind, then one column per
     (condition, metric, label), each the average over concepts with its interval ('–': not
     measured)."""
+    import pandas as pd
+
     average = averages(long)
     rows = {FILTER_NAMES[name]: {"kind": kind_of(name), **{
                 label: marked_cell(average[(name, condition, metric)])
@@ -392,6 +274,8 @@ def adapted_conditions(long: pd.DataFrame) -> list[str]:
 def meets(rate: dict | None, bound: float, lower_better: bool) -> str:
     """'yes' where the rate's whole 95% interval is on the good side of ``bound``, 'yes (point
     only)' where only its value is, 'no' otherwise; '–' where there is no rate."""
+    import pandas as pd
+
     if rate is None or pd.isna(rate["value"]):
         return "–"
 
@@ -415,6 +299,8 @@ def claim_verdicts(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
     effective (clean CLIP accuracy), useful (normalised CLIP score) and robust (CLIP accuracy
     under every adapted attack "X+", so the worst one decides), and all three at once. A
     robustness read from a plain run (no "+" run adapted to that filter) is marked PLAIN_MARK."""
+    import pandas as pd
+
     average = averages(long)
     adapted = adapted_conditions(long)
     effective = f"effective: CLIP acc. ≤ {claim['clip_accuracy_max']:.2f}"
@@ -472,6 +358,8 @@ def _listed(names: list[str]) -> str:
 def worst_attack_table(long: pd.DataFrame) -> pd.DataFrame:
     """Per concept and CRT, the attack run with the highest success rate, with its
     interval (plain and "+" runs alike; a fine-tuning CRT's are its "+" runs)."""
+    import pandas as pd
+
     part = long[(long["metric"] == "attack_success_rate") & long["condition"].isin(CONDITIONS)]
     cells = {}
     for (concept, crt), group in part.groupby(["concept", "crt"]):
@@ -494,6 +382,8 @@ def differences(long: pd.DataFrame, other: str) -> pd.DataFrame:
     accuracy, normalised CLIP score, each "X+" CLIP accuracy; FNR/FPR by judge against a
     filter): 'better' / 'worse' where the 95% intervals do not overlap, '=' where they do (no
     difference can be told from noise)."""
+    import pandas as pd
+
     rates = [("clean", metric) for metric in COMPARED_RATES]
     rates += [(condition, "clip_accuracy") for condition in adapted_conditions(long)]
     if other in FILTERS:
@@ -514,6 +404,10 @@ def differences(long: pd.DataFrame, other: str) -> pd.DataFrame:
 def _verdict(a: pd.Series, b: pd.Series, lower_better: bool) -> str:
     """'better' / 'worse' for ``a`` against ``b`` beyond their intervals, '=' within, '?'
     without intervals."""
+    import pandas as pd
+
+    from pipeline.espresso.metrics import beyond_intervals
+
     a, b = ({k: (None if pd.isna(r[k]) else float(r[k])) for k in ("value", "low", "high")}
             for r in (a, b))
     differ = beyond_intervals(a, b)
@@ -547,6 +441,14 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     coloured by robustness (worst "X+" CLIP accuracy; white: not attacked), with the claim's
     thresholds: a CRT in the shaded corner and green meets all three. The right panel zooms on
     that corner, where the CRTs worth comparing crowd."""
+    import pandas as pd
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
     rates = long[long["condition"].isin(["clean", *adapted_conditions(long)])]
     center = min(max(claim["attack_clip_accuracy_max"], 0.01), 0.99)  # the norm needs 0 < c < 1
     norm, colours = TwoSlopeNorm(vcenter=center, vmin=0.0, vmax=1.0), colormaps["RdYlGn_r"]
@@ -606,6 +508,8 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
 
 def _error(rate: pd.Series) -> list[list[float]]:
     """A rate's 95% interval as an asymmetric error bar (none without an interval)."""
+    import pandas as pd
+
     if pd.isna(rate["low"]):
         return [[0.0], [0.0]]
     return [[rate["value"] - rate["low"]], [rate["high"] - rate["value"]]]
@@ -615,6 +519,8 @@ def ablation_table(runs: list[dict], params: dict, variants: dict[str, list[str]
                    concepts: set[str] | None = None) -> pd.DataFrame:
     """Fine-tuning variants as data: per variant, concept and rate, Espresso fine-tuned's
     value and interval, and zero-shot Espresso's (the same in every variant)."""
+    import pandas as pd
+
     rows = []
     for variant, overrides in variants.items():
         chosen = newest_per_concept(runs, with_overrides(params, overrides), ("evaluate",))
@@ -635,6 +541,8 @@ def ablation_table(runs: list[dict], params: dict, variants: dict[str, list[str]
 def ablation_view(ablation: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One rate rendered: rows concepts, columns zero-shot Espresso then each variant's
     fine-tuned Espresso ('*' better, '!' worse than zero-shot beyond the intervals)."""
+    import pandas as pd
+
     lower_better = CLEAN_METRICS[metric][1]
     part = ablation[ablation["metric"] == metric]
     out = {}
@@ -650,6 +558,8 @@ def ablation_view(ablation: pd.DataFrame, metric: str) -> pd.DataFrame:
 def probe_view(probe: pd.DataFrame) -> pd.DataFrame:
     """Rendered probe: one row per variant (zero-shot first), the probe's rates, and whether
     the target (PROBE_TARGET) is met by the point estimates."""
+    import pandas as pd
+
     rows = {}
     for variant, group in probe.groupby("variant", sort=False):
         for name, f in (("zero-shot (no fine-tuning)", "zero_shot"), (variant, "espresso")):
@@ -705,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     if not chosen:
         raise SystemExit(f"error: no {setting} experiment with these params and evaluate and "
                          "attack metrics: run `python -m pipeline.summary --run` first")
+    import pandas as pd
+
     long = with_averages(long_table(chosen))
     ablation = ablation_table(runs, params, ABLATION) if args.ablation else pd.DataFrame()
     probe = (ablation_table(runs, params, PROBES, {args.probe}) if args.probe

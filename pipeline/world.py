@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.espresso.files import atomic_dir, atomic_file, write_json
 from pipeline.mini import shapes
 from pipeline.params import ParamsError, load_params, stage_parser
+
+if TYPE_CHECKING:
+    import torch
 
 OUT = Path("data/world")
 REPORTS = Path("reports/world")
@@ -57,6 +60,8 @@ def save_fp16(model: torch.nn.Module, folder: Path, *extras) -> None:
     tower's sub-config) says ``"dtype": "float32"``, so that a plain ``from_pretrained``
     (transformers 5 follows the config's dtype) computes in fp32 like diffusers' parts of the
     mini pipeline."""
+    import torch
+
     with atomic_dir(folder) as tmp:
         model.to(torch.float16).save_pretrained(tmp)
         for extra in extras:
@@ -102,6 +107,7 @@ def build_eyes(p: dict, device: str, workers: int) -> None:
 
 
 def build_unet(p: dict, device: str, workers: int) -> None:
+    import torch
     from diffusers import AutoencoderKL
 
     from pipeline.espresso.models import load_clip
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes that render images")
     args = parser.parse_args(argv)
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         p = load_params()["world"]

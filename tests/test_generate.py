@@ -5,6 +5,7 @@ import pytest
 
 from pipeline import generate
 from pipeline.espresso import t2i
+from pipeline.outputs.generated import load_images
 
 
 def test_plan_has_every_split_and_label_with_unique_seeds(tiny_params):
@@ -38,10 +39,10 @@ def test_interrupted_generation_resumes_without_redoing_finished_shards(
     monkeypatch.setattr(t2i, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
     manifest = generate.run(tiny_params)
     assert len(calls) == len(manifest["shard"].unique()) - 1  # the finished shard was kept
-    resumed = generate.load_images(manifest)
+    resumed = load_images(manifest)
 
     for shard in (stage_dir / "data/generate").glob("*.npz"):
         shard.unlink()
-    fresh = generate.load_images(generate.run(tiny_params))
+    fresh = load_images(generate.run(tiny_params))
     assert np.array_equal(resumed, fresh)  # resuming gives exactly the images of a clean run
     assert pd.read_csv(stage_dir / "data/generate/manifest.csv").shape[0] == len(fresh)

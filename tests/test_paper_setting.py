@@ -11,6 +11,9 @@ from tiny_hub import COMMIT
 from transformers import CLIPModel
 
 from pipeline import attack, certify, edit, evaluate, finetune, generate
+from pipeline.espresso.filter_names import FILTERS
+from pipeline.outputs.finetuned import FILTER_DIR
+from pipeline.outputs.generated import load_images
 
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,
@@ -24,12 +27,12 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
     record = json.loads((stage_dir / "data/generate/i2p.json").read_text())
     assert record["revision"] == COMMIT and record["licence"] == "MIT"
     assert record["category"] == "sexual"
-    assert generate.load_images(manifest).shape == (len(manifest), 32, 32, 3)
+    assert load_images(manifest).shape == (len(manifest), 32, 32, 3)
 
     tuned = finetune.run(params)
     assert tuned["kind"] == "opposite"
     assert tuned["weights"] == params["finetune"]["weights"]["opposite"]
-    saved = CLIPModel.from_pretrained(stage_dir / finetune.FILTER_DIR)  # a plain CLIPModel too
+    saved = CLIPModel.from_pretrained(stage_dir / FILTER_DIR)  # a plain CLIPModel too
     assert torch.equal(saved.vision_model.embeddings.patch_embedding.weight,
                        clip.vision_model.embeddings.patch_embedding.weight)  # vision frozen
 
@@ -39,7 +42,7 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
     assert unet.config.cross_attention_dim == clip.config.text_config.hidden_size
 
     metrics = evaluate.run(params)
-    for name in [*evaluate.FILTERS, *params["edit"]["crts"]]:
+    for name in [*FILTERS, *params["edit"]["crts"]]:
         assert 0.0 <= metrics[name]["clip_accuracy"]["value"] <= 1.0
     # the open_clip judge ran on every test image
     scores = pd.read_csv(stage_dir / "reports/evaluate/scores.csv")

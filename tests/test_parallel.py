@@ -145,7 +145,7 @@ json.dump({"concept": concept, "gpu": gpu, "start": start, "end": time.time()},
 def test_a_sweep_runs_its_experiments_through_the_queue_a_gpu_each(tmp_path, monkeypatch):
     """``summary --run --jobs 2``'s mechanism on a toy stage: four experiments queued, two
     workers, every experiment recorded; those that ran at the same time had different GPUs."""
-    from pipeline.summary import run_experiments
+    from pipeline.experiments import run_experiments
 
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -15,7 +15,7 @@ import yaml
 from stages import run_all_stages
 from pipeline import generate
 from pipeline.attack import attack_runs
-from pipeline.espresso.baselines import FILTERS
+from pipeline.espresso.filter_names import FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import report, summary
-from pipeline.espresso.baselines import FILTERS
+from pipeline import experiments, report, rendering, summary
+from pipeline.espresso.filter_names import FILTERS
 
 
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):
@@ -134,7 +134,7 @@ def summary_folder(tiny_params, tmp_path):
               "experiments": [{"revs": [r]} for r in runs]}]
     stricter = copy.deepcopy(tiny_params)  # the claim picks no stage's output: the same sweep
     stricter["summary"]["claim"]["clip_accuracy_max"] = 0.01
-    chosen = summary.newest_per_concept(summary.experiments(shown), stricter,
+    chosen = experiments.newest_per_concept(experiments.experiments(shown), stricter,
                                         ("evaluate", "attack"))
     assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
     long = summary.with_averages(summary.long_table(chosen))
@@ -184,17 +184,17 @@ def test_the_main_table_has_one_row_per_crt_with_averaged_intervals(summary_fold
     folder, _ = summary_folder
     markdown = (folder / "README.md").read_text()
     main = section(markdown, "Main table: effectiveness, utility and robustness per CRT")
-    assert list(main) == [report.FILTER_NAMES[name] for name in SYNTHETIC] + [
+    assert list(main) == [rendering.FILTER_NAMES[name] for name in SYNTHETIC] + [
         "paper: Espresso (SD v1.4, its concepts)"]
     espresso = main["Espresso fine-tuned"]
     assert espresso[0] == "filtering CRT"
     # two concepts of 0.03 +- 0.02: the average's half-width is 0.02 * sqrt(2) / 2
     assert espresso[1] == "0.030 [0.016, 0.044]"
-    assert espresso[3].startswith("0.040") and report.PLAIN_MARK not in espresso[3]  # pez+
+    assert espresso[3].startswith("0.040") and rendering.PLAIN_MARK not in espresso[3]  # pez+
     assert main["ESD-x"][0] == "fine-tuning CRT" and main["ESD-x"][3].startswith("0.600")
     assert main["UCE"][3] == "–"  # not attacked
     assert main["no filter (reference, not a CRT)"][0] == "reference (not a CRT)"
-    assert report.PLAIN_MARK in main["MHSC linear probe"][4]  # cce+: no run adapted to it
+    assert rendering.PLAIN_MARK in main["MHSC linear probe"][4]  # cce+: no run adapted to it
     assert "threshold" not in markdown.replace("the claim's thresholds", "").replace(
         "side of the threshold", "")
     per_concept = section(markdown, "pez+: CLIP accuracy under attack")
@@ -210,11 +210,11 @@ def test_the_verdict_says_which_crts_meet_all_three_thresholds(summary_folder):
     assert not any("reference" in name for name in verdict)  # references are not CRTs
     effective, _, useful, _, robust, worst, all_three = zip(*verdict.values())
     answers = dict(zip(verdict, zip(effective, useful, robust, all_three)))
-    names = report.FILTER_NAMES
+    names = rendering.FILTER_NAMES
     assert answers[names["espresso"]] == ("yes", "yes", "yes", "yes")
     assert answers[names["zero_shot"]] == ("yes (point only)", "yes",
-                                           f"yes {report.PLAIN_MARK}", "yes (point only)")
-    assert answers[names["safety_checker"]][2:] == (f"no {report.PLAIN_MARK}", "no")
+                                           f"yes {rendering.PLAIN_MARK}", "yes (point only)")
+    assert answers[names["safety_checker"]][2:] == (f"no {rendering.PLAIN_MARK}", "no")
     assert answers[names["mhsc"]][0] == "no" and answers[names["mhsc"]][3] == "no"
     assert answers[names["esd_x"]] == ("yes", "yes", "no", "no")
     assert answers[names["uce"]] == ("no", "yes", "–", "no")
@@ -230,7 +230,7 @@ def test_the_summary_compares_espresso_with_every_crt_and_draws_the_tradeoff(sum
     folder, _ = summary_folder
     markdown = (folder / "README.md").read_text()
     for name in ("safety_checker", "mhsc", "zero_shot", "esd_x", "uce"):
-        assert f"## Espresso fine-tuned vs {report.FILTER_NAMES[name]}" in markdown
+        assert f"## Espresso fine-tuned vs {rendering.FILTER_NAMES[name]}" in markdown
     assert "## Espresso fine-tuned vs no filter" not in markdown
     versus_mhsc = section(markdown, "Espresso fine-tuned vs MHSC linear probe")
     assert versus_mhsc["zorbo"][0] == "better"  # clean CLIP accuracy 0.03 vs 0.30
@@ -247,14 +247,14 @@ def test_the_report_stage_tables_and_plots_include_every_crt(tmp_path, monkeypat
     metrics = synthetic_metrics()
     tables = report.evaluation_tables(metrics["evaluate"])
     effectiveness, errors = tables.values()
-    assert list(effectiveness.index) == [report.FILTER_NAMES[name] for name in SYNTHETIC]
-    assert list(errors.index) == [report.FILTER_NAMES[f] for f in FILTERS]
+    assert list(effectiveness.index) == [rendering.FILTER_NAMES[name] for name in SYNTHETIC]
+    assert list(errors.index) == [rendering.FILTER_NAMES[f] for f in FILTERS]
     assert effectiveness.loc["UCE", "ROC-AUC ↑"] == "–"
     attacked = report.attack_table(metrics["attack"], "clip_accuracy")
     assert "UCE" not in attacked.index and list(attacked.columns) == ["pez+", "pez", "cce+", "cce"]
     assert attacked.loc["ESD-x", "pez+"] == "0.600 [0.580, 0.620]"
     assert attacked.loc["ESD-x", "pez"] == "–"  # no plain rate of its own
-    assert attacked.loc["MHSC linear probe", "cce+"].endswith(report.PLAIN_MARK)
+    assert attacked.loc["MHSC linear probe", "cce+"].endswith(rendering.PLAIN_MARK)
     monkeypatch.chdir(tmp_path)
     report.CERTIFIED_ACCURACY.parent.mkdir(parents=True)
     pd.DataFrame({"radius": [0.0, 0.1], "zero_shot": [1.0, 0.5], "espresso": [1.0, 0.6]}).to_csv(
@@ -301,12 +301,12 @@ def test_the_summary_page_fits_a_browser_window(summary_folder, tmp_path):
 def test_sweep_overrides_are_parsed_like_dvc_exp_run_set():
     params = {"setting": "mini", "attack": {"adapt_to": ["espresso"],
                                             "mini": {"pez": {"steps": 300}}}}
-    swept = summary.with_overrides(params, ["attack.adapt_to=[]", "attack.mini.pez.steps=50",
-                                            "setting=paper"])
+    swept = experiments.with_overrides(params, ["attack.adapt_to=[]",
+                                                "attack.mini.pez.steps=50", "setting=paper"])
     assert swept == {"setting": "paper", "attack": {"adapt_to": [], "mini": {"pez": {"steps": 50}}}}
     assert params["attack"]["adapt_to"] == ["espresso"]  # the input is left alone
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        summary.with_overrides(params, ["attack.adapt_to"])
+        experiments.with_overrides(params, ["attack.adapt_to"])
 
 
 def test_attack_conditions_read_x_plus_from_the_run_adapted_to_each_crt():
@@ -316,10 +316,11 @@ def test_attack_conditions_read_x_plus_from_the_run_adapted_to_each_crt():
 
     attack = {"runs": {"pez": run("pez"), "cce": run("cce"), "pez+espresso": run("pez", "espresso"),
                        "pez+zero_shot": run("pez", "zero_shot"), "pez+esd_x": run("pez", "esd_x")}}
-    conditions = report.attack_conditions(attack)
+    conditions = rendering.attack_conditions(attack)
     assert list(conditions) == ["pez+", "pez", "cce"]  # cce has no "+" run
     assert conditions["pez+"] == {"none": "pez", "keyword": "pez", "safety_checker": "pez",
                                   "mhsc": "pez", "zero_shot": "pez+zero_shot",
                                   "espresso": "pez+espresso", "esd_x": "pez+esd_x"}
     assert set(conditions["pez"].values()) == {"pez"}
-    assert report.is_plain_fallback("pez+", "pez") and not report.is_plain_fallback("pez", "pez")
+    assert rendering.is_plain_fallback("pez+", "pez")
+    assert not rendering.is_plain_fallback("pez", "pez")

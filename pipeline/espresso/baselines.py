@@ -27,9 +27,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from pipeline.espresso.filter import EspressoFilter
 from pipeline.espresso.models import quiet_libraries
 
-FILTERS = ("none", "keyword", "safety_checker", "mhsc", "zero_shot", "espresso")
 #: The filters with a margin on CLIP embeddings, which a "+" attack can adapt to: name in
-#: ``FILTERS`` -> their field of ``FilterBank`` (none and keyword have no margin).
+#: ``filter_names.FILTERS`` -> their field of ``FilterBank`` (none and keyword have no margin).
 ADAPTABLE = {"safety_checker": "safety_checker", "mhsc": "mhsc", "zero_shot": "zero_shot",
              "espresso": "tuned"}
 

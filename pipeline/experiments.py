@@ -1,0 +1,132 @@
+"""DVC experiments for the cross-concept tools (``pipeline.summary``, ``pipeline.export``):
+running one per concept (one after another, or through DVC's queue) and reading every recorded
+experiment back from ``dvc exp show``. Apart from what they compute, so that both read
+experiments the same way."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import time
+
+import yaml
+from tqdm import tqdm
+
+from pipeline.concepts import known_concepts
+
+#: Params that pick no stage's output: experiments that differ only in them are one sweep.
+NOT_SWEPT = ("concept", "summary")
+
+
+def dvc(*args: str, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True,
+                            env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def concept_runs(setting: str, overrides: list[str], target: str | None = None,
+                 concepts: list[str] | None = None) -> list[list[str]]:
+    """The ``dvc exp run`` arguments of one experiment per concept of ``setting`` (or of
+    ``concepts``), with the ``KEY=VALUE`` param ``overrides``, up to the stage ``target`` if
+    given."""
+    sets = [arg for override in overrides for arg in ("-S", override)]
+    return [[*sets, "-S", f"concept={concept}", *([target] if target else [])]
+            for concept in concepts or known_concepts(setting)]
+
+
+def run_experiments(runs: list[list[str]], jobs: int = 1) -> None:
+    """Each of ``runs`` (``dvc exp run`` arguments) as a DVC experiment in a temporary copy of
+    the repository: the workspace keeps its concept and results. ``jobs`` 1: one after another
+    (``--temp``). More: all queued (``dvc exp run --queue``, which snapshots the workspace now)
+    and run by ``jobs`` queue workers (``dvc queue start --jobs``) until every one has ended;
+    with several GPUs each stage claims its own (``pipeline.params.claim_device``). Fails, naming
+    them, if any failed."""
+    if jobs == 1:
+        for args in tqdm(runs, desc="experiments", unit="experiment"):
+            dvc("exp", "run", "--temp", *args)
+        return
+    names = [re.search(r"Queued experiment '([^']+)'", dvc("exp", "run", "--queue", *args))[1]
+             for args in runs]
+    # each worker's stages keep TORCH_THREADS threads: sleeping, not spinning, while they wait
+    # lets workers share CPU cores (no effect on any output)
+    dvc("queue", "start", "--jobs", str(jobs),
+        env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ})
+    with tqdm(total=len(names), desc=f"experiments ({jobs} workers)", unit="experiment") as bar:
+        while True:
+            status = queue_status(names)
+            ended = [name for name in names if status.get(name, "Queued") not in ("Queued",
+                                                                                  "Running")]
+            bar.update(len(ended) - bar.n)
+            if len(ended) == len(names):
+                break
+            time.sleep(5)
+    failed = [name for name in names if status[name] != "Success"]
+    if failed:
+        raise RuntimeError(f"experiments {', '.join(failed)} failed: see `dvc queue logs NAME`")
+
+
+def queue_status(names: list[str]) -> dict[str, str]:
+    """Experiment name -> its status in ``dvc queue status`` (Queued, Running, Success, Failed
+    or Unknown), for those of ``names`` it lists."""
+    rows = (line.split() for line in dvc("queue", "status").splitlines())
+    return {row[1]: row[-1] for row in rows if len(row) >= 3 and row[1] in names}
+
+
+def with_overrides(params: dict, overrides: list[str]) -> dict:
+    """``params`` with DVC-style ``dotted.key=value`` overrides (values parsed as YAML)."""
+    params = copy.deepcopy(params)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {override!r}: expected KEY=VALUE, e.g. attack.adapt_to=[]")
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+def experiments(shown: list[dict]) -> list[dict]:
+    """(name, rev, baseline, params, metrics) of every experiment in ``dvc exp show --json``
+    output, the workspace included (rev "workspace"); ``baseline`` is the commit it ran on."""
+    out = []
+    for rev in shown:
+        for entry in [rev, *[e for exp in rev.get("experiments") or [] for e in exp["revs"]]]:
+            data = entry.get("data") or {}
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+            metrics = {path: m.get("data") for path, m in (data.get("metrics") or {}).items()}
+            if params and metrics:
+                out.append({"name": entry.get("name") or entry.get("rev"), "rev": entry["rev"],
+                            "baseline": rev["rev"], "params": params, "metrics": metrics,
+                            "timestamp": data.get("timestamp") or ""})
+    return out
+
+
+def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) -> dict[str, dict]:
+    """Per concept, its newest experiment run with exactly ``params`` (the concept aside) that
+    has the metrics of every stage in ``stages``."""
+    chosen = {}
+    for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
+        if not all(run["metrics"].get(f"reports/{stage}/metrics.json") for stage in stages):
+            continue
+        if not _has_intervals(run["metrics"]["reports/evaluate/metrics.json"]):
+            continue  # recorded before rates carried intervals: another metrics format
+        if "attack" in stages and "runs" not in run["metrics"]["reports/attack/metrics.json"]:
+            continue  # recorded before each attack ran plain and per adapted filter
+        if _same_sweep(run["params"], params):
+            chosen.setdefault(run["params"]["concept"], run)
+    return chosen
+
+
+def _has_intervals(evaluate: dict) -> bool:
+    return isinstance((evaluate.get("espresso") or {}).get("clip_accuracy"), dict)
+
+
+def _same_sweep(run_params: dict, params: dict) -> bool:
+    return ({k: v for k, v in run_params.items() if k not in NOT_SWEPT}
+            == {k: v for k, v in params.items() if k not in NOT_SWEPT})

@@ -1,0 +1,120 @@
+"""What the report stage and the cross-concept summary render alike: the CRTs' display names and
+kinds, rate cells, the attack conditions a rate is read from, the notes every report carries,
+and Markdown + HTML pages. Not a stage: the summary renders without importing the report stage."""
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+from pipeline.espresso.filter_names import FILTERS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Display names of the filters and fine-tuning CRTs, in the order of every table's rows.
+FILTER_NAMES = {"none": "no filter (reference, not a CRT)",
+                "keyword": "keyword blocklist (reference, not a CRT)",
+                "safety_checker": "SD safety checker (diffusers, calibrated)",
+                "mhsc": "MHSC linear probe", "zero_shot": "Espresso zero-shot",
+                "espresso": "Espresso fine-tuned",
+                "esd_x": "ESD-x", "esd_u": "ESD-u", "uce": "UCE", "ca": "CA"}
+#: What the CRTs are measured against: neither removes the concept from what CLIP sees.
+REFERENCES = ("none", "keyword")
+
+
+def kind_of(name: str) -> str:
+    """A row's kind: references are kept apart so that no verdict counts them as CRTs."""
+    if name in REFERENCES:
+        return "reference (not a CRT)"
+    return "filtering CRT" if name in FILTERS else "fine-tuning CRT"
+
+
+def crts_of(evaluate: dict) -> list[str]:
+    """The filters, then the fine-tuning CRTs the evaluate stage scored (a CRT has a rate
+    dict there with a normalised CLIP score), in FILTER_NAMES order."""
+    return [*FILTERS, *(name for name in FILTER_NAMES if name not in FILTERS
+                        and "normalized_clip_score" in (evaluate.get(name) or {}))]
+
+
+def cell(rate) -> str:
+    """A rate (a metrics.json dict with value, low, high) as '0.031 [0.010, 0.090]' (value
+    [95% interval]); a bare number as '0.031'; '–' where there is no value."""
+    import pandas as pd
+
+    if not isinstance(rate, dict):
+        rate = {"value": rate}
+    value, low, high = (rate.get(k) for k in ("value", "low", "high"))
+    if value is None or pd.isna(value):
+        return "–"
+    if low is None or pd.isna(low):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+#: Marks a filter's "X+" rate read from the plain run: no "+" run adapted to that filter.
+PLAIN_MARK = "†"
+PLAIN_NOTE = (f"Attacks: \"X\" is the plain attack (no filter term) on the unedited model, the "
+              f"same images for every filter; \"X+\" is the run adapted to the CRT in that row "
+              f"or column: for a filter, X with that filter's terms (attack.adapt_to; only filters "
+              f"with a margin on CLIP embeddings can be adapted to: SD safety checker, MHSC probe, "
+              f"zero-shot and fine-tuned Espresso); for a fine-tuning CRT, X run through its edited "
+              f"model (it has no plain rate of its own). {PLAIN_MARK}: no \"+\" run adapts to "
+              f"this filter, so its plain rate is shown.")
+
+
+def attack_conditions(attack: dict) -> dict[str, dict[str, str]]:
+    """Per condition and CRT, the attack stage's run it is read from: ``X`` is the plain attack
+    X for every filter; ``X+`` (where X has "+" runs) is, for a filter, the run of X adapted to
+    it, or the plain one where none is, and for a fine-tuning CRT the run of X on its edited
+    model (``X+<crt>``; none, no entry). Conditions in attack order, "X+" before "X"."""
+    runs = attack["runs"]
+    out = {}
+    for name, run in runs.items():
+        if run["variant"] == "plain":
+            adapted = {r["target"]: n for n, r in runs.items()
+                       if r["variant"] == "plus" and r["attack"] == run["attack"]}
+            if adapted:
+                out[f"{run['attack']}+"] = {**{f: adapted.get(f, name) for f in FILTERS},
+                                            **{crt: n for crt, n in adapted.items()
+                                               if crt not in FILTERS}}
+            out[run["attack"]] = {f: name for f in FILTERS}
+    return out
+
+
+def is_plain_fallback(condition: str, run: str) -> bool:
+    """A "+" condition read from a plain run (no run adapted to that filter)."""
+    return condition.endswith("+") and "+" not in run
+
+
+#: METHOD section 7's honest scope, stated wherever certificates are reported.
+CERTIFICATE_SCOPE = (
+    "Scope of the certificate: Espresso's decision is linear in CLIP's image embedding, so the "
+    "certified radius |<z, w>|/|w| is exact by algebra and its verification only checks the "
+    "arithmetic; it cannot reveal a weakness. Attacks perturb the prompt, and so the pixels: the "
+    "share of attack images that moved farther in embedding space than the radius of the "
+    "nearest clean image is the informative part.")
+
+
+def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
+           figures: dict[str, str]) -> tuple[str, str]:
+    """The same content as Markdown and as a standalone HTML page."""
+    md = [f"# {title}", "", *intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(t)}</p>" for t in intro)]
+    for caption, table in tables.items():
+        md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
+        body += [f"<h2>{html.escape(caption)}</h2>",
+                 '<div class="scroll">' + table.to_html(float_format="{:.3f}".format, na_rep="–",
+                                                          classes="metrics") + "</div>"]
+    for caption, name in figures.items():
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+        body += [f"<h3>{html.escape(caption)}</h3>",
+                 f'<img src="{name}" alt="{html.escape(caption)}">']
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+            ".scroll{overflow-x:auto}"
+            "table.metrics{border-collapse:collapse;font-size:85%}"
+            "table.metrics td,table.metrics th{padding:.25em .6em;border-bottom:1px solid #ddd;"
+            "text-align:right}img{max-width:100%;image-rendering:pixelated}"
+            "</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    return "\n".join(md), page
