@@ -31,13 +31,14 @@ from pipeline.attacks import ATTACKS, AttackContext
 from pipeline.attacks.prompt_embedding import textual_inversion
 from pipeline.concepts import prompt_pairs
 from pipeline.espresso.baselines import FILTERS
-from pipeline.espresso.files import atomic_file, write_csv, write_json
+from pipeline.espresso.files import atomic_file, write_csv
 from pipeline.espresso.metrics import clip_accuracy, clip_views, judged_mean_score, proportion
 from pipeline.edit import OUT as EDITS_DIR
 from pipeline.edit import load_edited_unet
 from pipeline.evaluate import load_filter_bank
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
+from pipeline.headline import write_results
 from pipeline.judges import load_eyes, load_judge
 from pipeline.mini import shapes
 from pipeline.params import ParamsError, processes, run_stage, settings_of
@@ -168,7 +169,7 @@ def _run(params: dict) -> dict:
     prompt_rows = [row for i in range(len(all_runs)) for row in done[i][1]]
     score_rows = [done[i][2] for i in range(len(all_runs))]
     metrics = {"eyes": models["eyes"], "judge": models["judge"], "runs": runs}
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "attack", metrics)
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", pd.concat(score_rows, ignore_index=True))
     return metrics

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.espresso.certificate import certified_accuracy, certify_embeddings
-from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.files import write_csv
 from pipeline.espresso import EspressoFilter, blocks
 from pipeline.espresso.metrics import proportion
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
+from pipeline.headline import write_results
 from pipeline.params import run_stage, settings_of
 
 REPORTS = Path("reports/certify")
@@ -85,7 +86,7 @@ def run(params: dict) -> dict:
         }
     metrics["total_violations"] = sum(v for f in CERTIFIED_FILTERS
                                       for v in metrics[f]["violations"].values())
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "certify", metrics)
     write_csv(REPORTS / "radii.csv", table)
     write_csv(REPORTS / "certified_accuracy.csv",
               pd.DataFrame({"radius": grid, **curves}))

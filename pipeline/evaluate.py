@@ -20,13 +20,14 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.espresso import EspressoFilter
 from pipeline.espresso.baselines import FILTERS, Decision, FilterBank
-from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.files import write_csv
 from pipeline.espresso.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
                                        normalized_clip_score, proportion)
 from pipeline.edit import OUT as EDITS_DIR
 from pipeline.edit import load_edited_test_images
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
+from pipeline.headline import write_results
 from pipeline.judges import load_extra_judges, load_judge
 from pipeline.params import run_stage, settings_of
 
@@ -74,7 +75,7 @@ def run(params: dict) -> dict:
     metrics["n_test_images"] = len(test)
     metrics["judged_unacceptable_share"] = proportion(shows[unacceptable])
     metrics["judged_acceptable_share"] = proportion(~shows[~unacceptable])
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "evaluate", metrics)
     write_csv(REPORTS / "scores.csv", table)
     return metrics
 

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.espresso import EspressoFilter, blocks
-from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.files import write_csv
 from pipeline.espresso.losses import espresso_loss
 from pipeline.generate import MANIFEST, load_images
+from pipeline.headline import write_results
 from pipeline.params import SETTINGS, run_stage, settings_of
 
 OUT = Path("data/finetune")
@@ -144,7 +145,7 @@ def run(params: dict) -> dict:
                "val_balanced_accuracy_zero_shot": history[0]["balanced_accuracy"],
                "weights": weights, "kind": concept.kind, "separation": form,
                "optimizer": p["optimizer"], "epochs": p["epochs"]}
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "finetune", metrics)
     write_csv(REPORTS / "history.csv", pd.DataFrame(history))
     return metrics
 

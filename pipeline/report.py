@@ -27,7 +27,7 @@ from pipeline.mini.quality import grid_image
 from pipeline.params import run_stage, settings_of
 
 OUT = Path("reports/report")
-INPUTS = {stage: Path(f"reports/{stage}/metrics.json")
+INPUTS = {stage: Path(f"reports/{stage}/detail.json")
           for stage in ("finetune", "evaluate", "attack", "certify")}
 SCORES = Path("reports/evaluate/scores.csv")
 CERTIFIED_ACCURACY = Path("reports/certify/certified_accuracy.csv")
@@ -66,7 +66,7 @@ def read_metrics() -> dict:
 
 
 def cell(rate) -> str:
-    """A rate (a metrics.json dict with value, low, high) as '0.031 [0.010, 0.090]' (value
+    """A rate (a detail.json dict with value, low, high) as '0.031 [0.010, 0.090]' (value
     [95% interval]); a bare number as '0.031'; '–' where there is no value."""
     if not isinstance(rate, dict):
         rate = {"value": rate}
@@ -240,7 +240,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
 
 
 def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Bar heights and asymmetric error bars (95% intervals) of metrics.json rates."""
+    """Bar heights and asymmetric error bars (95% intervals) of detail.json rates."""
     value = np.array([r["value"] for r in rates], float)  # None (no rate): NaN, no bar
     low = np.array([r["low"] if r["low"] is not None else r["value"] for r in rates], float)
     high = np.array([r["high"] if r["high"] is not None else r["value"] for r in rates], float)
