@@ -50,14 +50,14 @@ FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
     """Per concept, its newest experiment (``pipeline.summary.experiments``) with fine-tuning
-    metrics and the ``MATCHED`` params of ``params``; SystemExit naming the concepts that have
+    results and the ``MATCHED`` params of ``params``; SystemExit naming the concepts that have
     none and how to run them."""
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
     runs = sorted(experiments(shown), key=lambda r: r["timestamp"], reverse=True)
     chosen = {}
     for run in runs:
         concept = run["params"].get("concept")
-        if (concept in concepts and "reports/finetune/metrics.json" in run["metrics"]
+        if (concept in concepts and "finetune" in run["detail"]
                 and all(run["params"].get(k) == params.get(k) for k in MATCHED)):
             chosen.setdefault(concept, run)
     missing = [c for c in concepts if c not in chosen]
@@ -89,7 +89,7 @@ def provenance(run: dict, source: str) -> dict:
     return {"source": source, "experiment": run["name"], "experiment_rev": run["rev"],
             "commit": run["baseline"], "concept": p["concept"],
             "params": {k: p[k] for k in MATCHED},
-            "finetune_metrics": run["metrics"]["reports/finetune/metrics.json"]}
+            "finetune_metrics": run["detail"]["finetune"]}
 
 
 def build(params: dict, concepts: list[str], zero_shot: bool, work: Path

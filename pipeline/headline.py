@@ -1,4 +1,4 @@
-"""Each stage's results in two files: ``reports/<stage>/detail.json``, every number the stage
+r"""Each stage's results in two files: ``reports/<stage>/detail.json``, every number the stage
 measured (nested: per CRT, per attack run, each rate with its 95% interval), which the reports
 read; and ``reports/<stage>/metrics.json``, DVC's metrics file, a flat headline of the few numbers
 a person compares across experiments (``dvc metrics show``, ``dvc exp show``).
@@ -16,7 +16,8 @@ Espresso fine-tuned (``runs.<attack>+espresso``): the worst adapted attack.
 
 To compare experiments without the params and code columns (params.yaml alone has ~200 keys):
 
-    dvc exp show --drop '^(models|generate|finetune|edit|filters|attack|certify|report|summary|world)\\.|^(data|pipeline|reports)/'
+    dvc exp show --drop '^(data|pipeline|reports)/' \
+        --drop '^(models|generate|finetune|edit|filters|attack|certify|report|summary|world)\.'
     dvc exp show --only-changed --drop '^(data|pipeline|reports)/'   # what a sweep changed
 
 ``python -m pipeline.headline`` converts stage folders that hold a nested metrics.json and no

@@ -1,5 +1,6 @@
 """Reports render from a tiny real run, blur what must be blurred, and open in a real browser."""
 import copy
+import json
 import shutil
 import subprocess
 
@@ -10,6 +11,8 @@ from PIL import Image
 
 from pipeline import report, summary
 from pipeline.espresso.baselines import FILTERS
+from pipeline.espresso.files import write_json
+from pipeline.headline import headline, write_results
 
 
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):
@@ -49,12 +52,32 @@ def test_real_world_unacceptable_images_are_blurred_unless_asked(tiny_run, monke
     assert detail(tmp_path / "blurred" / acceptable) == detail(tmp_path / "plain" / acceptable)
 
 
-def exp_show_entry(name, params, metrics, timestamp):
-    """One experiment as ``dvc exp show --json`` lists it."""
-    return {"rev": name, "name": name, "data": {
-        "rev": name, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
-        "metrics": {f"reports/{stage}/metrics.json": {"data": metrics[stage]}
-                    for stage in ("evaluate", "attack")}}}
+def git(*args, cwd):
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def exp_show_entry(name, params, metrics, timestamp, repo, split=True):
+    """One experiment as DVC records it: a git commit of ``repo`` holding each stage's
+    detail.json (``split``: else its nested metrics.json, the format before the split), and its
+    entry in ``dvc exp show --json``, whose metrics are the headlines."""
+    shown = {}
+    for stage in ("evaluate", "attack"):
+        folder = repo / "reports" / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "detail.json").unlink(missing_ok=True)
+        if split:
+            write_results(folder, stage, metrics[stage])
+        else:
+            write_json(folder / "metrics.json", metrics[stage])
+        shown[f"reports/{stage}/metrics.json"] = {
+            "data": json.loads((folder / "metrics.json").read_text())}
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", name, cwd=repo)
+    rev = git("rev-parse", "HEAD", cwd=repo)
+    return {"rev": rev, "name": name, "data": {
+        "rev": rev, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
+        "metrics": shown}}
 
 
 def rate(value, half=0.02):
@@ -120,22 +143,36 @@ def synthetic_metrics():
 
 
 @pytest.fixture()
-def summary_folder(tiny_params, tmp_path):
+def summary_folder(tiny_params, tmp_path, monkeypatch):
     metrics = synthetic_metrics()
+    repo = tmp_path / "repo"  # the experiments' commits: the summary reads their detail.json
+    repo.mkdir()
+    git("init", "-q", cwd=repo)
+    monkeypatch.chdir(repo)
     runs = []
+
+    def tagged(i):  # the synthetic metrics, told apart by a number no table shows
+        return {**metrics, "evaluate": {**metrics["evaluate"], "n_test_images": i}}
+
     for i, concept in enumerate(("zorbo", "blip")):
         params = {**copy.deepcopy(tiny_params), "concept": concept}
-        runs.append(exp_show_entry(f"exp-{concept}", params, metrics, f"2026-11-25T10:0{i}"))
+        runs.append(exp_show_entry(f"exp-{concept}", params, tagged(i), f"2026-11-25T10:0{i}",
+                                   repo, split=concept == "zorbo"))  # blip: before the split
     other_sweep = copy.deepcopy(params)  # newer, but with the plain attacks: not this sweep
     other_sweep["attack"]["adapt_to"] = []
-    runs.append(exp_show_entry("exp-plain", other_sweep, metrics, "2026-11-25T10:09"))
+    runs.append(exp_show_entry("exp-plain", other_sweep, tagged(2), "2026-11-25T10:09", repo))
     shown = [{"rev": "workspace", "name": None, "data": {"rev": "workspace"}},
              {"rev": "main", "name": "main", "data": {"rev": "main"},
               "experiments": [{"revs": [r]} for r in runs]}]
     stricter = copy.deepcopy(tiny_params)  # the claim picks no stage's output: the same sweep
     stricter["summary"]["claim"]["clip_accuracy_max"] = 0.01
-    chosen = summary.newest_per_concept(summary.experiments(shown), stricter,
-                                        ("evaluate", "attack"))
+    recorded = summary.experiments(shown)
+    for i, run in enumerate(recorded):  # each experiment's own detail, from its commit
+        assert run["detail"] == {stage: tagged(i)[stage] for stage in ("evaluate", "attack")}
+    zorbo = next(run for run in recorded if run["name"] == "exp-zorbo")
+    assert zorbo["metrics"]["reports/evaluate/metrics.json"] == headline("evaluate",
+                                                                         metrics["evaluate"])
+    chosen = summary.newest_per_concept(recorded, stricter, ("evaluate", "attack"))
     assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
     long = summary.with_averages(summary.long_table(chosen))
     summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame(),
