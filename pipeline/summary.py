@@ -54,7 +54,6 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
-from matplotlib.transforms import Bbox
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
@@ -661,47 +660,53 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     return "tradeoff.png"
 
 
-#: Where a label may go, nearest first: offsets (points) from its marker, to the right, left,
-#: above and below, then the diagonals, on growing rings.
-LABEL_OFFSETS = [(round(r * dx), round(r * dy)) for r in (7, 14, 24, 36, 50, 66, 84)
-                 for dx, dy in ((1, 0), (-1, 0), (1, 0.8), (-1, 0.8), (1, -0.8), (-1, -0.8),
-                                (0, 1), (0, -1))]
+#: Where a label may go: offsets (points) from its marker on a 4-point grid, nearest first
+#: (a vertical step counts 1.5 times a horizontal one: beside the marker before above it).
+LABEL_OFFSETS = sorted(((dx, dy) for dx in range(-160, 161, 4) for dy in range(-120, 121, 4)
+                        if abs(dx) >= 6 or abs(dy) >= 6),
+                       key=lambda o: (o[0] ** 2 + (1.5 * o[1]) ** 2, -o[0], -o[1]))
 
 
 def place_labels(ax, points: list[tuple[float, float, str]], renderer) -> None:
     """Each point's label at the first of LABEL_OFFSETS where it overlaps no marker of
     ``points``, no label placed before and no legend, and lies inside the axes (deterministic:
     points from top left to bottom right); a grey line leads to a marker the label is not next
-    to. Where nothing fits, the nearest offset inside the axes (else the first)."""
-    pad = 3.5  # points around a marker (its radius at s=70) that a label keeps clear of
+    to. Where nothing fits, the nearest offset inside the axes."""
     scale = renderer.points_to_pixels(1.0)
+    pad = 3.5 * scale  # around a marker (its radius at s=70), and around a label
     frame = ax.get_window_extent(renderer)
-    taken = [Bbox.from_extents(px - pad * scale, py - pad * scale, px + pad * scale,
-                               py + pad * scale)
+    taken = [(px - pad, py - pad, px + pad, py + pad)
              for px, py in (ax.transData.transform((x, y)) for x, y, _ in points)]
-    taken += [legend.get_window_extent(renderer) for legend in [ax.get_legend()] if legend]
+    taken += [tuple(legend.get_window_extent(renderer).extents)
+              for legend in [ax.get_legend()] if legend]
+
+    def clear(box):
+        return not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in taken)
+
     for x, y, text in sorted(points, key=lambda p: (-p[1], p[0], p[2])):
-        fits, inside = None, None
+        probe = ax.annotate(text, (x, y), fontsize=7, ha="left", va="bottom")
+        width, height = (lambda e: (e.width, e.height))(probe.get_window_extent(renderer))
+        probe.remove()
+        px, py = ax.transData.transform((x, y))
+        inside = chosen = None
         for dx, dy in LABEL_OFFSETS:
-            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points",
-                                fontsize=7, ha="left" if dx > 0 else "right" if dx < 0 else
-                                "center", va="bottom" if dy > 0 else "top" if dy < 0 else
-                                "center")
-            box = label.get_window_extent(renderer).padded(1.5 * scale)
-            label.remove()
-            within = frame.containsx(box.x0) and frame.containsx(box.x1) and \
-                frame.containsy(box.y0) and frame.containsy(box.y1)
-            inside = inside or (within and (dx, dy, box))
-            if within and not any(box.overlaps(other) for other in taken):
-                fits = (dx, dy, box)
+            x0 = px + dx * scale - (0 if dx > 0 else width if dx < 0 else width / 2)
+            y0 = py + dy * scale - (0 if dy > 0 else height if dy < 0 else height / 2)
+            box = (x0 - pad / 2, y0 - pad / 2, x0 + width + pad / 2, y0 + height + pad / 2)
+            if not (frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1]
+                    and box[3] <= frame.y1):
+                continue
+            inside = inside or (dx, dy, box)
+            if clear(box):
+                chosen = (dx, dy, box)
                 break
-        dx, dy, box = fits or inside or (*LABEL_OFFSETS[0], None)
-        far = abs(dx) > 7 or abs(dy) > 7
+        dx, dy, box = chosen or inside or (6, 0, None)
         ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
                     ha="left" if dx > 0 else "right" if dx < 0 else "center",
                     va="bottom" if dy > 0 else "top" if dy < 0 else "center", zorder=4,
-                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6,
-                                "shrinkA": 1, "shrinkB": 4} if far else None)
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkA": 1,
+                                "shrinkB": 4} if max(abs(dx), abs(dy)) > 10 else None)
         if box is not None:
             taken.append(box)
 
