@@ -6,6 +6,9 @@ As data (``summary.csv``: one row per concept x CRT x condition x metric) and re
 (``README.md``, ``index.html``): the paper's main table (one row per CRT: effectiveness, utility,
 robustness under each attack adapted to it), the verdict per CRT against ``summary.claim``, the
 trade-off figure (``tradeoff.png``), per-concept tables, plus the fine-tuning ablation and probe.
+The page opens with the verdict and the trade-off figure. The headline table (one row per CRT:
+effectiveness, utility, worst adapted attack, verdict) also goes into the repository's README.md,
+between ``<!-- summary:headline:start -->`` and ``<!-- summary:headline:end -->``.
 CRTs are the filters of ``pipeline.espresso.FILTERS`` and the fine-tuning CRTs the evaluate
 stage scored; "no filter" and "keyword" are kept as references, not CRTs.
 
