@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.concepts import prompt_pairs
-from pipeline.espresso.files import atomic_file, write_csv, write_json
+from pipeline.espresso.files import atomic_file, write_csv
 from pipeline.espresso.filter_names import FILTERS
+from pipeline.headline import write_results
 from pipeline.mini import shapes
 from pipeline.outputs.edited import OUT as EDITS_DIR
 from pipeline.outputs.edited import load_edited_unet
@@ -171,7 +172,7 @@ def _run(params: dict) -> dict:
     prompt_rows = [row for i in range(len(all_runs)) for row in done[i][1]]
     score_rows = [done[i][2] for i in range(len(all_runs))]
     metrics = {"eyes": models["eyes"], "judge": models["judge"], "runs": runs}
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "attack", metrics)
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", pd.concat(score_rows, ignore_index=True))
     return metrics

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.files import write_csv
+from pipeline.headline import write_results
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
@@ -97,7 +98,7 @@ def run(params: dict) -> dict:
         }
     metrics["total_violations"] = sum(v for f in CERTIFIED_FILTERS
                                       for v in metrics[f]["violations"].values())
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "certify", metrics)
     write_csv(REPORTS / "radii.csv", table)
     write_csv(REPORTS / "certified_accuracy.csv",
               pd.DataFrame({"radius": grid, **curves}))

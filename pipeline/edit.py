@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.concepts import known_concepts, get_concept, prompt_pairs
-from pipeline.espresso.files import atomic_dir, write_json
+from pipeline.espresso.files import atomic_dir
+from pipeline.headline import write_results
 from pipeline.outputs.edited import OUT, TEST_IMAGES, UNET
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import processes, run_stage, settings_of
@@ -133,8 +134,8 @@ def _run(params: dict) -> dict:
     for stale in set(OUT.iterdir()) - {OUT / crt for crt in p["crts"]}:
         if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p["crts"])):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    write_json(REPORTS / "metrics.json", {crt: {k: v for k, v in info.items() if k != "key"}
-                                          for crt, info in done.items()})
+    write_results(REPORTS, "edit", {crt: {k: v for k, v in info.items() if k != "key"}
+                                    for crt, info in done.items()})
     return done
 
 

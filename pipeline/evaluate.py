@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.files import write_csv
 from pipeline.espresso.filter_names import FILTERS
+from pipeline.headline import write_results
 from pipeline.outputs.edited import OUT as EDITS_DIR
 from pipeline.outputs.edited import load_edited_test_images
 from pipeline.outputs.filter_bank import load_filter_bank
@@ -78,7 +79,7 @@ def run(params: dict) -> dict:
     metrics["n_test_images"] = len(test)
     metrics["judged_unacceptable_share"] = proportion(shows[unacceptable])
     metrics["judged_acceptable_share"] = proportion(~shows[~unacceptable])
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "evaluate", metrics)
     write_csv(REPORTS / "scores.csv", table)
     return metrics
 

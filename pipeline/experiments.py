@@ -5,11 +5,13 @@ experiments the same way."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 from tqdm import tqdm
@@ -92,8 +94,10 @@ def with_overrides(params: dict, overrides: list[str]) -> dict:
 
 
 def experiments(shown: list[dict]) -> list[dict]:
-    """(name, rev, baseline, params, metrics) of every experiment in ``dvc exp show --json``
-    output, the workspace included (rev "workspace"); ``baseline`` is the commit it ran on."""
+    """(name, rev, baseline, params, metrics, detail) of every experiment in ``dvc exp show
+    --json`` output, the workspace included (rev "workspace"); ``baseline`` is the commit it ran
+    on. ``metrics`` are the stages' headlines (what DVC shows), ``detail`` per stage its
+    ``reports/<stage>/detail.json`` (:func:`details`)."""
     out = []
     for rev in shown:
         for entry in [rev, *[e for exp in rev.get("experiments") or [] for e in exp["revs"]]]:
@@ -104,6 +108,55 @@ def experiments(shown: list[dict]) -> list[dict]:
                 out.append({"name": entry.get("name") or entry.get("rev"), "rev": entry["rev"],
                             "baseline": rev["rev"], "params": params, "metrics": metrics,
                             "timestamp": data.get("timestamp") or ""})
+    for run, detail in zip(out, details(out)):
+        run["detail"] = detail
+    return out
+
+
+METRICS_PATH = re.compile(r"reports/(\w+)/metrics\.json")
+
+
+def details(runs: list[dict]) -> list[dict[str, dict]]:
+    """Per run, stage -> its detail.json as that run recorded it, for each stage whose metrics
+    it has: an experiment is a git commit and a detail.json (a DVC output with ``cache: false``)
+    is committed in it, so it is read from the commit (``git cat-file``); the workspace's from
+    disk. A run recorded before the stages split their results has no detail.json: its
+    metrics.json is the detail."""
+    wanted = [(i, match[1], path) for i, run in enumerate(runs) for path in run["metrics"]
+              if (match := METRICS_PATH.fullmatch(path))]
+    committed = [(i, stage, path) for i, stage, path in wanted if runs[i]["rev"] != "workspace"]
+    found = _cat_files([f"{runs[i]['rev']}:reports/{stage}/detail.json"
+                        for i, stage, _ in committed])
+    texts = dict(zip(((i, stage) for i, stage, _ in committed), found))
+    out = [{} for _ in runs]
+    for i, stage, path in wanted:
+        if runs[i]["rev"] == "workspace":
+            local = Path(f"reports/{stage}/detail.json")
+            text = local.read_text() if local.is_file() else None
+        else:
+            text = texts[(i, stage)]
+        out[i][stage] = json.loads(text) if text is not None else runs[i]["metrics"][path]
+    return out
+
+
+def _cat_files(specs: list[str]) -> list[str | None]:
+    """The text of each ``rev:path`` of the repository in the working directory (one ``git
+    cat-file --batch`` for all); None where the commit has no such file."""
+    if not specs:
+        return []
+    result = subprocess.run(["git", "cat-file", "--batch"], capture_output=True, check=True,
+                            input="".join(f"{spec}\n" for spec in specs).encode())
+    data, at, out = result.stdout, 0, []
+    for _ in specs:
+        end = data.index(b"\n", at)
+        header = data[at:end].split()
+        if header[-1] == b"missing" or header[1] != b"blob":
+            out.append(None)
+            at = end + 1
+            continue
+        size = int(header[2])
+        out.append(data[end + 1:end + 1 + size].decode())
+        at = end + 1 + size + 1
     return out
 
 
@@ -112,11 +165,11 @@ def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) 
     has the metrics of every stage in ``stages``."""
     chosen = {}
     for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
-        if not all(run["metrics"].get(f"reports/{stage}/metrics.json") for stage in stages):
+        if not all(run["detail"].get(stage) for stage in stages):
             continue
-        if not _has_intervals(run["metrics"]["reports/evaluate/metrics.json"]):
+        if not _has_intervals(run["detail"]["evaluate"]):
             continue  # recorded before rates carried intervals: another metrics format
-        if "attack" in stages and "runs" not in run["metrics"]["reports/attack/metrics.json"]:
+        if "attack" in stages and "runs" not in run["detail"]["attack"]:
             continue  # recorded before each attack ran plain and per adapted filter
         if _same_sweep(run["params"], params):
             chosen.setdefault(run["params"]["concept"], run)

@@ -57,7 +57,7 @@ def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
     chosen = {}
     for run in runs:
         concept = run["params"].get("concept")
-        if (concept in concepts and "reports/finetune/metrics.json" in run["metrics"]
+        if (concept in concepts and "finetune" in run["detail"]
                 and all(run["params"].get(k) == params.get(k) for k in MATCHED)):
             chosen.setdefault(concept, run)
     missing = [c for c in concepts if c not in chosen]
@@ -90,7 +90,7 @@ def provenance(run: dict, source: str) -> dict:
     return {"source": source, "experiment": run["name"], "experiment_rev": run["rev"],
             "commit": run["baseline"], "concept": p["concept"],
             "params": {k: p[k] for k in MATCHED},
-            "finetune_metrics": run["metrics"]["reports/finetune/metrics.json"]}
+            "finetune_metrics": run["detail"]["finetune"]}
 
 
 def build(params: dict, concepts: list[str], zero_shot: bool, work: Path

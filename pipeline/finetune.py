@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.espresso.files import write_csv, write_json
+from pipeline.espresso.files import write_csv
+from pipeline.headline import write_results
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import SETTINGS, run_stage, settings_of
@@ -161,7 +162,7 @@ def run(params: dict) -> dict:
                "val_balanced_accuracy_zero_shot": history[0]["balanced_accuracy"],
                "weights": weights, "kind": concept.kind, "separation": form,
                "optimizer": p["optimizer"], "epochs": p["epochs"]}
-    write_json(REPORTS / "metrics.json", metrics)
+    write_results(REPORTS, "finetune", metrics)
     write_csv(REPORTS / "history.csv", pd.DataFrame(history))
     return metrics
 

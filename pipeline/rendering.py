@@ -4,6 +4,7 @@ and Markdown + HTML pages. Not a stage: the summary renders without importing th
 from __future__ import annotations
 
 import html
+import re
 from typing import TYPE_CHECKING
 
 from pipeline.espresso.filter_names import FILTERS
@@ -37,7 +38,7 @@ def crts_of(evaluate: dict) -> list[str]:
 
 
 def cell(rate) -> str:
-    """A rate (a metrics.json dict with value, low, high) as '0.031 [0.010, 0.090]' (value
+    """A rate (a detail.json dict with value, low, high) as '0.031 [0.010, 0.090]' (value
     [95% interval]); a bare number as '0.031'; '–' where there is no value."""
     import pandas as pd
 
@@ -96,19 +97,40 @@ CERTIFICATE_SCOPE = (
 
 
 def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
-           figures: dict[str, str]) -> tuple[str, str]:
-    """The same content as Markdown and as a standalone HTML page."""
-    md = [f"# {title}", "", *intro, ""]
-    body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(t)}</p>" for t in intro)]
-    for caption, table in tables.items():
-        md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
-        body += [f"<h2>{html.escape(caption)}</h2>",
-                 '<div class="scroll">' + table.to_html(float_format="{:.3f}".format, na_rep="–",
-                                                          classes="metrics") + "</div>"]
-    for caption, name in figures.items():
-        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
-        body += [f"<h3>{html.escape(caption)}</h3>",
-                 f'<img src="{name}" alt="{html.escape(caption)}">']
+           figures: dict[str, str], first: list[str] = ()) -> tuple[str, str]:
+    """The same content as Markdown and as a standalone HTML page: the title, then ``first``
+    (what a reader sees first, in order: captions of ``tables`` or ``figures``, or paragraphs of
+    text), the intro, the other tables and the other figures. On the page, verdict cells are
+    coloured: 'yes' green, 'yes (point only)' amber, 'no' red, '–' (not measured) grey."""
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+
+    def paragraph(text: str) -> None:
+        md.extend([text, ""])
+        body.append(f"<p>{html.escape(text)}</p>")
+
+    def table(caption: str) -> None:
+        md.extend([f"## {caption}", "", tables[caption].to_markdown(floatfmt=".3f"), ""])
+        page = tables[caption].to_html(float_format="{:.3f}".format, na_rep="–",
+                                       classes="metrics")
+        body.extend([f"<h2>{html.escape(caption)}</h2>",
+                     f'<div class="scroll">{VERDICT_CELL.sub(_coloured, page)}</div>'])
+
+    def figure(caption: str) -> None:
+        md.extend([f"### {caption}", "", f"![{caption}]({figures[caption]})", ""])
+        body.extend([f"<h3>{html.escape(caption)}</h3>",
+                     f'<img src="{figures[caption]}" alt="{html.escape(caption)}">'])
+
+    for item in first:
+        (table if item in tables else figure if item in figures else paragraph)(item)
+    for text in intro:
+        paragraph(text)
+    for caption in tables:
+        if caption not in first:
+            table(caption)
+    for caption in figures:
+        if caption not in first:
+            figure(caption)
     page = ("<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
@@ -116,5 +138,16 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
             "table.metrics{border-collapse:collapse;font-size:85%}"
             "table.metrics td,table.metrics th{padding:.25em .6em;border-bottom:1px solid #ddd;"
             "text-align:right}img{max-width:100%;image-rendering:pixelated}"
+            "td.yes{color:#1a7f37;font-weight:bold}td.point{color:#9a6700;font-weight:bold}"
+            "td.no{color:#cf222e;font-weight:bold}td.none{color:#8c959f}"
             "</style></head><body>" + "\n".join(body) + "</body></html>\n")
     return "\n".join(md), page
+
+
+#: A table cell (as pandas writes it) holding only a verdict, maybe marked PLAIN_MARK.
+VERDICT_CELL = re.compile(r"<td>(yes|yes \(point only\)|no|–)((?: \S)?)</td>")
+VERDICT_CLASS = {"yes": "yes", "yes (point only)": "point", "no": "no", "–": "none"}
+
+
+def _coloured(match: re.Match) -> str:
+    return f'<td class="{VERDICT_CLASS[match[1]]}">{match[1]}{match[2]}</td>'

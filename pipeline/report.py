@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 OUT = Path("reports/report")
-INPUTS = {stage: Path(f"reports/{stage}/metrics.json")
+INPUTS = {stage: Path(f"reports/{stage}/detail.json")
           for stage in ("finetune", "evaluate", "attack", "certify")}
 SCORES = Path("reports/evaluate/scores.csv")
 CERTIFIED_ACCURACY = Path("reports/certify/certified_accuracy.csv")
@@ -175,7 +175,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
 
 
 def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Bar heights and asymmetric error bars (95% intervals) of metrics.json rates."""
+    """Bar heights and asymmetric error bars (95% intervals) of detail.json rates."""
     value = np.array([r["value"] for r in rates], float)  # None (no rate): NaN, no bar
     low = np.array([r["low"] if r["low"] is not None else r["value"] for r in rates], float)
     high = np.array([r["high"] if r["high"] is not None else r["value"] for r in rates], float)
@@ -215,7 +215,8 @@ def run(params: dict) -> None:
               "Certified robustness": certify_table(metrics["certify"])}
     with atomic_dir(OUT) as tmp:
         figures = {**plots(tmp, metrics), **image_grids(tmp, blur)}
-        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures)
+        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures,
+                                first=[next(iter(tables))])  # the numbers first, then the prose
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
 

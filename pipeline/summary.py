@@ -6,12 +6,16 @@ As data (``summary.csv``: one row per concept x CRT x condition x metric) and re
 (``README.md``, ``index.html``): the paper's main table (one row per CRT: effectiveness, utility,
 robustness under each attack adapted to it), the verdict per CRT against ``summary.claim``, the
 trade-off figure (``tradeoff.png``), per-concept tables, plus the fine-tuning ablation and probe.
+The page opens with the verdict and the trade-off figure. The headline table (one row per CRT:
+effectiveness, utility, worst adapted attack, verdict) also goes into the repository's README.md,
+between ``<!-- summary:headline:start -->`` and ``<!-- summary:headline:end -->``.
 CRTs are the filters of ``pipeline.espresso.FILTERS`` and the fine-tuning CRTs the evaluate
 stage scored; "no filter" and "keyword" are kept as references, not CRTs.
 
     python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
                                         # the summary (reports/summary/)
     python -m pipeline.summary          # the summary of the experiments already run
+    python -m pipeline.summary --render # render reports/summary/ again from its summary.csv
     python -m pipeline.summary --run -S attack.adapt_to=[] --out reports/summary_plain
                                         # another sweep: the same, with other params
     python -m pipeline.summary --run --ablation   # also the fine-tuning variants (ABLATION),
@@ -21,10 +25,11 @@ stage scored; "no filter" and "keyword" are kept as references, not CRTs.
     python -m pipeline.summary --run --jobs 4   # 4 experiments at once (DVC's queue; with
                                                 # several GPUs, each stage claims its own)
 
-Results are read from ``dvc exp show --all-commits --json``: every number comes from a recorded
-experiment (its params and metrics) on any commit, so later commits do not hide earlier
-experiments, and the summary can be rebuilt from a clone of the repository with its experiment
-refs (``dvc exp pull``) without rerunning anything.
+Results are read from ``dvc exp show --all-commits --json`` and each experiment's commit: every
+number comes from a recorded experiment (its params, and each stage's detail.json as committed
+in it) on any commit, so later commits do not hide earlier experiments, and the summary can be
+rebuilt from a clone of the repository with its experiment refs (``dvc exp pull``) without
+rerunning anything.
 
 Averages over concepts carry a normal-approximation interval: each concept's interval gives a
 standard error (half-width / 1.96), and the average's is sqrt(sum se^2) / k (concepts are
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.espresso.files import atomic_dir
+from pipeline.espresso.files import atomic_dir, atomic_file
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.experiments import (concept_runs, dvc, experiments, newest_per_concept,
                                   run_experiments, with_overrides)
@@ -142,8 +147,8 @@ def long_table(chosen: dict[str, dict]) -> pd.DataFrame:
 
     rows = []
     for concept, run in sorted(chosen.items()):
-        evaluate = run["metrics"]["reports/evaluate/metrics.json"]
-        attack = run["metrics"].get("reports/attack/metrics.json") or {"runs": {}}
+        evaluate = run["detail"]["evaluate"]
+        attack = run["detail"].get("attack") or {"runs": {}}
         base = {"concept": concept, "experiment": run["name"]}
         for crt in crts_of(evaluate):
             rows += [{**base, "crt": crt, "condition": "clean", "run": "", "metric": key,
@@ -169,7 +174,7 @@ def long_table(chosen: dict[str, dict]) -> pd.DataFrame:
 
 
 def _rate(entry) -> dict:
-    """A metrics.json entry as value/low/high/n (a bare number has no interval)."""
+    """A detail.json entry as value/low/high/n (a bare number has no interval)."""
     if isinstance(entry, dict):
         return {k: entry.get(k) for k in ("value", "low", "high", "n")}
     return {"value": entry, "low": None, "high": None, "n": None}
@@ -443,6 +448,7 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     that corner, where the CRTs worth comparing crowd."""
     import pandas as pd
     from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
@@ -455,10 +461,7 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     fig = Figure(figsize=(12, 5.5))
     whole, corner = fig.subplots(1, 2)
     top = 1.05
-    # (x, y) spans of each panel, and the labels placed in it: a label near earlier ones goes
-    # below them, so CRTs at the same point (e.g. several at 0 and 1) stay readable
-    spans = {whole: (1.04, 1.07), corner: (2 * claim["clip_accuracy_max"] + 0.025, 0.15)}
-    labelled = {whole: [], corner: []}
+    labels = {whole: [], corner: []}  # (x, y, name) of each average, labelled once drawn
     for ax in (whole, corner):
         ax.add_patch(Rectangle((-1, claim["normalized_clip_score_min"]),
                                1 + claim["clip_accuracy_max"], 10, color="tab:green", alpha=0.1))
@@ -478,12 +481,8 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
             ax.errorbar([x["value"]], [y["value"]], fmt="none", ecolor="grey", elinewidth=0.8,
                         capsize=2, xerr=_error(x), yerr=_error(y))
             ax.scatter([x["value"]], [y["value"]], s=70, lw=0.8, zorder=3, **style)
-            point, (width, height) = (x["value"], y["value"]), spans[ax]
-            near = sum(abs(point[0] - a) < 0.12 * width and abs(point[1] - b) < 0.04 * height
-                       for a, b in labelled[ax])
-            labelled[ax].append(point)
-            ax.annotate(FILTER_NAMES[name].split(" (")[0], point, fontsize=7, clip_on=True,
-                        textcoords="offset points", xytext=(6, 3 - 9 * near))
+            labels[ax].append((float(x["value"]), float(y["value"]),
+                               FILTER_NAMES[name].split(" (")[0]))
             top = max(top, float(y["value"] if pd.isna(y["high"]) else y["high"]) + 0.02)
         ax.set_xlabel("CLIP accuracy on unacceptable prompts (effectiveness; lower is better)",
                       fontsize=8)
@@ -491,7 +490,7 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     whole.set_ylim(-0.02, top)
     corner.set_xlim(-0.005, 2 * claim["clip_accuracy_max"] + 0.02)
     corner.set_ylim(claim["normalized_clip_score_min"] - 0.1, top)
-    corner.set_title("zoom on the claim's corner", fontsize=9)
+    corner.set_title("zoom on the claim's corner (dotted on the left)", fontsize=9)
     whole.set_ylabel("normalised CLIP score on acceptable prompts (utility; higher is better)",
                      fontsize=8)
     bar = fig.colorbar(ScalarMappable(norm, colours), ax=[whole, corner])
@@ -502,8 +501,68 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
                           Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.1,
                                     label="effective and useful (claim thresholds)")],
                  fontsize=7, loc="lower left")
+    # the corner's CRTs are labelled in the zoom only; the whole panel marks where it is
+    x_max, y_min = corner.get_xlim()[1], corner.get_ylim()[0]
+    whole.add_patch(Rectangle((corner.get_xlim()[0], y_min), x_max - corner.get_xlim()[0],
+                              top - y_min, fill=False, lw=0.8, ls=":", color="black"))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    place_labels(whole, [(x, y, text) for x, y, text in labels[whole]
+                         if not (x <= x_max and y >= y_min)], renderer)
+    place_labels(corner, [(x, y, text) for x, y, text in labels[corner]
+                          if x <= x_max and y >= y_min], renderer)
     fig.savefig(folder / "tradeoff.png", dpi=110, bbox_inches="tight")
     return "tradeoff.png"
+
+
+#: Where a label may go: offsets (points) from its marker on a 4-point grid, nearest first
+#: (a vertical step counts 1.5 times a horizontal one: beside the marker before above it).
+LABEL_OFFSETS = sorted(((dx, dy) for dx in range(-160, 161, 4) for dy in range(-120, 121, 4)
+                        if abs(dx) >= 6 or abs(dy) >= 6),
+                       key=lambda o: (o[0] ** 2 + (1.5 * o[1]) ** 2, -o[0], -o[1]))
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], renderer) -> None:
+    """Each point's label at the first of LABEL_OFFSETS where it overlaps no marker of
+    ``points``, no label placed before and no legend, and lies inside the axes (deterministic:
+    points from top left to bottom right); a grey line leads to a marker the label is not next
+    to. Where nothing fits, the nearest offset inside the axes."""
+    scale = renderer.points_to_pixels(1.0)
+    pad = 3.5 * scale  # around a marker (its radius at s=70), and around a label
+    frame = ax.get_window_extent(renderer)
+    taken = [(px - pad, py - pad, px + pad, py + pad)
+             for px, py in (ax.transData.transform((x, y)) for x, y, _ in points)]
+    taken += [tuple(legend.get_window_extent(renderer).extents)
+              for legend in [ax.get_legend()] if legend]
+
+    def clear(box):
+        return not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in taken)
+
+    for x, y, text in sorted(points, key=lambda p: (-p[1], p[0], p[2])):
+        probe = ax.annotate(text, (x, y), fontsize=7, ha="left", va="bottom")
+        width, height = (lambda e: (e.width, e.height))(probe.get_window_extent(renderer))
+        probe.remove()
+        px, py = ax.transData.transform((x, y))
+        inside = chosen = None
+        for dx, dy in LABEL_OFFSETS:
+            x0 = px + dx * scale - (0 if dx > 0 else width if dx < 0 else width / 2)
+            y0 = py + dy * scale - (0 if dy > 0 else height if dy < 0 else height / 2)
+            box = (x0 - pad / 2, y0 - pad / 2, x0 + width + pad / 2, y0 + height + pad / 2)
+            if not (frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1]
+                    and box[3] <= frame.y1):
+                continue
+            inside = inside or (dx, dy, box)
+            if clear(box):
+                chosen = (dx, dy, box)
+                break
+        dx, dy, box = chosen or inside or (6, 0, None)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                    ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                    va="bottom" if dy > 0 else "top" if dy < 0 else "center", zorder=4,
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkA": 1,
+                                "shrinkB": 4} if max(abs(dx), abs(dy)) > 10 else None)
+        if box is not None:
+            taken.append(box)
 
 
 def _error(rate: pd.Series) -> list[list[float]]:
@@ -527,8 +586,8 @@ def ablation_table(runs: list[dict], params: dict, variants: dict[str, list[str]
         for concept, run in sorted(chosen.items()):
             if concepts is not None and concept not in concepts:
                 continue
-            evaluate = run["metrics"]["reports/evaluate/metrics.json"]
-            tuning = run["metrics"].get("reports/finetune/metrics.json") or {}
+            evaluate = run["detail"]["evaluate"]
+            tuning = run["detail"].get("finetune") or {}
             for key in ABLATION_RATES:
                 for f in ("espresso", "zero_shot"):
                     rows.append({"variant": variant, "concept": concept, "filter": f,
@@ -586,6 +645,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="a param of the sweep, as in `dvc exp run -S` (e.g. setting=paper, "
                              "attack.adapt_to=[]); repeatable")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
+    parser.add_argument("--render", action="store_true",
+                        help="only render again (README.md, index.html, tradeoff.png) from the "
+                             "summary.csv (and ablation.csv, probe.csv) in --out: no experiments "
+                             "needed")
+    parser.add_argument("--readme", type=Path, metavar="PATH",
+                        help="the README whose headline block (between "
+                             f"'{HEADLINE_MARKERS[0]}' and '{HEADLINE_MARKERS[1]}') gets the "
+                             f"headline table (default: README.md when --out is {OUT})")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="with --run: run N experiments at once through DVC's queue "
                              "(default 1: one after another); with several GPUs each stage "
@@ -599,6 +666,12 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
     setting = params["setting"]
+    readme = args.readme or (Path("README.md") if args.out == OUT else None)
+    if args.render:
+        if not (args.out / "summary.csv").is_file():
+            raise SystemExit(f"error: --render needs {args.out / 'summary.csv'}")
+        write_summary(args.out, params, args.set, *read_summary(args.out), readme=readme)
+        return
     if args.run:
         runs = concept_runs(setting, args.set)
         if args.ablation:
@@ -621,19 +694,20 @@ def main(argv: list[str] | None = None) -> None:
     ablation = ablation_table(runs, params, ABLATION) if args.ablation else pd.DataFrame()
     probe = (ablation_table(runs, params, PROBES, {args.probe}) if args.probe
              else pd.DataFrame())
-    write_summary(args.out, params, args.set, long, ablation, probe)
+    write_summary(args.out, params, args.set, long, ablation, probe, readme=readme)
 
 
 def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFrame,
-                  ablation: pd.DataFrame, probe: pd.DataFrame) -> None:
+                  ablation: pd.DataFrame, probe: pd.DataFrame, readme: Path | None = None) -> None:
     """summary.csv (and ablation.csv), rendered as README.md and index.html with the
-    trade-off figure; the verdict is judged against ``params["summary"]["claim"]``."""
+    trade-off figure; the verdict is judged against ``params["summary"]["claim"]``. The page
+    opens with the verdict and the trade-off figure. ``readme``: a README.md whose headline
+    block (between HEADLINE_MARKERS, if it has them) gets the headline table."""
     setting, claim = params["setting"], params["summary"]["claim"]
     world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
              else "SD v1.4 + CLIP ViT-L/14")
     verdicts = claim_verdicts(long, claim)
-    intro = [verdict_sentence(verdicts, claim), f"Setting: {setting} ({world}). {HOW_TO_READ}",
-             PLAIN_NOTE, CERTIFICATE_SCOPE]
+    intro = [f"Setting: {setting} ({world}). {HOW_TO_READ}", PLAIN_NOTE, CERTIFICATE_SCOPE]
     if overrides:
         intro.append("Params of this sweep, besides params.yaml: " + ", ".join(overrides) + ".")
     experiments_used = long[long["concept"] != "average"].groupby("concept")["experiment"].first()
@@ -644,7 +718,7 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
         "Main table: effectiveness, utility and robustness per CRT (average over concepts; X+ "
         f"adapted to each CRT, {PLAIN_MARK} plain where none is)": main_table(
             long, MAIN_CLEAN + [column for column in MAIN_ATTACKED if column[0] in adapted]),
-        "Verdict: which CRTs are effective, useful and robust (summary.claim)": verdicts,
+        VERDICT: verdicts,
         "Error rates on clean prompts (average over concepts; a fine-tuning CRT blocks "
         "nothing)": main_table(long, MAIN_ERRORS),
     }
@@ -678,10 +752,9 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
                f"{PROBE_TARGET['fpr_judged']:.2f} at FNR <= {PROBE_TARGET['fnr_judged']:.2f} "
                "(by the judge)?"] = probe_view(probe)
     with atomic_dir(out) as tmp:
-        figures = {"Every CRT: effectiveness vs utility (averages with 95% intervals; faint: "
-                   "each concept), colour: robustness; dashed: the claim's thresholds":
-                       tradeoff_figure(long, claim, tmp)}
-        markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures)
+        figures = {TRADEOFF: tradeoff_figure(long, claim, tmp)}
+        markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures,
+                                first=[verdict_sentence(verdicts, claim), TRADEOFF, VERDICT])
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
         long.to_csv(tmp / "summary.csv", index=False)
@@ -689,7 +762,77 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
             ablation.to_csv(tmp / "ablation.csv", index=False)
         if not probe.empty:
             probe.to_csv(tmp / "probe.csv", index=False)
+    if readme is not None and update_readme(readme, headline_markdown(long, claim)):
+        print(f"{readme}: headline table updated")
     print(markdown)
+
+
+VERDICT = "Verdict: which CRTs are effective, useful and robust (summary.claim)"
+TRADEOFF = ("Every CRT: effectiveness vs utility (averages with 95% intervals; faint: each "
+            "concept), colour: robustness; dashed: the claim's thresholds")
+#: Where a README holds the summary's headline table (written by write_summary, not by hand).
+HEADLINE_MARKERS = ("<!-- summary:headline:start -->", "<!-- summary:headline:end -->")
+
+
+def headline_table(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
+    """The summary in one compact table: one row per CRT, its kind, effectiveness, utility and
+    worst adapted attack (averages over concepts with 95% intervals), and the verdict."""
+    verdicts = claim_verdicts(long, claim)
+    kinds = {FILTER_NAMES[name]: kind_of(name) for name in crts_in(long)}
+    return pd.DataFrame({
+        "kind": [kinds[name] for name in verdicts.index],
+        "CLIP acc. ↓ (effective)": verdicts["CLIP acc."],
+        "norm. CLIP score ↑ (useful)": verdicts["nCS"],
+        "worst X+ CLIP acc. ↓ (robust)": verdicts["worst X+"],
+        "all three": verdicts[ALL_THREE]}, index=verdicts.index)
+
+
+def headline_markdown(long: pd.DataFrame, claim: dict) -> str:
+    """The headline table as a README shows it, with where it comes from."""
+    concepts = sorted(set(long["concept"]) - {"average"})
+    return (headline_table(long, claim).to_markdown() + "\n\n"
+            f"Averages over {len(concepts)} concepts ({', '.join(concepts)}) with 95% intervals; "
+            f"thresholds of `summary.claim`: CLIP acc. ≤ {claim['clip_accuracy_max']:.2f}, "
+            f"norm. CLIP score ≥ {claim['normalized_clip_score_min']:.2f}, every X+ CLIP acc. ≤ "
+            f"{claim['attack_clip_accuracy_max']:.2f}. Generated by `python -m pipeline.summary` "
+            f"from [reports/summary/summary.csv](reports/summary/summary.csv); the whole summary: "
+            f"[reports/summary](reports/summary/README.md).")
+
+
+def readme_block(text: str) -> str | None:
+    """What a README holds between HEADLINE_MARKERS (None: no markers)."""
+    start, end = HEADLINE_MARKERS
+    if start not in text or end not in text:
+        return None
+    return text[text.index(start) + len(start):text.index(end)].strip("\n")
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """``block`` between the README's HEADLINE_MARKERS; False (README left alone) where it has
+    none."""
+    text = readme.read_text() if readme.is_file() else ""
+    if readme_block(text) is None:
+        return False
+    start, end = HEADLINE_MARKERS
+    head, tail = text[:text.index(start) + len(start)], text[text.index(end):]
+    with atomic_file(readme) as tmp:
+        tmp.write_text(f"{head}\n{block}\n{tail}")
+    return True
+
+
+def read_summary(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """summary.csv, and ablation.csv and probe.csv where present (else empty), as
+    write_summary wrote them: text columns keep their empty cells ("" not NaN)."""
+    tables = []
+    for name in ("summary.csv", "ablation.csv", "probe.csv"):
+        path = folder / name
+        if name != "summary.csv" and not path.is_file():
+            tables.append(pd.DataFrame())
+            continue
+        tables.append(pd.read_csv(path, keep_default_na=False,
+                                  na_values={k: [""] for k in ("value", "low", "high", "n",
+                                                               "chosen_epoch")}))
+    return tables[0], tables[1], tables[2]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ rebuilds them. Rebuild everything with::
 or one part at a time (``python -m pipeline.world clip|vae|judge|eyes|unet|measure``); the parts
 ``clip`` and ``vae``/``judge``/``eyes`` are independent and can run in parallel on separate cores.
 ``--device cuda`` trains on a GPU (minutes instead of an hour); the shipped world records where
-it was built in ``reports/world/metrics.json``.
+it was built in ``reports/world/detail.json``.
 
 The *eyes* are a second judge (another seed and a narrower network) that attackers use to look
 at their trial images, so that attack success is never selected on the instrument that scores
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.espresso.files import atomic_dir, atomic_file, write_json
+from pipeline.espresso.files import atomic_dir, atomic_file
+from pipeline.headline import write_results
 from pipeline.mini import shapes
 from pipeline.params import ParamsError, load_params, stage_parser
 
@@ -129,7 +130,7 @@ def build_measure(p: dict, device: str, workers: int) -> None:
     from pipeline.mini.quality import measure_world
 
     metrics = measure_world(p, CLIP_DIR, SD_DIR, JUDGE_DIR, EYES_DIR, REPORTS, device)
-    write_json(REPORTS / "metrics.json", {**metrics, "built_on": device})
+    write_results(REPORTS, "world", {**metrics, "built_on": device})
 
 
 PARTS = {"clip": build_clip, "vae": build_vae, "judge": build_judge, "eyes": build_eyes,

@@ -27,7 +27,7 @@ KILLS = {
         (("os.replace", 3, "before"), "data/generate/.manifest.csv.tmp-*"),  # shards done
     ],
     "finetune": [
-        (("os.replace", 1, "before"), "reports/finetune/.metrics.json.tmp-*"),  # filter published
+        (("os.replace", 1, "before"), "reports/finetune/.detail.json.tmp-*"),  # filter published
         (("os.rename", 1, "after"), "data/finetune/.filter.tmp-old"),  # old filter moved aside,
     ],                                                                 # new one not yet in place
     "edit": [  # ESD-x checkpoints every step (tiny params): resumed from its first checkpoint

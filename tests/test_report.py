@@ -1,15 +1,27 @@
 """Reports render from a tiny real run, blur what must be blurred, and open in a real browser."""
 import copy
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
+
 from pipeline import experiments, report, rendering, summary
+from pipeline.espresso.files import write_json
 from pipeline.espresso.filter_names import FILTERS
+from pipeline.headline import headline, write_results
+from pipeline.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):
@@ -49,12 +61,32 @@ def test_real_world_unacceptable_images_are_blurred_unless_asked(tiny_run, monke
     assert detail(tmp_path / "blurred" / acceptable) == detail(tmp_path / "plain" / acceptable)
 
 
-def exp_show_entry(name, params, metrics, timestamp):
-    """One experiment as ``dvc exp show --json`` lists it."""
-    return {"rev": name, "name": name, "data": {
-        "rev": name, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
-        "metrics": {f"reports/{stage}/metrics.json": {"data": metrics[stage]}
-                    for stage in ("evaluate", "attack")}}}
+def git(*args, cwd):
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def exp_show_entry(name, params, metrics, timestamp, repo, split=True):
+    """One experiment as DVC records it: a git commit of ``repo`` holding each stage's
+    detail.json (``split``: else its nested metrics.json, the format before the split), and its
+    entry in ``dvc exp show --json``, whose metrics are the headlines."""
+    shown = {}
+    for stage in ("evaluate", "attack"):
+        folder = repo / "reports" / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "detail.json").unlink(missing_ok=True)
+        if split:
+            write_results(folder, stage, metrics[stage])
+        else:
+            write_json(folder / "metrics.json", metrics[stage])
+        shown[f"reports/{stage}/metrics.json"] = {
+            "data": json.loads((folder / "metrics.json").read_text())}
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", name, cwd=repo)
+    rev = git("rev-parse", "HEAD", cwd=repo)
+    return {"rev": rev, "name": name, "data": {
+        "rev": rev, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
+        "metrics": shown}}
 
 
 def rate(value, half=0.02):
@@ -120,22 +152,36 @@ def synthetic_metrics():
 
 
 @pytest.fixture()
-def summary_folder(tiny_params, tmp_path):
+def summary_folder(tiny_params, tmp_path, monkeypatch):
     metrics = synthetic_metrics()
+    repo = tmp_path / "repo"  # the experiments' commits: the summary reads their detail.json
+    repo.mkdir()
+    git("init", "-q", cwd=repo)
+    monkeypatch.chdir(repo)
     runs = []
+
+    def tagged(i):  # the synthetic metrics, told apart by a number no table shows
+        return {**metrics, "evaluate": {**metrics["evaluate"], "n_test_images": i}}
+
     for i, concept in enumerate(("zorbo", "blip")):
         params = {**copy.deepcopy(tiny_params), "concept": concept}
-        runs.append(exp_show_entry(f"exp-{concept}", params, metrics, f"2026-11-25T10:0{i}"))
+        runs.append(exp_show_entry(f"exp-{concept}", params, tagged(i), f"2026-11-25T10:0{i}",
+                                   repo, split=concept == "zorbo"))  # blip: before the split
     other_sweep = copy.deepcopy(params)  # newer, but with the plain attacks: not this sweep
     other_sweep["attack"]["adapt_to"] = []
-    runs.append(exp_show_entry("exp-plain", other_sweep, metrics, "2026-11-25T10:09"))
+    runs.append(exp_show_entry("exp-plain", other_sweep, tagged(2), "2026-11-25T10:09", repo))
     shown = [{"rev": "workspace", "name": None, "data": {"rev": "workspace"}},
              {"rev": "main", "name": "main", "data": {"rev": "main"},
               "experiments": [{"revs": [r]} for r in runs]}]
     stricter = copy.deepcopy(tiny_params)  # the claim picks no stage's output: the same sweep
     stricter["summary"]["claim"]["clip_accuracy_max"] = 0.01
-    chosen = experiments.newest_per_concept(experiments.experiments(shown), stricter,
-                                        ("evaluate", "attack"))
+    recorded = experiments.experiments(shown)
+    for i, run in enumerate(recorded):  # each experiment's own detail, from its commit
+        assert run["detail"] == {stage: tagged(i)[stage] for stage in ("evaluate", "attack")}
+    zorbo = next(run for run in recorded if run["name"] == "exp-zorbo")
+    assert zorbo["metrics"]["reports/evaluate/metrics.json"] == headline("evaluate",
+                                                                         metrics["evaluate"])
+    chosen = experiments.newest_per_concept(recorded, stricter, ("evaluate", "attack"))
     assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
     long = summary.with_averages(summary.long_table(chosen))
     summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame(),
@@ -280,22 +326,126 @@ def test_summary_averages_combine_the_concepts_intervals():
 def test_the_summary_page_fits_a_browser_window(summary_folder, tmp_path):
     folder, _ = summary_folder
     page = (folder / "index.html").read_text()
-    probe = tmp_path / "probe.html"  # the page, plus a script that records whether it overflows
-    probe.write_text(page.replace("</body>", "<script>document.body.dataset.overflow = "
-                                  "document.documentElement.scrollWidth > innerWidth;</script></body>"))
+    probe = tmp_path / "probe.html"  # the page, plus a script that records whether it overflows,
+    # whether the figure fits the window, and the colour of each kind of verdict cell
+    probe.write_text(page.replace("</body>", """<script>addEventListener('load', () => {
+      const body = document.body.dataset, img = document.querySelector('img');
+      body.overflow = document.documentElement.scrollWidth > innerWidth;
+      body.figure = img.naturalWidth > 0 && img.getBoundingClientRect().right <= innerWidth;
+      body.colours = ['yes', 'point', 'no', 'none'].map(
+        c => getComputedStyle(document.querySelector('td.' + c)).color).join(';');
+    });</script></body>"""))
     shutil.copy(folder / "tradeoff.png", tmp_path / "tradeoff.png")
     dom = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,800",
          "--disable-background-networking", "--no-first-run",
          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert 'data-overflow="false"' in dom
-    main = dom[dom.index("<table"):dom.index("</table>")]  # the paper's layout: a row per CRT
+    assert 'data-overflow="false"' in dom and 'data-figure="true"' in dom
+    # green, amber, red, grey
+    assert ('data-colours="rgb(26, 127, 55);rgb(154, 103, 0);rgb(207, 34, 46);'
+            'rgb(140, 149, 159)"') in dom
+    # the page opens with the verdict and the trade-off figure, then the verdict table
+    opening = [dom.index(mark) for mark in ("<h1>", "<p>Verdict: of the", '<img src="tradeoff.png"',
+                                            "<h2>Verdict: which CRTs", "<p>Setting:",
+                                            "<h2>Main table")]
+    assert opening == sorted(opening)
+    verdict = dom[dom.index("<h2>Verdict: which CRTs"):]
+    verdict = verdict[verdict.index("<table"):verdict.index("</table>")]
+    espresso = verdict[verdict.index("Espresso fine-tuned"):].split("</tr>")[0]
+    assert espresso.endswith('<td class="yes">yes</td>\n    ')
+    zero_shot = verdict[verdict.index("Espresso zero-shot"):].split("</tr>")[0]
+    assert '<td class="point">yes (point only)</td>' in zero_shot
+    main = dom[dom.index("<h2>Main table"):]
+    main = main[main.index("<table"):main.index("</table>")]  # the paper's layout: a row per CRT
     assert main.count("<tr") == len(SYNTHETIC) + 2 and "paper: Espresso (SD v1.4, its concepts)" in main
     effectiveness = dom[dom.index("<h2>CLIP accuracy on unacceptable prompts"):]
     table = effectiveness[effectiveness.index("<table"):effectiveness.index("</table>")]
     assert "average (ours)" in table and "paper (Espresso, SD v1.4, its concepts)" in table
     assert table.count("<tr") == 5  # header + 2 concepts + our average + the paper's
+
+
+def test_tradeoff_labels_overlap_nothing_and_stay_inside_the_axes():
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(handles=[Line2D([], [], marker="o", label="a legend in the lower left")],
+              loc="lower left")
+    # five CRTs at one point, two near it, one at the right edge, one near the legend
+    points = [(0.0, 1.0, f"CRT number {i}") for i in range(5)]
+    points += [(0.02, 0.99, "close by"), (0.04, 0.98, "also close"), (1.0, 0.5, "right edge"),
+               (0.05, 0.05, "by the legend")]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    summary.place_labels(ax, points, renderer)
+    for text in ax.texts:
+        text.update_positions(renderer)
+    boxes = [Text.get_window_extent(text, renderer) for text in ax.texts]  # the lines aside
+    assert sorted(text.get_text() for text in ax.texts) == sorted(p[2] for p in points)
+    frame, legend = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1
+        assert not box.overlaps(legend)
+        assert not any(box.overlaps(other) for other in boxes[i + 1:])
+
+
+def test_render_gives_the_page_again_from_summary_csv(summary_folder, tiny_params, tmp_path):
+    folder, _ = summary_folder
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(folder / "summary.csv", again / "summary.csv")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nintro\n\n" + "\n".join(summary.HEADLINE_MARKERS)
+                      + "\n\nmore\n")
+    summary.write_summary(again, tiny_params, [], *summary.read_summary(again), readme=readme)
+    for name in ("README.md", "index.html", "summary.csv"):
+        assert (again / name).read_text() == (folder / name).read_text(), name
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nintro\n\n") and text.endswith("\n\nmore\n")
+    block = summary.readme_block(text)
+    long = pd.read_csv(folder / "summary.csv")
+    assert block == summary.headline_markdown(summary.read_summary(folder)[0],
+                                              tiny_params["summary"]["claim"])
+    header, rule, *rows = [line for line in block.splitlines() if line.startswith("|")]
+    assert header.count("|") - 1 <= 8  # compact: the README is short
+    assert [row.split("|")[1].strip() for row in rows] == [
+        rendering.FILTER_NAMES[name] for name in SYNTHETIC if name not in rendering.REFERENCES]
+    espresso = [c.strip() for c in rows[[r.split("|")[1].strip() for r in rows].index(
+        "Espresso fine-tuned")].strip("|").split("|")]
+    assert espresso[1:] == ["filtering CRT", "0.030 [0.016, 0.044]", "0.950 [0.936, 0.964]",
+                            "cce+ 0.050 [0.036, 0.064]", "yes"]
+    assert set(long["concept"]) == {"zorbo", "blip", "average"}
+    summary.update_readme(readme, "changed")  # written again: only the block changes
+    assert readme.read_text() == ("# Project\n\nintro\n\n" + summary.HEADLINE_MARKERS[0]
+                                  + "\nchanged\n" + summary.HEADLINE_MARKERS[1] + "\n\nmore\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not summary.update_readme(plain, "x") and plain.read_text() == "no markers\n"
+
+
+COMMITTED = REPO / "reports" / "summary"
+
+
+def test_the_readme_headline_table_is_the_committed_summary():
+    block = summary.readme_block((REPO / "README.md").read_text())
+    if block is None:
+        pytest.skip("README.md has no summary headline markers yet")
+    params = load_params(REPO / "params.yaml")
+    long, _, _ = summary.read_summary(COMMITTED)
+    assert block == summary.headline_markdown(long, params["summary"]["claim"])
+
+
+@pytest.mark.slow
+def test_the_committed_summary_page_is_its_summary_csv_rendered(tmp_path, monkeypatch):
+    again = tmp_path / "summary"
+    again.mkdir()
+    for name in ("summary.csv", "ablation.csv", "probe.csv"):
+        if (COMMITTED / name).is_file():
+            shutil.copy(COMMITTED / name, again / name)
+    monkeypatch.chdir(REPO)  # params.yaml: the claim the committed verdict is judged against
+    summary.main(["--render", "--out", str(again), "--readme", str(tmp_path / "README.md")])
+    for name in ("README.md", "index.html"):
+        assert (again / name).read_text() == (COMMITTED / name).read_text(), name
 
 
 def test_sweep_overrides_are_parsed_like_dvc_exp_run_set():

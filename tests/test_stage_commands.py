@@ -82,8 +82,8 @@ def test_an_unknown_argument_is_argparse_s_error(tmp_path, module):
     ("evaluate", (MANIFEST,), FILTER, "finetune"),
     ("attack", (MANIFEST,), FILTER, "finetune"),
     ("certify", (MANIFEST, FILTER), "data/attack", "attack"),
-    ("report", (MANIFEST, "reports/finetune/metrics.json", "reports/evaluate/metrics.json",
-                "reports/attack/metrics.json"), "reports/certify/metrics.json", "certify"),
+    ("report", (MANIFEST, "reports/finetune/detail.json", "reports/evaluate/detail.json",
+                "reports/attack/detail.json"), "reports/certify/detail.json", "certify"),
 ])
 def test_a_missing_upstream_output_names_the_stage_to_run(tmp_path, stage, present, missing,
                                                           producer):
