@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from pipeline import registry
 from pipeline.espresso import EspressoFilter
-from pipeline.espresso.baselines import FILTERS, Decision, FilterBank
+from pipeline.espresso.baselines import ADAPTABLE, FILTERS, Decision, FilterBank
 from pipeline.espresso.files import write_csv, write_json
 from pipeline.espresso.metrics import (clip_accuracy, clip_views, error_rates, judged_mean_score,
                                        normalized_clip_score, proportion)
@@ -29,22 +30,27 @@ from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_extra_judges, load_judge
 from pipeline.params import run_stage, settings_of
+from pipeline.schema import Filters, Params
 
 REPORTS = Path("reports/evaluate")
 NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
+# the filter library keeps its own tables (it imports nothing of the pipeline): checked here
+registry.implemented(registry.FILTERS, dict.fromkeys(FILTERS),
+                     "pipeline.espresso.baselines.FILTERS")
+registry.implemented(registry.ADAPTABLE, ADAPTABLE, "pipeline.espresso.baselines.ADAPTABLE")
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict:
     setting, concept, models = settings_of(params)
     manifest = pd.read_csv(MANIFEST)
-    bank = load_filter_bank(models["clip"], concept, manifest, params["filters"])
+    bank = load_filter_bank(models.clip, concept, manifest, params.filters)
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     images, prompts = load_images(test), test["prompt"].tolist()
     unacceptable = (test["label"] == "unacceptable").to_numpy()
     features = bank.zero_shot.embed(images)
     decisions = bank.decide(images, prompts)
     views = clip_views(bank.zero_shot, features, prompts, images.shape[1:])
-    judge = load_judge(setting, models, concept)
+    judge = load_judge(setting, models.judge, concept)
     shows = judge(images)
     second_opinions = {name: judge(images)
                        for name, judge in load_extra_judges(setting, concept).items()}
@@ -59,7 +65,7 @@ def run(params: dict) -> dict:
     for name in FILTERS:
         table[f"{name}_score"] = decisions[name].score
         table[f"{name}_blocked"] = decisions[name].blocked
-    for crt in params["edit"]["crts"]:
+    for crt in params.edit.crts:
         edited = load_edited_test_images(crt)
         edited_views = clip_views(bank.zero_shot, bank.zero_shot.embed(edited), prompts,
                                   edited.shape[1:])
@@ -122,7 +128,7 @@ def edit_metrics(edited: dict, unedited: dict, prompts: list[str], unacceptable:
 
 
 def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame,
-                     filters: dict) -> FilterBank:
+                     filters: Filters) -> FilterBank:
     """Zero-shot and fine-tuned Espresso, the safety checker calibrated on the validation images
     of ``manifest`` (the generate stage's) and the probe fitted on its training images."""
     zero_shot = EspressoFilter.from_clip(clip_source, concept.unacceptable, concept.acceptable)
@@ -133,7 +139,7 @@ def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame,
         return zero_shot.embed(load_images(rows)), (rows["label"] == "unacceptable").to_numpy()
 
     return FilterBank.build(zero_shot, tuned, labelled("train"), labelled("val"),
-                            filters["mhsc"])
+                            filters.mhsc.model_dump())
 
 
 def main() -> None:

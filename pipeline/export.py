@@ -37,7 +37,8 @@ from pipeline.espresso.files import atomic_dir, write_json
 from pipeline.espresso.metrics import error_rates
 from pipeline.espresso.models import load_clip
 from pipeline.generate import load_images
-from pipeline.params import ParamsError, check_params, load_params, settings_of
+from pipeline.params import ParamsError, load_params, settings_of
+from pipeline.schema import Params
 from pipeline.summary import dvc, experiments
 
 OUT = Path("data/checker")
@@ -48,17 +49,18 @@ MATCHED = ("setting", "models", "generate", "finetune")
 FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 
-def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
+def source_runs(params: Params, concepts: list[str]) -> dict[str, dict]:
     """Per concept, its newest experiment (``pipeline.summary.experiments``) with fine-tuning
     metrics and the ``MATCHED`` params of ``params``; SystemExit naming the concepts that have
     none and how to run them."""
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
     runs = sorted(experiments(shown), key=lambda r: r["timestamp"], reverse=True)
+    wanted = params.model_dump(include=set(MATCHED), exclude_unset=True)  # as params.yaml has them
     chosen = {}
     for run in runs:
         concept = run["params"].get("concept")
         if (concept in concepts and "reports/finetune/metrics.json" in run["metrics"]
-                and all(run["params"].get(k) == params.get(k) for k in MATCHED)):
+                and all(run["params"].get(k) == wanted.get(k) for k in MATCHED)):
             chosen.setdefault(concept, run)
     missing = [c for c in concepts if c not in chosen]
     if missing:
@@ -92,13 +94,13 @@ def provenance(run: dict, source: str) -> dict:
             "finetune_metrics": run["metrics"]["reports/finetune/metrics.json"]}
 
 
-def build(params: dict, concepts: list[str], zero_shot: bool, work: Path
+def build(params: Params, concepts: list[str], zero_shot: bool, work: Path
           ) -> tuple[ConceptChecker, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
     """The checker of ``concepts`` (vectors fine-tuned, or zero-shot), and per concept the
     manifest rows and images of its experiment's validation and test images."""
     setting, _, models = settings_of(params)
     runs = source_runs(params, concepts)
-    base = load_clip(models["clip"], device="cpu")
+    base = load_clip(models.clip, device="cpu")
     rows, images, table = {}, {}, []
     for name in tqdm(concepts, desc="concepts", unit="concept"):
         concept = get_concept(name, setting)
@@ -111,7 +113,7 @@ def build(params: dict, concepts: list[str], zero_shot: bool, work: Path
             if not same_image_tower(base[0], filt.clip):
                 raise SystemExit(f"error: the fine-tuned filter of {name} (experiment "
                                  f"{runs[name]['name']}) has another image tower than "
-                                 f"{models['clip']}: a checker holds one tower")
+                                 f"{models.clip}: a checker holds one tower")
         table.append(CheckerConcept(
             name, concept.unacceptable, concept.acceptable, filt.t_u.cpu(), filt.t_a.cpu(),
             filt.logit_scale,
@@ -220,14 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.target_fpr < 1:
         parser.error(f"--target-fpr {args.target_fpr}: give a rate in (0, 1)")
     try:
-        params = check_params(load_params())
+        params = load_params()
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
-    known = known_concepts(params["setting"])
+    known = known_concepts(params.setting)
     concepts = args.concepts or known
     unknown = [c for c in concepts if c not in known]
     if unknown:
-        parser.error(f"unknown concepts {unknown} for setting {params['setting']}: "
+        parser.error(f"unknown concepts {unknown} for setting {params.setting}: "
                      f"give some of {', '.join(known)}")
     with tempfile.TemporaryDirectory() as work:
         checker, rows, images = build(params, concepts, args.zero_shot, Path(work))

@@ -25,6 +25,7 @@ from pipeline.espresso.files import atomic_dir
 from pipeline.generate import MANIFEST, load_images
 from pipeline.mini.quality import grid_image
 from pipeline.params import run_stage, settings_of
+from pipeline.schema import Params
 
 OUT = Path("reports/report")
 INPUTS = {stage: Path(f"reports/{stage}/metrics.json")
@@ -278,10 +279,10 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
     return "\n".join(md), page
 
 
-def run(params: dict) -> None:
+def run(params: Params) -> None:
     setting, concept, _ = settings_of(params)
     metrics = read_metrics()
-    blur = setting == "paper" and not params["report"]["show_unacceptable"]
+    blur = setting == "paper" and not params.report.show_unacceptable
     intro = [f"Concept `{concept.name}` ({concept.kind.replace('_', ' ')}): "
              f"unacceptable \"{concept.unacceptable}\" vs acceptable \"{concept.acceptable}\". "
              f"Setting: {setting} ({'mini world, offline shapes' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}).",

@@ -36,9 +36,10 @@ def test_prompt_pairs_differ_only_in_the_concept(setting):
 
 @pytest.mark.parametrize("setting", ["mini", "paper"])
 def test_train_val_and_test_share_no_sentence_for_any_concept(setting):
-    generate = load_params()["generate"]
+    generate = load_params().generate
     for name in known_concepts(setting):
-        pairs = prompt_pairs(get_concept(name, setting), generate["prompts"], generate["seed"])
+        pairs = prompt_pairs(get_concept(name, setting), generate.prompts.model_dump(),
+                             generate.seed)
         sentences = {split: {s for pair in pairs[split] for s in pair} for split in SPLITS}
         for split in SPLITS:
             assert len(sentences[split]) == 2 * len(pairs[split]) > 0, (name, split)

@@ -10,12 +10,13 @@ from PIL import Image
 
 from pipeline import report, summary
 from pipeline.espresso.baselines import FILTERS
+from pipeline.params import check_params
 
 
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):
     folder, _ = tiny_run
     monkeypatch.chdir(folder)
-    report.run(tiny_params)
+    report.run(check_params(tiny_params))
     out = folder / report.OUT
     markdown = (out / "README.md").read_text()
     for heading in ("Effectiveness and utility", "Error rates", "CLIP accuracy under attack",
@@ -138,8 +139,8 @@ def summary_folder(tiny_params, tmp_path):
                                         ("evaluate", "attack"))
     assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
     long = summary.with_averages(summary.long_table(chosen))
-    summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame(),
-                          pd.DataFrame())  # no ablation, no probe
+    summary.write_summary(tmp_path / "summary", check_params(tiny_params), [], long,
+                          pd.DataFrame(), pd.DataFrame())  # no ablation, no probe
     return tmp_path / "summary", metrics
 
 
