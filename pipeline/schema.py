@@ -16,7 +16,9 @@ they are built: the schema allows exactly what the code implements, without impo
 The stages get the validated model (``pipeline.params.load_params``), not the dict: typed
 sections (``params.generate.seed``), and where code picks a sub-section by a name it holds, a
 small accessor (``params.attack.of(setting).of("cce")``). Where a dict is needed (a hash, a
-file), ``model_dump()`` gives the keys in the order declared here, which is params.yaml's.
+file, a library call), ``model_dump()`` gives it: its keys in the order declared here (inherited
+fields first: not always params.yaml's order, so what is hashed sorts its keys);
+``model_dump(exclude_unset=True)`` gives back the dict validated (floats where it had integers).
 """
 import string
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
@@ -55,11 +57,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def field_named(model: BaseModel, name: str, what: str) -> Any:
+def field_named(model: BaseModel, name: str, what: str, names: tuple[str, ...] = ()) -> Any:
     """The field ``name`` of ``model``, for code that holds the name (a setting, an attack, a
-    CRT); a ``KeyError`` naming ``what`` and the known names if there is no such field."""
-    if name not in type(model).model_fields:
-        raise KeyError(f"unknown {what} {name!r}; known: {', '.join(type(model).model_fields)}")
+    CRT); a ``KeyError`` naming ``what`` and the known names if it is not one of ``names`` (by
+    default: the model's fields)."""
+    names = names or tuple(type(model).model_fields)
+    if name not in names:
+        raise KeyError(f"unknown {what} {name!r}; known: {', '.join(names)}")
     return getattr(model, name)
 
 
@@ -338,14 +342,14 @@ class Budgets(Strict):
 
     def of(self, attack: str) -> Union[Typo, Pez, Cce, RingBell]:
         """The budget of the attack ``attack``."""
-        return field_named(self, attack, "attack")
+        return field_named(self, attack, "attack", registry.ATTACKS)
 
 
 ATTACK_NAMES = tuple(registry.implemented(
     registry.ATTACKS, {k: v for k, v in Budgets.model_fields.items() if k != "vocabulary"},
     "pipeline.schema.Budgets"))
-#: The filters an adaptive attack may adapt to (``pipeline.espresso.FILTERS`` with a margin on
-#: CLIP embeddings: ``FilterBank.by_name``).
+#: The filters an adaptive attack may adapt to (``pipeline.registry.ADAPTABLE``: those with a
+#: margin on CLIP embeddings, ``FilterBank.by_name``).
 Filter = Literal[registry.ADAPTABLE]
 
 

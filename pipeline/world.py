@@ -34,7 +34,8 @@ CACHE = Path(".cache/world")
 CLIP_DIR, SD_DIR, JUDGE_DIR, EYES_DIR = OUT / "clip", OUT / "sd", OUT / "judge", OUT / "eyes"
 
 
-def training_renders(p: World, workers: int = 2) -> tuple[np.ndarray, list[shapes.Scene], list[str]]:
+def training_renders(p: World, workers: int = 2
+                     ) -> tuple[np.ndarray, list[shapes.Scene], list[str]]:
     """The rendered training groups, cached on disk (rendering is deterministic in the seed)."""
     key = f"groups-s{p.seed}-n{p.train_groups}-c{p.character_prob}-{p.image_size}px"
     path = CACHE / f"{key}.npz"
