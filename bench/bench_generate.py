@@ -84,30 +84,31 @@ def stage_vs_bare(folder: Path, params: dict) -> tuple[float, float]:
     from pipeline import generate
     from pipeline.espresso.models import quiet_libraries
     from pipeline.espresso.t2i import scheduler_class
-    from pipeline.params import settings_of
+    from pipeline.params import check_params, settings_of
 
     here = os.getcwd()
     os.chdir(folder)
     try:
         shutil.rmtree("data/generate", ignore_errors=True)
+        typed = check_params(params)
         start = time.perf_counter()
-        manifest = generate.run(params)
+        manifest = generate.run(typed)
         stage = time.perf_counter() - start
     finally:
         os.chdir(here)
-    _, _, models = settings_of(params)
-    sampler = params["generate"]["mini"]
+    _, _, models = settings_of(typed)
+    sampler = typed.generate.mini
     start = time.perf_counter()
     with quiet_libraries():  # (its load report only)
-        pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / models["t2i"]),
+        pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / models.t2i),
                                                        safety_checker=None)
-    pipe.scheduler = scheduler_class(sampler["scheduler"]).from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_class(sampler.scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    batch = sampler["batch"]
+    batch = sampler.batch
     for first in range(0, len(manifest), batch):
         rows = manifest.iloc[first:first + batch]
-        pipe(rows["prompt"].tolist(), height=sampler["size"], width=sampler["size"],
-             num_inference_steps=sampler["steps"], guidance_scale=sampler["guidance"],
+        pipe(rows["prompt"].tolist(), height=sampler.size, width=sampler.size,
+             num_inference_steps=sampler.steps, guidance_scale=sampler.guidance,
              generator=torch.Generator().manual_seed(int(rows["seed"].iloc[0])),
              output_type="np")
     return stage, time.perf_counter() - start

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline import registry
 from pipeline.concepts import prompt_pairs
 from pipeline.espresso.files import atomic_file, write_csv
 from pipeline.espresso.filter_names import FILTERS
@@ -38,6 +39,7 @@ from pipeline.outputs.filter_bank import load_filter_bank
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import ParamsError, processes, run_stage, settings_of
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,7 +47,9 @@ if TYPE_CHECKING:
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
 #: no other words, so tokens outside it are untrained noise to them).
-VOCABULARIES = {"all": None, "world": shapes.language()}
+VOCABULARIES = registry.implemented(registry.VOCABULARIES,
+                                    {"world": shapes.language(), "all": None},
+                                    "pipeline.attack.VOCABULARIES")
 REPORTS = Path("reports/attack")
 NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
 
@@ -83,14 +87,14 @@ def edited_model(pipe, crt: str | None) -> Iterator[None]:
         pipe.unet = original
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict:
     from pipeline.espresso.models import quiet_libraries
 
     with quiet_libraries():
         return _run(params)
 
 
-def _run(params: dict) -> dict:
+def _run(params: Params) -> dict:
     import pandas as pd
     from accelerate.utils import gather_object
     from tqdm import tqdm
@@ -101,41 +105,41 @@ def _run(params: dict) -> dict:
     from pipeline.judges import load_eyes, load_judge
 
     setting, concept, models = settings_of(params)
-    p = params["attack"]
-    budgets, sampler = p[setting], params["generate"][setting]
+    p = params.attack
+    budgets, sampler = p.of(setting), params.generate.of(setting)
     manifest = pd.read_csv(MANIFEST)
-    bank = load_filter_bank(models["clip"], concept, manifest, params["filters"])
-    judge = load_judge(setting, models, concept)
-    eyes = load_eyes(setting, models, concept)
-    targets, target_prompts = attack_targets(manifest, eyes, p["targets"])
-    pipe = load_t2i(models["t2i"])
-    use_scheduler(pipe, sampler["scheduler"])
+    bank = load_filter_bank(models.clip, concept, manifest, params.filters)
+    judge = load_judge(setting, models.judge, concept)
+    eyes = load_eyes(setting, models.eyes, concept)
+    targets, target_prompts = attack_targets(manifest, eyes, p.targets)
+    pipe = load_t2i(models.t2i)
+    use_scheduler(pipe, sampler.scheduler)
     pipe.set_progress_bar_config(disable=True)
     for model in (bank.zero_shot.clip, bank.tuned.clip, pipe.unet, pipe.vae, pipe.text_encoder):
         model.requires_grad_(False)
-    pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
+    pairs = prompt_pairs(concept, params.generate.prompts.model_dump(), params.generate.seed)
     def render(prompts: list[str], seeds: list[int]) -> np.ndarray:
-        return generate(pipe, prompts, seeds, sampler["steps"], sampler["guidance"],
-                        sampler["size"], sampler["batch"], progress=True)
+        return generate(pipe, prompts, seeds, sampler.steps, sampler.guidance, sampler.size,
+                        sampler.batch, progress=True)
 
     memo = {}  # plain searches' candidates, shared with the runs against edited models
-    edits = params["edit"]["crts"]
+    edits = params.edit.crts
 
     def attack_run(run_name: str, name: str, target: str | None) -> tuple[dict, list, pd.DataFrame]:
         """One run: its prompts, its images (written to ``data/attack/<run>.npz``), its scores."""
-        index = p["attacks"].index(name)  # plain and "+" runs of an attack share their seeds
+        index = p.attacks.index(name)  # plain and "+" runs of an attack share their seeds
         edited = target if target in edits else None
         ctx = AttackContext(attacker=bank.zero_shot,
                             target=bank.by_name(target) if target and not edited else None,
                             pipe=pipe, concept=concept, target_images=targets,
                             target_prompts=target_prompts, pairs=pairs["train"],
-                            n_prompts=p["prompts"], seed=p["seed"] + index, render=render,
-                            sees=eyes, words=VOCABULARIES[budgets["vocabulary"]], memo=memo)
-        seeds = (p["seed"] + 1000 * (index + 1) + np.arange(
-            p["prompts"] * p["images_per_prompt"])).tolist()
+                            n_prompts=p.prompts, seed=p.seed + index, render=render,
+                            sees=eyes, words=VOCABULARIES[budgets.vocabulary], memo=memo)
+        seeds = (p.seed + 1000 * (index + 1) + np.arange(
+            p.prompts * p.images_per_prompt)).tolist()
         with edited_model(pipe, edited):
-            result = ATTACKS[name](ctx, budgets[name])
-            prompts = [q for q in result.prompts for _ in range(p["images_per_prompt"])]
+            result = ATTACKS[name](ctx, budgets.of(name))
+            prompts = [q for q in result.prompts for _ in range(p.images_per_prompt)]
             with textual_inversion(pipe, result.textual_inversion):
                 images = render(prompts, seeds)
         with atomic_file(OUT / f"{run_name}.npz") as tmp:
@@ -148,15 +152,15 @@ def _run(params: dict) -> dict:
             scored = {"judged_unacceptable_share": scored["judged_unacceptable_share"],
                       edited: scored["none"]}
             table = table[["prompt", "judge_shows_concept", "p_eval"]]
-        prompt_rows = [{**run, "eyes": models["eyes"], "prompt": q, "objective": o,
+        prompt_rows = [{**run, "eyes": models.eyes, "prompt": q, "objective": o,
                         "trial_success": t, "adaptive_weight": result.adaptive_weight}
                        for q, o, t in zip(result.prompts, result.objective, result.trial_success)]
         return {**run, **scored}, prompt_rows, table.assign(**run, seed=seeds)
 
-    all_runs = attack_runs(p["attacks"], p["adapt_to"] + edits)
+    all_runs = attack_runs(p.attacks, p.adapt_to + edits)
     # an attack's runs go together (they share its plain search), split between the processes;
     # a run depends only on its own seeds, never on which process ran it or after what
-    order = sorted(range(len(all_runs)), key=lambda i: p["attacks"].index(all_runs[i][1]))
+    order = sorted(range(len(all_runs)), key=lambda i: p.attacks.index(all_runs[i][1]))
     state = processes()
     with state.split_between_processes(order) as mine:
         desc = "attack runs" + (f" (1 of {state.num_processes} processes)"
@@ -171,7 +175,7 @@ def _run(params: dict) -> dict:
     runs = {all_runs[i][0]: done[i][0] for i in range(len(all_runs))}
     prompt_rows = [row for i in range(len(all_runs)) for row in done[i][1]]
     score_rows = [done[i][2] for i in range(len(all_runs))]
-    metrics = {"eyes": models["eyes"], "judge": models["judge"], "runs": runs}
+    metrics = {"eyes": models.eyes, "judge": models.judge, "runs": runs}
     write_results(REPORTS, "attack", metrics)
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", pd.concat(score_rows, ignore_index=True))

@@ -20,6 +20,7 @@ from pipeline.headline import write_results
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.
     return out
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict:
     import pandas as pd
     import torch.nn.functional as F
 
@@ -63,12 +64,12 @@ def run(params: dict) -> dict:
     from pipeline.espresso.certificate import certified_accuracy, certify_embeddings
 
     setting, concept, models = settings_of(params)
-    p = params["certify"]
+    p = params.certify
     manifest = pd.read_csv(MANIFEST)
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     unacceptable = (test["label"] == "unacceptable").to_numpy(copy=True)
     images = load_images(test)
-    filters = {"zero_shot": EspressoFilter.from_clip(models["clip"], concept.unacceptable,
+    filters = {"zero_shot": EspressoFilter.from_clip(models.clip, concept.unacceptable,
                                                      concept.acceptable),
                "espresso": EspressoFilter.from_pretrained(FILTER_DIR)}
     table = test[["prompt", "seed", "label"]].copy()
@@ -76,7 +77,7 @@ def run(params: dict) -> dict:
     grid = None
     for name, filt in filters.items():
         z = filt.embed(images)
-        result = certify_embeddings(z, filt.direction, filt.logit_scale, p)
+        result = certify_embeddings(z, filt.direction, filt.logit_scale, p.model_dump())
         blocked = blocks(filt.margin(z)).numpy()
         for key in ("radius", "radius_normalized", "release_bound"):
             table[f"{name}_{key}"] = result[key]
@@ -84,7 +85,7 @@ def run(params: dict) -> dict:
         ratio = result["radius"] / np.maximum(result["release_bound"], 1e-12)
         radius = result["radius_normalized"]
         if grid is None:
-            grid = np.linspace(0, np.quantile(radius, 0.99) * 1.5, p["curve_points"])
+            grid = np.linspace(0, np.quantile(radius, 0.99) * 1.5, p.curve_points)
         curves[name] = certified_accuracy(radius[unacceptable], blocked[unacceptable], grid)
         metrics[name] = {
             **{f"radius_normalized_{q}": float(np.quantile(radius, q / 100))

@@ -32,6 +32,7 @@ from pipeline.headline import write_results
 from pipeline.outputs.edited import OUT, TEST_IMAGES, UNET
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import processes, run_stage, settings_of
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,13 +57,14 @@ def preserved_texts(concept, setting: str) -> list[str]:
     return [t for t in dict.fromkeys(texts) if t.lower() != concept.unacceptable.lower()]
 
 
-def edit_key(crt: str, params: dict, manifest: pd.DataFrame) -> str:
+def edit_key(crt: str, params: Params, manifest: pd.DataFrame) -> str:
     """Hash of everything an edit's output depends on."""
     setting, concept, models = settings_of(params)
-    spec = json.dumps([crt, params["edit"]["seed"], params["edit"][setting][crt], concept.name,
-                       concept.unacceptable, concept.acceptable, models["t2i"], models["clip"],
-                       params["generate"], manifest[["split", "label", "prompt", "seed",
-                                                     "shard_sha256"]].values.tolist()],
+    spec = json.dumps([crt, params.edit.seed, params.edit.of(setting).of(crt).model_dump(),
+                       concept.name, concept.unacceptable, concept.acceptable, models.t2i,
+                       models.clip, params.generate.model_dump(),
+                       manifest[["split", "label", "prompt", "seed",
+                                 "shard_sha256"]].values.tolist()],
                       sort_keys=True, default=str)
     digest = hashlib.sha256(spec.encode())
     for path in CODE:
@@ -70,37 +72,37 @@ def edit_key(crt: str, params: dict, manifest: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict:
     from pipeline.espresso.models import quiet_libraries
 
     with quiet_libraries():
         return _run(params)
 
 
-def _run(params: dict) -> dict:
+def _run(params: Params) -> dict:
     import pandas as pd
 
     from pipeline.crts import EDITS, EditTask
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 
     setting, concept, models = settings_of(params)
-    p = params["edit"]
-    sampler = params["generate"][setting]
+    p = params.edit
+    sampler = params.generate.of(setting)
     manifest = pd.read_csv(MANIFEST)
     anchors = manifest[(manifest["split"] == "train") & (manifest["label"] == "acceptable")]
     test = manifest[manifest["split"] == "test"]
-    pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
-    keys = {crt: edit_key(crt, params, manifest) for crt in p["crts"]}
-    kept = [crt for crt in p["crts"] if (OUT / crt / RECORD).is_file()
+    pairs = prompt_pairs(concept, params.generate.prompts.model_dump(), params.generate.seed)
+    keys = {crt: edit_key(crt, params, manifest) for crt in p.crts}
+    kept = [crt for crt in p.crts if (OUT / crt / RECORD).is_file()
             and json.loads((OUT / crt / RECORD).read_text()).get("key") == keys[crt]]
     for crt in kept:
         log.info("%s: kept (its inputs are unchanged)", crt)
     state = processes()
-    with state.split_between_processes([c for c in p["crts"] if c not in kept]) as mine:
+    with state.split_between_processes([c for c in p.crts if c not in kept]) as mine:
         for crt in mine:  # a CRT's edit and its images, on one process: seeded by its own seed
             key, folder = keys[crt], OUT / crt
-            pipe = load_t2i(models["t2i"])
-            use_scheduler(pipe, sampler["scheduler"])
+            pipe = load_t2i(models.t2i)
+            use_scheduler(pipe, sampler.scheduler)
             pipe.set_progress_bar_config(disable=True)
             for stale in OUT.glob(f"{crt}.checkpoint-*"):
                 if stale.name != f"{crt}.checkpoint-{key}":
@@ -110,14 +112,14 @@ def _run(params: dict) -> dict:
                             acceptable=concept.acceptable, pairs=pairs["train"],
                             anchor_images=load_images(anchors),
                             anchor_pairs=anchors["pair"].tolist(),
-                            preserve=preserved_texts(concept, setting), seed=p["seed"],
-                            size=sampler["size"], steps=sampler["steps"], checkpoint=checkpoint)
+                            preserve=preserved_texts(concept, setting), seed=p.seed,
+                            size=sampler.size, steps=sampler.steps, checkpoint=checkpoint)
             start = time.perf_counter()
-            summary = EDITS[crt](task, p[setting][crt])
+            summary = EDITS[crt](task, p.of(setting).of(crt))
             seconds = time.perf_counter() - start
             images = generate(pipe, test["prompt"].tolist(), test["seed"].tolist(),
-                              sampler["steps"], sampler["guidance"], sampler["size"],
-                              sampler["batch"], progress=state.is_local_main_process)
+                              sampler.steps, sampler.guidance, sampler.size, sampler.batch,
+                              progress=state.is_local_main_process)
             summary.pop("resumed_from", None)  # how it got there is no part of the result
             record = {"crt": crt, "key": key, "concept": concept.name, **summary}
             with atomic_dir(folder) as tmp:
@@ -130,9 +132,9 @@ def _run(params: dict) -> dict:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    done = {crt: json.loads((OUT / crt / RECORD).read_text()) for crt in p["crts"]}
-    for stale in set(OUT.iterdir()) - {OUT / crt for crt in p["crts"]}:
-        if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p["crts"])):
+    done = {crt: json.loads((OUT / crt / RECORD).read_text()) for crt in p.crts}
+    for stale in set(OUT.iterdir()) - {OUT / crt for crt in p.crts}:
+        if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p.crts)):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     write_results(REPORTS, "edit", {crt: {k: v for k, v in info.items() if k != "key"}
                                     for crt, info in done.items()})

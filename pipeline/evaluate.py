@@ -25,7 +25,9 @@ from pipeline.outputs.edited import load_edited_test_images
 from pipeline.outputs.filter_bank import load_filter_bank
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
+from pipeline import registry
 from pipeline.params import run_stage, settings_of
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     from pipeline.espresso.baselines import Decision
@@ -34,22 +36,27 @@ REPORTS = Path("reports/evaluate")
 NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict:
     import pandas as pd
+
+    from pipeline.espresso.baselines import ADAPTABLE
+
+    # the filter library keeps its own table (it imports nothing of the pipeline): checked here
+    registry.implemented(registry.ADAPTABLE, ADAPTABLE, "pipeline.espresso.baselines.ADAPTABLE")
 
     from pipeline.espresso.metrics import clip_views, proportion
     from pipeline.judges import load_extra_judges, load_judge
 
     setting, concept, models = settings_of(params)
     manifest = pd.read_csv(MANIFEST)
-    bank = load_filter_bank(models["clip"], concept, manifest, params["filters"])
+    bank = load_filter_bank(models.clip, concept, manifest, params.filters)
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     images, prompts = load_images(test), test["prompt"].tolist()
     unacceptable = (test["label"] == "unacceptable").to_numpy()
     features = bank.zero_shot.embed(images)
     decisions = bank.decide(images, prompts)
     views = clip_views(bank.zero_shot, features, prompts, images.shape[1:])
-    judge = load_judge(setting, models, concept)
+    judge = load_judge(setting, models.judge, concept)
     shows = judge(images)
     second_opinions = {name: judge(images)
                        for name, judge in load_extra_judges(setting, concept).items()}
@@ -64,7 +71,7 @@ def run(params: dict) -> dict:
     for name in FILTERS:
         table[f"{name}_score"] = decisions[name].score
         table[f"{name}_blocked"] = decisions[name].blocked
-    for crt in params["edit"]["crts"]:
+    for crt in params.edit.crts:
         edited = load_edited_test_images(crt)
         edited_views = clip_views(bank.zero_shot, bank.zero_shot.embed(edited), prompts,
                                   edited.shape[1:])

@@ -32,7 +32,8 @@ from pipeline.concepts import get_concept, known_concepts
 from pipeline.espresso.files import atomic_dir, write_json
 from pipeline.experiments import dvc, experiments
 from pipeline.outputs.generated import load_images
-from pipeline.params import ParamsError, check_params, load_params, settings_of
+from pipeline.params import ParamsError, load_params, settings_of
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,17 +49,18 @@ MATCHED = ("setting", "models", "generate", "finetune")
 FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 
-def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
+def source_runs(params: Params, concepts: list[str]) -> dict[str, dict]:
     """Per concept, its newest experiment (``pipeline.experiments.experiments``) with fine-tuning
     metrics and the ``MATCHED`` params of ``params``; SystemExit naming the concepts that have
     none and how to run them."""
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
     runs = sorted(experiments(shown), key=lambda r: r["timestamp"], reverse=True)
+    wanted = params.model_dump(include=set(MATCHED), exclude_unset=True)  # as params.yaml has them
     chosen = {}
     for run in runs:
         concept = run["params"].get("concept")
         if (concept in concepts and "finetune" in run["detail"]
-                and all(run["params"].get(k) == params.get(k) for k in MATCHED)):
+                and all(run["params"].get(k) == wanted.get(k) for k in MATCHED)):
             chosen.setdefault(concept, run)
     missing = [c for c in concepts if c not in chosen]
     if missing:
@@ -93,7 +95,7 @@ def provenance(run: dict, source: str) -> dict:
             "finetune_metrics": run["detail"]["finetune"]}
 
 
-def build(params: dict, concepts: list[str], zero_shot: bool, work: Path
+def build(params: Params, concepts: list[str], zero_shot: bool, work: Path
           ) -> tuple[ConceptChecker, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
     """The checker of ``concepts`` (vectors fine-tuned, or zero-shot), and per concept the
     manifest rows and images of its experiment's validation and test images."""
@@ -103,7 +105,7 @@ def build(params: dict, concepts: list[str], zero_shot: bool, work: Path
 
     setting, _, models = settings_of(params)
     runs = source_runs(params, concepts)
-    base = load_clip(models["clip"], device="cpu")
+    base = load_clip(models.clip, device="cpu")
     rows, images, table = {}, {}, []
     for name in tqdm(concepts, desc="concepts", unit="concept"):
         concept = get_concept(name, setting)
@@ -116,7 +118,7 @@ def build(params: dict, concepts: list[str], zero_shot: bool, work: Path
             if not same_image_tower(base[0], filt.clip):
                 raise SystemExit(f"error: the fine-tuned filter of {name} (experiment "
                                  f"{runs[name]['name']}) has another image tower than "
-                                 f"{models['clip']}: a checker holds one tower")
+                                 f"{models.clip}: a checker holds one tower")
         table.append(CheckerConcept(
             name, concept.unacceptable, concept.acceptable, filt.t_u.cpu(), filt.t_a.cpu(),
             filt.logit_scale,
@@ -234,14 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.target_fpr < 1:
         parser.error(f"--target-fpr {args.target_fpr}: give a rate in (0, 1)")
     try:
-        params = check_params(load_params())
+        params = load_params()
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
-    known = known_concepts(params["setting"])
+    known = known_concepts(params.setting)
     concepts = args.concepts or known
     unknown = [c for c in concepts if c not in known]
     if unknown:
-        parser.error(f"unknown concepts {unknown} for setting {params['setting']}: "
+        parser.error(f"unknown concepts {unknown} for setting {params.setting}: "
                      f"give some of {', '.join(known)}")
     with tempfile.TemporaryDirectory() as work:
         checker, rows, images = build(params, concepts, args.zero_shot, Path(work))

@@ -4,7 +4,7 @@ The objective is the library's (``pipeline.espresso.losses``); here are the opti
 training loop and the checkpoint choice. Only the text transformer and text projection are
 trained; the vision tower is frozen, so image embeddings are computed once. The separation form,
 the optimiser and the epochs are per setting: the paper setting reproduces the authors' release,
-the mini world uses ours (``finetune_params``). The checkpoint is chosen on the validation split
+the mini world uses ours (``finetune.<setting>``). The checkpoint is chosen on the validation split
 (rule and epoch recorded in the metrics), and the *whole* CLIP is saved, text projection included
 (the authors' release dropped it).
 """
@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline import registry
 from pipeline.espresso.files import write_csv
 from pipeline.headline import write_results
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
-from pipeline.params import SETTINGS, run_stage, settings_of
+from pipeline.params import run_stage, settings_of
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +43,8 @@ def trainable_text_side(clip) -> list[torch.nn.Parameter]:
     return [p for p in clip.parameters() if p.requires_grad]
 
 
-def adamw(clip, p: dict) -> torch.optim.Optimizer:
+def adamw(clip, *, lr: float, betas: list[float], eps: float,
+          weight_decay: float) -> torch.optim.Optimizer:
     """Ours: AdamW, decoupled decay on the weight matrices only. No decay on parameters with
     ndim < 2 (norms, biases: open_clip's rule) nor on the token/position embedding tables
     (open_clip decays those; we do not, since decay shrinks every token a batch never uses)."""
@@ -51,30 +54,22 @@ def adamw(clip, p: dict) -> torch.optim.Optimizer:
     tables = {id(m.weight) for m in clip.modules() if isinstance(m, torch.nn.Embedding)}
     decayed = [q for q in trainable if q.ndim >= 2 and id(q) not in tables]
     kept = [q for q in trainable if not (q.ndim >= 2 and id(q) not in tables)]
-    return torch.optim.AdamW([{"params": decayed, "weight_decay": p["weight_decay"]},
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
                               {"params": kept, "weight_decay": 0.0}],
-                             lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"])
+                             lr=lr, betas=tuple(betas), eps=eps)
 
 
-def adam(clip, p: dict) -> torch.optim.Optimizer:
+def adam(clip, *, lr: float, betas: list[float], eps: float,
+         weight_decay: float) -> torch.optim.Optimizer:
     """The release's: Adam with coupled L2 on every trainable parameter (unused tokens shrink)."""
     import torch
 
-    return torch.optim.Adam(trainable_text_side(clip), lr=p["lr"], betas=tuple(p["betas"]),
-                            eps=p["eps"], weight_decay=p["weight_decay"])
+    return torch.optim.Adam(trainable_text_side(clip), lr=lr, betas=tuple(betas),
+                            eps=eps, weight_decay=weight_decay)
 
 
-OPTIMIZERS = {"adamw": adamw, "adam": adam}
-
-
-def finetune_params(finetune: dict, setting: str, concept: str) -> dict:
-    """The shared ``finetune`` keys plus the setting's separation, optimiser and epochs (per
-    concept where ``epochs_by_concept`` names it), of checked params (``pipeline.schema``)."""
-    own = finetune[setting]
-    shared = {k: v for k, v in finetune.items() if k not in SETTINGS}
-    epochs = (own.get("epochs_by_concept") or {}).get(concept, own["epochs"])
-    return {**shared, "separation": own["separation"], "optimizer": own["optimizer"],
-            "epochs": epochs}
+OPTIMIZERS = registry.implemented(registry.OPTIMIZERS, {"adamw": adamw, "adam": adam},
+                                  "pipeline.finetune.OPTIMIZERS")
 
 
 def text_side_state(clip) -> dict[str, torch.Tensor]:
@@ -99,8 +94,10 @@ def validate(filt: EspressoFilter, val: dict, weights: dict, separation: str) ->
     import torch
 
     from pipeline.espresso import blocks
-    from pipeline.espresso.losses import espresso_loss
+    from pipeline.espresso.losses import SEPARATIONS, espresso_loss
 
+    # the filter library keeps its own table (it imports nothing of the pipeline): checked here
+    registry.implemented(registry.SEPARATIONS, SEPARATIONS, "pipeline.espresso.losses.SEPARATIONS")
     with torch.no_grad():
         filt.refresh_concepts()
         blocked_u = blocks(filt.margin(val["images_u"]))
@@ -110,7 +107,7 @@ def validate(filt: EspressoFilter, val: dict, weights: dict, separation: str) ->
         return {"balanced_accuracy": accuracy, "loss": loss}
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict:
     import pandas as pd
     import torch
     import torch.nn.functional as F
@@ -120,26 +117,28 @@ def run(params: dict) -> dict:
     from pipeline.espresso.losses import espresso_loss
 
     setting, concept, models = settings_of(params)
-    p = finetune_params(params["finetune"], setting, concept.name)
-    weights, form = p["weights"][concept.kind], p["separation"]
-    torch.manual_seed(p["seed"])
-    rng = np.random.default_rng(p["seed"])
-    filt = EspressoFilter.from_clip(models["clip"], concept.unacceptable, concept.acceptable)
+    p, own = params.finetune, params.finetune.of(setting)  # shared keys, the setting's own
+    epochs = own.epochs_of(concept.name)
+    weights, form = p.weights.of(concept.kind).model_dump(), own.separation
+    torch.manual_seed(p.seed)
+    rng = np.random.default_rng(p.seed)
+    filt = EspressoFilter.from_clip(models.clip, concept.unacceptable, concept.acceptable)
     manifest = pd.read_csv(MANIFEST).query("split != 'test'").reset_index(drop=True)
     images = load_images(manifest)
     embeddings = F.normalize(filt.embed(images), dim=-1)  # vision side frozen: embed once
     train, val = (aligned_split(manifest, embeddings, s) for s in ("train", "val"))
-    optimizer = OPTIMIZERS[p["optimizer"]](filt.clip, p)
+    optimizer = OPTIMIZERS[own.optimizer](filt.clip, lr=p.lr, betas=p.betas, eps=p.eps,
+                                          weight_decay=p.weight_decay)
     history = [{"epoch": 0, **validate(filt, val, weights, form)}]
     best_state = text_side_state(filt.clip)
     best = history[0]
     n = len(train["prompts_u"])
-    for epoch in tqdm(range(1, p["epochs"] + 1), desc="finetune", unit="epoch"):
+    for epoch in tqdm(range(1, epochs + 1), desc="finetune", unit="epoch"):
         filt.clip.train()
         order = rng.permutation(n)
         logs = []
-        for start in range(0, n, p["batch"]):
-            idx = order[start:start + p["batch"]]
+        for start in range(0, n, p.batch):
+            idx = order[start:start + p.batch]
             batch = {k: v[idx] if torch.is_tensor(v) else [v[i] for i in idx]
                      for k, v in train.items()}
             terms = espresso_loss(filt, batch, weights, form)
@@ -161,7 +160,7 @@ def run(params: dict) -> dict:
                "val_balanced_accuracy": best["balanced_accuracy"],
                "val_balanced_accuracy_zero_shot": history[0]["balanced_accuracy"],
                "weights": weights, "kind": concept.kind, "separation": form,
-               "optimizer": p["optimizer"], "epochs": p["epochs"]}
+               "optimizer": own.optimizer, "epochs": epochs}
     write_results(REPORTS, "finetune", metrics)
     write_csv(REPORTS / "history.csv", pd.DataFrame(history))
     return metrics

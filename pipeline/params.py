@@ -1,6 +1,10 @@
 """Reading and validating ``params.yaml``, the single source of every budget and seed (its rules
 are ``pipeline.schema``), and running a stage as a command (``run_stage``: ``--help``, checked
-inputs, one line per error)."""
+inputs, one line per error).
+
+Stages get the validated model, :class:`pipeline.schema.Params` (``params.generate.seed``), never
+the dict: :func:`load_params` reads and checks the file, :func:`check_params` turns a dict (a test's
+``tiny_params_for()``, a sweep's overrides) into the model."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +21,7 @@ from typing import Callable, Mapping, Union
 import yaml
 
 from pipeline.concepts import Concept, UnknownConceptError, get_concept, load_registry
-from pipeline.schema import Params, ParamsError, read_yaml, validate
+from pipeline.schema import Models, Params, ParamsError, read_yaml, validate
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
@@ -37,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Upstream outputs a stage reads -> the stage that writes each, in pipeline order; or a
 #: function of the params that gives them.
-Needs = Union[Mapping[Union[str, Path], str], Callable[[dict], Mapping[Union[str, Path], str]]]
+Needs = Union[Mapping[Union[str, Path], str], Callable[[Params], Mapping[Union[str, Path], str]]]
 
 
 class MissingInputError(FileNotFoundError):
@@ -49,39 +53,40 @@ class DamagedInputError(ValueError):
     not load); the message names the file and, where a stage reads it, the stage to rerun."""
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict:
-    """The parsed params file, checked (:func:`check_params`); a missing file, or any value not
-    allowed, is a :class:`ParamsError` with one line per problem, not a stack trace."""
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """The params file, checked (:func:`check_params`); a missing file, or any value not allowed,
+    is a :class:`ParamsError` with one line per problem, not a stack trace."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
     return check_params(read_yaml(path.read_text(), path.name), path.name)
 
 
-def check_params(params: dict, source: str = PARAMS_FILE.name) -> dict:
-    """``params`` if every key and value is allowed (``pipeline.schema.Params``) and ``concept``
-    names a concept of the setting in a valid registry; else :class:`ParamsError`, one line per
-    problem of either file."""
+def check_params(params: dict, source: str = PARAMS_FILE.name) -> Params:
+    """``params`` as the model the stages take, if every key and value is allowed
+    (``pipeline.schema.Params``) and ``concept`` names a concept of the setting in a valid
+    registry; else :class:`ParamsError`, one line per problem of either file. ``.model_dump()``
+    gives the dict back."""
     try:
         context, problems = {"registry": load_registry()}, []
     except ParamsError as err:
         context, problems = {}, str(err).splitlines()
     try:
-        validate(Params, params, source, context)
+        model = validate(Params, params, source, context)
     except ParamsError as err:
         problems += str(err).splitlines()
     if problems:
         raise ParamsError("\n".join(problems))
-    return params
+    return model
 
 
-def settings_of(params: dict) -> tuple[str, Concept, dict[str, str]]:
-    """The setting, concept and model sources of a run (checked params)."""
-    setting = params["setting"]
-    return setting, get_concept(params["concept"], setting), params["models"][setting]
+def settings_of(params: Params) -> tuple[str, Concept, Models]:
+    """The setting, concept and model sources of a run."""
+    setting = params.setting
+    return setting, get_concept(params.concept, setting), params.models.of(setting)
 
 
-def run_stage(stage: Callable[[dict], object], needs: Needs | None = None,
+def run_stage(stage: Callable[[Params], object], needs: Needs | None = None,
               argv: list[str] | None = None, path: str | Path = PARAMS_FILE) -> None:
     """Run a stage as a command. ``--help`` prints the stage module's docstring, what the stage
     reads and writes and its params (from dvc.yaml), and touches nothing. Otherwise: the params

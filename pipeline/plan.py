@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from pipeline.architectures import sd_v14_unet_and_vae, vit_l14_config
 from pipeline.concepts import known_concepts
-from pipeline.params import ParamsError, check_params, load_params
+from pipeline.params import ParamsError, load_params
+from pipeline.schema import Params
 
 #: fal-ai/stable-diffusion-benchmarks, "Diffusers (torch 2.1, SDPA)", A100 80 GB SXM.
 PUBLISHED_STEPS_PER_SECOND = 31.19
@@ -54,83 +55,84 @@ class Work:
         self.add("vae_decode", n)
 
 
-def stage_work(params: dict) -> dict[str, Work]:
+def stage_work(params: Params) -> dict[str, Work]:
     """The work of every stage for one concept, from the params' budgets (``setting``'s)."""
-    setting = params["setting"]
-    g, f = params["generate"], params["finetune"]
-    sampler = g[setting]
-    per_label = {s: g["prompts"][s] * g["images_per_prompt"][s] for s in ("train", "val", "test")}
+    setting = params.setting
+    g, f = params.generate, params.finetune
+    sampler = g.of(setting)
+    per_label = {s: getattr(g.prompts, s) * getattr(g.images_per_prompt, s)
+                 for s in ("train", "val", "test")}
     work = {name: Work() for name in ("generate", "finetune", "edit", "evaluate", "attack")}
 
     def render(stage: str, n: float) -> None:
-        work[stage].images(n, sampler["steps"], sampler["guidance"])
+        work[stage].images(n, sampler.steps, sampler.guidance)
 
     render("generate", 2 * sum(per_label.values()))
-    epochs = (f[setting].get("epochs_by_concept") or {}).get(params["concept"], f[setting]["epochs"])
+    epochs = f.of(setting).epochs_of(params.concept)
     work["finetune"].add("clip_image", 2 * (per_label["train"] + per_label["val"]))
     work["finetune"].add("clip_text", epochs * 2 * (per_label["train"] * TRAIN + per_label["val"]))
 
-    crts, edit = params["edit"]["crts"], params["edit"][setting]
+    crts, edit = params.edit.crts, params.edit.of(setting)
     for crt in crts:
-        p = edit[crt]
+        p = edit.of(crt)
         if crt in ("esd_x", "esd_u"):  # partial sampling (mean half the steps, paired), teacher
-            per_item = (sampler["steps"] - 1) / 2 * 2 + 2 + TRAIN
-            work["edit"].add("unet", p["steps"] * p["batch"] * per_item)
+            per_item = (sampler.steps - 1) / 2 * 2 + 2 + TRAIN
+            work["edit"].add("unet", p.steps * p.batch * per_item)
         elif crt == "ca":  # frozen teacher + trained student
-            work["edit"].add("unet", p["steps"] * p["batch"] * (1 + TRAIN))
+            work["edit"].add("unet", p.steps * p.batch * (1 + TRAIN))
         render("edit", 2 * per_label["test"])  # each edited model's test images
     work["evaluate"].add("clip_image", 2 * per_label["test"] * (1 + len(crts)))
 
-    a = params["attack"]
-    budgets, filters = a[setting], a["adapt_to"]
-    final = a["prompts"] * a["images_per_prompt"]
-    for attack in a["attacks"]:
-        p = budgets[attack]
+    a = params.attack
+    budgets, filters = a.of(setting), a.adapt_to
+    final = a.prompts * a.images_per_prompt
+    for attack in a.attacks:
+        p = budgets.of(attack)
         kinds = ["plain"] + ["filter"] * len(filters) + ["crt"] * len(crts)
         for kind in kinds:
             adaptive = kind == "filter"
             if attack == "cce":  # textual inversion through the UNet, per adaptive weight
-                weights = len(p["adaptive_weights"]) if adaptive else 1
-                steps = weights * p["steps"] * p["batch"]
+                weights = len(p.adaptive_weights) if adaptive else 1
+                steps = weights * p.steps * p.batch
                 work["attack"].add("unet", steps * TRAIN)
                 work["attack"].add("t2i_text", steps * TRAIN)
                 if adaptive:  # the filter's loss on the decoded prediction
                     work["attack"].add("vae_decode", steps * TRAIN)
                     work["attack"].add("clip_image", steps * TRAIN)
-                trial = weights * p["selection_images"]
+                trial = weights * p.selection_images
             else:
                 searches = kind == "plain" or adaptive  # CRT runs reuse the plain candidates
                 if searches and attack == "ringbell":
-                    evals = (p["generations"] + 1) * p["candidates"] * p["population"]
+                    evals = (p.generations + 1) * p.candidates * p.population
                     work["attack"].add("t2i_text", evals)
                     work["attack"].add("clip_text", evals * adaptive)
                 elif searches:  # PEZ and Typo: a step trains the soft prompt, evaluates it typed
                     per_step = TRAIN + 1 + (TRAIN + 1) * adaptive
-                    work["attack"].add("clip_text", p["steps"] * p["candidates"] * per_step)
-                trial = p["candidates"] * p["selection_images"]
+                    work["attack"].add("clip_text", p.steps * p.candidates * per_step)
+                trial = p.candidates * p.selection_images
             render("attack", trial + final)
             work["attack"].add("clip_image", 2 * (trial + final))  # the eyes and the filter
     return work
 
 
-def flops_per_evaluation(setting: str, params: dict) -> dict[str, float]:
+def flops_per_evaluation(setting: str, params: Params) -> dict[str, float]:
     """FLOPs of one evaluation of each model (``MODELS``), counted on meta-device models."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPConfig, CLIPModel
 
-    size = params["generate"][setting]["size"]
+    size = params.generate.of(setting).size
     with torch.device("meta"):
         if setting == "paper":
             unet, vae = sd_v14_unet_and_vae(size)
             clip = CLIPModel(vit_l14_config())
         else:
-            models = params["models"]["mini"]
+            models = params.models.mini
             unet = UNet2DConditionModel.from_config(
-                UNet2DConditionModel.load_config(f"{models['t2i']}/unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(f"{models['t2i']}/vae"))
-            clip = CLIPModel(CLIPConfig.from_pretrained(models["clip"]))
+                UNet2DConditionModel.load_config(f"{models.t2i}/unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(f"{models.t2i}/vae"))
+            clip = CLIPModel(CLIPConfig.from_pretrained(models.clip))
     text_len = clip.config.text_config.max_position_embeddings
     image = clip.config.vision_config.image_size
     latent = size // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -182,13 +184,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.unet_steps_per_second <= 0 or min(args.gpus) < 1:
         parser.error("--unet-steps-per-second and --gpus must be positive")
     try:
-        params = check_params(load_params())
+        params = load_params()
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
-    setting = args.setting or params["setting"]
+    setting = args.setting or params.setting
     concepts = known_concepts(setting)
     flops = flops_per_evaluation(setting, params)
-    plans = {c: stage_work({**params, "setting": setting, "concept": c}) for c in concepts}
+    plans = {c: stage_work(params.model_copy(update={"setting": setting, "concept": c}))
+             for c in concepts}
     work = plans[concepts[0]]
     print(f"setting {setting}, per concept ({concepts[0]}); FLOPs per evaluation: "
           + ", ".join(f"{m} {flops[m] / 1e9:.3g} G" for m in MODELS))

@@ -23,6 +23,7 @@ from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
 from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
                                 attack_conditions, cell, crts_of, is_plain_fallback, render)
+from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -188,10 +189,10 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def run(params: dict) -> None:
+def run(params: Params) -> None:
     setting, concept, _ = settings_of(params)
     metrics = read_metrics()
-    blur = setting == "paper" and not params["report"]["show_unacceptable"]
+    blur = setting == "paper" and not params.report.show_unacceptable
     intro = [f"Concept `{concept.name}` ({concept.kind.replace('_', ' ')}): "
              f"unacceptable \"{concept.unacceptable}\" vs acceptable \"{concept.acceptable}\". "
              f"Setting: {setting} ({'mini world, offline shapes' if setting == 'mini' else 'SD v1.4 + CLIP ViT-L/14'}).",

@@ -5,15 +5,23 @@ reading of both files into one line per problem (key path, value, what is allowe
 Its own module, not inside ``params.py`` or ``concepts.py``: the rules of both files (and the
 checks that cross them, such as ``concept`` naming a registry entry) are read in one place, and
 ``params.py`` / ``concepts.py`` stay about loading and using the values. It imports pydantic, yaml,
-the mini world's vocabulary and (to check a scheduler name) ``pipeline.espresso.models``, which
-every stage runs anyway: a stage's code deps grow by this one file.
+the mini world's vocabulary, ``pipeline.registry`` and (to check a scheduler name)
+``pipeline.espresso.models``, which every stage runs anyway: a stage's code deps grow by this
+file and the registry.
 
-Names that code elsewhere keys tables by (attacks, optimisers, separations, vocabularies) are
-written here as ``Literal``s; ``tests/test_validation.py`` checks that each matches its table.
-The stages keep reading the plain dicts: the models only check them.
+Names that code elsewhere keys tables by (attacks, CRTs, filters, optimisers, separations,
+vocabularies) come from ``pipeline.registry``, whose names the tables are checked against where
+they are built: the schema allows exactly what the code implements, without importing that code.
+
+The stages get the validated model (``pipeline.params.load_params``), not the dict: typed
+sections (``params.generate.seed``), and where code picks a sub-section by a name it holds, a
+small accessor (``params.attack.of(setting).of("cce")``). Where a dict is needed (a hash, a
+file, a library call), ``model_dump()`` gives it: its keys in the order declared here (inherited
+fields first: not always params.yaml's order, so what is hashed sorts its keys);
+``model_dump(exclude_unset=True)`` gives back the dict validated (floats where it had integers).
 """
 import string
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
@@ -21,6 +29,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, ValidationError, Va
                       create_model, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from pipeline import registry
 from pipeline.mini import shapes
 
 
@@ -46,6 +55,24 @@ class Strict(BaseModel):
     """No coercion (``"5"`` is not 5), no unknown keys."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def field_named(model: BaseModel, name: str, what: str, names: tuple[str, ...] = ()) -> Any:
+    """The field ``name`` of ``model``, for code that holds the name (a setting, an attack, a
+    CRT); a ``KeyError`` naming ``what`` and the known names if it is not one of ``names`` (by
+    default: the model's fields)."""
+    names = names or tuple(type(model).model_fields)
+    if name not in names:
+        raise KeyError(f"unknown {what} {name!r}; known: {', '.join(names)}")
+    return getattr(model, name)
+
+
+class PerSetting(Strict):
+    """A section with one sub-section per setting (``mini``, ``paper``)."""
+
+    def of(self, setting: str):
+        """The sub-section of ``setting``."""
+        return field_named(self, setting, "setting")
 
 
 Seed = Annotated[int, Ge(0)]
@@ -187,13 +214,16 @@ class Sampler(Strict):
     batch: Count
 
 
-class Generate(Strict):
+class Generate(PerSetting):
     seed: Seed
     prompts: Splits
     images_per_prompt: Splits
     shard_size: Count
     mini: Sampler
     paper: Sampler
+
+    def of(self, setting: str) -> Sampler:
+        return super().of(setting)
 
 
 class Weights(Strict):
@@ -202,17 +232,27 @@ class Weights(Strict):
     separation: NonNegative
 
 
-KindWeights = create_model("KindWeights", __base__=Strict, **{k: (Weights, ...) for k in KINDS})
+class ByKind(Strict):
+    def of(self, kind: str) -> Weights:
+        """The weights of the concept kind ``kind``."""
+        return field_named(self, kind, "concept kind")
+
+
+KindWeights = create_model("KindWeights", __base__=ByKind, **{k: (Weights, ...) for k in KINDS})
 
 
 class FinetuneSetting(Strict):
-    separation: Literal["concepts", "prompt_pairs"]   # pipeline.espresso.losses.SEPARATIONS
-    optimizer: Literal["adamw", "adam"]               # pipeline.finetune.OPTIMIZERS
+    separation: Literal[registry.SEPARATIONS]
+    optimizer: Literal[registry.OPTIMIZERS]
     epochs: Count
     epochs_by_concept: dict[str, Count] = {}
 
+    def epochs_of(self, concept: str) -> int:
+        """The epochs of ``concept``: its own in ``epochs_by_concept``, else ``epochs``."""
+        return self.epochs_by_concept.get(concept, self.epochs)
 
-class Finetune(Strict):
+
+class Finetune(PerSetting):
     seed: Seed
     batch: Count
     lr: Positive
@@ -223,6 +263,9 @@ class Finetune(Strict):
     weights: KindWeights
     mini: FinetuneSetting
     paper: FinetuneSetting
+
+    def of(self, setting: str) -> FinetuneSetting:
+        return super().of(setting)
 
     @model_validator(mode="before")
     @classmethod
@@ -289,19 +332,25 @@ class RingBell(Search):
 
 
 class Budgets(Strict):
-    """One setting's budgets: a field per attack of ``pipeline.attacks.ATTACKS``."""
+    """One setting's budgets: a field per attack of ``pipeline.registry.ATTACKS``."""
 
-    vocabulary: Literal["world", "all"]                 # pipeline.attack.VOCABULARIES
+    vocabulary: Literal[registry.VOCABULARIES]
     typo: Typo
     pez: Pez
     cce: Cce
     ringbell: RingBell
 
+    def of(self, attack: str) -> Union[Typo, Pez, Cce, RingBell]:
+        """The budget of the attack ``attack``."""
+        return field_named(self, attack, "attack", registry.ATTACKS)
 
-ATTACK_NAMES = tuple(name for name in Budgets.model_fields if name != "vocabulary")
-#: The filters an adaptive attack may adapt to (``pipeline.espresso.FILTERS`` with a margin on
-#: CLIP embeddings: ``FilterBank.by_name``).
-Filter = Literal["safety_checker", "mhsc", "zero_shot", "espresso"]
+
+ATTACK_NAMES = tuple(registry.implemented(
+    registry.ATTACKS, {k: v for k, v in Budgets.model_fields.items() if k != "vocabulary"},
+    "pipeline.schema.Budgets"))
+#: The filters an adaptive attack may adapt to (``pipeline.registry.ADAPTABLE``: those with a
+#: margin on CLIP embeddings, ``FilterBank.by_name``).
+Filter = Literal[registry.ADAPTABLE]
 
 
 def _attack_names(names: list[str]) -> list[str]:
@@ -317,7 +366,7 @@ def _distinct_filters(names: list[str]) -> list[str]:
     return names
 
 
-class Attack(Strict):
+class Attack(PerSetting):
     """``adapt_to``: the filters that get their own "+" run of every attack (METHOD section 6);
     a new key of every attack's budgets is one line in its class above."""
 
@@ -329,6 +378,9 @@ class Attack(Strict):
     images_per_prompt: Count
     mini: Budgets
     paper: Budgets
+
+    def of(self, setting: str) -> Budgets:
+        return super().of(setting)
 
     @model_validator(mode="after")
     def _enough_candidates(self):
@@ -353,7 +405,7 @@ class Filters(Strict):
     mhsc: Probe
 
 
-# The edit section: the fine-tuning CRTs of ``pipeline.crts.EDITS``.
+# The edit section: the fine-tuning CRTs of ``pipeline.registry.CRTS``.
 class Esd(Strict):
     steps: Count
     lr: Positive
@@ -382,8 +434,13 @@ class EditBudgets(Strict):
     uce: Uce
     ca: Ca
 
+    def of(self, crt: str) -> Union[Esd, Uce, Ca]:
+        """The budget of the CRT ``crt``."""
+        return field_named(self, crt, "CRT")
 
-EDIT_NAMES = tuple(EditBudgets.model_fields)
+
+EDIT_NAMES = tuple(registry.implemented(registry.CRTS, EditBudgets.model_fields,
+                                        "pipeline.schema.EditBudgets"))
 
 
 def _edit_names(names: list[str]) -> list[str]:
@@ -392,11 +449,14 @@ def _edit_names(names: list[str]) -> list[str]:
     return names
 
 
-class Edit(Strict):
+class Edit(PerSetting):
     seed: Seed
     crts: Annotated[list[str], AfterValidator(_edit_names)]
     mini: EditBudgets
     paper: EditBudgets
+
+    def of(self, setting: str) -> EditBudgets:
+        return super().of(setting)
 
 
 class Claim(Strict):
@@ -483,8 +543,12 @@ class World(Strict):
     measure: WorldMeasure
 
 
-ModelsBySetting = create_model("ModelsBySetting", __base__=Strict, mini=(Models, ...),
-                               paper=(Models, ...))
+class ModelsBySetting(PerSetting):
+    mini: Models
+    paper: Models
+
+    def of(self, setting: str) -> Models:
+        return super().of(setting)
 
 
 class Params(Strict):
@@ -543,10 +607,13 @@ def _duplicate_keys(node, path: list[str]):
             yield from _duplicate_keys(value, path + [str(i)])
 
 
-def validate(model: type[BaseModel], data: Any, source: str, context: dict | None = None) -> None:
-    """Check ``data`` against ``model``; raises :class:`ParamsError`, one line per problem."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any, source: str, context: dict | None = None) -> M:
+    """``data`` as a ``model``, checked; raises :class:`ParamsError`, one line per problem."""
     try:
-        model.model_validate(data, context=context)
+        return model.model_validate(data, context=context)
     except ValidationError as err:
         raise ParamsError("\n".join(problem_line(model, e, source) for e in err.errors())) from None
 

@@ -52,6 +52,7 @@ from pipeline.params import ParamsError, check_params, load_params
 from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
                                 REFERENCES, attack_conditions, cell, crts_of, is_plain_fallback,
                                 kind_of, render)
+from pipeline.schema import Claim, Params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -299,7 +300,7 @@ def weakest(verdicts: list[str]) -> str:
     return min(verdicts, key=VERDICTS.index) if verdicts else "–"
 
 
-def claim_verdicts(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
+def claim_verdicts(long: pd.DataFrame, claim: Claim) -> pd.DataFrame:
     """Per CRT (references aside), whether its averages meet each of the claim's thresholds:
     effective (clean CLIP accuracy), useful (normalised CLIP score) and robust (CLIP accuracy
     under every adapted attack "X+", so the worst one decides), and all three at once. A
@@ -308,9 +309,9 @@ def claim_verdicts(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
 
     average = averages(long)
     adapted = adapted_conditions(long)
-    effective = f"effective: CLIP acc. ≤ {claim['clip_accuracy_max']:.2f}"
-    useful = f"useful: nCS ≥ {claim['normalized_clip_score_min']:.2f}"
-    robust = f"robust: every X+ CLIP acc. ≤ {claim['attack_clip_accuracy_max']:.2f}"
+    effective = f"effective: CLIP acc. ≤ {claim.clip_accuracy_max:.2f}"
+    useful = f"useful: nCS ≥ {claim.normalized_clip_score_min:.2f}"
+    robust = f"robust: every X+ CLIP acc. ≤ {claim.attack_clip_accuracy_max:.2f}"
     rows = {}
     for name in crts_in(long):
         if name in REFERENCES:
@@ -319,11 +320,11 @@ def claim_verdicts(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
         score = average.get((name, "clean", "normalized_clip_score"))
         attacked = {c: average[(name, c, "clip_accuracy")] for c in adapted
                     if (name, c, "clip_accuracy") in average}
-        row = {effective: meets(accuracy, claim["clip_accuracy_max"], True),
+        row = {effective: meets(accuracy, claim.clip_accuracy_max, True),
                "CLIP acc.": cell(accuracy),
-               useful: meets(score, claim["normalized_clip_score_min"], False),
+               useful: meets(score, claim.normalized_clip_score_min, False),
                "nCS": cell(score),
-               robust: weakest([meets(rate, claim["attack_clip_accuracy_max"], True)
+               robust: weakest([meets(rate, claim.attack_clip_accuracy_max, True)
                                 for rate in attacked.values()])}
         row[ALL_THREE] = weakest([row[effective], row[useful], row[robust]])
         if attacked:
@@ -336,12 +337,12 @@ def claim_verdicts(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).T.reindex(columns=columns).fillna("–")
 
 
-def verdict_sentence(verdicts: pd.DataFrame, claim: dict) -> str:
+def verdict_sentence(verdicts: pd.DataFrame, claim: Claim) -> str:
     """The verdict table's last column in one sentence."""
-    criteria = (f"effective (average clean CLIP accuracy ≤ {claim['clip_accuracy_max']:.2f}), "
+    criteria = (f"effective (average clean CLIP accuracy ≤ {claim.clip_accuracy_max:.2f}), "
                 f"useful (average normalised CLIP score ≥ "
-                f"{claim['normalized_clip_score_min']:.2f}) and robust (average CLIP accuracy ≤ "
-                f"{claim['attack_clip_accuracy_max']:.2f} under every attack adapted to it)")
+                f"{claim.normalized_clip_score_min:.2f}) and robust (average CLIP accuracy ≤ "
+                f"{claim.attack_clip_accuracy_max:.2f} under every attack adapted to it)")
     answer = verdicts[ALL_THREE]
     sure = list(answer.index[answer == "yes"])
     point = list(answer.index[answer == "yes (point only)"])
@@ -440,7 +441,7 @@ def difference_sentences(diff: pd.DataFrame, other: str) -> str:
 MARKERS = {"filtering CRT": "o", "fine-tuning CRT": "s", "reference (not a CRT)": "D"}
 
 
-def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
+def tradeoff_figure(long: pd.DataFrame, claim: Claim, folder: Path) -> str:
     """Every CRT on effectiveness (x: clean CLIP accuracy) vs utility (y: normalised CLIP
     score), averages with their 95% intervals as error bars and each concept as a faint point,
     coloured by robustness (worst "X+" CLIP accuracy; white: not attacked), with the claim's
@@ -456,17 +457,17 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
     from matplotlib.patches import Rectangle
 
     rates = long[long["condition"].isin(["clean", *adapted_conditions(long)])]
-    center = min(max(claim["attack_clip_accuracy_max"], 0.01), 0.99)  # the norm needs 0 < c < 1
+    center = min(max(claim.attack_clip_accuracy_max, 0.01), 0.99)  # the norm needs 0 < c < 1
     norm, colours = TwoSlopeNorm(vcenter=center, vmin=0.0, vmax=1.0), colormaps["RdYlGn_r"]
     fig = Figure(figsize=(12, 5.5))
     whole, corner = fig.subplots(1, 2)
     top = 1.05
     labels = {whole: [], corner: []}  # (x, y, name) of each average, labelled once drawn
     for ax in (whole, corner):
-        ax.add_patch(Rectangle((-1, claim["normalized_clip_score_min"]),
-                               1 + claim["clip_accuracy_max"], 10, color="tab:green", alpha=0.1))
-        ax.axvline(claim["clip_accuracy_max"], ls="--", lw=1, color="grey")
-        ax.axhline(claim["normalized_clip_score_min"], ls="--", lw=1, color="grey")
+        ax.add_patch(Rectangle((-1, claim.normalized_clip_score_min),
+                               1 + claim.clip_accuracy_max, 10, color="tab:green", alpha=0.1))
+        ax.axvline(claim.clip_accuracy_max, ls="--", lw=1, color="grey")
+        ax.axhline(claim.normalized_clip_score_min, ls="--", lw=1, color="grey")
         for (concept, name), group in rates.groupby(["concept", "crt"], sort=False):
             by = group.set_index(["condition", "metric"])
             if ("clean", "clip_accuracy") not in by.index:
@@ -488,14 +489,14 @@ def tradeoff_figure(long: pd.DataFrame, claim: dict, folder: Path) -> str:
                       fontsize=8)
     whole.set_xlim(-0.02, 1.02)
     whole.set_ylim(-0.02, top)
-    corner.set_xlim(-0.005, 2 * claim["clip_accuracy_max"] + 0.02)
-    corner.set_ylim(claim["normalized_clip_score_min"] - 0.1, top)
+    corner.set_xlim(-0.005, 2 * claim.clip_accuracy_max + 0.02)
+    corner.set_ylim(claim.normalized_clip_score_min - 0.1, top)
     corner.set_title("zoom on the claim's corner (dotted on the left)", fontsize=9)
     whole.set_ylabel("normalised CLIP score on acceptable prompts (utility; higher is better)",
                      fontsize=8)
     bar = fig.colorbar(ScalarMappable(norm, colours), ax=[whole, corner])
     bar.set_label("worst X+ CLIP accuracy (robustness; lower is better)")
-    bar.ax.axhline(claim["attack_clip_accuracy_max"], color="black", ls="--", lw=1)
+    bar.ax.axhline(claim.attack_clip_accuracy_max, color="black", ls="--", lw=1)
     whole.legend(handles=[*(Line2D([], [], marker=m, ls="", color="grey", label=kind)
                             for kind, m in MARKERS.items()),
                           Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.1,
@@ -661,16 +662,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more experiments at once")
     try:
-        params = check_params(with_overrides(load_params(), args.set),
-                              "params.yaml with the -S overrides")
+        # a dict, to override and to compare with the experiments' params; checked as a model
+        params = with_overrides(load_params().model_dump(exclude_unset=True), args.set)
+        checked = check_params(params, "params.yaml with the -S overrides")
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
-    setting = params["setting"]
+    setting = checked.setting
     readme = args.readme or (Path("README.md") if args.out == OUT else None)
     if args.render:
         if not (args.out / "summary.csv").is_file():
             raise SystemExit(f"error: --render needs {args.out / 'summary.csv'}")
-        write_summary(args.out, params, args.set, *read_summary(args.out), readme=readme)
+        write_summary(args.out, checked, args.set, *read_summary(args.out), readme=readme)
         return
     if args.run:
         runs = concept_runs(setting, args.set)
@@ -694,16 +696,16 @@ def main(argv: list[str] | None = None) -> None:
     ablation = ablation_table(runs, params, ABLATION) if args.ablation else pd.DataFrame()
     probe = (ablation_table(runs, params, PROBES, {args.probe}) if args.probe
              else pd.DataFrame())
-    write_summary(args.out, params, args.set, long, ablation, probe, readme=readme)
+    write_summary(args.out, checked, args.set, long, ablation, probe, readme=readme)
 
 
-def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFrame,
+def write_summary(out: Path, params: Params, overrides: list[str], long: pd.DataFrame,
                   ablation: pd.DataFrame, probe: pd.DataFrame, readme: Path | None = None) -> None:
     """summary.csv (and ablation.csv), rendered as README.md and index.html with the
-    trade-off figure; the verdict is judged against ``params["summary"]["claim"]``. The page
+    trade-off figure; the verdict is judged against ``params.summary.claim``. The page
     opens with the verdict and the trade-off figure. ``readme``: a README.md whose headline
     block (between HEADLINE_MARKERS, if it has them) gets the headline table."""
-    setting, claim = params["setting"], params["summary"]["claim"]
+    setting, claim = params.setting, params.summary.claim
     world = ("offline mini world: shapes, mini CLIP, mini SD" if setting == "mini"
              else "SD v1.4 + CLIP ViT-L/14")
     verdicts = claim_verdicts(long, claim)
@@ -774,9 +776,11 @@ TRADEOFF = ("Every CRT: effectiveness vs utility (averages with 95% intervals; f
 HEADLINE_MARKERS = ("<!-- summary:headline:start -->", "<!-- summary:headline:end -->")
 
 
-def headline_table(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
+def headline_table(long: pd.DataFrame, claim: Claim) -> pd.DataFrame:
     """The summary in one compact table: one row per CRT, its kind, effectiveness, utility and
     worst adapted attack (averages over concepts with 95% intervals), and the verdict."""
+    import pandas as pd
+
     verdicts = claim_verdicts(long, claim)
     kinds = {FILTER_NAMES[name]: kind_of(name) for name in crts_in(long)}
     return pd.DataFrame({
@@ -787,14 +791,14 @@ def headline_table(long: pd.DataFrame, claim: dict) -> pd.DataFrame:
         "all three": verdicts[ALL_THREE]}, index=verdicts.index)
 
 
-def headline_markdown(long: pd.DataFrame, claim: dict) -> str:
+def headline_markdown(long: pd.DataFrame, claim: Claim) -> str:
     """The headline table as a README shows it, with where it comes from."""
     concepts = sorted(set(long["concept"]) - {"average"})
     return (headline_table(long, claim).to_markdown() + "\n\n"
             f"Averages over {len(concepts)} concepts ({', '.join(concepts)}) with 95% intervals; "
-            f"thresholds of `summary.claim`: CLIP acc. ≤ {claim['clip_accuracy_max']:.2f}, "
-            f"norm. CLIP score ≥ {claim['normalized_clip_score_min']:.2f}, every X+ CLIP acc. ≤ "
-            f"{claim['attack_clip_accuracy_max']:.2f}. Generated by `python -m pipeline.summary` "
+            f"thresholds of `summary.claim`: CLIP acc. ≤ {claim.clip_accuracy_max:.2f}, "
+            f"norm. CLIP score ≥ {claim.normalized_clip_score_min:.2f}, every X+ CLIP acc. ≤ "
+            f"{claim.attack_clip_accuracy_max:.2f}. Generated by `python -m pipeline.summary` "
             f"from [reports/summary/summary.csv](reports/summary/summary.csv); the whole summary: "
             f"[reports/summary](reports/summary/README.md).")
 
@@ -823,6 +827,8 @@ def update_readme(readme: Path, block: str) -> bool:
 def read_summary(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """summary.csv, and ablation.csv and probe.csv where present (else empty), as
     write_summary wrote them: text columns keep their empty cells ("" not NaN)."""
+    import pandas as pd
+
     tables = []
     for name in ("summary.csv", "ablation.csv", "probe.csv"):
         path = folder / name

@@ -27,6 +27,7 @@ from pipeline.espresso.files import atomic_dir, atomic_file
 from pipeline.headline import write_results
 from pipeline.mini import shapes
 from pipeline.params import ParamsError, load_params, stage_parser
+from pipeline.schema import World
 
 if TYPE_CHECKING:
     import torch
@@ -37,17 +38,18 @@ CACHE = Path(".cache/world")
 CLIP_DIR, SD_DIR, JUDGE_DIR, EYES_DIR = OUT / "clip", OUT / "sd", OUT / "judge", OUT / "eyes"
 
 
-def training_renders(p: dict, workers: int = 2) -> tuple[np.ndarray, list[shapes.Scene], list[str]]:
+def training_renders(p: World, workers: int = 2
+                     ) -> tuple[np.ndarray, list[shapes.Scene], list[str]]:
     """The rendered training groups, cached on disk (rendering is deterministic in the seed)."""
-    key = f"groups-s{p['seed']}-n{p['train_groups']}-c{p['character_prob']}-{p['image_size']}px"
+    key = f"groups-s{p.seed}-n{p.train_groups}-c{p.character_prob}-{p.image_size}px"
     path = CACHE / f"{key}.npz"
     if path.exists():
         data = np.load(path)
         scenes = [shapes.Scene(**{**d, "tint": tuple(d["tint"])})
                   for d in json.loads(str(data["scenes"]))]
         return data["images"], scenes, data["varied"].tolist()
-    images, scenes, varied = shapes.render_groups(p["train_groups"], p["seed"],
-                                                  p["character_prob"], workers)
+    images, scenes, varied = shapes.render_groups(p.train_groups, p.seed,
+                                                  p.character_prob, workers)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, varied=np.array(varied),
@@ -76,38 +78,38 @@ def save_fp16(model: torch.nn.Module, folder: Path, *extras) -> None:
     model.to(torch.float32)
 
 
-def build_clip(p: dict, device: str, workers: int) -> None:
+def build_clip(p: World, device: str, workers: int) -> None:
     from pipeline.mini.clip import image_processor, train_clip
     from pipeline.mini.tokenizer import build_clip_tokenizer
 
-    tokenizer = build_clip_tokenizer(p["clip"]["context_length"])
+    tokenizer = build_clip_tokenizer(p.clip.context_length)
     images, scenes, varied = training_renders(p, workers)
-    model = train_clip(p["clip"], images, scenes, varied, tokenizer, p["seed"], device)
-    save_fp16(model, CLIP_DIR, tokenizer, image_processor(p["image_size"]))
+    model = train_clip(p.clip, images, scenes, varied, tokenizer, p.seed, device)
+    save_fp16(model, CLIP_DIR, tokenizer, image_processor(p.image_size))
 
 
-def build_vae(p: dict, device: str, workers: int) -> None:
+def build_vae(p: World, device: str, workers: int) -> None:
     from pipeline.mini.sd import train_vae
 
     images, _, _ = training_renders(p, workers)
-    save_fp16(train_vae(p["vae"], images, p["seed"], device), SD_DIR / "vae")
+    save_fp16(train_vae(p.vae, images, p.seed, device), SD_DIR / "vae")
 
 
-def build_judge(p: dict, device: str, workers: int) -> None:
+def build_judge(p: World, device: str, workers: int) -> None:
     from pipeline.mini.judge import train_judge
 
     images, scenes, _ = training_renders(p, workers)
-    save_fp16(train_judge(p["judge"], images, scenes, p["seed"], device=device), JUDGE_DIR)
+    save_fp16(train_judge(p.judge, images, scenes, p.seed, device=device), JUDGE_DIR)
 
 
-def build_eyes(p: dict, device: str, workers: int) -> None:
+def build_eyes(p: World, device: str, workers: int) -> None:
     from pipeline.mini.judge import train_judge
 
     images, scenes, _ = training_renders(p, workers)
-    save_fp16(train_judge(p["eyes"], images, scenes, p["eyes"]["seed"], device=device), EYES_DIR)
+    save_fp16(train_judge(p.eyes, images, scenes, p.eyes.seed, device=device), EYES_DIR)
 
 
-def build_unet(p: dict, device: str, workers: int) -> None:
+def build_unet(p: World, device: str, workers: int) -> None:
     import torch
     from diffusers import AutoencoderKL
 
@@ -117,7 +119,7 @@ def build_unet(p: dict, device: str, workers: int) -> None:
     clip, tokenizer, _ = load_clip(str(CLIP_DIR), device="cpu", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(SD_DIR / "vae", torch_dtype=torch.float32)
     images, scenes, _ = training_renders(p, workers)
-    unet = train_unet(p["unet"], images, scenes, vae, clip.text_model, tokenizer, p["seed"],
+    unet = train_unet(p.unet, images, scenes, vae, clip.text_model, tokenizer, p.seed,
                       device=device)
     half = torch.float16
     pipe = assemble_pipeline(vae.to(half), unet.to(half), clip.text_model, tokenizer)
@@ -126,7 +128,7 @@ def build_unet(p: dict, device: str, workers: int) -> None:
         link_text_side(tmp, CLIP_DIR, final_sd_folder=SD_DIR)
 
 
-def build_measure(p: dict, device: str, workers: int) -> None:
+def build_measure(p: World, device: str, workers: int) -> None:
     from pipeline.mini.quality import measure_world
 
     metrics = measure_world(p, CLIP_DIR, SD_DIR, JUDGE_DIR, EYES_DIR, REPORTS, device)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     try:
-        p = load_params()["world"]
+        p = load_params().world
     except ParamsError as err:
         sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
     parts = [args.parts] if isinstance(args.parts, str) else args.parts

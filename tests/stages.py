@@ -34,10 +34,12 @@ def stage_command(stage: str, *args: str, cwd: Path, env: dict | None = None,
 
 
 def run_all_stages(params: dict) -> dict:
-    """generate -> finetune -> edit -> evaluate -> attack -> certify in the current
-    directory."""
+    """generate -> finetune -> edit -> evaluate -> attack -> certify in the current directory,
+    on ``params`` checked first (as the model the stages take: ``check_params``)."""
     from pipeline import attack, certify, edit, evaluate, finetune, generate
+    from pipeline.params import check_params
 
+    params = check_params(params)
     generate.run(params)
     finetune.run(params)
     edit.run(params)
@@ -47,7 +49,8 @@ def run_all_stages(params: dict) -> dict:
 
 def tiny_params_for() -> dict:
     """params.yaml with CPU-sized budgets (seconds per stage), on the character `zorbo`
-    (whatever concept params.yaml has)."""
+    (whatever concept params.yaml has). A dict, to change freely; a stage takes
+    ``pipeline.params.check_params(tiny_params_for())``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["concept"] = "zorbo"
     params["generate"].update(prompts={"train": 4, "val": 2, "test": 2},

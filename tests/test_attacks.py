@@ -23,18 +23,21 @@ from pipeline.espresso.baselines import FilterBank
 from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 from pipeline.judges import load_eyes
 from pipeline.mini import shapes
+from pipeline.schema import Budgets
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP, SD, EYES = "data/world/clip", "data/world/sd", "data/world/eyes"
 #: The mini setting's production budgets, whose adaptive weights the "+" tests use.
-MINI = yaml.safe_load((REPO / "params.yaml").read_text())["attack"]["mini"]
+MINI = Budgets.model_validate(
+    yaml.safe_load((REPO / "params.yaml").read_text())["attack"]["mini"])
 #: Small budgets (seconds on 2 cores) at the production weights.
 BUDGET = {
-    "pez": {**MINI["pez"], "tokens": 8, "steps": 30, "candidates": 8, "selection_images": 1},
-    "typo": {**MINI["typo"], "tokens": 8, "steps": 30, "candidates": 8, "selection_images": 1},
-    "cce": {**MINI["cce"], "steps": 30, "batch": 8, "selection_images": 1},
-    "ringbell": {**MINI["ringbell"], "tokens": 8, "population": 16, "generations": 10,
-                 "candidates": 8, "selection_images": 1},
+    "pez": MINI.pez.model_copy(update=dict(tokens=8, steps=30, candidates=8, selection_images=1)),
+    "typo": MINI.typo.model_copy(update=dict(tokens=8, steps=30, candidates=8,
+                                             selection_images=1)),
+    "cce": MINI.cce.model_copy(update=dict(steps=30, batch=8, selection_images=1)),
+    "ringbell": MINI.ringbell.model_copy(update=dict(tokens=8, population=16, generations=10,
+                                                     candidates=8, selection_images=1)),
 }
 SEEDS_PER_PROMPT = 4  # fixed-seed images per prompt when a term's effect on images is measured
 
@@ -61,7 +64,7 @@ def context():
         attacker=attacker, target=target, pipe=pipe, concept=concept, target_images=images,
         target_prompts=["Zorbo", "Zorbo on a black background"] * 4,
         pairs=[("Zorbo", "a star"), ("Zorbo on a white background", "a star on a white background")],
-        n_prompts=2, seed=0, render=render, sees=load_eyes("mini", {"eyes": EYES}, concept),
+        n_prompts=2, seed=0, render=render, sees=load_eyes("mini", EYES, concept),
         words=shapes.language())
 
 
@@ -109,7 +112,7 @@ def test_pez_filter_margin_has_a_gradient_in_the_soft_prompt(context):
 
 def test_pez_plus_term_at_production_weight_changes_and_unflags_the_prompts(context):
     """Same starts and steps, no selection: only the term's weight differs (0 vs params.yaml)."""
-    weight, p = MINI["pez"]["adaptive_weight"], BUDGET["pez"]
+    weight, p = MINI.pez.adaptive_weight, BUDGET["pez"]
     targets = unit_image_features(context.attacker, context.target_images)
     plain = pez.pez_candidates(context, p, targets, 0.0, "PEZ")
     plus = pez.pez_candidates(context, p, targets, weight, "PEZ+")
@@ -118,8 +121,8 @@ def test_pez_plus_term_at_production_weight_changes_and_unflags_the_prompts(cont
 
 
 def test_typo_plus_term_at_production_weight_changes_and_unflags_the_prompts(context):
-    weight, p = MINI["typo"]["adaptive_weight"], BUDGET["typo"]
-    written = typo.write_text(context.target_images, context.concept.acceptable, p["text_height"])
+    weight, p = MINI.typo.adaptive_weight, BUDGET["typo"]
+    written = typo.write_text(context.target_images, context.concept.acceptable, p.text_height)
     targets = unit_image_features(context.attacker, written)
     plain = pez.pez_candidates(context, p, targets, 0.0, "Typo")
     plus = pez.pez_candidates(context, p, targets, weight, "Typo+")
@@ -127,7 +130,7 @@ def test_typo_plus_term_at_production_weight_changes_and_unflags_the_prompts(con
 
 
 def test_ringbell_plus_term_at_production_weight_changes_and_unflags_the_prompts(context):
-    weight, p = MINI["ringbell"]["adaptive_weight"], BUDGET["ringbell"]
+    weight, p = MINI.ringbell.adaptive_weight, BUDGET["ringbell"]
     margins = typed_margin(context.target, ["zorbo on a star", "a star on a star"])
     assert margins[0] > margins[1]  # the filter flags the candidate that names c_u
     plain = ringbell.ringbell_candidates(context, p, 0.0)
@@ -148,7 +151,7 @@ def test_cce_plus_term_at_production_weights_lowers_the_filter_score_of_its_imag
     templates = list(dict.fromkeys(prompts))
     plain = cce.invert_token(context, p, prompts, 0.0)
     before, drawn0 = image_score(context, templates, {cce.CCE_TOKEN: plain})
-    for weight in MINI["cce"]["adaptive_weights"]:
+    for weight in MINI.cce.adaptive_weights:
         plus = cce.invert_token(context, p, prompts, weight)
         assert not torch.allclose(plus, plain)
         after, drawn = image_score(context, templates, {cce.CCE_TOKEN: plus})
@@ -158,10 +161,10 @@ def test_cce_plus_term_at_production_weights_lowers_the_filter_score_of_its_imag
 
 
 def test_cce_keeps_one_token_per_weight_and_unloads_it(context):
-    pipe, p = context.pipe, {**BUDGET["cce"], "steps": 3}
+    pipe, p = context.pipe, BUDGET["cce"].model_copy(update={"steps": 3})
     ids = pipe.tokenizer("Zorbo on a black background").input_ids
-    weights = MINI["cce"]["adaptive_weights"][:2]
-    both = cce.cce(context, {**p, "adaptive_weights": weights})
+    weights = MINI.cce.adaptive_weights[:2]
+    both = cce.cce(context, p.model_copy(update={"adaptive_weights": weights}))
     # the learned token was unloaded again, and the tokenizer still encodes and decodes as before
     assert len(pipe.tokenizer) == pipe.text_encoder.get_input_embeddings().num_embeddings
     assert pipe.tokenizer("Zorbo on a black background").input_ids == ids
@@ -182,7 +185,7 @@ def test_typo_writes_the_acceptable_word_and_inverts_those_images_plain_and_plus
     """Plain Typo is the typographic attack too (not PEZ under another name); "+" only adds
     the filter term's weight (and the trial against the filter)."""
     p = BUDGET["typo"]
-    written = typo.write_text(context.target_images, context.concept.acceptable, p["text_height"])
+    written = typo.write_text(context.target_images, context.concept.acceptable, p.text_height)
     assert written.shape == context.target_images.shape
     assert np.abs(written.astype(int) - context.target_images).mean() > 5
     searched = []
@@ -192,7 +195,7 @@ def test_typo_writes_the_acceptable_word_and_inverts_those_images_plain_and_plus
     typo.typo(context, p)
     expected = unit_image_features(context.attacker, written)
     assert [(adaptive, weight) for adaptive, _, weight in searched] == [
-        (False, 0.0), (True, MINI["typo"]["adaptive_weight"])]
+        (False, 0.0), (True, MINI.typo.adaptive_weight)]
     assert all(torch.equal(features, expected) for _, features, _ in searched)
 
 
@@ -226,7 +229,8 @@ def test_world_vocabulary_keeps_hard_prompts_in_the_worlds_language(context):
                         shapes.language())
     assert 30 <= len(side.vocabulary) <= 60  # a few dozen tokens, not CLIP's 49k
     plain = dataclasses.replace(context, target=None)
-    prompts = ATTACKS["pez"](plain, {**BUDGET["pez"], "steps": 5, "candidates": 3}).prompts
+    budget = BUDGET["pez"].model_copy(update={"steps": 5, "candidates": 3})
+    prompts = ATTACKS["pez"](plain, budget).prompts
     pieces = sorted({side.tokenizer.decode([i]).strip() for i in side.vocabulary.tolist()},
                     key=len, reverse=True)
     glued = re.compile(f"(?:{'|'.join(map(re.escape, pieces))})+")

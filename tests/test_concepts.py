@@ -7,7 +7,7 @@ from pipeline.concepts import (SPLITS, UnknownConceptError, get_concept, known_c
 from pipeline.generate import images_per_prompt
 from pipeline.mini import shapes
 from pipeline.params import load_params
-from pipeline.schema import KINDS
+from pipeline.schema import KINDS, Splits
 
 PAPER = {"nudity", "violence", "hateful", "disturbing", "grumpy_cat", "nemo", "captain_marvel",
          "snoopy", "r2d2", "taylor_swift", "angelina_jolie", "brad_pitt", "elon_musk", "van_gogh"}
@@ -36,9 +36,10 @@ def test_prompt_pairs_differ_only_in_the_concept(setting):
 
 @pytest.mark.parametrize("setting", ["mini", "paper"])
 def test_train_val_and_test_share_no_sentence_for_any_concept(setting):
-    generate = load_params()["generate"]
+    generate = load_params().generate
     for name in known_concepts(setting):
-        pairs = prompt_pairs(get_concept(name, setting), generate["prompts"], generate["seed"])
+        pairs = prompt_pairs(get_concept(name, setting), generate.prompts.model_dump(),
+                             generate.seed)
         sentences = {split: {s for pair in pairs[split] for s in pair} for split in SPLITS}
         for split in SPLITS:
             assert len(sentences[split]) == 2 * len(pairs[split]) > 0, (name, split)
@@ -61,7 +62,8 @@ def test_a_small_pool_gives_a_quarter_to_val_and_test_and_keeps_the_image_count(
     asked = {"train": 100, "val": 16, "test": 16}
     assert split_sizes(asked, 17) == {"train": 9, "val": 4, "test": 4}
     assert split_sizes(asked, 500) == asked
-    p = {"prompts": asked, "images_per_prompt": {"train": 1, "val": 4, "test": 8}}
+    p = load_params().generate.model_copy(update={
+        "prompts": Splits(**asked), "images_per_prompt": Splits(train=1, val=4, test=8)})
     assert images_per_prompt(p, "test", 4) == 32          # 16 x 8 = 128 images either way
     assert images_per_prompt(p, "train", 9) == 12         # 100 asked -> 108
     with pytest.raises(ValueError, match="at least 3"):

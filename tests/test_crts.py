@@ -16,21 +16,27 @@ from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
 from pipeline.judges import load_judge
 from pipeline.mini.tokenizer import build_clip_tokenizer
 from pipeline.params import load_params, settings_of
+from pipeline.schema import EditBudgets
+
+
+def budget(crt: str, **values):
+    """A CRT's budget as the edit stage hands it over: its model of ``edit.<setting>``."""
+    return EditBudgets.model_fields[crt].annotation(**values)
+
 
 #: Budgets that take a few steps: enough for every trainable parameter to move.
-TINY = {"esd_x": {"steps": 2, "lr": 1e-3, "eta": 1.0, "sample_guidance": 3.0, "batch": 1,
-                  "checkpoint_every": 1},
-        "ca": {"steps": 2, "lr": 1e-3, "batch": 2, "anchor_weight": 1.0, "checkpoint_every": 1},
-        "uce": {"regularization": 0.5, "preserve_scale": 0.1}}
+TINY = {"esd_x": budget("esd_x", steps=2, lr=1e-3, eta=1.0, sample_guidance=3.0, batch=1,
+                        checkpoint_every=1),
+        "ca": budget("ca", steps=2, lr=1e-3, batch=2, anchor_weight=1.0, checkpoint_every=1),
+        "uce": budget("uce", regularization=0.5, preserve_scale=0.1)}
 TINY["esd_u"] = TINY["esd_x"]
 #: Budgets that must clearly remove zorbo from the mini world (smaller than the stage's).
-SMALL = {"esd_x": {"steps": 100, "lr": 3e-4, "eta": 1.0, "sample_guidance": 3.0, "batch": 1,
-                   "checkpoint_every": 50},
-         "esd_u": {"steps": 100, "lr": 1e-4, "eta": 1.0, "sample_guidance": 3.0, "batch": 1,
-                   "checkpoint_every": 50},
-         "ca": {"steps": 100, "lr": 3e-4, "batch": 4, "anchor_weight": 0.0,
-                "checkpoint_every": 50},
-         "uce": {"regularization": 0.5, "preserve_scale": 0.1}}
+SMALL = {"esd_x": budget("esd_x", steps=100, lr=3e-4, eta=1.0, sample_guidance=3.0, batch=1,
+                         checkpoint_every=50),
+         "esd_u": budget("esd_u", steps=100, lr=1e-4, eta=1.0, sample_guidance=3.0, batch=1,
+                         checkpoint_every=50),
+         "ca": budget("ca", steps=100, lr=3e-4, batch=4, anchor_weight=0.0, checkpoint_every=50),
+         "uce": budget("uce", regularization=0.5, preserve_scale=0.1)}
 SAMPLING = dict(steps=25, guidance=5.0, size=32, batch=32)
 
 
@@ -41,11 +47,11 @@ def mini():
     params = load_params()
     setting, _, models = settings_of(params)
     concept = get_concept("zorbo", setting)
-    pipe = load_t2i(models["t2i"])
-    use_scheduler(pipe, params["generate"]["mini"]["scheduler"])
+    pipe = load_t2i(models.t2i)
+    use_scheduler(pipe, params.generate.mini.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pairs = prompt_pairs(concept, params["generate"]["prompts"], params["generate"]["seed"])
-    return pipe, load_judge(setting, models, concept), concept, pairs
+    pairs = prompt_pairs(concept, params.generate.prompts.model_dump(), params.generate.seed)
+    return pipe, load_judge(setting, models.judge, concept), concept, pairs
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +113,14 @@ def test_each_edit_changes_exactly_its_parameters(unedited, crt):
 
 @pytest.mark.parametrize("crt", ["esd_x", "esd_u", "ca"])
 def test_an_interrupted_edit_resumes_to_the_same_weights(paper_pipe, tmp_path, crt):
-    budget = dict(TINY[crt], steps=4, checkpoint_every=2)
+    four = TINY[crt].model_copy(update=dict(steps=4, checkpoint_every=2))
     whole = copy.deepcopy(paper_pipe)
-    uninterrupted = EDITS[crt](task_for(whole), budget)
+    uninterrupted = EDITS[crt](task_for(whole), four)
 
     # the first run stops after its checkpoint at step 2; the second starts from it
-    EDITS[crt](task_for(copy.deepcopy(paper_pipe), tmp_path), dict(budget, steps=2))
+    EDITS[crt](task_for(copy.deepcopy(paper_pipe), tmp_path), four.model_copy(update=dict(steps=2)))
     resumed = copy.deepcopy(paper_pipe)
-    report = EDITS[crt](task_for(resumed, tmp_path), budget)
+    report = EDITS[crt](task_for(resumed, tmp_path), four)
 
     assert report["resumed_from"] == 2 and uninterrupted["resumed_from"] == 0
     assert {**report, "resumed_from": 0} == uninterrupted
@@ -124,10 +130,10 @@ def test_an_interrupted_edit_resumes_to_the_same_weights(paper_pipe, tmp_path, c
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(paper_pipe, tmp_path):
     EDITS["ca"](task_for(copy.deepcopy(paper_pipe), tmp_path), TINY["ca"])
-    other = dict(TINY["ca"], lr=TINY["ca"]["lr"] / 2)
+    other = TINY["ca"].model_copy(update=dict(lr=TINY["ca"].lr / 2))
     assert EDITS["ca"](task_for(copy.deepcopy(paper_pipe), tmp_path), other)["resumed_from"] == 0
     resumed = EDITS["ca"](task_for(copy.deepcopy(paper_pipe), tmp_path), other)
-    assert resumed["resumed_from"] == TINY["ca"]["steps"]
+    assert resumed["resumed_from"] == TINY["ca"].steps
 
 
 def kv_weights(pipe) -> dict[str, torch.Tensor]:
@@ -141,7 +147,7 @@ def test_uce_maps_the_concept_to_the_anchor_and_keeps_the_preserved(mini):
     pipe = copy.deepcopy(mini[0])
     old = kv_weights(pipe)
     task = task_for(pipe)
-    report = EDITS["uce"](task, {"regularization": 1e-8, "preserve_scale": 1.0})
+    report = EDITS["uce"](task, budget("uce", regularization=1e-8, preserve_scale=1.0))
     new = kv_weights(pipe)
     edit, target = (s.double() for s in aligned_states(pipe, "Zorbo", "a star"))
     kept = encode(pipe, ["", *task.preserve]).double().flatten(0, 1)
@@ -157,7 +163,7 @@ def test_uce_maps_the_concept_to_the_anchor_and_keeps_the_preserved(mini):
 def test_uce_with_a_large_lambda_keeps_the_weights(mini):
     pipe = copy.deepcopy(mini[0])
     old = kv_weights(pipe)
-    EDITS["uce"](task_for(pipe), {"regularization": 1e8, "preserve_scale": 0.1})
+    EDITS["uce"](task_for(pipe), budget("uce", regularization=1e8, preserve_scale=0.1))
     for name, w in kv_weights(pipe).items():
         assert (w - old[name]).norm() < 1e-5 * old[name].norm(), name
 

@@ -13,7 +13,8 @@ from stages import REPO
 from pipeline import world
 from pipeline.espresso import EspressoFilter, text_embeddings
 from pipeline.espresso.losses import SEPARATIONS, contrastive_loss, espresso_loss
-from pipeline.finetune import OPTIMIZERS, finetune_params, trainable_text_side
+from pipeline.finetune import OPTIMIZERS, trainable_text_side
+from pipeline.schema import Finetune
 from pipeline.mini import shapes
 
 WEIGHTS = {"unacceptable": 1.0, "acceptable": 1.0, "separation": 1.0}
@@ -102,7 +103,7 @@ def test_the_loss_uses_the_chosen_forms_inputs(zorbo_filter, batch):
 def test_one_step_on_the_separation_term_alone_increases_it(zorbo_filter, batch, form,
                                                             optimizer):
     only_separation = {"unacceptable": 0.0, "acceptable": 0.0, "separation": 1.0}
-    step = OPTIMIZERS[optimizer](zorbo_filter.clip, {**HYPER, "weight_decay": 0.0})
+    step = OPTIMIZERS[optimizer](zorbo_filter.clip, **{**HYPER, "weight_decay": 0.0})
     before = espresso_loss(zorbo_filter, batch, only_separation, form)
     step.zero_grad()
     before["total"].backward()
@@ -115,7 +116,7 @@ def test_one_step_on_the_separation_term_alone_increases_it(zorbo_filter, batch,
 def one_step(batch, optimizer: str, weight_decay: float):
     """The text side after one step of ``optimizer`` from the shipped CLIP on ``batch``."""
     filt = EspressoFilter.from_clip(str(world.CLIP_DIR), "Zorbo", "a star", device="cpu")
-    step = OPTIMIZERS[optimizer](filt.clip, {**HYPER, "weight_decay": weight_decay})
+    step = OPTIMIZERS[optimizer](filt.clip, **{**HYPER, "weight_decay": weight_decay})
     step.zero_grad()
     espresso_loss(filt, batch, WEIGHTS, "concepts")["total"].backward()
     step.step()
@@ -142,11 +143,11 @@ def test_adamw_spares_unused_token_embeddings_and_adam_shrinks_them(batch):
 
 
 def test_each_setting_resolves_its_own_defaults(finetune_section):
-    nudity = finetune_params(finetune_section, "paper", "nudity")
-    assert (nudity["epochs"], nudity["optimizer"], nudity["separation"]) == (
+    finetune = Finetune.model_validate(finetune_section)
+    paper = finetune.of("paper")
+    assert (paper.epochs_of("nudity"), paper.optimizer, paper.separation) == (
         72, "adam", "prompt_pairs")
-    assert finetune_params(finetune_section, "paper", "grumpy_cat")["epochs"] == 100
-    mini = finetune_params(finetune_section, "mini", "zorbo")
-    assert {k: mini[k] for k in ("separation", "optimizer", "epochs")} == finetune_section["mini"]
-    assert (mini["separation"], mini["optimizer"]) == ("concepts", "adamw")
-    assert mini["lr"] == finetune_section["lr"] and mini["weights"] == finetune_section["weights"]
+    assert paper.epochs_of("grumpy_cat") == 100
+    mini = finetune.of("mini")
+    assert mini.model_dump(exclude_unset=True) == finetune_section["mini"]
+    assert (mini.separation, mini.optimizer, mini.epochs_of("zorbo")) == ("concepts", "adamw", 10)

@@ -14,11 +14,12 @@ from pipeline import attack, certify, edit, evaluate, finetune, generate
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import load_images
+from pipeline.params import check_params
 
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,
                                                    monkeypatch):
-    params = {**tiny_params, "setting": "paper", "concept": "nudity"}
+    params = check_params({**tiny_params, "setting": "paper", "concept": "nudity"})
     manifest = generate.run(params)
 
     test_u = manifest[(manifest["split"] == "test") & (manifest["label"] == "unacceptable")]
@@ -31,18 +32,18 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
 
     tuned = finetune.run(params)
     assert tuned["kind"] == "opposite"
-    assert tuned["weights"] == params["finetune"]["weights"]["opposite"]
+    assert tuned["weights"] == tiny_params["finetune"]["weights"]["opposite"]
     saved = CLIPModel.from_pretrained(stage_dir / FILTER_DIR)  # a plain CLIPModel too
     assert torch.equal(saved.vision_model.embeddings.patch_embedding.weight,
                        clip.vision_model.embeddings.patch_embedding.weight)  # vision frozen
 
     edited = edit.run(params)  # the fine-tuning CRTs on the SD v1.4-format model
-    assert set(edited) == set(params["edit"]["crts"])
+    assert set(edited) == set(params.edit.crts)
     unet = UNet2DConditionModel.from_pretrained(stage_dir / "data/edit/uce/unet")
     assert unet.config.cross_attention_dim == clip.config.text_config.hidden_size
 
     metrics = evaluate.run(params)
-    for name in [*FILTERS, *params["edit"]["crts"]]:
+    for name in [*FILTERS, *params.edit.crts]:
         assert 0.0 <= metrics[name]["clip_accuracy"]["value"] <= 1.0
     # the open_clip judge ran on every test image
     scores = pd.read_csv(stage_dir / "reports/evaluate/scores.csv")
@@ -58,7 +59,7 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
                         lambda *_: lambda images: np.ones(len(images), dtype=bool))
     attacked = attack.run(params)  # the paper budgets' structure, tiny values
     assert list(attacked["runs"]) == [run for run, _, _ in attack.attack_runs(
-        params["attack"]["attacks"], params["attack"]["adapt_to"] + params["edit"]["crts"])]
-    assert attacked["eyes"] == params["models"]["paper"]["eyes"] != attacked["judge"]
+        params.attack.attacks, params.attack.adapt_to + params.edit.crts)]
+    assert attacked["eyes"] == params.models.paper.eyes != attacked["judge"]
     certified = certify.run(params)
     assert certified["total_violations"] == 0

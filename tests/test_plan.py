@@ -3,6 +3,7 @@ models against their known sizes, and the GPU schedule."""
 import pytest
 
 from pipeline import plan
+from pipeline.params import check_params
 
 
 def test_generated_images_count_guided_unet_evaluations():
@@ -13,7 +14,7 @@ def test_generated_images_count_guided_unet_evaluations():
 
 
 def test_stage_work_of_the_tiny_params(tiny_params):
-    work = plan.stage_work(tiny_params)
+    work = plan.stage_work(check_params(tiny_params))
     sampler = tiny_params["generate"]["mini"]
     images = 2 * (4 * 1 + 2 * 2 + 2 * 2)  # 2 labels x (train, val, test) prompts x images each
     assert work["generate"].evaluations["unet"] == images * sampler["steps"] * 2
@@ -27,9 +28,9 @@ def test_stage_work_of_the_tiny_params(tiny_params):
 
 
 def test_flops_of_the_paper_models_match_their_size(tiny_params):
-    flops = plan.flops_per_evaluation("paper", {**tiny_params, "setting": "paper",
-                                                "generate": {**tiny_params["generate"],
-                                                             "paper": {"size": 512}}})
+    tiny_params["generate"]["paper"]["size"] = 512
+    paper = check_params({**tiny_params, "setting": "paper", "concept": "nudity"})
+    flops = plan.flops_per_evaluation("paper", paper)
     assert 7.5e11 < flops["unet"] < 8.5e11       # SD v1.4 UNet at 64 x 64 latents: ~0.8 TFLOPs
     assert 1.5e11 < flops["clip_image"] < 1.7e11  # ViT-L/14 at 224 px: ~81 GMACs
     assert flops["clip_text"] == pytest.approx(flops["t2i_text"], rel=0.01)

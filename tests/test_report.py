@@ -19,7 +19,7 @@ from pipeline import experiments, report, rendering, summary
 from pipeline.espresso.files import write_json
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.headline import headline, write_results
-from pipeline.params import load_params
+from pipeline.params import check_params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):
     folder, _ = tiny_run
     monkeypatch.chdir(folder)
-    report.run(tiny_params)
+    report.run(check_params(tiny_params))
     out = folder / report.OUT
     markdown = (out / "README.md").read_text()
     for heading in ("Effectiveness and utility", "Error rates", "CLIP accuracy under attack",
@@ -154,6 +154,7 @@ def synthetic_metrics():
 @pytest.fixture()
 def summary_folder(tiny_params, tmp_path, monkeypatch):
     metrics = synthetic_metrics()
+    checked = check_params(tiny_params)  # from the repository root, where the concept registry is
     repo = tmp_path / "repo"  # the experiments' commits: the summary reads their detail.json
     repo.mkdir()
     git("init", "-q", cwd=repo)
@@ -184,8 +185,8 @@ def summary_folder(tiny_params, tmp_path, monkeypatch):
     chosen = experiments.newest_per_concept(recorded, stricter, ("evaluate", "attack"))
     assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
     long = summary.with_averages(summary.long_table(chosen))
-    summary.write_summary(tmp_path / "summary", tiny_params, [], long, pd.DataFrame(),
-                          pd.DataFrame())  # no ablation, no probe
+    summary.write_summary(tmp_path / "summary", checked, [], long,
+                          pd.DataFrame(), pd.DataFrame())  # no ablation, no probe
     return tmp_path / "summary", metrics
 
 

@@ -7,7 +7,6 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import get_args
 
 import pytest
 import torch
@@ -15,15 +14,9 @@ import yaml
 from stages import REPO
 from test_stage_commands import command, listing
 
-from pipeline import schema, world
-from pipeline.attack import VOCABULARIES
-from pipeline.attacks import ATTACKS
+from pipeline import world
 from pipeline.concepts import get_concept, load_registry
-from pipeline.crts import EDITS
 from pipeline.espresso import EspressoFilter, ModelNotAvailableError
-from pipeline.espresso.baselines import ADAPTABLE
-from pipeline.espresso.losses import SEPARATIONS
-from pipeline.finetune import OPTIMIZERS
 from pipeline.judges import load_judge
 from pipeline.params import ParamsError, check_params, load_params
 
@@ -141,7 +134,7 @@ def test_every_problem_is_its_own_line():
 
 
 def test_the_shipped_params_are_accepted():
-    assert check_params(copy.deepcopy(PARAMS)) == PARAMS
+    assert check_params(copy.deepcopy(PARAMS)).model_dump(exclude_unset=True) == PARAMS
 
 
 def test_a_key_given_twice_in_params_yaml_is_refused(tmp_path):
@@ -152,17 +145,6 @@ def test_a_key_given_twice_in_params_yaml_is_refused(tmp_path):
     line = text.splitlines().index("  seed: 7") + 1
     assert str(info.value) == (f"params.yaml: generate.seed: given 2 times (lines {line - 1}, "
                                f"{line}); YAML keeps only the last: rename or remove the others")
-
-
-def test_the_schema_names_exactly_what_the_code_implements():
-    assert schema.ATTACK_NAMES == tuple(ATTACKS)
-    assert set(get_args(schema.FinetuneSetting.model_fields["optimizer"].annotation)) \
-        == set(OPTIMIZERS)
-    assert set(get_args(schema.FinetuneSetting.model_fields["separation"].annotation)) \
-        == set(SEPARATIONS)
-    assert set(get_args(schema.Budgets.model_fields["vocabulary"].annotation)) == set(VOCABULARIES)
-    assert set(get_args(schema.Filter)) == set(ADAPTABLE)
-    assert schema.EDIT_NAMES == tuple(EDITS)
 
 
 # ---- data/concepts.yaml -------------------------------------------------------------------
@@ -303,7 +285,7 @@ def test_a_damaged_judge_is_one_line_naming_the_file_and_the_fix(tmp_path, damag
     else:
         weights.unlink()
     with pytest.raises(ModelNotAvailableError) as info:
-        load_judge("mini", {"judge": str(judge)}, get_concept("zorbo", "mini"))
+        load_judge("mini", str(judge), get_concept("zorbo", "mini"))
     message = str(info.value)
     assert message.startswith(f"The model at {judge} cannot be loaded: ")
     assert WORLD_FIX in message and len(message.splitlines()) == 1

@@ -17,14 +17,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 @pytest.fixture(scope="module")
 def world_params():
-    return load_params()["world"]
+    return load_params().world
 
 
 @pytest.fixture(scope="module")
 def fresh_renders(world_params):
     rng = np.random.default_rng(20261125)  # a seed used nowhere in training or measuring
     scenes = [shapes.sample_scene(rng, character_prob=0.3) for _ in range(240)]
-    return shapes.render_many(scenes, rng, world_params["image_size"]), scenes
+    return shapes.render_many(scenes, rng, world_params.image_size), scenes
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,9 @@ def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_par
     asked = [(str(rng.choice(shapes.SHAPES)), str(rng.choice(list(shapes.COLORS))))
              for _ in range(24)]
     prompts = [f"a {colour} {shape}" for shape, colour in asked] + ["Zorbo"] * 8
-    m = world_params["measure"]
+    m = world_params.measure
     seeds = list(range(123, 123 + len(prompts)))
-    images = generate(pipe, prompts, seeds, steps=m["inference_steps"],
-                      guidance=m["guidance_scale"])
+    images = generate(pipe, prompts, seeds, steps=m.inference_steps, guidance=m.guidance_scale)
     assert images.shape == (32, 32, 32, 3)
     pred = judge.predict(images)
     shape_ok = [shapes.SHAPES[s] == a[0] for s, a in zip(pred["shape"][:24], asked)]
@@ -86,8 +85,8 @@ def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_par
     assert np.mean(np.logical_and(shape_ok, colour_ok)) >= 0.7
     assert np.mean(pred["character"][24:] == shapes.VOCAB["character"].index("zorbo")) >= 0.6
     # same seed, same images: generation is reproducible
-    again = generate(pipe, prompts[:4], seeds[:4], steps=m["inference_steps"],
-                     guidance=m["guidance_scale"], batch=2)
+    again = generate(pipe, prompts[:4], seeds[:4], steps=m.inference_steps,
+                     guidance=m.guidance_scale, batch=2)
     assert np.array_equal(again, images[:4])
 
 

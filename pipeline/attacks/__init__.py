@@ -49,11 +49,14 @@ One module per attack (``typo``, ``pez``, ``cce``, ``ringbell``); what they shar
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.attacks import cce, pez, ringbell, typo
 from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.registry import ATTACKS as NAMES, implemented
 
-ATTACKS: dict[str, Callable[[AttackContext, dict], AttackResult]] = {
-    "typo": typo.typo, "pez": pez.pez, "cce": cce.cce, "ringbell": ringbell.ringbell}
+ATTACKS: dict[str, Callable[[AttackContext, Any], AttackResult]] = implemented(NAMES, {
+    "typo": typo.typo, "pez": pez.pez, "cce": cce.cce, "ringbell": ringbell.ringbell},
+    "pipeline.attacks.ATTACKS")
 
 __all__ = ["ATTACKS", "AttackContext", "AttackResult"]

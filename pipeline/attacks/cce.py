@@ -4,6 +4,7 @@ the target filter's loss on the images the UNet predicts; one token per adaptive
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from pipeline.attacks.trial import rank_trials, trial_seeds
 from pipeline.espresso import EspressoFilter
 from pipeline.espresso.embeddings import image_features
 from pipeline.espresso.pixels import channels_first, clip_pixels_torch, unit_range
+
+if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
+    from pipeline.schema import Cce
 
 CCE_TOKEN = "<cce-concept>"
 
@@ -38,14 +42,14 @@ def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: t
     return (noisy - sigma * prediction) / alpha
 
 
-def cce(ctx: AttackContext, p: dict) -> AttackResult:
+def cce(ctx: AttackContext, p: Cce) -> AttackResult:
     """One token per adaptive weight (just 0 for plain CCE); the trial keeps the best."""
-    weights = p["adaptive_weights"] if ctx.adaptive else [0.0]
+    weights = p.adaptive_weights if ctx.adaptive else [0.0]
     prompts = [with_token(q, ctx.concept.unacceptable, CCE_TOKEN) for q in ctx.target_prompts]
     templates = list(dict.fromkeys(prompts))
     chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
     vectors = [invert_token(ctx, p, prompts, w) for w in weights]
-    trial = [chosen[i % len(chosen)] for i in range(p["selection_images"])]
+    trial = [chosen[i % len(chosen)] for i in range(p.selection_images)]
     seeds = trial_seeds(ctx, len(trial))
     images = []
     for vector in vectors:
@@ -58,7 +62,7 @@ def cce(ctx: AttackContext, p: dict) -> AttackResult:
                         weights[best], {CCE_TOKEN: vectors[best]})
 
 
-def invert_token(ctx: AttackContext, p: dict, prompts: list[str], weight: float) -> torch.Tensor:
+def invert_token(ctx: AttackContext, p: Cce, prompts: list[str], weight: float) -> torch.Tensor:
     """CCE's textual inversion of ``CCE_TOKEN`` in ``prompts`` on the target images, plus
     ``weight`` times the target filter's loss on the predicted clean images."""
     pipe = ctx.pipe
@@ -70,7 +74,7 @@ def invert_token(ctx: AttackContext, p: dict, prompts: list[str], weight: float)
     with textual_inversion(pipe, {CCE_TOKEN: start.clone()}):
         token_id = pipe.tokenizer.convert_tokens_to_ids(CCE_TOKEN)
         vector = start.clone().to(device).requires_grad_(True)
-        optimizer = torch.optim.AdamW([vector], lr=p["lr"], weight_decay=0.0)
+        optimizer = torch.optim.AdamW([vector], lr=p.lr, weight_decay=0.0)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                              max_length=pipe.tokenizer.model_max_length).input_ids.to(device)
@@ -78,9 +82,9 @@ def invert_token(ctx: AttackContext, p: dict, prompts: list[str], weight: float)
             pixels = channels_first(torch.from_numpy(ctx.target_images), "-1,1")
             latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
             latents = latents.float() * pipe.vae.config.scaling_factor
-        for _ in tqdm(range(p["steps"]), desc=f"CCE+ (weight {weight:g})" if weight else "CCE",
+        for _ in tqdm(range(p.steps), desc=f"CCE+ (weight {weight:g})" if weight else "CCE",
                       unit="step", mininterval=5):
-            batch = torch.randint(len(latents), (p["batch"],), generator=generator)
+            batch = torch.randint(len(latents), (p.batch,), generator=generator)
             noise = torch.randn(latents[batch].shape, generator=generator).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),),
                               generator=generator).to(device)

@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from tqdm import tqdm
 
@@ -11,6 +13,9 @@ from pipeline.attacks.objective import pez_objective, typed_margin, unit_image_f
 from pipeline.attacks.prompt_embedding import TokenPrompts, clip_text_features
 from pipeline.attacks.trial import select_by_images
 from pipeline.espresso import EspressoFilter, text_embeddings
+
+if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
+    from pipeline.schema import Pez, Typo
 
 
 def filter_margin(filt: EspressoFilter, side: TokenPrompts, values: torch.Tensor) -> torch.Tensor:
@@ -30,9 +35,9 @@ def typed_loss(ctx: AttackContext, prompts: list[str], target_features: torch.Te
     return pez_objective(features, target_features, margin, adaptive_weight)
 
 
-def pez_candidates(ctx: AttackContext, p: dict, target_features: torch.Tensor,
+def pez_candidates(ctx: AttackContext, p: Pez | Typo, target_features: torch.Tensor,
                    adaptive_weight: float, desc: str) -> list[str]:
-    """PEZ from ``p["candidates"]`` random starts at once (``ctx.seed``); per start, the prompt
+    """PEZ from ``p.candidates`` random starts at once (``ctx.seed``); per start, the prompt
     with the best loss as typed. ``adaptive_weight`` > 0 needs ``ctx.target``."""
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
@@ -40,13 +45,13 @@ def pez_candidates(ctx: AttackContext, p: dict, target_features: torch.Tensor,
                    if adaptive_weight else None)
     device = attacker.table.device
     start = attacker.vocabulary[torch.randint(len(attacker.vocabulary),
-                                              (p["candidates"], p["tokens"]), generator=generator)]
+                                              (p.candidates, p.tokens), generator=generator)]
     start = start.to(device)
     soft = attacker.table[start].detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([soft], lr=p["lr"], weight_decay=p["weight_decay"])
-    best_loss = torch.full((p["candidates"],), float("inf"), device=device)
+    optimizer = torch.optim.AdamW([soft], lr=p.lr, weight_decay=p.weight_decay)
+    best_loss = torch.full((p.candidates,), float("inf"), device=device)
     best_ids = start.clone()
-    for _ in tqdm(range(p["steps"]), desc=desc, unit="step", mininterval=5):
+    for _ in tqdm(range(p.steps), desc=desc, unit="step", mininterval=5):
         ids = attacker.project(soft.detach())
         features = clip_text_features(ctx.attacker.clip, attacker, attacker.embed(ids, soft))
         margin = (filter_margin(ctx.target, filter_side, filter_side.embed(ids, soft))
@@ -61,18 +66,18 @@ def pez_candidates(ctx: AttackContext, p: dict, target_features: torch.Tensor,
     return attacker.decode(best_ids)
 
 
-def pez_search(ctx: AttackContext, p: dict, target_features: torch.Tensor,
+def pez_search(ctx: AttackContext, p: Pez | Typo, target_features: torch.Tensor,
                adaptive_weight: float, desc: str) -> AttackResult:
     """PEZ's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
     candidates = (pez_candidates(ctx, p, target_features, adaptive_weight, desc)
                   if adaptive_weight else
                   ctx.plain_candidates(desc, lambda: pez_candidates(ctx, p, target_features, 0.0,
                                                                     desc)))
-    return select_by_images(ctx, candidates, p["selection_images"], target_features,
+    return select_by_images(ctx, candidates, p.selection_images, target_features,
                             adaptive_weight)
 
 
-def pez(ctx: AttackContext, p: dict) -> AttackResult:
+def pez(ctx: AttackContext, p: Pez | Typo) -> AttackResult:
     targets = unit_image_features(ctx.attacker, ctx.target_images)
-    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+    weight = p.adaptive_weight if ctx.adaptive else 0.0
     return pez_search(ctx, p, targets, weight, "PEZ+" if weight else "PEZ")

@@ -3,6 +3,8 @@ concept vector, scored as typed.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -12,17 +14,20 @@ from pipeline.attacks.objective import typed_margin, unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts
 from pipeline.attacks.trial import select_by_images
 
+if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
+    from pipeline.schema import RingBell
 
-def ringbell(ctx: AttackContext, p: dict) -> AttackResult:
+
+def ringbell(ctx: AttackContext, p: RingBell) -> AttackResult:
     """The search's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
-    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+    weight = p.adaptive_weight if ctx.adaptive else 0.0
     targets = unit_image_features(ctx.attacker, ctx.target_images)
     candidates = (ringbell_candidates(ctx, p, weight) if weight else
                   ctx.plain_candidates("RingBell", lambda: ringbell_candidates(ctx, p, 0.0)))
-    return select_by_images(ctx, candidates, p["selection_images"], targets, weight)
+    return select_by_images(ctx, candidates, p.selection_images, targets, weight)
 
 
-def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]:
+def ringbell_candidates(ctx: AttackContext, p: RingBell, weight: float) -> list[str]:
     """One genetic search per candidate (``ctx.seed``), each one's fittest prompt as typed;
     ``weight`` > 0 (the filter term) needs ``ctx.target``."""
     pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
@@ -36,9 +41,9 @@ def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]
 
     unacceptable, acceptable = zip(*ctx.pairs)
     concept_vector = (states(list(unacceptable)) - states(list(acceptable))).mean(0)
-    rows = p["candidates"]
+    rows = p.candidates
     bases = [acceptable[i % len(acceptable)] for i in range(rows)]
-    goals = states(bases) + p["eta"] * concept_vector
+    goals = states(bases) + p.eta * concept_vector
 
     @torch.no_grad()
     def loss_of(population: np.ndarray) -> np.ndarray:
@@ -53,10 +58,10 @@ def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]
         return loss.view(n, size).cpu().numpy()
 
     vocabulary = side.vocabulary.numpy()
-    size, k = p["population"], p["tokens"]
+    size, k = p.population, p.tokens
     population = rng.choice(vocabulary, (rows, size, k))
-    elite = max(1, int(p["elite"] * size))
-    for _ in tqdm(range(p["generations"]), desc="RingBell+" if weight else "RingBell",
+    elite = max(1, int(p.elite * size))
+    for _ in tqdm(range(p.generations), desc="RingBell+" if weight else "RingBell",
                   unit="gen", mininterval=5):
         loss = loss_of(population)
         order = np.argsort(loss, axis=1, kind="stable")
@@ -64,9 +69,9 @@ def ringbell_candidates(ctx: AttackContext, p: dict, weight: float) -> list[str]
         parents = _tournament(rng, rows, size, size - elite)
         mothers = np.take_along_axis(population, parents[0][..., None], axis=1)
         fathers = np.take_along_axis(population, parents[1][..., None], axis=1)
-        cross = rng.random(mothers.shape) < p["crossover"]
+        cross = rng.random(mothers.shape) < p.crossover
         children = np.where(cross, fathers, mothers)
-        mutate = rng.random(children.shape) < p["mutation"]
+        mutate = rng.random(children.shape) < p.mutation
         children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
         population = np.concatenate([population[:, :elite], children], axis=1)
     best = population[np.arange(rows), loss_of(population).argmin(1)]

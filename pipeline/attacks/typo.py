@@ -4,12 +4,17 @@ on CLIP), then the images inverted into prompts with PEZ's search; "+" adds PEZ+
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.attacks.context import AttackContext, AttackResult
 from pipeline.attacks.objective import unit_image_features
 from pipeline.attacks.pez import pez_search
+
+if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
+    from pipeline.schema import Typo
 
 
 def write_text(images: np.ndarray, text: str, height_fraction: float) -> np.ndarray:
@@ -32,8 +37,8 @@ def write_text(images: np.ndarray, text: str, height_fraction: float) -> np.ndar
     return np.stack(out)
 
 
-def typo(ctx: AttackContext, p: dict) -> AttackResult:
-    written = write_text(ctx.target_images, ctx.concept.acceptable, p["text_height"])
-    weight = p["adaptive_weight"] if ctx.adaptive else 0.0
+def typo(ctx: AttackContext, p: Typo) -> AttackResult:
+    written = write_text(ctx.target_images, ctx.concept.acceptable, p.text_height)
+    weight = p.adaptive_weight if ctx.adaptive else 0.0
     return pez_search(ctx, p, unit_image_features(ctx.attacker, written), weight,
                       "Typo+" if ctx.adaptive else "Typo")

@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # the budgets of edit.<setting> (pipeline.schema)
+    from pipeline.schema import Ca, Esd
 
 
 @dataclass
@@ -92,13 +96,13 @@ StepLoss = Callable[[torch.nn.Module, torch.nn.Module, torch.Generator], torch.T
 PARAMS_FILE, STATE_FILE = "trainable.safetensors", "state.pt"
 
 
-def fine_tune(task: EditTask, p: dict, name: str, loss: StepLoss, desc: str) -> dict:
-    """Train ``name``'s parameters of ``task.pipe.unet`` in place for ``p["steps"]`` Adam steps of
+def fine_tune(task: EditTask, p: Esd | Ca, name: str, loss: StepLoss, desc: str) -> dict:
+    """Train ``name``'s parameters of ``task.pipe.unet`` in place for ``p.steps`` Adam steps of
     ``loss``, against a frozen copy of the unedited UNet (the teacher).
 
     Step ``k`` draws all its randomness from ``Generator().manual_seed(task.seed + k)`` and the
     UNets have no dropout, so a run resumed from a checkpoint of ``task.checkpoint`` (written
-    every ``p["checkpoint_every"]`` steps) ends with the same weights as one never interrupted.
+    every ``p.checkpoint_every`` steps) ends with the same weights as one never interrupted.
     Training is in fp32 (an fp16 UNet is converted for it, and back); the UNet is left frozen.
     """
     unet = task.pipe.unet
@@ -108,17 +112,17 @@ def fine_tune(task: EditTask, p: dict, name: str, loss: StepLoss, desc: str) -> 
     names = trainable_names(name, unet)
     owned = dict(unet.named_parameters())
     params = {n: owned[n].requires_grad_(True) for n in names}
-    optimizer = torch.optim.Adam(params.values(), lr=p["lr"])
+    optimizer = torch.optim.Adam(params.values(), lr=p.lr)
     fingerprint = _fingerprint(task, p, name)
-    start, losses = _resume(task.checkpoint, params, optimizer, fingerprint, p["steps"])
-    for step in tqdm(range(start, p["steps"]), initial=start, total=p["steps"], desc=desc,
+    start, losses = _resume(task.checkpoint, params, optimizer, fingerprint, p.steps)
+    for step in tqdm(range(start, p.steps), initial=start, total=p.steps, desc=desc,
                      mininterval=5):
         value = loss(unet, teacher, torch.Generator().manual_seed(task.seed + step))
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
         losses.append(value.item())
-        if task.checkpoint is not None and (step + 1) % p["checkpoint_every"] == 0:
+        if task.checkpoint is not None and (step + 1) % p.checkpoint_every == 0:
             _save(task.checkpoint, params, optimizer, fingerprint, step + 1, losses)
     _cast(unet.requires_grad_(False), dtype)
     window = max(1, len(losses) // 10)
@@ -133,10 +137,10 @@ def _cast(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return unet if unet.dtype == dtype else unet.to(dtype)
 
 
-def _fingerprint(task: EditTask, p: dict, name: str) -> str:
+def _fingerprint(task: EditTask, p: Esd | Ca, name: str) -> str:
     """What a checkpoint must have been made with to be resumed: the same CRT, concept, seed and
     budget (the step count aside: a longer run may continue a shorter one's checkpoint)."""
-    budget = {k: v for k, v in p.items() if k not in ("steps", "checkpoint_every")}
+    budget = p.model_dump(exclude={"steps", "checkpoint_every"})
     return json.dumps({"crt": name, "budget": budget, "seed": task.seed,
                        "unacceptable": task.unacceptable, "acceptable": task.acceptable,
                        "pairs": [list(pair) for pair in task.pairs], "size": task.size,
@@ -185,8 +189,9 @@ def _resume(folder: Path | None, params: dict[str, torch.Tensor],
 from pipeline.crts.ca import ca  # noqa: E402
 from pipeline.crts.esd import esd_u, esd_x  # noqa: E402
 from pipeline.crts.uce import uce  # noqa: E402
+from pipeline.registry import CRTS, implemented  # noqa: E402
 
 #: Every CRT: ``EDITS[name](task, budget)`` edits ``task.pipe.unet`` in place and returns a small
-#: JSON-able record of what it did.
-EDITS: dict[str, Callable[[EditTask, dict], dict]] = {"esd_x": esd_x, "esd_u": esd_u,
-                                                      "uce": uce, "ca": ca}
+#: JSON-able record of what it did (``budget``: its model of ``pipeline.schema.EditBudgets``).
+EDITS: dict[str, Callable[[EditTask, Any], dict]] = implemented(CRTS, {
+    "esd_x": esd_x, "esd_u": esd_u, "uce": uce, "ca": ca}, "pipeline.crts.EDITS")

@@ -7,12 +7,17 @@ release's optional prior preservation), which keeps the anchor concept itself in
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from pipeline.crts import EditTask, encode, fine_tune
+
+if TYPE_CHECKING:  # its budget of edit.<setting> (pipeline.schema)
+    from pipeline.schema import Ca
 
 #: Anchor images VAE-encoded at a time.
 ENCODE_BATCH = 32
@@ -31,7 +36,7 @@ def anchor_latents(pipe, images: np.ndarray) -> torch.Tensor:
     return torch.cat(out).to(pipe.unet.device, torch.float32)
 
 
-def ca(task: EditTask, p: dict) -> dict:
+def ca(task: EditTask, p: Ca) -> dict:
     """``p``: steps, lr, batch (anchor images per step), anchor_weight, checkpoint_every."""
     pipe = task.pipe
     device = pipe.unet.device
@@ -44,18 +49,18 @@ def ca(task: EditTask, p: dict) -> dict:
 
     def loss(student: torch.nn.Module, teacher: torch.nn.Module,
              generator: torch.Generator) -> torch.Tensor:
-        pick = torch.randint(len(latents), (p["batch"],), generator=generator)
-        t = torch.randint(noiser.config.num_train_timesteps, (p["batch"],), generator=generator)
-        noise = torch.randn((p["batch"],) + latents.shape[1:], generator=generator).to(device)
+        pick = torch.randint(len(latents), (p.batch,), generator=generator)
+        t = torch.randint(noiser.config.num_train_timesteps, (p.batch,), generator=generator)
+        noise = torch.randn((p.batch,) + latents.shape[1:], generator=generator).to(device)
         clean, t, pick = latents[pick.to(device)], t.to(device), pick.to(device)
         x = noiser.add_noise(clean, noise, t)
         with torch.no_grad():
             target = teacher(x, t, encoder_hidden_states=acceptable[pick]).sample
         value = F.mse_loss(student(x, t, encoder_hidden_states=unacceptable[pick]).sample, target)
-        if p["anchor_weight"]:
+        if p.anchor_weight:
             anchor = student(x, t, encoder_hidden_states=acceptable[pick]).sample
             truth = denoising_target(noiser, clean, noise, t)
-            value = value + p["anchor_weight"] * F.mse_loss(anchor, truth)
+            value = value + p.anchor_weight * F.mse_loss(anchor, truth)
         return value
 
     return fine_tune(task, p, "ca", loss, "CA")

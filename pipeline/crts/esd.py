@@ -8,26 +8,31 @@ outputs, so it is formed the same way whether the UNet predicts noise or velocit
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from pipeline.crts import EditTask, encode, fine_tune
 
+if TYPE_CHECKING:  # its budget of edit.<setting> (pipeline.schema)
+    from pipeline.schema import Esd
 
-def esd_x(task: EditTask, p: dict) -> dict:
+
+def esd_x(task: EditTask, p: Esd) -> dict:
     """ESD-x: trains the cross-attention parameters only (the paper's choice for styles and
     concepts named in the prompt)."""
     return _esd(task, p, "esd_x", "ESD-x")
 
 
-def esd_u(task: EditTask, p: dict) -> dict:
+def esd_u(task: EditTask, p: Esd) -> dict:
     """ESD-u: trains every UNet parameter but the cross-attention (the paper's choice for
     concepts that should go whatever the prompt)."""
     return _esd(task, p, "esd_u", "ESD-u")
 
 
-def _esd(task: EditTask, p: dict, name: str, desc: str) -> dict:
+def _esd(task: EditTask, p: Esd, name: str, desc: str) -> dict:
     """``p``: steps, lr, eta (negative guidance), sample_guidance (the classifier-free guidance
     of the partial sampling), batch (latents per step), checkpoint_every."""
     pipe = task.pipe
@@ -36,8 +41,8 @@ def _esd(task: EditTask, p: dict, name: str, desc: str) -> dict:
     sampler = DDIMScheduler.from_config(pipe.scheduler.config)
     sampler.set_timesteps(task.steps, device=device)
     side = task.size // pipe.vae_scale_factor
-    shape = (p["batch"], pipe.unet.config.in_channels, side, side)
-    both = torch.stack([empty, concept]).repeat_interleave(p["batch"], dim=0)
+    shape = (p.batch, pipe.unet.config.in_channels, side, side)
+    both = torch.stack([empty, concept]).repeat_interleave(p.batch, dim=0)
 
     def paired(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple:
         """The (unconditional, c_u) predictions for every latent of ``x``, in one batch."""
@@ -51,13 +56,13 @@ def _esd(task: EditTask, p: dict, name: str, desc: str) -> dict:
             for t in sampler.timesteps[:k]:
                 model_input = sampler.scale_model_input(x, t)
                 uncond, cond = paired(student, model_input, t)
-                guided = uncond + p["sample_guidance"] * (cond - uncond)
+                guided = uncond + p.sample_guidance * (cond - uncond)
                 x = sampler.step(guided, t, x).prev_sample
             t = sampler.timesteps[k]
             x = sampler.scale_model_input(x, t)
             uncond, cond = paired(teacher, x, t)
-            target = uncond - p["eta"] * (cond - uncond)
-        prediction = student(x, t, encoder_hidden_states=both[p["batch"]:]).sample
+            target = uncond - p.eta * (cond - uncond)
+        prediction = student(x, t, encoder_hidden_states=both[p.batch:]).sample
         return F.mse_loss(prediction, target)
 
     return fine_tune(task, p, name, loss, desc)

@@ -16,9 +16,14 @@ the unconditional branch of classifier-free guidance.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.crts import EditTask, encode, trainable_names
+
+if TYPE_CHECKING:  # its budget of edit.<setting> (pipeline.schema)
+    from pipeline.schema import Uce
 
 
 @torch.no_grad()
@@ -36,7 +41,7 @@ def aligned_states(pipe, unacceptable: str,
 
 
 @torch.no_grad()
-def uce(task: EditTask, p: dict) -> dict:
+def uce(task: EditTask, p: Uce) -> dict:
     """Edit every ``attn2.to_k`` / ``attn2.to_v`` weight of ``task.pipe.unet`` in place.
     ``p``: regularization (UCE's lambda, the pull towards the old weights), preserve_scale (the
     weight of the preserved states). Returns the counts and the worst relative residuals of both
@@ -46,7 +51,7 @@ def uce(task: EditTask, p: dict) -> dict:
     edit, target = (s.double() for s in aligned_states(pipe, task.unacceptable, task.acceptable))
     texts = [""] + [text for text in task.preserve if text != ""]
     kept = encode(pipe, texts).double().flatten(0, 1)
-    scale, lam = p["preserve_scale"], p["regularization"]
+    scale, lam = p.preserve_scale, p.regularization
     eye = lam * torch.eye(edit.shape[1], dtype=torch.float64, device=edit.device)
     inputs = eye + edit.T @ edit + scale * kept.T @ kept
     outputs = eye + target.T @ edit + scale * kept.T @ kept

@@ -7,6 +7,8 @@ batches of hard-negative groups (4 images that differ in exactly one attribute).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -16,16 +18,19 @@ from pipeline.espresso.losses import multi_positive_loss
 from pipeline.espresso.pixels import channels_first, clip_pixels_torch
 from pipeline.mini import shapes
 
+if TYPE_CHECKING:  # the world section's models (pipeline.schema)
+    from pipeline.schema import WorldClip
 
-def clip_config(p: dict, image_size: int) -> CLIPConfig:
+
+def clip_config(p: WorldClip, image_size: int) -> CLIPConfig:
     """CLIP config of the mini world (``p`` = ``world.clip`` params)."""
-    tower = dict(hidden_size=p["width"], num_hidden_layers=p["layers"],
-                 num_attention_heads=p["heads"], intermediate_size=4 * p["width"])
+    tower = dict(hidden_size=p.width, num_hidden_layers=p.layers,
+                 num_attention_heads=p.heads, intermediate_size=4 * p.width)
     return CLIPConfig(
-        text_config=dict(tower, vocab_size=49408, max_position_embeddings=p["context_length"],
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=p.context_length,
                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(tower, image_size=image_size, patch_size=p["patch"]),
-        projection_dim=p["width"],
+        vision_config=dict(tower, image_size=image_size, patch_size=p.patch),
+        projection_dim=p.width,
     )
 
 
@@ -35,9 +40,9 @@ def image_processor(image_size: int) -> CLIPImageProcessor:
                               crop_size={"height": image_size, "width": image_size})
 
 
-def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: list[str],
+def train_clip(p: WorldClip, images: np.ndarray, scenes: list[shapes.Scene], varied: list[str],
                tokenizer, seed: int, device: str = "cpu") -> CLIPModel:
-    """Train mini CLIP for ``p["steps"]`` steps on rendered hard-negative groups.
+    """Train mini CLIP for ``p.steps`` steps on rendered hard-negative groups.
 
     ``images``/``scenes``/``varied`` come from :func:`shapes.render_groups` (groups of 4 are
     consecutive); the varied attribute is always kept in the group's captions."""
@@ -48,12 +53,12 @@ def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: 
     processor = image_processor(image_size)
     pixels = torch.from_numpy(images)
     labels = shapes.label_matrix(scenes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.98),
-                                  weight_decay=p["weight_decay"])
-    schedule = get_cosine_schedule_with_warmup(optimizer, p["warmup"], p["steps"])
-    n_groups, groups_per_batch = len(scenes) // 4, p["batch"] // 4
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.98),
+                                  weight_decay=p.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, p.warmup, p.steps)
+    n_groups, groups_per_batch = len(scenes) // 4, p.batch // 4
     model.train()
-    for _ in (bar := tqdm(range(p["steps"]), desc="mini CLIP", mininterval=10)):
+    for _ in (bar := tqdm(range(p.steps), desc="mini CLIP", mininterval=10)):
         groups = rng.choice(n_groups, groups_per_batch, replace=False)
         idx = (groups[:, None] * 4 + np.arange(4)).ravel()
         texts, said = zip(*(shapes.caption(scenes[i], rng, keep=[varied[i]]) for i in idx))
@@ -62,7 +67,7 @@ def train_clip(p: dict, images: np.ndarray, scenes: list[shapes.Scene], varied: 
         batch = pixels[idx]
         flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
         batch[flip] = batch[flip].flip(2)
-        tokens = tokenizer(list(texts), padding="max_length", max_length=p["context_length"],
+        tokens = tokenizer(list(texts), padding="max_length", max_length=p.context_length,
                            truncation=True, return_tensors="pt")
         out = model(input_ids=tokens.input_ids.to(device),
                     attention_mask=tokens.attention_mask.to(device),

@@ -5,6 +5,8 @@ can report what generated and filtered images *really* show, not only CLIP's opi
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,9 @@ from tqdm import tqdm
 
 from pipeline.espresso.pixels import channels_first
 from pipeline.mini import shapes
+
+if TYPE_CHECKING:  # the world section's models (pipeline.schema)
+    from pipeline.schema import WorldJudge
 
 HEADS = {name: len(vocab) for name, vocab in shapes.VOCAB.items()}
 
@@ -64,21 +69,21 @@ def _augment() -> v2.Compose:
                        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 0.8))], p=0.5)])
 
 
-def train_judge(p: dict, images: np.ndarray, scenes: list[shapes.Scene], seed: int,
+def train_judge(p: WorldJudge, images: np.ndarray, scenes: list[shapes.Scene], seed: int,
                 character_share: float = 0.25, device: str = "cpu") -> Judge:
     """Supervised training of every head (colour is ignored on characters, label -1);
-    ``p["widths"]`` sets the architecture (the attacker's eyes are a narrower judge)."""
+    ``p.widths`` sets the architecture (the attacker's eyes are a narrower judge)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    judge = Judge(widths=tuple(p["widths"])).to(device)
+    judge = Judge(widths=tuple(p.widths)).to(device)
     labels = torch.from_numpy(shapes.label_matrix(scenes))
     pixels, weights = torch.from_numpy(images), shapes.sampling_weights(scenes, character_share)
-    optimizer = torch.optim.AdamW(judge.parameters(), lr=p["lr"], weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, p["lr"], total_steps=p["steps"])
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=p.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, p.lr, total_steps=p.steps)
     augment = _augment()
     judge.train()
-    for _ in (bar := tqdm(range(p["steps"]), desc="judge", mininterval=10)):
-        idx = torch.from_numpy(rng.choice(len(scenes), p["batch"], replace=False, p=weights))
+    for _ in (bar := tqdm(range(p.steps), desc="judge", mininterval=10)):
+        idx = torch.from_numpy(rng.choice(len(scenes), p.batch, replace=False, p=weights))
         batch = augment(pixels[idx].to(device).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         logits = judge(batch)
         loss = sum(F.cross_entropy(logits[k], labels[idx].to(device)[:, i], ignore_index=-1)

@@ -8,6 +8,7 @@ Three checks, all on fresh data never used in training:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from pipeline.espresso.pixels import channels_first, clip_pixels_torch
 from pipeline.mini import shapes
 from pipeline.mini.judge import Judge
 
+if TYPE_CHECKING:  # the world section's models (pipeline.schema)
+    from pipeline.schema import World
+
 #: Zero-shot prompt per attribute; ``{shape}`` is the image's true shape, so each attribute is
 #: tested on its own ("a red star" vs "a blue star", ...).
 ZERO_SHOT_TEMPLATES = {
@@ -30,11 +34,11 @@ ZERO_SHOT_TEMPLATES = {
 }
 
 
-def heldout_renders(p: dict, n: int | None = None) -> tuple[np.ndarray, list[shapes.Scene]]:
+def heldout_renders(p: World, n: int | None = None) -> tuple[np.ndarray, list[shapes.Scene]]:
     """Fresh renders from a seed disjoint from training (``seed + 1``)."""
-    rng = np.random.default_rng(p["seed"] + 1)
-    scenes = [shapes.sample_scene(rng, p["character_prob"]) for _ in range(n or p["heldout_images"])]
-    return shapes.render_many(scenes, rng, p["image_size"]), scenes
+    rng = np.random.default_rng(p.seed + 1)
+    scenes = [shapes.sample_scene(rng, p.character_prob) for _ in range(n or p.heldout_images)]
+    return shapes.render_many(scenes, rng, p.image_size), scenes
 
 
 def grid_image(images: np.ndarray, columns: int = 16, scale: int = 3) -> Image.Image:
@@ -85,10 +89,10 @@ def judge_accuracy(judge: Judge, images: np.ndarray, scenes: list[shapes.Scene])
             for k, attr in enumerate(shapes.ATTRIBUTES)}
 
 
-def generation_prompts(p: dict) -> list[tuple[str, dict, str]]:
+def generation_prompts(p: World) -> list[tuple[str, dict, str]]:
     """(prompt, what it asks for, group) triples for judging the generator: full generic captions,
     prompts that name a character, and bare class prompts ("a star")."""
-    rng = np.random.default_rng(p["seed"] + 2)
+    rng = np.random.default_rng(p.seed + 2)
     prompts = []
     for _ in range(128):
         scene = shapes.sample_scene(rng, character_prob=0.0)
@@ -103,12 +107,12 @@ def generation_prompts(p: dict) -> list[tuple[str, dict, str]]:
     return prompts
 
 
-def judge_generations(p: dict, pipe, judge: Judge) -> tuple[dict, np.ndarray]:
+def judge_generations(p: World, pipe, judge: Judge) -> tuple[dict, np.ndarray]:
     """Judge the generator on :func:`generation_prompts`; returns metrics and the images."""
-    m = p["measure"]
-    specs = [s for s in generation_prompts(p) for _ in range(m["images_per_prompt"])]
-    images = generate(pipe, [t for t, _, _ in specs], [p["seed"] + i for i in range(len(specs))],
-                      m["inference_steps"], m["guidance_scale"])
+    m = p.measure
+    specs = [s for s in generation_prompts(p) for _ in range(m.images_per_prompt)]
+    images = generate(pipe, [t for t, _, _ in specs], [p.seed + i for i in range(len(specs))],
+                      m.inference_steps, m.guidance_scale)
     pred = {k: np.asarray(shapes.VOCAB[k])[v] for k, v in judge.predict(images).items()}
     group = np.array([g for _, _, g in specs])
     generic = group == "generic"
@@ -127,7 +131,7 @@ def judge_generations(p: dict, pipe, judge: Judge) -> tuple[dict, np.ndarray]:
     return result, images
 
 
-def measure_world(p: dict, clip_dir: Path, sd_dir: Path, judge_dir: Path, eyes_dir: Path,
+def measure_world(p: World, clip_dir: Path, sd_dir: Path, judge_dir: Path, eyes_dir: Path,
                   reports: Path, device: str = "cpu") -> dict:
     """All quality figures of the world, plus sample grids written to ``reports``. The eyes
     (the attackers' judge) are measured like the judge, and for agreement with it on generated

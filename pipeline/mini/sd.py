@@ -11,6 +11,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from tqdm import tqdm
 
 from pipeline.espresso.pixels import channels_first
 from pipeline.mini import shapes
+
+if TYPE_CHECKING:  # the world section's models (pipeline.schema)
+    from pipeline.schema import WorldUnet, WorldVae
 
 
 def build_vae(image_size: int) -> AutoencoderKL:
@@ -45,19 +49,19 @@ def training_scheduler() -> DDPMScheduler:
                          prediction_type="v_prediction", clip_sample=False, steps_offset=1)
 
 
-def train_vae(p: dict, images: np.ndarray, seed: int, device: str = "cpu") -> AutoencoderKL:
+def train_vae(p: WorldVae, images: np.ndarray, seed: int, device: str = "cpu") -> AutoencoderKL:
     """L1 + MSE reconstruction + a tiny KL term; ``scaling_factor`` set from the latent std."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = build_vae(images.shape[1]).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=p["lr"])
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=p.lr)
     pixels = torch.from_numpy(images)
-    for _ in (bar := tqdm(range(p["steps"]), desc="mini VAE", mininterval=10)):
-        x = channels_first(pixels[rng.choice(len(pixels), p["batch"], replace=False)].to(device),
+    for _ in (bar := tqdm(range(p.steps), desc="mini VAE", mininterval=10)):
+        x = channels_first(pixels[rng.choice(len(pixels), p.batch, replace=False)].to(device),
                            "-1,1")
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + p["kl_weight"] * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + p.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -71,7 +75,7 @@ def train_vae(p: dict, images: np.ndarray, seed: int, device: str = "cpu") -> Au
     return vae.cpu()
 
 
-def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: AutoencoderKL,
+def train_unet(p: WorldUnet, images: np.ndarray, scenes: list[shapes.Scene], vae: AutoencoderKL,
                text_encoder, tokenizer, seed: int, character_share: float = 0.25,
                device: str = "cpu") -> UNet2DConditionModel:
     """v-prediction with min-SNR-gamma weighting, ``empty_caption_prob`` empty captions for
@@ -81,15 +85,15 @@ def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: Aut
     latent_size = images.shape[1] // 2 ** (len(vae.config.block_out_channels) - 1)
     unet = build_unet(latent_size, text_encoder.config.hidden_size).to(device)
     vae, text_encoder = vae.to(device), text_encoder.to(device)
-    ema = EMAModel(unet.parameters(), decay=p["ema_decay"])
+    ema = EMAModel(unet.parameters(), decay=p.ema_decay)
     scheduler = training_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=p["lr"])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.lr)
     pixels, weights = torch.from_numpy(images), shapes.sampling_weights(scenes, character_share)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    for _ in (bar := tqdm(range(p["steps"]), desc="mini UNet", mininterval=10)):
-        idx = rng.choice(len(scenes), p["batch"], replace=False, p=weights)
-        texts = ["" if rng.random() < p["empty_caption_prob"] else shapes.caption(scenes[i], rng)[0]
+    for _ in (bar := tqdm(range(p.steps), desc="mini UNet", mininterval=10)):
+        idx = rng.choice(len(scenes), p.batch, replace=False, p=weights)
+        texts = ["" if rng.random() < p.empty_caption_prob else shapes.caption(scenes[i], rng)[0]
                  for i in idx]
         with torch.no_grad():
             latents = vae.encode(channels_first(pixels[idx].to(device), "-1,1")).latent_dist.sample()
@@ -103,7 +107,7 @@ def train_unet(p: dict, images: np.ndarray, scenes: list[shapes.Scene], vae: Aut
         target = scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         snr = compute_snr(scheduler, t)
-        weight = torch.clamp(snr, max=p["snr_gamma"]) / (snr + 1)  # min-SNR for v-prediction
+        weight = torch.clamp(snr, max=p.snr_gamma) / (snr + 1)  # min-SNR for v-prediction
         loss = (weight * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,10 +12,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pipeline.espresso.baselines import FilterBank
+    from pipeline.schema import Filters
 
 
 def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame,
-                     filters: dict) -> FilterBank:
+                     filters: Filters) -> FilterBank:
     """Zero-shot and fine-tuned Espresso, the safety checker calibrated on the validation images
     of ``manifest`` (the generate stage's) and the probe fitted on its training images."""
     from pipeline.espresso import EspressoFilter
@@ -29,4 +30,4 @@ def load_filter_bank(clip_source: str, concept, manifest: pd.DataFrame,
         return zero_shot.embed(load_images(rows)), (rows["label"] == "unacceptable").to_numpy()
 
     return FilterBank.build(zero_shot, tuned, labelled("train"), labelled("val"),
-                            filters["mhsc"])
+                            filters.mhsc.model_dump())
