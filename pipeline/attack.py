@@ -40,7 +40,7 @@ from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_eyes, load_judge
 from pipeline.mini import shapes
-from pipeline.params import ParamsError, processes, run_stage, settings_of
+from pipeline.params import ParamsError, mark_budget, processes, run_stage, settings_of
 
 OUT = Path("data/attack")
 #: The words hard prompts may use: any token, or the mini world's language (its models learned
@@ -168,7 +168,7 @@ def _run(params: dict) -> dict:
     prompt_rows = [row for i in range(len(all_runs)) for row in done[i][1]]
     score_rows = [done[i][2] for i in range(len(all_runs))]
     metrics = {"eyes": models["eyes"], "judge": models["judge"], "runs": runs}
-    write_json(REPORTS / "metrics.json", metrics)
+    write_json(REPORTS / "metrics.json", mark_budget(metrics, params))
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", pd.concat(score_rows, ignore_index=True))
     return metrics

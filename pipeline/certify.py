@@ -23,7 +23,7 @@ from pipeline.espresso import EspressoFilter, blocks
 from pipeline.espresso.metrics import proportion
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
-from pipeline.params import run_stage, settings_of
+from pipeline.params import mark_budget, run_stage, settings_of
 
 REPORTS = Path("reports/certify")
 ATTACK_DIR = Path("data/attack")
@@ -85,7 +85,7 @@ def run(params: dict) -> dict:
         }
     metrics["total_violations"] = sum(v for f in CERTIFIED_FILTERS
                                       for v in metrics[f]["violations"].values())
-    write_json(REPORTS / "metrics.json", metrics)
+    write_json(REPORTS / "metrics.json", mark_budget(metrics, params))
     write_csv(REPORTS / "radii.csv", table)
     write_csv(REPORTS / "certified_accuracy.csv",
               pd.DataFrame({"radius": grid, **curves}))

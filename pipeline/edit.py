@@ -29,7 +29,7 @@ import pandas as pd
 from pipeline.concepts import known_concepts, get_concept, prompt_pairs
 from pipeline.espresso.files import atomic_dir, write_json
 from pipeline.generate import MANIFEST, load_images
-from pipeline.params import processes, run_stage, settings_of
+from pipeline.params import mark_budget, processes, run_stage, settings_of
 
 OUT = Path("data/edit")
 UNET = "unet"
@@ -130,8 +130,8 @@ def _run(params: dict) -> dict:
     for stale in set(OUT.iterdir()) - {OUT / crt for crt in p["crts"]}:
         if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p["crts"])):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    write_json(REPORTS / "metrics.json", {crt: {k: v for k, v in info.items() if k != "key"}
-                                          for crt, info in done.items()})
+    write_json(REPORTS / "metrics.json", mark_budget(
+        {crt: {k: v for k, v in info.items() if k != "key"} for crt, info in done.items()}, params))
     return done
 
 

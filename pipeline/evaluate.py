@@ -28,7 +28,7 @@ from pipeline.edit import load_edited_test_images
 from pipeline.finetune import FILTER_DIR
 from pipeline.generate import MANIFEST, load_images
 from pipeline.judges import load_extra_judges, load_judge
-from pipeline.params import run_stage, settings_of
+from pipeline.params import mark_budget, run_stage, settings_of
 
 REPORTS = Path("reports/evaluate")
 NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", EDITS_DIR: "edit"}
@@ -74,7 +74,7 @@ def run(params: dict) -> dict:
     metrics["n_test_images"] = len(test)
     metrics["judged_unacceptable_share"] = proportion(shows[unacceptable])
     metrics["judged_acceptable_share"] = proportion(~shows[~unacceptable])
-    write_json(REPORTS / "metrics.json", metrics)
+    write_json(REPORTS / "metrics.json", mark_budget(metrics, params))
     write_csv(REPORTS / "scores.csv", table)
     return metrics
 

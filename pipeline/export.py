@@ -37,14 +37,15 @@ from pipeline.espresso.files import atomic_dir, write_json
 from pipeline.espresso.metrics import error_rates
 from pipeline.espresso.models import load_clip
 from pipeline.generate import load_images
-from pipeline.params import ParamsError, check_params, load_params, settings_of
+from pipeline.params import (ParamsError, apply_budget, check_params, load_params,
+                             settings_of)
 from pipeline.summary import dvc, experiments
 
 OUT = Path("data/checker")
 REPORT = Path("reports/checker")
 #: The params a concept's vectors and images depend on: an experiment is a source only if these
 #: equal params.yaml's (the concept aside).
-MATCHED = ("setting", "models", "generate", "finetune")
+MATCHED = ("setting", "budget", "models", "generate", "finetune")
 FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 
@@ -57,8 +58,9 @@ def source_runs(params: dict, concepts: list[str]) -> dict[str, dict]:
     chosen = {}
     for run in runs:
         concept = run["params"].get("concept")
+        recorded = apply_budget({"budget": "full", **run["params"]})  # none recorded: full
         if (concept in concepts and "reports/finetune/metrics.json" in run["metrics"]
-                and all(run["params"].get(k) == params.get(k) for k in MATCHED)):
+                and all(recorded.get(k) == params.get(k) for k in MATCHED)):
             chosen.setdefault(concept, run)
     missing = [c for c in concepts if c not in chosen]
     if missing:
@@ -85,7 +87,7 @@ def fetch_outputs(run: dict, folder: Path) -> pd.DataFrame:
 
 def provenance(run: dict, source: str) -> dict:
     """Where a concept's vectors come from: the experiment, its commit and the params."""
-    p = run["params"]
+    p = apply_budget({"budget": "full", **run["params"]})  # as run: its budget's preset merged
     return {"source": source, "experiment": run["name"], "experiment_rev": run["rev"],
             "commit": run["baseline"], "concept": p["concept"],
             "params": {k: p[k] for k in MATCHED},

@@ -22,7 +22,7 @@ from pipeline.espresso import EspressoFilter, blocks
 from pipeline.espresso.files import write_csv, write_json
 from pipeline.espresso.losses import espresso_loss
 from pipeline.generate import MANIFEST, load_images
-from pipeline.params import SETTINGS, run_stage, settings_of
+from pipeline.params import SETTINGS, mark_budget, run_stage, settings_of
 
 OUT = Path("data/finetune")
 FILTER_DIR = OUT / "filter"
@@ -144,7 +144,7 @@ def run(params: dict) -> dict:
                "val_balanced_accuracy_zero_shot": history[0]["balanced_accuracy"],
                "weights": weights, "kind": concept.kind, "separation": form,
                "optimizer": p["optimizer"], "epochs": p["epochs"]}
-    write_json(REPORTS / "metrics.json", metrics)
+    write_json(REPORTS / "metrics.json", mark_budget(metrics, params))
     write_csv(REPORTS / "history.csv", pd.DataFrame(history))
     return metrics
 

@@ -194,7 +194,9 @@ def image_grids(folder: Path, blur: bool) -> dict[str, str]:
 
 
 def plots(folder: Path, metrics: dict) -> dict[str, str]:
-    """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy."""
+    """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy; each titled
+    ``NOT_RESULTS`` where the metrics are of a budget other than full."""
+    budget = budget_of({}, metrics)
     evaluate, attack = metrics["evaluate"], metrics["attack"]
     crts = crts_of(evaluate)
     short = [FILTER_NAMES[name].split(" (")[0] for name in crts]
@@ -210,7 +212,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_xticks(x, short, fontsize=7, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
-    out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png")
+    out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png", budget)
     conditions = attack_conditions(attack)
     fig = Figure(figsize=(max(7, 1.4 * len(conditions)), 3.4))
     ax = fig.subplots()
@@ -226,7 +228,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.legend(fontsize=6, ncol=2)
     out["CLIP accuracy under attack (lower is better; X+: the run adapted to each CRT, the "
         "plain one for filters without; fine-tuning CRTs only under X+)"] = _save(
-        fig, folder / "attacks.png")
+        fig, folder / "attacks.png", budget)
     curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
@@ -235,7 +237,8 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_xlabel("radius r (unit image embedding)")
     ax.set_ylabel("blocked with radius >= r")
     ax.legend(fontsize=7)
-    out["Certified accuracy on unacceptable test images"] = _save(fig, folder / "certified.png")
+    out["Certified accuracy on unacceptable test images"] = _save(fig, folder / "certified.png",
+                                                                 budget)
     return out
 
 
@@ -247,17 +250,43 @@ def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return value, np.vstack([value - low, high - value])
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path: Path, budget: str = "full") -> str:
+    if budget != "full":
+        fig.suptitle(NOT_RESULTS.format(budget=budget).upper(), color="#b00020",
+                     fontweight="bold", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path.name
 
 
+#: What a report of a run with a budget other than full says at its top (``params.yaml``
+#: ``budget``; the smoke preset runs every stage in minutes on cuts that make its rates noise).
+NOT_RESULTS = "{budget} budgets: not results"
+NOT_RESULTS_WHY = ("This run used budget: {budget} (params.yaml presets.{budget}): a few steps, "
+                   "prompts and images per stage, to check that every stage runs. Its numbers "
+                   "mean nothing; results need budget: full.")
+
+
+def budget_of(params: dict, metrics: dict | None = None) -> str:
+    """The budget of what a report shows: a budget other than full in the params or in any
+    stage's metrics (``pipeline.params.mark_budget``) wins; else full."""
+    marked = [m.get("budget") for m in (metrics or {}).values() if isinstance(m, dict)]
+    return next((b for b in [params.get("budget", "full"), *marked] if b and b != "full"),
+                "full")
+
+
 def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
-           figures: dict[str, str]) -> tuple[str, str]:
-    """The same content as Markdown and as a standalone HTML page."""
+           figures: dict[str, str], budget: str = "full") -> tuple[str, str]:
+    """The same content as Markdown and as a standalone HTML page; under a budget other than
+    full, both open with the ``NOT_RESULTS`` banner."""
     md = [f"# {title}", "", *intro, ""]
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(t)}</p>" for t in intro)]
+    if budget != "full":
+        headline = NOT_RESULTS.format(budget=budget).upper()
+        why = NOT_RESULTS_WHY.format(budget=budget)
+        md = [f"> **⚠ {headline}.** {why}", ""] + md
+        body.insert(0, f'<div class="not-results" role="alert"><strong>⚠ {html.escape(headline)}'
+                       f'</strong><br>{html.escape(why)}</div>')
     for caption, table in tables.items():
         md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
         body += [f"<h2>{html.escape(caption)}</h2>",
@@ -274,6 +303,9 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
             "table.metrics{border-collapse:collapse;font-size:85%}"
             "table.metrics td,table.metrics th{padding:.25em .6em;border-bottom:1px solid #ddd;"
             "text-align:right}img{max-width:100%;image-rendering:pixelated}"
+            ".not-results{position:sticky;top:0;z-index:1;background:#b00020;color:#fff;"
+            "padding:.8em 1em;margin:0 0 1em;border:4px solid #000;font-size:125%}"
+            ".not-results strong{font-size:140%;letter-spacing:.05em}"
             "</style></head><body>" + "\n".join(body) + "</body></html>\n")
     return "\n".join(md), page
 
@@ -305,7 +337,8 @@ def run(params: dict) -> None:
               "Certified robustness": certify_table(metrics["certify"])}
     with atomic_dir(OUT) as tmp:
         figures = {**plots(tmp, metrics), **image_grids(tmp, blur)}
-        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures)
+        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures,
+                                budget_of(params, metrics))
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
 

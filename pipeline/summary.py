@@ -29,6 +29,10 @@ refs (``dvc exp pull``) without rerunning anything.
 Averages over concepts carry a normal-approximation interval: each concept's interval gives a
 standard error (half-width / 1.96), and the average's is sqrt(sum se^2) / k (concepts are
 independent samples). Two rates "differ" only where their 95% intervals do not overlap.
+
+Budgets are sweeps of their own: a summary of full budgets never takes a ``budget: smoke``
+experiment, and a summary of smoke experiments (``-S budget=smoke``) opens with the report's
+"not results" banner.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ from pipeline.concepts import known_concepts
 from pipeline.espresso.baselines import FILTERS
 from pipeline.espresso.files import atomic_dir
 from pipeline.espresso.metrics import beyond_intervals
-from pipeline.params import ParamsError, check_params, load_params
+from pipeline.params import ParamsError, apply_budget, check_params, load_params
 from pipeline.report import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE, REFERENCES,
                              attack_conditions, cell, crts_of, is_plain_fallback, kind_of, render)
 
@@ -101,8 +105,9 @@ ATTACK_METRICS = {
 #: accuracy; FILTER_ONLY_RATES only against filters (a fine-tuning CRT blocks nothing).
 COMPARED_RATES = ("clip_accuracy", "normalized_clip_score")
 FILTER_ONLY_RATES = ("fnr_judged", "fpr_judged")
-#: Params that pick no stage's output: experiments that differ only in them are one sweep.
-NOT_SWEPT = ("concept", "summary")
+#: Params that pick no stage's output: experiments that differ only in them are one sweep
+#: (``presets``: compared as merged by ``budget``, :func:`_same_sweep`).
+NOT_SWEPT = ("concept", "summary", "presets")
 #: The verdict's answers, weakest first: a CRT meets all three criteria as well as its weakest.
 VERDICTS = ("no", "–", "yes (point only)", "yes")
 ALL_THREE = "all three"
@@ -319,8 +324,14 @@ def with_averages(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def _same_sweep(run_params: dict, params: dict) -> bool:
-    return ({k: v for k, v in run_params.items() if k not in NOT_SWEPT}
-            == {k: v for k, v in params.items() if k not in NOT_SWEPT})
+    """One sweep: the same params, each with its budget's preset merged (recorded without a
+    budget: full). So a full-budget summary never takes a smoke experiment, and a smoke one
+    (``-S budget=smoke``) takes only smoke experiments and says so."""
+    def swept(p: dict) -> dict:
+        return {k: v for k, v in apply_budget({"budget": "full", **p}).items()
+                if k not in NOT_SWEPT}
+
+    return swept(run_params) == swept(params)
 
 
 def crts_in(long: pd.DataFrame) -> list[str]:
@@ -684,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more experiments at once")
     try:
-        params = check_params(with_overrides(load_params(), args.set),
+        params = check_params(apply_budget(with_overrides(load_params(), args.set)),
                               "params.yaml with the -S overrides")
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
@@ -769,7 +780,8 @@ def write_summary(out: Path, params: dict, overrides: list[str], long: pd.DataFr
         figures = {"Every CRT: effectiveness vs utility (averages with 95% intervals; faint: "
                    "each concept), colour: robustness; dashed: the claim's thresholds":
                        tradeoff_figure(long, claim, tmp)}
-        markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures)
+        markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures,
+                                params.get("budget", "full"))
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
         long.to_csv(tmp / "summary.csv", index=False)
