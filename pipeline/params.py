@@ -2,19 +2,20 @@
 are ``pipeline.schema``), and running a stage as a command (``run_stage``: ``--help``, checked
 inputs, one line per error).
 
-Budgets: ``budget: full`` (the default) runs params.yaml as written. ``budget: smoke`` (``dvc exp
-run -S budget=smoke``) merges ``presets.smoke`` over it when the params are loaded
+Budgets: ``budget: full`` (as shipped) runs params.yaml as written. ``budget: smoke`` (``dvc
+exp run -S budget=smoke``) merges ``presets.smoke`` over it when the params are loaded
 (:func:`apply_budget`, on the file's dict, before validation): a preset is a part of
 params.yaml's tree; where it holds a mapping, the mapping's keys are merged one by one, and any
-other value (number, text, list) replaces the base value. Every key of a preset must exist in the
-base params (else a :class:`ParamsError`, one line naming it), and the merged params are
-validated like any others. The smoke preset cuts steps, prompts and images so that every stage
-of the default concept runs, with every CRT, attack and adapted filter, in minutes on 2 cores:
-it checks that the pipeline runs, and its numbers mean nothing. Stages mark what a smoke run
-writes (:func:`mark_budget`; the report's banner), and the summary never mixes budgets. Every
-stage lists ``budget`` and ``presets`` among its DVC params, so switching the budget (or editing
-the preset) reruns them; the frozen ``world`` stage is never budgeted (a preset may not set
-``world``)."""
+other value (number, text, list) replaces the base value. Every key of a preset must exist in
+the base params (else a :class:`ParamsError`, one line naming it), and the merged params are
+validated like any others. Under a preset, its values win: to change one of them for a run, set
+it in the preset (``-S presets.smoke.attack.prompts=4``). The smoke preset cuts steps, prompts
+and images so that every stage of the default concept runs, with every CRT, attack and adapted
+filter, in minutes on 2 cores: it checks that the pipeline runs, and its numbers mean nothing.
+Stages mark what a smoke run writes (:func:`mark_budget`; the report's banner), and the summary
+never mixes budgets. Every stage lists ``budget`` and ``presets`` among its DVC params, so
+switching the budget (or editing the preset) reruns them; the frozen ``world`` stage is never
+budgeted (a preset may not set ``world``)."""
 from __future__ import annotations
 
 import argparse

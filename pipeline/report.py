@@ -43,6 +43,17 @@ FILTER_NAMES = {"none": "no filter (reference, not a CRT)",
 #: What the CRTs are measured against: neither removes the concept from what CLIP sees.
 REFERENCES = ("none", "keyword")
 
+#: What a report of a run with a budget other than full says at its top (``params.yaml``
+#: ``budget``; the smoke preset runs every stage in minutes on cuts that make its rates noise).
+NOT_RESULTS = "{budget} budgets: not results"
+NOT_RESULTS_WHY = ("This run used budget: {budget} (params.yaml presets.{budget}): a few steps, "
+                   "prompts and images per stage, to check that every stage runs. Its numbers "
+                   "mean nothing; results need budget: full.")
+
+#: The banner stands out and stays in view while the page scrolls.
+BANNER_STYLE = ("position:sticky;top:0;z-index:1;background:#b00020;color:#fff;"
+                "padding:.8em 1em;margin:0 0 1em;border:4px solid #000;font-size:125%")
+
 
 def kind_of(name: str) -> str:
     """A row's kind: references are kept apart so that no verdict counts them as CRTs."""
@@ -259,14 +270,6 @@ def _save(fig, path: Path, budget: str = "full") -> str:
     return path.name
 
 
-#: What a report of a run with a budget other than full says at its top (``params.yaml``
-#: ``budget``; the smoke preset runs every stage in minutes on cuts that make its rates noise).
-NOT_RESULTS = "{budget} budgets: not results"
-NOT_RESULTS_WHY = ("This run used budget: {budget} (params.yaml presets.{budget}): a few steps, "
-                   "prompts and images per stage, to check that every stage runs. Its numbers "
-                   "mean nothing; results need budget: full.")
-
-
 def budget_of(params: dict, metrics: dict | None = None) -> str:
     """The budget of what a report shows: a budget other than full in the params or in any
     stage's metrics (``pipeline.params.mark_budget``) wins; else full."""
@@ -285,7 +288,8 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
         headline = NOT_RESULTS.format(budget=budget).upper()
         why = NOT_RESULTS_WHY.format(budget=budget)
         md = [f"> **⚠ {headline}.** {why}", ""] + md
-        body.insert(0, f'<div class="not-results" role="alert"><strong>⚠ {html.escape(headline)}'
+        body.insert(0, f'<div class="not-results" role="alert" style="{BANNER_STYLE}"><strong '
+                       f'style="font-size:140%;letter-spacing:.05em">⚠ {html.escape(headline)}'
                        f'</strong><br>{html.escape(why)}</div>')
     for caption, table in tables.items():
         md += [f"## {caption}", "", table.to_markdown(floatfmt=".3f"), ""]
@@ -303,9 +307,6 @@ def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
             "table.metrics{border-collapse:collapse;font-size:85%}"
             "table.metrics td,table.metrics th{padding:.25em .6em;border-bottom:1px solid #ddd;"
             "text-align:right}img{max-width:100%;image-rendering:pixelated}"
-            ".not-results{position:sticky;top:0;z-index:1;background:#b00020;color:#fff;"
-            "padding:.8em 1em;margin:0 0 1em;border:4px solid #000;font-size:125%}"
-            ".not-results strong{font-size:140%;letter-spacing:.05em}"
             "</style></head><body>" + "\n".join(body) + "</body></html>\n")
     return "\n".join(md), page
 
