@@ -77,9 +77,10 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
 def apply_budget(params: dict) -> dict:
     """``params`` as read from the file, with the preset of its ``budget`` merged over them (a
     copy; ``budget: full``, or none: ``params`` as they are). A mapping of the preset merges into
-    the mapping at the same place, key by key; any other value replaces. Merging again changes
-    nothing. A preset that is not valid (a key params.yaml lacks, say) is not merged: validation
-    names the problem (``pipeline.schema.Params``)."""
+    the mapping at the same place, key by key; any other value replaces. The merged preset is
+    left empty in the result: it is spent, so merged params written back to a file load as they
+    are, a value changed in them since included. A preset that is not valid (a key params.yaml
+    lacks, say) is not merged: validation names the problem (``pipeline.schema.Params``)."""
     budget = params.get("budget", "full") if isinstance(params, dict) else "full"
     preset = (params.get("presets") or {}).get(budget) if budget != "full" else None
     if not isinstance(preset, dict) or unknown_preset_key(params, preset):
@@ -90,7 +91,8 @@ def apply_budget(params: dict) -> dict:
                            if isinstance(value, dict) and isinstance(base[key], dict) else value
                            for key, value in over.items()}}
 
-    return copy.deepcopy(merged(params, preset))
+    return copy.deepcopy({**merged(params, preset),
+                          "presets": {**params["presets"], budget: {}}})
 
 
 def mark_budget(metrics: dict, params: dict) -> dict:

@@ -45,34 +45,17 @@ def run_all_stages(params: dict) -> dict:
             "certify": certify.run(params)}
 
 
-#: The tests' cuts on top of the smoke preset (params.yaml ``presets.smoke``), of keys it leaves
-#: as they are: two CRTs and two adapted filters (every CRT's and attack's own tests are in
-#: test_crts.py, test_attacks.py), and paper-setting images the size of the tiny hub models.
-TEST_CUTS = {("edit", "crts"): ["esd_x", "uce"],
-             ("attack", "adapt_to"): ["safety_checker", "espresso"],
-             ("generate", "paper", "size"): 32}
-
-
 def tiny_params_for() -> dict:
     """params.yaml at ``budget: smoke`` (seconds per stage) on the character `zorbo`, as a stage
-    reads them: ``TEST_CUTS`` set in the base params, then the smoke preset merged over them
-    (``pipeline.params.apply_budget``). Written back as a params file, they load as they are,
-    and a key of theirs set again (a test's ``attack.adapt_to=[]``) is not undone by the preset.
-    """
+    reads them (the smoke preset merged: ``pipeline.params.apply_budget``), with the tests' own
+    cuts on top: two CRTs and two adapted filters (every CRT's and attack's own tests are in
+    test_crts.py, test_attacks.py), and paper-setting images the size of the tiny hub models.
+    Written to a params file, they load as they are."""
     from pipeline.params import apply_budget
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params.update(concept="zorbo", budget="smoke")
-    for (*parents, key), value in TEST_CUTS.items():
-        node = params
-        for part in parents:
-            node = node[part]
-        assert key not in _at(params["presets"]["smoke"], parents), "a cut the preset undoes"
-        node[key] = value
-    return apply_budget(params)
-
-
-def _at(tree: dict, path: list) -> dict:
-    for part in path:
-        tree = tree.get(part) or {}
-    return tree
+    params = apply_budget({**params, "concept": "zorbo", "budget": "smoke"})
+    params["edit"]["crts"] = ["esd_x", "uce"]
+    params["attack"]["adapt_to"] = ["safety_checker", "espresso"]
+    params["generate"]["paper"]["size"] = 32
+    return params

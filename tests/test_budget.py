@@ -48,7 +48,10 @@ def test_smoke_preset_merges_over_the_base_params(raw, tmp_path):
     assert params["attack"]["attacks"] == raw["attack"]["attacks"]
     assert params["attack"]["adapt_to"] == raw["attack"]["adapt_to"]
     assert params["world"] == raw["world"]  # frozen: never budgeted
-    assert apply_budget(params) == params  # merging again changes nothing
+    assert params["presets"]["smoke"] == {}  # spent: merging again changes nothing, and
+    assert apply_budget(params) == params     # merged params written to a file load as they are
+    params["attack"]["prompts"] = 1
+    assert load(params, tmp_path)["attack"]["prompts"] == 1
     assert raw["generate"]["mini"]["steps"] == 25  # the file's dict is not touched
 
 
