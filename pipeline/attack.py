@@ -38,7 +38,7 @@ from pipeline.outputs.edited import load_edited_unet
 from pipeline.outputs.filter_bank import load_filter_bank
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
-from pipeline.params import ParamsError, processes, run_stage, settings_of
+from pipeline.params import ParamsError, mark_budget, processes, run_stage, settings_of
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def _run(params: Params) -> dict:
     prompt_rows = [row for i in range(len(all_runs)) for row in done[i][1]]
     score_rows = [done[i][2] for i in range(len(all_runs))]
     metrics = {"eyes": models.eyes, "judge": models.judge, "runs": runs}
-    write_results(REPORTS, "attack", metrics)
+    write_results(REPORTS, "attack", mark_budget(metrics, params))
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", pd.concat(score_rows, ignore_index=True))
     return metrics

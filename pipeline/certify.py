@@ -19,7 +19,7 @@ from pipeline.espresso.files import write_csv
 from pipeline.headline import write_results
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
-from pipeline.params import run_stage, settings_of
+from pipeline.params import mark_budget, run_stage, settings_of
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def run(params: Params) -> dict:
         }
     metrics["total_violations"] = sum(v for f in CERTIFIED_FILTERS
                                       for v in metrics[f]["violations"].values())
-    write_results(REPORTS, "certify", metrics)
+    write_results(REPORTS, "certify", mark_budget(metrics, params))
     write_csv(REPORTS / "radii.csv", table)
     write_csv(REPORTS / "certified_accuracy.csv",
               pd.DataFrame({"radius": grid, **curves}))

@@ -31,7 +31,7 @@ from pipeline.espresso.files import atomic_dir
 from pipeline.headline import write_results
 from pipeline.outputs.edited import OUT, TEST_IMAGES, UNET
 from pipeline.outputs.generated import MANIFEST, load_images
-from pipeline.params import processes, run_stage, settings_of
+from pipeline.params import mark_budget, processes, run_stage, settings_of
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -136,8 +136,8 @@ def _run(params: Params) -> dict:
     for stale in set(OUT.iterdir()) - {OUT / crt for crt in p.crts}:
         if not stale.name.startswith(tuple(f"{crt}.checkpoint-" for crt in p.crts)):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    write_results(REPORTS, "edit", {crt: {k: v for k, v in info.items() if k != "key"}
-                                    for crt, info in done.items()})
+    write_results(REPORTS, "edit", mark_budget(
+        {crt: {k: v for k, v in info.items() if k != "key"} for crt, info in done.items()}, params))
     return done
 
 

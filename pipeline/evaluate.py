@@ -26,7 +26,7 @@ from pipeline.outputs.filter_bank import load_filter_bank
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline import registry
-from pipeline.params import run_stage, settings_of
+from pipeline.params import mark_budget, run_stage, settings_of
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def run(params: Params) -> dict:
     metrics["n_test_images"] = len(test)
     metrics["judged_unacceptable_share"] = proportion(shows[unacceptable])
     metrics["judged_acceptable_share"] = proportion(~shows[~unacceptable])
-    write_results(REPORTS, "evaluate", metrics)
+    write_results(REPORTS, "evaluate", mark_budget(metrics, params))
     write_csv(REPORTS / "scores.csv", table)
     return metrics
 

@@ -17,9 +17,11 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
+from pipeline.params import apply_budget
 
-#: Params that pick no stage's output: experiments that differ only in them are one sweep.
-NOT_SWEPT = ("concept", "summary")
+#: Params that pick no stage's output: experiments that differ only in them are one sweep
+#: (``presets``: compared as merged by ``budget``, :func:`_same_sweep`).
+NOT_SWEPT = ("concept", "summary", "presets")
 
 
 def dvc(*args: str, env: dict | None = None) -> str:
@@ -181,5 +183,11 @@ def _has_intervals(evaluate: dict) -> bool:
 
 
 def _same_sweep(run_params: dict, params: dict) -> bool:
-    return ({k: v for k, v in run_params.items() if k not in NOT_SWEPT}
-            == {k: v for k, v in params.items() if k not in NOT_SWEPT})
+    """One sweep: the same params, each with its budget's preset merged (recorded without a
+    budget: full). So a full-budget summary never takes a smoke experiment, and a smoke one
+    (``-S budget=smoke``) takes only smoke experiments and says so."""
+    def swept(p: dict) -> dict:
+        return {k: v for k, v in apply_budget({"budget": "full", **p}).items()
+                if k not in NOT_SWEPT}
+
+    return swept(run_params) == swept(params)

@@ -32,7 +32,7 @@ from pipeline.concepts import get_concept, known_concepts
 from pipeline.espresso.files import atomic_dir, write_json
 from pipeline.experiments import dvc, experiments
 from pipeline.outputs.generated import load_images
-from pipeline.params import ParamsError, load_params, settings_of
+from pipeline.params import ParamsError, apply_budget, load_params, settings_of
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ OUT = Path("data/checker")
 REPORT = Path("reports/checker")
 #: The params a concept's vectors and images depend on: an experiment is a source only if these
 #: equal params.yaml's (the concept aside).
-MATCHED = ("setting", "models", "generate", "finetune")
+MATCHED = ("setting", "budget", "models", "generate", "finetune")
 FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 
@@ -59,8 +59,9 @@ def source_runs(params: Params, concepts: list[str]) -> dict[str, dict]:
     chosen = {}
     for run in runs:
         concept = run["params"].get("concept")
+        recorded = apply_budget({"budget": "full", **run["params"]})  # none recorded: full
         if (concept in concepts and "finetune" in run["detail"]
-                and all(run["params"].get(k) == wanted.get(k) for k in MATCHED)):
+                and all(recorded.get(k) == wanted.get(k) for k in MATCHED)):
             chosen.setdefault(concept, run)
     missing = [c for c in concepts if c not in chosen]
     if missing:
@@ -88,7 +89,7 @@ def fetch_outputs(run: dict, folder: Path) -> pd.DataFrame:
 
 def provenance(run: dict, source: str) -> dict:
     """Where a concept's vectors come from: the experiment, its commit and the params."""
-    p = run["params"]
+    p = apply_budget({"budget": "full", **run["params"]})  # as run: its budget's preset merged
     return {"source": source, "experiment": run["name"], "experiment_rev": run["rev"],
             "commit": run["baseline"], "concept": p["concept"],
             "params": {k: p[k] for k in MATCHED},

@@ -20,7 +20,7 @@ from pipeline.espresso.files import write_csv
 from pipeline.headline import write_results
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import MANIFEST, load_images
-from pipeline.params import run_stage, settings_of
+from pipeline.params import mark_budget, run_stage, settings_of
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def run(params: Params) -> dict:
                "val_balanced_accuracy_zero_shot": history[0]["balanced_accuracy"],
                "weights": weights, "kind": concept.kind, "separation": form,
                "optimizer": own.optimizer, "epochs": epochs}
-    write_results(REPORTS, "finetune", metrics)
+    write_results(REPORTS, "finetune", mark_budget(metrics, params))
     write_csv(REPORTS / "history.csv", pd.DataFrame(history))
     return metrics
 

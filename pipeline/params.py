@@ -4,10 +4,26 @@ inputs, one line per error).
 
 Stages get the validated model, :class:`pipeline.schema.Params` (``params.generate.seed``), never
 the dict: :func:`load_params` reads and checks the file, :func:`check_params` turns a dict (a test's
-``tiny_params_for()``, a sweep's overrides) into the model."""
+``tiny_params_for()``, a sweep's overrides) into the model.
+
+Budgets: ``budget: full`` (as shipped) runs params.yaml as written. ``budget: smoke`` (``dvc
+exp run -S budget=smoke``) merges ``presets.smoke`` over it when the params are loaded
+(:func:`apply_budget`, on the file's dict, before validation): a preset is a part of
+params.yaml's tree; where it holds a mapping, the mapping's keys are merged one by one, and any
+other value (number, text, list) replaces the base value. Every key of a preset must exist in
+the base params (else a :class:`ParamsError`, one line naming it), and the merged params are
+validated like any others. Under a preset, its values win: to change one of them for a run, set
+it in the preset (``-S presets.smoke.attack.prompts=4``). The smoke preset cuts steps, prompts
+and images so that every stage of the default concept runs, with every CRT, attack and adapted
+filter, in minutes on 2 cores: it checks that the pipeline runs, and its numbers mean nothing.
+Stages mark what a smoke run writes (:func:`mark_budget`; the report's banner), and the summary
+never mixes budgets. Every stage lists ``budget`` and ``presets`` among its DVC params, so
+switching the budget (or editing the preset) reruns them; the frozen ``world`` stage is never
+budgeted (a preset may not set ``world``)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -21,7 +37,7 @@ from typing import Callable, Mapping, Union
 import yaml
 
 from pipeline.concepts import Concept, UnknownConceptError, get_concept, load_registry
-from pipeline.schema import Models, Params, ParamsError, read_yaml, validate
+from pipeline.schema import Models, Params, ParamsError, read_yaml, unknown_preset_key, validate
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
@@ -59,7 +75,34 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
-    return check_params(read_yaml(path.read_text(), path.name), path.name)
+    return check_params(apply_budget(read_yaml(path.read_text(), path.name)), path.name)
+
+
+def apply_budget(params: dict) -> dict:
+    """``params`` as read from the file, with the preset of its ``budget`` merged over them (a
+    copy; ``budget: full``, or none: ``params`` as they are). A mapping of the preset merges into
+    the mapping at the same place, key by key; any other value replaces. The merged preset is
+    left empty in the result: it is spent, so merged params written back to a file load as they
+    are, a value changed in them since included. A preset that is not valid (a key params.yaml
+    lacks, say) is not merged: validation names the problem (``pipeline.schema.Params``)."""
+    budget = params.get("budget", "full") if isinstance(params, dict) else "full"
+    preset = (params.get("presets") or {}).get(budget) if budget != "full" else None
+    if not isinstance(preset, dict) or unknown_preset_key(params, preset):
+        return params
+
+    def merged(base: dict, over: dict) -> dict:
+        return {**base, **{key: merged(base[key], value)
+                           if isinstance(value, dict) and isinstance(base[key], dict) else value
+                           for key, value in over.items()}}
+
+    return copy.deepcopy({**merged(params, preset),
+                          "presets": {**params["presets"], budget: {}}})
+
+
+def mark_budget(results: dict, params: Params) -> dict:
+    """A stage's results as written: under any budget but ``full``, with a ``"budget": <name>``
+    key, so that readers of the file see the numbers are not results (full: unchanged)."""
+    return results if params.budget == "full" else {"budget": params.budget, **results}
 
 
 def check_params(params: dict, source: str = PARAMS_FILE.name) -> Params:

@@ -12,6 +12,8 @@ from pipeline.espresso.filter_names import FILTERS
 if TYPE_CHECKING:
     import pandas as pd
 
+    from pipeline.schema import Params
+
 #: Display names of the filters and fine-tuning CRTs, in the order of every table's rows.
 FILTER_NAMES = {"none": "no filter (reference, not a CRT)",
                 "keyword": "keyword blocklist (reference, not a CRT)",
@@ -96,14 +98,41 @@ CERTIFICATE_SCOPE = (
     "nearest clean image is the informative part.")
 
 
+#: What a report of a run with a budget other than full says at its top (``params.yaml``
+#: ``budget``; the smoke preset runs every stage in minutes on cuts that make its rates noise).
+NOT_RESULTS = "{budget} budgets: not results"
+NOT_RESULTS_WHY = ("This run used budget: {budget} (params.yaml presets.{budget}): a few steps, "
+                   "prompts and images per stage, to check that every stage runs. Its numbers "
+                   "mean nothing; results need budget: full.")
+#: The banner stands out and stays in view while the page scrolls.
+BANNER_STYLE = ("position:sticky;top:0;z-index:1;background:#b00020;color:#fff;"
+                "padding:.8em 1em;margin:0 0 1em;border:4px solid #000;font-size:125%")
+
+
+def budget_of(params: Params | None, metrics: dict | None = None) -> str:
+    """The budget of what a report shows: a budget other than full in the params or in any
+    stage's results (``pipeline.params.mark_budget``) wins; else full."""
+    marked = [m.get("budget") for m in (metrics or {}).values() if isinstance(m, dict)]
+    given = params.budget if params is not None else "full"
+    return next((b for b in [given, *marked] if b and b != "full"), "full")
+
+
 def render(title: str, intro: list[str], tables: dict[str, pd.DataFrame],
-           figures: dict[str, str], first: list[str] = ()) -> tuple[str, str]:
+           figures: dict[str, str], first: list[str] = (), budget: str = "full") -> tuple[str, str]:
     """The same content as Markdown and as a standalone HTML page: the title, then ``first``
     (what a reader sees first, in order: captions of ``tables`` or ``figures``, or paragraphs of
     text), the intro, the other tables and the other figures. On the page, verdict cells are
-    coloured: 'yes' green, 'yes (point only)' amber, 'no' red, '–' (not measured) grey."""
+    coloured: 'yes' green, 'yes (point only)' amber, 'no' red, '–' (not measured) grey. Under a
+    budget other than full, both open with the ``NOT_RESULTS`` banner."""
     md = [f"# {title}", ""]
     body = [f"<h1>{html.escape(title)}</h1>"]
+    if budget != "full":
+        headline = NOT_RESULTS.format(budget=budget).upper()
+        why = NOT_RESULTS_WHY.format(budget=budget)
+        md = [f"> **⚠ {headline}.** {why}", ""] + md
+        body.insert(0, f'<div class="not-results" role="alert" style="{BANNER_STYLE}"><strong '
+                       f'style="font-size:140%;letter-spacing:.05em">⚠ {html.escape(headline)}'
+                       f'</strong><br>{html.escape(why)}</div>')
 
     def paragraph(text: str) -> None:
         md.extend([text, ""])

@@ -21,8 +21,9 @@ from pipeline.espresso.files import atomic_dir
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
-from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
-                                attack_conditions, cell, crts_of, is_plain_fallback, render)
+from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, NOT_RESULTS, PLAIN_MARK,
+                                PLAIN_NOTE, attack_conditions, budget_of, cell, crts_of,
+                                is_plain_fallback, render)
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
@@ -127,10 +128,12 @@ def image_grids(folder: Path, blur: bool) -> dict[str, str]:
 
 
 def plots(folder: Path, metrics: dict) -> dict[str, str]:
-    """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy."""
+    """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy; each titled
+    ``NOT_RESULTS`` where the metrics are of a budget other than full."""
     import pandas as pd
     from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
 
+    budget = budget_of(None, metrics)
     evaluate, attack = metrics["evaluate"], metrics["attack"]
     crts = crts_of(evaluate)
     short = [FILTER_NAMES[name].split(" (")[0] for name in crts]
@@ -146,7 +149,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_xticks(x, short, fontsize=7, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
-    out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png")
+    out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png", budget)
     conditions = attack_conditions(attack)
     fig = Figure(figsize=(max(7, 1.4 * len(conditions)), 3.4))
     ax = fig.subplots()
@@ -162,7 +165,7 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.legend(fontsize=6, ncol=2)
     out["CLIP accuracy under attack (lower is better; X+: the run adapted to each CRT, the "
         "plain one for filters without; fine-tuning CRTs only under X+)"] = _save(
-        fig, folder / "attacks.png")
+        fig, folder / "attacks.png", budget)
     curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
@@ -171,7 +174,8 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_xlabel("radius r (unit image embedding)")
     ax.set_ylabel("blocked with radius >= r")
     ax.legend(fontsize=7)
-    out["Certified accuracy on unacceptable test images"] = _save(fig, folder / "certified.png")
+    out["Certified accuracy on unacceptable test images"] = _save(fig, folder / "certified.png",
+                                                                 budget)
     return out
 
 
@@ -183,7 +187,10 @@ def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return value, np.vstack([value - low, high - value])
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path: Path, budget: str = "full") -> str:
+    if budget != "full":
+        fig.suptitle(NOT_RESULTS.format(budget=budget).upper(), color="#b00020",
+                     fontweight="bold", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path.name
@@ -217,7 +224,8 @@ def run(params: Params) -> None:
     with atomic_dir(OUT) as tmp:
         figures = {**plots(tmp, metrics), **image_grids(tmp, blur)}
         markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures,
-                                first=[next(iter(tables))])  # the numbers first, then the prose
+                                first=[next(iter(tables))],  # the numbers first, then the prose
+                                budget=budget_of(params, metrics))
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
 

@@ -51,6 +51,11 @@ def not_allowed(allowed: str, at: tuple = ()) -> PydanticCustomError:
     return PydanticCustomError("not_allowed", "{allowed}", {"allowed": allowed, "at": at})
 
 
+def unknown_key(allowed: str, at: tuple) -> PydanticCustomError:
+    """A validator's refusal of a key (not of its value): ``allowed`` says which keys would do."""
+    return PydanticCustomError("unknown_key", "{allowed}", {"allowed": allowed, "at": at})
+
+
 class Strict(BaseModel):
     """No coercion (``"5"`` is not 5), no unknown keys."""
 
@@ -550,8 +555,36 @@ class ModelsBySetting(PerSetting):
     def of(self, setting: str) -> Models:
         return super().of(setting)
 
+#: ``budget``: ``full`` runs params.yaml as written; another budget merges its preset of
+#: ``presets`` over it when the params are loaded (``pipeline.params.apply_budget``).
+Budget = Literal["full", "smoke"]
+#: Keys a preset may not set: the budget itself, and the frozen world (never rerun by a budget).
+NOT_PRESET = ("budget", "presets", "world")
+#: A preset: a part of params.yaml's tree, each key one of params.yaml (checked by ``Params``);
+#: its values are checked where they land, in the merged params.
+Preset = Annotated[dict[str, Any], Allowed("a mapping of params.yaml keys to their values")]
+
+
+class Presets(Strict):
+    smoke: Preset
+
+
+def unknown_preset_key(params: dict, preset: dict, at: tuple = ()) -> tuple | None:
+    """The key path of the first key of ``preset`` that ``params`` does not have at the same
+    place (None if every key is there); a mapping in both is followed, anything else replaces."""
+    for key, value in preset.items():
+        if not isinstance(params, dict) or key not in params or (not at and key in NOT_PRESET):
+            return at + (key,)
+        if isinstance(value, dict) and isinstance(params[key], dict):
+            unknown = unknown_preset_key(params[key], value, at + (key,))
+            if unknown:
+                return unknown
+    return None
+
 
 class Params(Strict):
+    budget: Budget
+    presets: Presets
     setting: Literal["mini", "paper"]
     concept: str
     models: ModelsBySetting
@@ -573,6 +606,27 @@ class Params(Strict):
             raise not_allowed(f"a {setting} concept of data/concepts.yaml (known: "
                               f"{', '.join(sorted(registry['concepts'][setting]))})")
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _presets_set_known_keys(cls, data: Any) -> Any:
+        """A preset key that params.yaml lacks would be merged in and ignored, or refused deep
+        in the merged params: name it, and where it should be."""
+        presets = data.get("presets") if isinstance(data, dict) else None
+        for name, preset in (presets if isinstance(presets, dict) else {}).items():
+            unknown = unknown_preset_key(data, preset) if isinstance(preset, dict) else None
+            if unknown and len(unknown) == 1 and unknown[0] in NOT_PRESET:
+                raise not_allowed(f"absent: a preset may not set {', '.join(NOT_PRESET)} (the "
+                                  "world stage is frozen)", at=("presets", name, *unknown))
+            if unknown:
+                node = data
+                for key in unknown[:-1]:
+                    node = node[key]
+                keys = ", ".join(node) if isinstance(node, dict) else "none (not a mapping)"
+                raise unknown_key(f"a preset sets only keys that params.yaml has; at "
+                                  f"{'.'.join(unknown[:-1]) or 'the top'} they are: {keys}",
+                                  at=("presets", name, *unknown))
+        return data
 
 
 # ---- reading and reporting ----------------------------------------------------------------
@@ -625,6 +679,9 @@ def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
     key = ".".join(map(str, loc)) or "(top)"
     if error["type"] == "missing":
         return f"{source}: {key}: missing; must be {describe(model, loc)}"
+    if error["type"] == "unknown_key":
+        value = _value_at(error["input"], ctx.get("at", ()))
+        return f"{source}: {key}: unknown key (value {_show(value)}); {ctx['allowed']}"
     if error["type"] == "extra_forbidden":
         known = ", ".join(_keys_at(model, loc[:-1]))
         return (f"{source}: {key}: unknown key (value {_show(error['input'])}); the keys here "

@@ -34,6 +34,10 @@ rerunning anything.
 Averages over concepts carry a normal-approximation interval: each concept's interval gives a
 standard error (half-width / 1.96), and the average's is sqrt(sum se^2) / k (concepts are
 independent samples). Two rates "differ" only where their 95% intervals do not overlap.
+
+Budgets are sweeps of their own: a summary of full budgets never takes a ``budget: smoke``
+experiment, and a summary of smoke experiments (``-S budget=smoke``) opens with the report's
+"not results" banner.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from pipeline.espresso.files import atomic_dir, atomic_file
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.experiments import (concept_runs, dvc, experiments, newest_per_concept,
                                   run_experiments, with_overrides)
-from pipeline.params import ParamsError, check_params, load_params
+from pipeline.params import ParamsError, apply_budget, check_params, load_params
 from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, PLAIN_MARK, PLAIN_NOTE,
                                 REFERENCES, attack_conditions, cell, crts_of, is_plain_fallback,
                                 kind_of, render)
@@ -663,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --jobs {args.jobs}: give 1 or more experiments at once")
     try:
         # a dict, to override and to compare with the experiments' params; checked as a model
-        params = with_overrides(load_params().model_dump(exclude_unset=True), args.set)
+        params = apply_budget(with_overrides(load_params().model_dump(exclude_unset=True), args.set))
         checked = check_params(params, "params.yaml with the -S overrides")
     except ParamsError as err:
         raise SystemExit("\n".join(f"error: {line}" for line in str(err).splitlines())) from None
@@ -756,7 +760,8 @@ def write_summary(out: Path, params: Params, overrides: list[str], long: pd.Data
     with atomic_dir(out) as tmp:
         figures = {TRADEOFF: tradeoff_figure(long, claim, tmp)}
         markdown, page = render(f"Espresso summary ({setting})", intro, tables, figures,
-                                first=[verdict_sentence(verdicts, claim), TRADEOFF, VERDICT])
+                                first=[verdict_sentence(verdicts, claim), TRADEOFF, VERDICT],
+                                budget=params.budget)
         (tmp / "README.md").write_text(markdown)
         (tmp / "index.html").write_text(page)
         long.to_csv(tmp / "summary.csv", index=False)

@@ -15,7 +15,8 @@ def stage_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """Every stage run once with ``tiny_params`` on the default concept: (folder, metrics)."""
+    """Every stage but the report run once with ``tiny_params`` (the smoke preset, on zorbo):
+    (folder, metrics)."""
     folder = make_stage_dir(tmp_path_factory.mktemp("tiny_run"))
     here = os.getcwd()
     os.chdir(folder)

@@ -48,30 +48,17 @@ def run_all_stages(params: dict) -> dict:
 
 
 def tiny_params_for() -> dict:
-    """params.yaml with CPU-sized budgets (seconds per stage), on the character `zorbo`
-    (whatever concept params.yaml has). A dict, to change freely; a stage takes
-    ``pipeline.params.check_params(tiny_params_for())``."""
+    """params.yaml at ``budget: smoke`` (seconds per stage) on the character `zorbo`, as a stage
+    reads them (the smoke preset merged: ``pipeline.params.apply_budget``), with the tests' own
+    cuts on top: two CRTs and two adapted filters (every CRT's and attack's own tests are in
+    test_crts.py, test_attacks.py), and paper-setting images the size of the tiny hub models.
+    A dict, to change freely; a stage takes ``pipeline.params.check_params(tiny_params_for())``;
+    written to a params file, they load as they are."""
+    from pipeline.params import apply_budget
+
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["concept"] = "zorbo"
-    params["generate"].update(prompts={"train": 4, "val": 2, "test": 2},
-                              images_per_prompt={"train": 1, "val": 2, "test": 2}, shard_size=8)
-    params["generate"]["mini"].update(steps=4)
-    params["generate"]["paper"].update(steps=2, size=32)
-    params["finetune"].update(batch=4)
-    params["finetune"]["mini"].update(epochs=2)
-    params["finetune"]["paper"].update(epochs=2, epochs_by_concept={})
-    for setting in ("mini", "paper"):
-        crts = params["edit"][setting]
-        for name in ("esd_x", "esd_u", "ca"):
-            crts[name].update(steps=2, batch=1, checkpoint_every=1)
-    params["edit"]["crts"] = ["esd_x", "uce"]  # every CRT's own tests are in test_crts.py
-    params["attack"].update(targets=4, prompts=2, images_per_prompt=2,
-                            adapt_to=["safety_checker", "espresso"])
-    for setting in ("mini", "paper"):
-        budgets = params["attack"][setting]
-        for name in ("typo", "pez"):
-            budgets[name].update(tokens=4, steps=5, candidates=3, selection_images=1)
-        budgets["cce"].update(steps=2, batch=2, selection_images=1)
-        budgets["ringbell"].update(tokens=4, population=8, generations=2, candidates=3,
-                                   selection_images=1)
+    params = apply_budget({**params, "concept": "zorbo", "budget": "smoke"})
+    params["edit"]["crts"] = ["esd_x", "uce"]
+    params["attack"]["adapt_to"] = ["safety_checker", "espresso"]
+    params["generate"]["paper"]["size"] = 32
     return params
