@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
-from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID, go_offline
+from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID
 
 from pipeline.espresso.models import ModelNotAvailableError, load_clip, pick_device, resolve_source
 from pipeline.espresso.t2i import load_t2i
 from pipeline.mini.sd import SHARED_WITH_CLIP
 
 CPU = dict(device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture
-def offline_empty_hub(monkeypatch, tmp_path):
-    go_offline(monkeypatch, tmp_path / "hf_home")
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
