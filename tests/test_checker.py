@@ -269,6 +269,7 @@ def core_site_packages(folder: Path, core: list[str]) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_the_library_runs_on_the_core_dependencies_alone(checker, images, tmp_path):
     """In an interpreter that can import only the core distributions (and their own
     dependencies), the filter and the checker build, check, save, load and screen; the

@@ -17,6 +17,8 @@ from pipeline.judges import load_judge
 from pipeline.mini.tokenizer import build_clip_tokenizer
 from pipeline.params import load_params, settings_of
 
+pytestmark = pytest.mark.slow  # CRT edits on the mini world's Stable Diffusion
+
 #: Budgets that take a few steps: enough for every trainable parameter to move.
 TINY = {"esd_x": {"steps": 2, "lr": 1e-3, "eta": 1.0, "sample_guidance": 3.0, "batch": 1,
                   "checkpoint_every": 1},

@@ -61,6 +61,7 @@ def test_t2i_from_hub_cache_generates(offline_hub, clip):
     assert np.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_t2i_mini_layout_links_text_encoder_to_clip(folders, clip):
     """The mini layout's text encoder is the CLIP's text tower, stored once (links), and the
     folder loads with the project's loader and with diffusers alone."""

@@ -5,12 +5,15 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from tiny_hub import COMMIT
 from transformers import CLIPModel
 
 from pipeline import attack, certify, edit, evaluate, finetune, generate
+
+pytestmark = pytest.mark.slow  # runs every stage in the paper setting
 
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,
