@@ -50,7 +50,7 @@ def test_real_nudenet_fires_on_a_face_and_the_judge_does_not_count_it(monkeypatc
     monkeypatch.setattr(nudenet, "NudeDetector", SpyDetector)
     (shows,) = judges.load_extra_judges("paper", get_concept("nudity", "paper")).values()
     with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
-        portrait = np.asarray(photo.convert("RGB").resize((256, 256)))
+        portrait = np.asarray(photo.convert("RGB"))  # 600 x 512
     verdict = shows(portrait[None])
     assert verdict.dtype == bool and verdict.shape == (1,) and not verdict.any()
     (detections,) = found
