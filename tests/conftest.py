@@ -55,3 +55,10 @@ def hf_home(tmp_path_factory, folders):
 def offline_hub(monkeypatch, hf_home):
     """Offline, with the tiny models under the paper's hub ids in the cache."""
     go_offline(monkeypatch, hf_home)
+
+
+@pytest.fixture
+def offline_empty_hub(monkeypatch, tmp_path):
+    """Offline, with an empty Hugging Face cache (no tiny models to build): every hub id is
+    missing."""
+    go_offline(monkeypatch, tmp_path / "hf_home")

@@ -110,6 +110,7 @@ def test_pez_filter_margin_has_a_gradient_in_the_soft_prompt(context):
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_pez_plus_term_at_production_weight_changes_and_unflags_the_prompts(context):
     """Same starts and steps, no selection: only the term's weight differs (0 vs params.yaml)."""
     weight, p = MINI.pez.adaptive_weight, BUDGET["pez"]
@@ -120,6 +121,7 @@ def test_pez_plus_term_at_production_weight_changes_and_unflags_the_prompts(cont
     text_term_effect(context, "PEZ+", plain, plus, weight)
 
 
+@pytest.mark.slow
 def test_typo_plus_term_at_production_weight_changes_and_unflags_the_prompts(context):
     weight, p = MINI.typo.adaptive_weight, BUDGET["typo"]
     written = typo.write_text(context.target_images, context.concept.acceptable, p.text_height)
@@ -129,6 +131,7 @@ def test_typo_plus_term_at_production_weight_changes_and_unflags_the_prompts(con
     text_term_effect(context, "Typo+", plain, plus, weight)
 
 
+@pytest.mark.slow
 def test_ringbell_plus_term_at_production_weight_changes_and_unflags_the_prompts(context):
     weight, p = MINI.ringbell.adaptive_weight, BUDGET["ringbell"]
     margins = typed_margin(context.target, ["zorbo on a star", "a star on a star"])
@@ -139,6 +142,7 @@ def test_ringbell_plus_term_at_production_weight_changes_and_unflags_the_prompts
     text_term_effect(context, "RingBell+", plain, plus, weight)
 
 
+@pytest.mark.slow
 def test_cce_plus_term_at_production_weights_lowers_the_filter_score_of_its_images(context):
     """Per production weight: the same inversion (seed, start, batches) with only the filter
     loss's weight changed learns another token whose images the filter scores lower."""
@@ -160,6 +164,7 @@ def test_cce_plus_term_at_production_weights_lowers_the_filter_score_of_its_imag
         assert after < before
 
 
+@pytest.mark.slow
 def test_cce_keeps_one_token_per_weight_and_unloads_it(context):
     pipe, p = context.pipe, BUDGET["cce"].model_copy(update={"steps": 3})
     ids = pipe.tokenizer("Zorbo on a black background").input_ids

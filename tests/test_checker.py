@@ -166,13 +166,12 @@ def test_save_and_load(checker, images, tmp_path):
     assert np.array_equal(loaded.check(images).p_unacceptable, checker.check(images).p_unacceptable)
 
 
-def test_loading_errors_are_one_line(tmp_path, monkeypatch, hf_home):
+def test_loading_errors_are_one_line(tmp_path, offline_empty_hub):
     with pytest.raises(ModelNotAvailableError, match="does not exist.*pipeline.export"):
         ConceptChecker.from_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotAvailableError, match="not a saved concept checker"):
         ConceptChecker.from_pretrained(tmp_path / "empty")
-    go_offline(monkeypatch, hf_home)
     with pytest.raises(ModelNotAvailableError, match="not in the local Hugging Face cache.*offline"):
         ConceptChecker.from_pretrained("someorg/some-checker")
 
@@ -270,6 +269,7 @@ def core_site_packages(folder: Path, core: list[str]) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_the_library_runs_on_the_core_dependencies_alone(checker, images, tmp_path):
     """In an interpreter that can import only the core distributions (and their own
     dependencies), the filter and the checker build, check, save, load and screen; the

@@ -23,7 +23,7 @@ def test_registry_covers_the_paper_and_the_mini_world():
         == ("in the style of van gogh", "in standard style")
 
 
-@pytest.mark.parametrize("setting", ["mini", "paper"])
+@pytest.mark.parametrize("setting", ["mini", pytest.param("paper", marks=pytest.mark.slow)])
 def test_prompt_pairs_differ_only_in_the_concept(setting):
     for name in known_concepts(setting):
         concept = get_concept(name, setting)

@@ -15,6 +15,8 @@ from stages import make_stage_dir, stage_command, tiny_params_for
 
 from pipeline.params import stage_outputs
 
+pytestmark = pytest.mark.slow  # every test runs stages as subprocesses
+
 CHAIN = ("generate", "finetune", "edit", "attack")
 #: The clean run's environment, and another one that must not change a byte (nor must the path).
 ENV = {"HF_HUB_OFFLINE": None, "OMP_NUM_THREADS": "2"}

@@ -24,6 +24,8 @@ def budget(crt: str, **values):
     return EditBudgets.model_fields[crt].annotation(**values)
 
 
+pytestmark = pytest.mark.slow  # CRT edits on the mini world's Stable Diffusion
+
 #: Budgets that take a few steps: enough for every trainable parameter to move.
 TINY = {"esd_x": budget("esd_x", steps=2, lr=1e-3, eta=1.0, sample_guidance=3.0, batch=1,
                         checkpoint_every=1),

@@ -68,6 +68,7 @@ def test_no_stage_depends_on_code_it_does_not_run():
                           f"files the stage imports instead of the folder): {spurious}")
 
 
+@pytest.mark.slow
 def test_the_static_checks_see_a_dep_too_few_and_one_too_many():
     stages = dvc_stages()
     stages["certify"]["deps"].remove("pipeline/espresso/certificate.py")  # certify runs it
@@ -180,6 +181,7 @@ def dvc_copy(tmp_path_factory) -> DvcCopy:
     return DvcCopy(root / "repo", root / "site")
 
 
+@pytest.mark.slow
 def test_editing_a_module_reruns_the_stages_that_import_it_and_no_others(dvc_copy):
     modules = sorted((dvc_copy.folder / "pipeline").rglob("*.py"))
     assert len(modules) > 30
@@ -188,6 +190,7 @@ def test_editing_a_module_reruns_the_stages_that_import_it_and_no_others(dvc_cop
     assert dvc_copy.changed() == set()  # every module restored
 
 
+@pytest.mark.slow
 def test_the_behaviour_check_sees_a_dep_that_dvc_yaml_misses(dvc_copy):
     dvc_file = dvc_copy.folder / "dvc.yaml"
     original = dvc_file.read_text()

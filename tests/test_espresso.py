@@ -90,6 +90,7 @@ def test_saved_filter_reloads_and_is_a_plain_clip(zorbo_filter, renders, tmp_pat
         EspressoFilter.from_pretrained(world.CLIP_DIR)
 
 
+@pytest.mark.slow
 def test_works_as_the_safety_checker_of_a_diffusers_pipeline(zorbo_filter):
     pipe = load_t2i(str(world.SD_DIR), device="cpu")
     pipe.safety_checker, pipe.feature_extractor = zorbo_filter, zorbo_filter.processor

@@ -123,6 +123,7 @@ def one_step(batch, optimizer: str, weight_decay: float):
     return copy.deepcopy(filt.clip.state_dict())
 
 
+@pytest.mark.slow
 def test_adamw_spares_unused_token_embeddings_and_adam_shrinks_them(batch):
     fresh = EspressoFilter.from_clip(str(world.CLIP_DIR), "Zorbo", "a star", device="cpu")
     start = fresh.clip.state_dict()

@@ -19,6 +19,7 @@ def test_plan_has_every_split_and_label_with_unique_seeds(tiny_params):
     assert plan["seed"].is_unique
 
 
+@pytest.mark.slow
 def test_interrupted_generation_resumes_without_redoing_finished_shards(
         stage_dir, tiny_params, monkeypatch):
     real_generate, calls = t2i.generate, []

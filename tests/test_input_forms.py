@@ -170,6 +170,7 @@ def generate(pipe, output_type: str):
                 height=32, width=32, generator=generator, output_type=output_type)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_type", ["np", "pt", "pil"])
 def test_the_pipeline_path_agrees_with_screen(filt, pipe, output_type, monkeypatch):
     monkeypatch.setattr(pipe, "safety_checker", None)

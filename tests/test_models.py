@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
-from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID, go_offline
+from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID
 
 from pipeline.espresso.models import ModelNotAvailableError, load_clip, pick_device, resolve_source
 from pipeline.espresso.t2i import load_t2i
 from pipeline.mini.sd import SHARED_WITH_CLIP
 
 CPU = dict(device="cpu", dtype=torch.float32)
-
-
-@pytest.fixture
-def offline_empty_hub(monkeypatch, tmp_path):
-    go_offline(monkeypatch, tmp_path / "hf_home")
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -66,6 +61,7 @@ def test_t2i_from_hub_cache_generates(offline_hub, clip):
     assert np.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_t2i_mini_layout_links_text_encoder_to_clip(folders, clip):
     """The mini layout's text encoder is the CLIP's text tower, stored once (links), and the
     folder loads with the project's loader and with diffusers alone."""

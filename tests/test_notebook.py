@@ -2,7 +2,10 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # executes the results notebook
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from tiny_hub import COMMIT
@@ -15,6 +16,8 @@ from pipeline.espresso.filter_names import FILTERS
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import load_images
 from pipeline.params import check_params
+
+pytestmark = pytest.mark.slow  # runs every stage in the paper setting
 
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,

@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from stages import make_stage_dir, stage_command
+
+pytestmark = pytest.mark.slow  # stages in one and two processes, as subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

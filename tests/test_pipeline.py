@@ -19,6 +19,7 @@ from pipeline.espresso.filter_names import FILTERS
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     _, first = tiny_run
     second = run_all_stages(tiny_params)  # from scratch, in another folder
@@ -67,6 +68,7 @@ def test_unknown_concept_stops_the_stage_with_the_known_ones(stage_dir, tiny_par
         run_stage(generate.run, argv=[], path=stage_dir / "params.yaml")
 
 
+@pytest.mark.slow
 def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     copy = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,

@@ -24,6 +24,7 @@ from pipeline.params import check_params, load_params
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatch):
     folder, _ = tiny_run
     monkeypatch.chdir(folder)
@@ -43,6 +44,7 @@ def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatc
     assert "exact by algebra" in markdown and " [" in markdown  # scope stated; intervals shown
 
 
+@pytest.mark.slow
 def test_real_world_unacceptable_images_are_blurred_unless_asked(tiny_run, monkeypatch, tmp_path):
     folder, _ = tiny_run
     monkeypatch.chdir(folder)

@@ -13,6 +13,8 @@ from import_graph import dvc_stages
 from stages import make_stage_dir
 from stages import stage_command as command
 
+pytestmark = pytest.mark.slow  # each test runs a stage command in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = list(dvc_stages())
 MANIFEST, FILTER = "data/generate/manifest.csv", "data/finetune/filter"

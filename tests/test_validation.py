@@ -242,6 +242,7 @@ def error_lines(folder: Path, stage: str = "generate") -> list[str]:
     return [line.removeprefix("error: ") for line in lines]
 
 
+@pytest.mark.slow
 def test_a_stage_reports_every_bad_value_of_both_files_before_any_work(tmp_path):
     params = (REPO / "params.yaml").read_text().replace("test: 16}", "test: -3}", 1)
     registry = REGISTRY_TEXT.replace("acceptable: a star", "acceptable: zorbo")
@@ -256,6 +257,7 @@ def test_a_stage_reports_every_bad_value_of_both_files_before_any_work(tmp_path)
 WEIGHTS = {"clip": "clip/model.safetensors", "unet": "sd/unet/diffusion_pytorch_model.safetensors"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", WEIGHTS)
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_damaged_world_model_is_one_line_naming_the_file_and_the_fix(tmp_path, model, damage):

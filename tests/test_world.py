@@ -66,6 +66,7 @@ def test_the_attackers_eyes_are_another_accurate_judge(judge, fresh_renders):
     assert min(judge_accuracy(eyes, *fresh_renders).values()) >= 0.95
 
 
+@pytest.mark.slow
 def test_mini_stable_diffusion_draws_what_is_asked(monkeypatch, judge, world_params):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = load_t2i(str(world.SD_DIR), device="cpu",
