@@ -15,7 +15,14 @@ text models and training run below that efficiency, so read the hours as a lower
 
 On N GPUs: each concept's experiment on one GPU (parallel sweeps, ``dvc queue``), longest
 first, and, as a bound, the work divided evenly (data-parallel stages); the GPU-hours do not
-change. The mini world gets counts only (its models are far below the calibrated scale).
+change.
+
+The mini world runs on a CPU, and its models are far below the scale where a FLOP rate carries
+over, so its time is calibrated on the mini models themselves: CPU minutes = a stage's start
+(imports, model loads) + each model's evaluations x its measured seconds per evaluation
+(``MINI_CPU``: measured on 2 cores by ``bench/bench_plan_mini.py``, recorded in
+``bench/plan_mini_results.json``). Work that is no model evaluation (the attacks' vocabulary
+projections and genetic search bookkeeping, file writes) is not counted.
 
     python -m pipeline.plan                        # the current setting's concepts, 1 and 8 GPUs
     python -m pipeline.plan --setting paper --gpus 1 8
@@ -36,6 +43,16 @@ from pipeline.schema import Params
 PUBLISHED_STEPS_PER_SECOND = 31.19
 MODELS = ("unet", "vae_decode", "t2i_text", "clip_text", "clip_image")
 TRAIN = 3  # a training step: forward + backward = three forward passes
+STAGES = ("generate", "finetune", "edit", "evaluate", "attack", "certify", "report")
+#: The mini world on a 2-core CPU: seconds per evaluation of each model at the stages' batch
+#: sizes (``bench/bench_plan_mini.py``, ``bench/plan_mini_results.json``, measured while other
+#: work loaded the CPU: load average 7-8 on 2 cores), and a stage's start: 7 s, the whole time of
+#: the tiny-params ``evaluate`` and ``report`` stages (whose model work is < 0.1 s) run through
+#: the CLI on this machine (the bench's fresh-process start, 21 s, was taken under that load).
+MINI_CPU = {"seconds_per_evaluation": {"unet": 5.14e-3, "vae_decode": 6.33e-3,
+                                       "t2i_text": 0.415e-3, "clip_text": 0.395e-3,
+                                       "clip_image": 0.507e-3},
+            "stage_start_seconds": 7.0}
 
 
 @dataclass
@@ -62,7 +79,7 @@ def stage_work(params: Params) -> dict[str, Work]:
     sampler = g.of(setting)
     per_label = {s: getattr(g.prompts, s) * getattr(g.images_per_prompt, s)
                  for s in ("train", "val", "test")}
-    work = {name: Work() for name in ("generate", "finetune", "edit", "evaluate", "attack")}
+    work = {name: Work() for name in STAGES}
 
     def render(stage: str, n: float) -> None:
         work[stage].images(n, sampler.steps, sampler.guidance)
@@ -112,7 +129,10 @@ def stage_work(params: Params) -> dict[str, Work]:
                 trial = p.candidates * p.selection_images
             render("attack", trial + final)
             work["attack"].add("clip_image", 2 * (trial + final))  # the eyes and the filter
-    return work
+    runs = len(a.attacks) * (1 + len(filters) + len(crts))
+    # two filters (zero-shot, fine-tuned) embed the test images and every run's final images
+    work["certify"].add("clip_image", 2 * (2 * per_label["test"] + runs * final))
+    return work  # report: tables and figures from the other stages' files, no model
 
 
 def flops_per_evaluation(setting: str, params: Params) -> dict[str, float]:
@@ -163,6 +183,15 @@ def gpu_hours(work: dict[str, Work], flops: dict[str, float], steps_per_second: 
             for stage, w in work.items()}
 
 
+def cpu_minutes(work: dict[str, Work], calibration: dict = MINI_CPU) -> dict[str, float]:
+    """CPU minutes per stage: its start plus each model's evaluations times its seconds per
+    evaluation (``MINI_CPU``: the mini world's models, measured)."""
+    per_eval = calibration["seconds_per_evaluation"]
+    return {stage: (calibration["stage_start_seconds"]
+                    + sum(n * per_eval[m] for m, n in w.evaluations.items())) / 60
+            for stage, w in work.items()}
+
+
 def wall_hours(per_concept: list[float], gpus: int) -> float:
     """Longest-first assignment of the concepts' experiments to ``gpus`` GPUs: the makespan."""
     loads = [0.0] * gpus
@@ -195,14 +224,20 @@ def main(argv: list[str] | None = None) -> None:
     work = plans[concepts[0]]
     print(f"setting {setting}, per concept ({concepts[0]}); FLOPs per evaluation: "
           + ", ".join(f"{m} {flops[m] / 1e9:.3g} G" for m in MODELS))
-    print(f"{'stage':<10}" + "".join(f"{m:>14}" for m in MODELS) + f"{'GPU-hours':>12}")
-    hours = gpu_hours(work, flops, args.unet_steps_per_second)
+    paper = setting == "paper"
+    print(f"{'stage':<10}" + "".join(f"{m:>14}" for m in MODELS)
+          + (f"{'GPU-hours':>12}" if paper else f"{'CPU min':>12}"))
+    times = (gpu_hours(work, flops, args.unet_steps_per_second) if paper
+             else cpu_minutes(work))
     for stage, w in work.items():
         print(f"{stage:<10}" + "".join(f"{w.evaluations[m]:>14,.0f}" for m in MODELS)
-              + (f"{hours[stage]:>12.2f}" if setting == "paper" else ""))
-    if setting != "paper":
-        print("(no GPU-hours: the FLOP rate is calibrated on SD v1.4-sized models; the mini "
-              "world runs on CPU)")
+              + f"{times[stage]:>12.2f}")
+    if not paper:
+        per_concept = [sum(cpu_minutes(w).values()) for w in plans.values()]
+        print(f"\nper concept: {sum(times.values()):.1f} CPU minutes on 2 cores (model "
+              f"evaluations, measured by bench/bench_plan_mini.py, plus each stage's start; "
+              f"attack work other than model evaluations is not counted); {len(concepts)} "
+              f"concepts: {sum(per_concept):.0f} minutes")
         return
     per_concept = [sum(gpu_hours(w, flops, args.unet_steps_per_second).values())
                    for w in plans.values()]

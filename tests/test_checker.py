@@ -93,8 +93,8 @@ def test_one_tower_only(filters):
 def test_drops_into_a_diffusers_pipeline(filters):
     """The shipped mini SD, loaded by diffusers alone, with the checker as its safety checker."""
     checker = ConceptChecker.from_filters({k: filters[k] for k in ("zorbo", "mimi")})
-    pipe = StableDiffusionPipeline.from_pretrained(world.SD_DIR, safety_checker=checker,
-                                                   feature_extractor=checker.processor)
+    pipe = StableDiffusionPipeline.from_pretrained(world.SD_DIR)
+    pipe.safety_checker, pipe.feature_extractor = checker, checker.processor
     pipe.set_progress_bar_config(disable=True)
     prompts = ["Zorbo", "a star", "a red circle", "Mimi"]
 

@@ -43,3 +43,29 @@ def test_hours_and_the_gpu_schedule():
     assert plan.gpu_hours(work, flops, steps_per_second=0.5) == {"generate": 2.0}
     assert plan.wall_hours([3, 3, 2, 2, 2], gpus=2) == 7  # longest first: 3+2+2 and 3+2
     assert plan.wall_hours([3, 3, 2, 2, 2], gpus=8) == 3
+
+
+def test_mini_cpu_minutes_of_the_tiny_params(tiny_params):
+    """Counted by hand: 2 x 2 test images per label; 4 attacks x (plain + 2 filters + 2 CRTs)
+    = 20 runs of 2 x 2 final images; certify embeds both with two filters."""
+    work = plan.stage_work(tiny_params)
+    assert set(work) == set(plan.STAGES)
+    assert work["certify"].evaluations == {"clip_image": 2 * (2 * 4 + 20 * 4)}
+    assert work["report"].evaluations == {}
+    assert dict(work["generate"].evaluations) == {"unet": 24 * 4 * 2, "t2i_text": 48,
+                                                  "vae_decode": 24}
+    unit = {"seconds_per_evaluation": {m: 1.0 for m in plan.MODELS}, "stage_start_seconds": 60}
+    minutes = plan.cpu_minutes(work, unit)
+    assert minutes["generate"] == pytest.approx(1 + (192 + 48 + 24) / 60)
+    assert minutes["certify"] == pytest.approx(1 + 176 / 60)
+    assert minutes["report"] == 1
+
+
+@pytest.mark.slow
+def test_the_mini_plan_prints_cpu_minutes_per_stage(capsys):
+    plan.main(["--setting", "mini"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:9]}
+    assert "CPU min" in out.splitlines()[1] and set(rows) == set(plan.STAGES)
+    assert all(float(row[-1]) > 0 for row in rows.values())
+    assert "CPU minutes on 2 cores" in out

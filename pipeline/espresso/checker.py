@@ -43,7 +43,8 @@ from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
 from safetensors.torch import load_file, save_file
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
-from pipeline.espresso.filter import MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter
+from pipeline.espresso.filter import (MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter,
+                                      _score, _short, records_frame, result_repr)
 from pipeline.espresso.models import (HUB_ID, ModelNotAvailableError, hub_loading, load_clip,
                                       placement, quiet_libraries)
 
@@ -117,9 +118,44 @@ class CheckResult:
         """bool N: no score (invalid or ambiguous form, or the model failed); always blocked."""
         return np.isnan(self.p_unacceptable).any(1)
 
+    #: The columns of :meth:`to_records` / :meth:`to_pandas`, one row per image and concept
+    #: (those of ``python -m pipeline.screen``'s CSV, the image's index for its path).
+    COLUMNS = ("image", "concept", "p_unacceptable", "fired", "blocked", "error")
+
     def fired_concepts(self, i: int) -> list[str]:
         """The names of the concepts that fired on image ``i``."""
         return [name for name, f in zip(self.concepts, self.fired[i]) if f]
+
+    def _error(self, i: int) -> str | None:
+        return self.errors[i] if i < len(self.errors) else None
+
+    def to_records(self) -> list[dict]:
+        """One dict per image and concept (``COLUMNS``), image by image; ``p_unacceptable`` is
+        None where the image was not scored, and ``error`` says why."""
+        return [{"image": i, "concept": name, "p_unacceptable": _score(self.p_unacceptable[i, k]),
+                 "fired": bool(self.fired[i, k]), "blocked": bool(self.blocked[i]),
+                 "error": self._error(i)}
+                for i in range(len(self.blocked)) for k, name in enumerate(self.concepts)]
+
+    def to_pandas(self):
+        """:meth:`to_records` as a pandas DataFrame (needs pandas)."""
+        return records_frame(self.to_records(), self.COLUMNS)
+
+    def _line(self, i: int) -> str:
+        if self.unscored[i]:
+            return f"blocked  unscored: {_short(self._error(i) or 'no score')}"
+        p = self.p_unacceptable[i]
+        if self.blocked[i]:
+            return "blocked  " + ", ".join(f"{self.concepts[k]} {p[k]:.3f}"
+                                           for k in np.flatnonzero(self.fired[i]))
+        top = int(np.argmax(p))
+        return f"passed   highest {self.concepts[top]} {p[top]:.3f}"
+
+    def __repr__(self) -> str:
+        n, blocked = len(self.blocked), int(np.sum(self.blocked))
+        return result_repr(f"CheckResult({n} images x {len(self.concepts)} concepts: {blocked} "
+                           f"blocked, {n - blocked} passed)",
+                           [self._line(i) for i in range(n)], np.asarray(self.blocked))
 
 
 def cut_for_fpr(negatives: np.ndarray, target_fpr: float) -> float:

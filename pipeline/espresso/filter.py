@@ -60,6 +60,40 @@ class ImageFormError(ValueError):
     """An image whose form is invalid or ambiguous; the message names the problem and the fix."""
 
 
+#: Images a result's repr shows one line each; a larger batch shows these and a count of the rest.
+REPR_ROWS = 8
+
+
+def _short(text: str, width: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def result_repr(head: str, lines: list[str], blocked: np.ndarray) -> str:
+    """A screening result in at most ``REPR_ROWS + 2`` lines: ``head``, one line per image,
+    and for a larger batch how many more images there are and how many of them are blocked."""
+    rows = [head] + [f"  [{i}] {line}" for i, line in enumerate(lines[:REPR_ROWS])]
+    if len(lines) > REPR_ROWS:
+        rest = blocked[REPR_ROWS:]
+        rows.append(f"  ... {len(rest)} more images ({int(rest.sum())} blocked)")
+    return "\n".join(rows)
+
+
+def records_frame(records: list[dict], columns: tuple[str, ...]):
+    """``records`` as a pandas DataFrame; pandas is imported here, as the library does not
+    need it (it comes with the ``pipeline`` extra)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_pandas() needs pandas, which the filter library does not install: "
+                          "pip install pandas (or use to_records())") from None
+    return pd.DataFrame.from_records(records, columns=list(columns))
+
+
+def _score(p: float) -> float | None:
+    return None if np.isnan(p) else float(p)
+
+
 @dataclass
 class Screening:
     """What the filter decided for a batch of images."""
@@ -69,11 +103,39 @@ class Screening:
     blocked: np.ndarray            # bool N
     p_unacceptable: np.ndarray     # float N, NaN where the image could not be scored
     errors: list[str | None] = field(default_factory=list)  # why an image was not scored
+    concept: str | None = None     # the unacceptable concept screened for
+
+    #: The columns of :meth:`to_records` / :meth:`to_pandas`, one row per image.
+    COLUMNS = ("image", "concept", "blocked", "p_unacceptable", "error")
 
     @property
     def unscored(self) -> np.ndarray:
         """bool N: no score (invalid or ambiguous form, or the model failed); always blocked."""
         return np.isnan(self.p_unacceptable)
+
+    def _error(self, i: int) -> str | None:
+        return self.errors[i] if i < len(self.errors) else None
+
+    def to_records(self) -> list[dict]:
+        """One dict per image (``COLUMNS``); ``p_unacceptable`` is None where it was not
+        scored, and ``error`` says why."""
+        return [{"image": i, "concept": self.concept, "blocked": bool(self.blocked[i]),
+                 "p_unacceptable": _score(self.p_unacceptable[i]), "error": self._error(i)}
+                for i in range(len(self.blocked))]
+
+    def to_pandas(self):
+        """:meth:`to_records` as a pandas DataFrame (needs pandas)."""
+        return records_frame(self.to_records(), self.COLUMNS)
+
+    def __repr__(self) -> str:
+        n, blocked = len(self.blocked), int(np.sum(self.blocked))
+        concept = f" for {self.concept!r}" if self.concept else ""
+        lines = [f"{'blocked' if b else 'passed '}  "
+                 + (f"unscored: {_short(self._error(i) or 'no score')}" if np.isnan(p)
+                    else f"P(unacceptable) {p:.3f}")
+                 for i, (b, p) in enumerate(zip(self.blocked, self.p_unacceptable))]
+        return result_repr(f"Screening({n} images{concept}: {blocked} blocked, {n - blocked} "
+                           "passed)", lines, np.asarray(self.blocked))
 
 
 def canonical_image(image, value_range: str | None = None) -> np.ndarray:
@@ -408,7 +470,7 @@ class EspressoFilter(ConceptScreen):
         ``images`` of the result: the inputs, each blocked one replaced by
         :func:`black_image` (same form and shape; a PIL image becomes black RGB)."""
         out, p, fired, errors = self._screen(images, value_range, batch, "screen")
-        return Screening(out, fired[:, 0], p[:, 0], errors)
+        return Screening(out, fired[:, 0], p[:, 0], errors, self.unacceptable)
 
     def forward(self, images, clip_input: torch.Tensor):
         """diffusers' safety-checker call: ``images`` (a tensor in [-1, 1] or an array in [0, 1],
@@ -417,7 +479,8 @@ class EspressoFilter(ConceptScreen):
         un-denormalised, so zero is black) and the per-image flags; the full result, scores and
         reasons, is kept as ``self.last_screening``. Fails closed like :meth:`screen`."""
         images, p, fired, errors = self._safety_check(images, clip_input)
-        self.last_screening = Screening(images, fired[:, 0], p[:, 0], errors)
+        self.last_screening = Screening(images, fired[:, 0], p[:, 0], errors,
+                                        self.unacceptable)
         return images, fired[:, 0].tolist()
 
     # ---- persistence ----------------------------------------------------------------------

@@ -5,15 +5,22 @@ and running it reproducibly (one seed per image, batch-independent). Needs diffu
 Both settings' models are plain diffusers ``StableDiffusionPipeline`` folders or hub ids. The
 mini world's ``data/world/sd`` links its ``text_encoder/`` and ``tokenizer/`` to
 ``data/world/clip`` (its text encoder is the mini CLIP's text tower, stored once), so it loads
-with ``StableDiffusionPipeline.from_pretrained`` alone.
+with ``StableDiffusionPipeline.from_pretrained`` alone; :func:`load_t2i` reads only the text
+tower's weights from that whole-CLIP checkpoint (:func:`clip_text_encoder`), so that
+transformers has no unused vision-tower keys to report.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import diffusers
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from tqdm import tqdm
+from transformers import CLIPConfig, CLIPTextModel
 
 from pipeline.espresso.models import hub_loading, placement, require_vocabulary, resolve_source
 from pipeline.espresso.pixels import to_uint8
@@ -26,11 +33,32 @@ def load_t2i(source: str, device: torch.device | str | None = None,
     device, dtype = placement(device, dtype)
     source = resolve_source(source)
     with hub_loading(source):
+        text_encoder = clip_text_encoder(Path(source) / "text_encoder", dtype)
+        parts = {} if text_encoder is None else {"text_encoder": text_encoder}
         pipe = StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            requires_safety_checker=False, **parts)
     require_vocabulary(pipe.tokenizer, pipe.text_encoder.config.vocab_size, source)
     return pipe.to(device)
+
+
+def clip_text_encoder(folder: Path, dtype: torch.dtype) -> CLIPTextModel | None:
+    """The ``CLIPTextModel`` of a text-encoder folder that holds a whole ``CLIPModel`` (the mini
+    world's ``text_encoder/`` is a link to the CLIP folder), built from the CLIP's text config
+    with only the text tower's weights read: the same weights ``CLIPTextModel.from_pretrained``
+    reads there, without the vision tower's keys it would report as unexpected. None for any
+    other folder (a hub id, or a text encoder saved on its own, as SD's): diffusers loads it."""
+    config_file = folder / "config.json"
+    if not config_file.is_file() or json.loads(config_file.read_text()).get("model_type") != "clip":
+        return None
+    config = CLIPConfig.from_pretrained(folder)
+    model = CLIPTextModel(config.text_config)
+    prefix = "text_model."  # the CLIP's text tower; CLIPTextModel's keys are the rest of them
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        state = {key.removeprefix(prefix): weights.get_tensor(key) for key in weights.keys()
+                 if key.startswith(prefix)}
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()
 
 
 def scheduler_class(name: str) -> type:
