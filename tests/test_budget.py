@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from stages import REPO, make_stage_dir
-from pipeline import report, summary
-from pipeline.params import apply_budget, load_params
+from pipeline import experiments, report, rendering
+from pipeline.params import apply_budget, check_params, load_params
 from pipeline.schema import ParamsError
-from test_report import exp_show_entry, summary_folder, synthetic_metrics  # noqa: F401 (fixture)
+from test_report import exp_show_entry, git, summary_folder, synthetic_metrics  # noqa: F401 (fixture)
 
 BANNER = "SMOKE BUDGETS: NOT RESULTS"
 
@@ -24,10 +24,11 @@ def raw(monkeypatch):
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def load(raw, tmp_path):
+def load(raw, tmp_path) -> dict:
+    """``raw`` written to a params file and loaded as a stage loads it, as a dict."""
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_params(path)
+    return load_params(path).model_dump(exclude_unset=True)
 
 
 def test_full_budget_is_params_yaml_as_written(raw, tmp_path):
@@ -92,37 +93,43 @@ def test_every_stage_but_the_frozen_world_reruns_on_a_budget_change():
 
 def test_the_banner_is_in_a_smoke_page_and_nowhere_else():
     args = ("Espresso report: zorbo", ["intro"], {}, {})
-    full_md, full_html = report.render(*args)
-    smoke_md, smoke_html = report.render(*args, budget="smoke")
+    full_md, full_html = rendering.render(*args)
+    smoke_md, smoke_html = rendering.render(*args, budget="smoke")
     assert BANNER not in full_md + full_html and 'class="not-results"' not in full_html
     assert smoke_md.startswith(f"> **⚠ {BANNER}.**")
     body = smoke_html[smoke_html.index("<body>"):]
     assert body.startswith('<body><div class="not-results" role="alert"')  # first on the page
     assert BANNER in body[:body.index("</div>")] and "background:#b00020" in body
-    assert report.budget_of({"budget": "full"}, {"evaluate": {"budget": "smoke"}}) == "smoke"
-    assert report.budget_of({"budget": "full"}, {"evaluate": {}}) == "full"
+    assert rendering.budget_of(None, {"evaluate": {"budget": "smoke"}}) == "smoke"
+    assert rendering.budget_of(None, {"evaluate": {}}) == "full"
 
 
 def test_the_committed_full_budget_report_has_no_banner():
     for name in ("README.md", "index.html"):
         assert BANNER not in (REPO / "reports/report" / name).read_text()
     for stage in ("finetune", "edit", "evaluate", "attack", "certify"):
-        assert "budget" not in json.loads((REPO / f"reports/{stage}/metrics.json").read_text())
+        for name in ("metrics.json", "detail.json"):
+            assert "budget" not in json.loads((REPO / f"reports/{stage}/{name}").read_text())
 
 
-def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw):
+def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw, tmp_path, monkeypatch):
     metrics = synthetic_metrics()
     full = apply_budget(raw)
     smoke = apply_budget({**raw, "budget": "smoke"})
     older = {k: v for k, v in raw.items() if k not in ("budget", "presets")}  # before budgets
+    repo = tmp_path / "repo"  # the experiments' commits, where their detail.json is read
+    repo.mkdir()
+    git("init", "-q", cwd=repo)
+    monkeypatch.chdir(repo)
     shown = [{"rev": "main", "name": "main", "data": {"rev": "main"}, "experiments": [
         {"revs": [exp_show_entry("exp-smoke", {**raw, "budget": "smoke"}, metrics,
-                                 "2026-11-25T10:09")]},
-        {"revs": [exp_show_entry("exp-older", older, metrics, "2026-11-25T10:01")]}]}]
-    runs = summary.experiments(shown)
+                                 "2026-11-25T10:09", repo)]},
+        {"revs": [exp_show_entry("exp-older", older, metrics, "2026-11-25T10:01", repo)]}]}]
+    runs = experiments.experiments(shown)
     stages = ("evaluate", "attack")
-    assert summary.newest_per_concept(runs, full, stages)[raw["concept"]]["name"] == "exp-older"
-    assert summary.newest_per_concept(runs, smoke, stages)[raw["concept"]]["name"] == "exp-smoke"
+    newest = experiments.newest_per_concept
+    assert newest(runs, full, stages)[raw["concept"]]["name"] == "exp-older"
+    assert newest(runs, smoke, stages)[raw["concept"]]["name"] == "exp-smoke"
 
 
 def test_a_smoke_summary_says_so(summary_folder):
@@ -142,20 +149,20 @@ def test_a_smoke_run_says_so_in_every_report_and_a_full_one_does_not(tiny_run, t
     copy = make_stage_dir(tmp_path / "full")
     shutil.copytree(folder / "data/generate", copy / "data/generate")
     for stage in ("finetune", "edit", "evaluate", "attack", "certify"):
-        written = json.loads((folder / f"reports/{stage}/metrics.json").read_text())
+        written = json.loads((folder / f"reports/{stage}/detail.json").read_text())
         assert written["budget"] == "smoke", stage
         (copy / f"reports/{stage}").mkdir(parents=True)
         shutil.copytree(folder / f"reports/{stage}", copy / f"reports/{stage}",
                         dirs_exist_ok=True)
-        (copy / f"reports/{stage}/metrics.json").write_text(
+        (copy / f"reports/{stage}/detail.json").write_text(
             json.dumps({k: v for k, v in written.items() if k != "budget"}))
     monkeypatch.chdir(copy)
-    report.run({**tiny_params, "budget": "full"})
+    report.run(check_params({**tiny_params, "budget": "full"}))
     out = copy / report.OUT
     assert BANNER not in (out / "README.md").read_text() + (out / "index.html").read_text()
     plain = (out / "crts.png").read_bytes()
     monkeypatch.chdir(folder)
-    report.run(tiny_params)
+    report.run(check_params(tiny_params))
     out = folder / report.OUT
     markdown, page = (out / "README.md").read_text(), (out / "index.html").read_text()
     assert markdown.startswith(f"> **⚠ {BANNER}.**") and "budget: smoke" in markdown

@@ -48,7 +48,7 @@ def test_hours_and_the_gpu_schedule():
 def test_mini_cpu_minutes_of_the_tiny_params(tiny_params):
     """Counted by hand: 2 x 2 test images per label; 4 attacks x (plain + 2 filters + 2 CRTs)
     = 20 runs of 2 x 2 final images; certify embeds both with two filters."""
-    work = plan.stage_work(tiny_params)
+    work = plan.stage_work(check_params(tiny_params))
     assert set(work) == set(plan.STAGES)
     assert work["certify"].evaluations == {"clip_image": 2 * (2 * 4 + 20 * 4)}
     assert work["report"].evaluations == {}

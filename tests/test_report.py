@@ -84,7 +84,7 @@ def exp_show_entry(name, params, metrics, timestamp, repo, split=True):
         shown[f"reports/{stage}/metrics.json"] = {
             "data": json.loads((folder / "metrics.json").read_text())}
     git("add", "-A", cwd=repo)
-    git("commit", "-qm", name, cwd=repo)
+    git("commit", "-qm", name, "--allow-empty", cwd=repo)  # two may record the same numbers
     rev = git("rev-parse", "HEAD", cwd=repo)
     return {"rev": rev, "name": name, "data": {
         "rev": rev, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
@@ -392,15 +392,18 @@ def test_tradeoff_labels_overlap_nothing_and_stay_inside_the_axes():
         assert not any(box.overlaps(other) for other in boxes[i + 1:])
 
 
-def test_render_gives_the_page_again_from_summary_csv(summary_folder, tiny_params, tmp_path):
+def test_render_gives_the_page_again_from_summary_csv(summary_folder, tiny_params, tmp_path,
+                                                     monkeypatch):
     folder, _ = summary_folder
+    monkeypatch.chdir(REPO)  # where the concept registry is
     again = tmp_path / "again"
     again.mkdir()
     shutil.copy(folder / "summary.csv", again / "summary.csv")
     readme = tmp_path / "README.md"
     readme.write_text("# Project\n\nintro\n\n" + "\n".join(summary.HEADLINE_MARKERS)
                       + "\n\nmore\n")
-    summary.write_summary(again, tiny_params, [], *summary.read_summary(again), readme=readme)
+    checked = check_params(tiny_params)
+    summary.write_summary(again, checked, [], *summary.read_summary(again), readme=readme)
     for name in ("README.md", "index.html", "summary.csv"):
         assert (again / name).read_text() == (folder / name).read_text(), name
     text = readme.read_text()
@@ -408,7 +411,7 @@ def test_render_gives_the_page_again_from_summary_csv(summary_folder, tiny_param
     block = summary.readme_block(text)
     long = pd.read_csv(folder / "summary.csv")
     assert block == summary.headline_markdown(summary.read_summary(folder)[0],
-                                              tiny_params["summary"]["claim"])
+                                              checked.summary.claim)
     header, rule, *rows = [line for line in block.splitlines() if line.startswith("|")]
     assert header.count("|") - 1 <= 8  # compact: the README is short
     assert [row.split("|")[1].strip() for row in rows] == [
