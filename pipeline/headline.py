@@ -5,7 +5,7 @@ a person compares across experiments (``dvc metrics show``, ``dvc exp show``).
 
 The headline is a pure function of the detail (:func:`headline`), one mechanism for every stage
 with the stage's rules in ``HEADLINES``: so any metrics.json can be checked against the
-detail.json beside it (``python -m pipeline.headline --check``).
+detail.json beside it (``python -m pipeline.headline``).
 
 A rule is (key, path, reduction). The path is a dotted path into the detail; ``{crt}`` in both
 key and path is each name of ``CRTS`` in turn (a CRT the detail lacks has no key); any other
@@ -20,16 +20,14 @@ To compare experiments without the params and code columns (params.yaml alone ha
         --drop '^(models|generate|finetune|edit|filters|attack|certify|report|summary|world)\.'
     dvc exp show --only-changed --drop '^(data|pipeline|reports)/'   # what a sweep changed
 
-``python -m pipeline.headline`` converts stage folders that hold a nested metrics.json and no
-detail.json yet (results recorded before the split): the old file becomes detail.json as it is,
-byte for byte, and metrics.json its headline.
+``python -m pipeline.headline`` checks that every stage's metrics.json is the headline of its
+detail.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 from pipeline.espresso.files import write_json
@@ -115,16 +113,6 @@ def write_results(folder: Path, stage: str, detail: dict) -> None:
     write_json(folder / METRICS, headline(stage, detail))
 
 
-def convert(folder: Path, stage: str) -> bool:
-    """A folder with a nested metrics.json and no detail.json: that file becomes detail.json
-    (the same bytes) and metrics.json its headline. False where there was nothing to do."""
-    if (folder / DETAIL).exists() or not (folder / METRICS).exists():
-        return False
-    shutil.copyfile(folder / METRICS, folder / DETAIL)
-    write_json(folder / METRICS, headline(stage, json.loads((folder / DETAIL).read_text())))
-    return True
-
-
 def mismatches(root: Path = REPORTS) -> list[str]:
     """The stages under ``root`` whose metrics.json is not the headline of their detail.json."""
     out = []
@@ -141,15 +129,9 @@ def mismatches(root: Path = REPORTS) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.headline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="only check that each metrics.json is the headline of its detail")
     parser.add_argument("--reports", type=Path, default=REPORTS,
                         help=f"the stages' report folders (default: {REPORTS})")
     args = parser.parse_args(argv)
-    if not args.check:
-        for stage in HEADLINES:
-            if convert(args.reports / stage, stage):
-                print(f"{args.reports / stage}: metrics.json -> detail.json + headline")
     wrong = mismatches(args.reports)
     if wrong:
         raise SystemExit(f"error: metrics.json is not the headline of detail.json in: "
