@@ -12,7 +12,7 @@ from stages import REPO, make_stage_dir
 from pipeline import experiments, report, rendering
 from pipeline.params import apply_budget, check_params, load_params
 from pipeline.schema import ParamsError
-from test_report import exp_show_entry, git, summary_folder, synthetic_metrics  # noqa: F401 (fixture)
+from experiment_records import exp_show_entry, git, synthetic_metrics
 
 BANNER = "SMOKE BUDGETS: NOT RESULTS"
 
