@@ -7,7 +7,7 @@ Each model of ``pipeline.plan.MODELS`` runs forward on a batch of the size the s
 (median of ``--repeats`` timed calls after a warm-up, torch's default threads: 2 on a 2-core
 machine), divided by the batch: seconds per evaluation. The fixed cost of a stage is a fresh
 Python process that imports the libraries and loads the mini SD and CLIP, as every stage does
-before its work. Copy the printed numbers into ``pipeline.plan.MINI_CPU`` if they differ.
+before its work. The planner reads the file this writes.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ change.
 The mini world runs on a CPU, and its models are far below the scale where a FLOP rate carries
 over, so its time is calibrated on the mini models themselves: CPU minutes = a stage's start
 (imports, model loads) + each model's evaluations x its measured seconds per evaluation
-(``MINI_CPU``: measured on 2 cores by ``bench/bench_plan_mini.py``, recorded in
+(measured on 2 cores by ``bench/bench_plan_mini.py``, which writes
 ``bench/plan_mini_results.json``). Work that is no model evaluation (the attacks' vocabulary
 projections and genetic search bookkeeping, file writes) is not counted.
 
@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.architectures import sd_v14_unet_and_vae, vit_l14_config
 from pipeline.concepts import known_concepts
@@ -44,15 +46,10 @@ PUBLISHED_STEPS_PER_SECOND = 31.19
 MODELS = ("unet", "vae_decode", "t2i_text", "clip_text", "clip_image")
 TRAIN = 3  # a training step: forward + backward = three forward passes
 STAGES = ("generate", "finetune", "edit", "evaluate", "attack", "certify", "report")
-#: The mini world on a 2-core CPU: seconds per evaluation of each model at the stages' batch
-#: sizes (``bench/bench_plan_mini.py``, ``bench/plan_mini_results.json``, measured while other
-#: work loaded the CPU: load average 7-8 on 2 cores), and a stage's start: 7 s, the whole time of
-#: the tiny-params ``evaluate`` and ``report`` stages (whose model work is < 0.1 s) run through
-#: the CLI on this machine (the bench's fresh-process start, 21 s, was taken under that load).
-MINI_CPU = {"seconds_per_evaluation": {"unet": 5.14e-3, "vae_decode": 6.33e-3,
-                                       "t2i_text": 0.415e-3, "clip_text": 0.395e-3,
-                                       "clip_image": 0.507e-3},
-            "stage_start_seconds": 7.0}
+#: The mini world's calibration on 2 CPU cores, as ``bench/bench_plan_mini.py`` measures and
+#: writes it: seconds per evaluation of each model at the stages' batch sizes, and a stage's start
+#: (a fresh process importing the libraries and loading the mini models).
+MINI_CALIBRATION = Path(__file__).resolve().parents[1] / "bench" / "plan_mini_results.json"
 
 
 @dataclass
@@ -183,9 +180,10 @@ def gpu_hours(work: dict[str, Work], flops: dict[str, float], steps_per_second: 
             for stage, w in work.items()}
 
 
-def cpu_minutes(work: dict[str, Work], calibration: dict = MINI_CPU) -> dict[str, float]:
+def cpu_minutes(work: dict[str, Work], calibration: dict | None = None) -> dict[str, float]:
     """CPU minutes per stage: its start plus each model's evaluations times its seconds per
-    evaluation (``MINI_CPU``: the mini world's models, measured)."""
+    evaluation (default: the mini world's models, measured: ``MINI_CALIBRATION``)."""
+    calibration = calibration or json.loads(MINI_CALIBRATION.read_text())
     per_eval = calibration["seconds_per_evaluation"]
     return {stage: (calibration["stage_start_seconds"]
                     + sum(n * per_eval[m] for m, n in w.evaluations.items())) / 60
