@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from tiny_hub import COMMIT
 from transformers import CLIPModel
 
-from pipeline import attack, certify, edit, evaluate, finetune, generate
+from pipeline import attack, certify, edit, evaluate, finetune, generate, judges
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.outputs.finetuned import FILTER_DIR
 from pipeline.outputs.generated import load_images
@@ -58,7 +58,7 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
         assert set(metrics["espresso"]["by_nudenet"]) == {"fnr_judged", "fpr_judged"}
 
     # random-weight eyes confirm no target image; the attacks need some to aim at
-    monkeypatch.setattr(attack, "load_eyes",
+    monkeypatch.setattr(judges, "load_eyes",  # where the attack stage takes it from when it runs
                         lambda *_: lambda images: np.ones(len(images), dtype=bool))
     attacked = attack.run(params)  # the paper budgets' structure, tiny values
     assert list(attacked["runs"]) == [run for run, _, _ in attack.attack_runs(
