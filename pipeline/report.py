@@ -2,7 +2,7 @@
 rerunning anything: ``reports/report/README.md`` (renders on a code host) and ``index.html``
 (opens in a browser), with the metrics tables of evaluate / attack / certify, plots and image
 grids of unfiltered vs Espresso-filtered outputs. Every concept removal technique (CRT) the
-metrics hold gets a row: the filters of ``pipeline.espresso.FILTERS`` and the fine-tuning CRTs
+metrics hold gets a row: the filters of ``pipeline.espresso.filter_names.FILTERS`` and the fine-tuning CRTs
 that the evaluate stage scored (its ``edit.crts``, read from the metrics, not from params).
 
 In the paper setting, images of the unacceptable concept are real-world content (nudity,

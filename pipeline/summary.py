@@ -9,7 +9,7 @@ trade-off figure (``tradeoff.png``), per-concept tables, plus the fine-tuning ab
 The page opens with the verdict and the trade-off figure. The headline table (one row per CRT:
 effectiveness, utility, worst adapted attack, verdict) also goes into the repository's README.md,
 between ``<!-- summary:headline:start -->`` and ``<!-- summary:headline:end -->``.
-CRTs are the filters of ``pipeline.espresso.FILTERS`` and the fine-tuning CRTs the evaluate
+CRTs are the filters of ``pipeline.espresso.filter_names.FILTERS`` and the fine-tuning CRTs the evaluate
 stage scored; "no filter" and "keyword" are kept as references, not CRTs.
 
     python -m pipeline.summary --run    # one DVC experiment per concept of the setting, then
