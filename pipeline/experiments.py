@@ -17,6 +17,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
+from pipeline.espresso.filter_names import FILTERS
 from pipeline.params import apply_budget
 
 #: Params that pick no stage's output: experiments that differ only in them are one sweep
@@ -169,17 +170,22 @@ def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) 
     for run in sorted(runs, key=lambda r: r["timestamp"], reverse=True):
         if not all(run["detail"].get(stage) for stage in stages):
             continue
-        if not _has_intervals(run["detail"]["evaluate"]):
-            continue  # recorded before rates carried intervals: another metrics format
-        if "attack" in stages and "runs" not in run["detail"]["attack"]:
-            continue  # recorded before each attack ran plain and per adapted filter
+        if not _current_format(run["detail"], stages):
+            continue
         if _same_sweep(run["params"], params):
             chosen.setdefault(run["params"]["concept"], run)
     return chosen
 
 
-def _has_intervals(evaluate: dict) -> bool:
-    return isinstance((evaluate.get("espresso") or {}).get("clip_accuracy"), dict)
+def _current_format(detail: dict, stages: tuple[str, ...]) -> bool:
+    """Results in the format the summary reads: every filter of ``FILTERS`` rated, with
+    intervals (older records lack filters or intervals), and the attack runs plain and per
+    adapted target."""
+    evaluate = detail["evaluate"]
+    if not all(isinstance((evaluate.get(name) or {}).get("clip_accuracy"), dict)
+               for name in FILTERS):
+        return False
+    return "attack" not in stages or "runs" in detail["attack"]
 
 
 def _same_sweep(run_params: dict, params: dict) -> bool:

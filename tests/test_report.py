@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from PIL import Image
 
-from experiment_records import SYNTHETIC, synthetic_metrics
+from experiment_records import SYNTHETIC, exp_show_entry, git, synthetic_metrics
 from pipeline import experiments, report, rendering, summary
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.params import check_params, load_params
@@ -346,3 +346,22 @@ def test_attack_conditions_read_x_plus_from_the_run_adapted_to_each_crt():
     assert set(conditions["pez"].values()) == {"pez"}
     assert rendering.is_plain_fallback("pez+", "pez")
     assert not rendering.is_plain_fallback("pez", "pez")
+
+
+def test_a_record_of_an_older_format_is_never_chosen(tmp_path, monkeypatch, tiny_params):
+    """A newer record whose evaluate stage lacks a filter (the format before every filter was
+    rated) is passed over: the summary takes the older record it can read."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q", cwd=repo)
+    monkeypatch.chdir(repo)
+    metrics = synthetic_metrics()
+    older = {**metrics, "evaluate": {k: v for k, v in metrics["evaluate"].items()
+                                     if k != "safety_checker"}}
+    shown = [{"rev": "main", "name": "main", "data": {"rev": "main"}, "experiments": [
+        {"revs": [exp_show_entry("exp-readable", tiny_params, metrics, "2026-11-25T10:00", repo)]},
+        {"revs": [exp_show_entry("exp-older-format", tiny_params, older, "2026-11-25T10:05",
+                                 repo)]}]}]
+    chosen = experiments.newest_per_concept(experiments.experiments(shown), tiny_params,
+                                            ("evaluate", "attack"))
+    assert chosen[tiny_params["concept"]]["name"] == "exp-readable"
