@@ -106,3 +106,68 @@ def prompt_pairs(concept: Concept, sizes: dict[str, int], seed: int,
     bounds = np.cumsum([0] + [counts[split] for split in SPLITS])
     return {split: [pool[i] for i in order[bounds[k]:bounds[k + 1]]]
             for k, split in enumerate(SPLITS)}
+
+
+#: Words that say where or how, not what: a concept text "names" a prompt only by its other words.
+_FUNCTION_WORDS = frozenset("a an the of in on at by with against over background".split())
+
+
+def _content_words(text: str) -> frozenset[str]:
+    words = "".join(ch if ch.isalnum() else " " for ch in text.casefold()).split()
+    return frozenset(words) - _FUNCTION_WORDS
+
+
+def names_concept(prompt: str, concept: Concept) -> bool:
+    """True if ``prompt`` names c_u or c_a of ``concept``: holds every content word of either
+    text ("a red star" names "a star"; "a striped circle against a white background" names "on a
+    white background")."""
+    words = _content_words(prompt)
+    return any(_content_words(text) <= words for text in (concept.unacceptable, concept.acceptable))
+
+
+def everyday_prompts(concepts: list[Concept], count: int, seed: int,
+                     path: Path = REGISTRY_FILE) -> list[str]:
+    """``count`` distinct prompts that name neither c_u nor c_a of any of ``concepts`` (one for a
+    stage, all of a multi-concept checker's), drawn by ``seed``: what a platform serves most.
+
+    Mini: the world's own captions of random scenes (characters included) whose scene shows no
+    concept's c_u, each caption stating the attributes the concepts are about (so a "red circle"
+    is drawn on a stated grey background, not on a background the model picks). Paper: every fill
+    of the registry's everyday templates, shuffled. Fewer than ``count`` such prompts raise
+    ``ValueError`` naming the shortfall."""
+    settings = {c.setting for c in concepts}
+    if len(settings) != 1:
+        raise ValueError(f"everyday prompts need concepts of one setting; got {sorted(settings)}")
+    rng = np.random.default_rng(seed)
+    if settings == {"mini"}:
+        from pipeline.mini import shapes
+
+        shown = [next(iter(c.shows.items())) for c in concepts]
+        keep = {head for head, _ in shown} & {"texture", "color", "background"}
+        prompts: dict[str, None] = {}
+        for _ in range(200 * count):
+            scene = shapes.sample_scene(rng)
+            if any(getattr(scene, head) == value for head, value in shown):
+                continue
+            text, _ = shapes.caption(scene, rng, keep=keep)
+            if not any(names_concept(text, c) for c in concepts):
+                prompts.setdefault(text)
+            if len(prompts) == count:
+                return list(prompts)
+        available = len(prompts)
+    else:
+        registry = load_registry(path)
+        slots = registry["slots"]["paper"]
+        pool = []
+        for template in registry["everyday"]["paper"]:
+            names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+            for values in itertools.product(*(slots[name] for name in names)):
+                text = template.format(**dict(zip(names, values)))
+                if text not in pool and not any(names_concept(text, c) for c in concepts):
+                    pool.append(text)
+        if len(pool) >= count:
+            return [pool[i] for i in rng.permutation(len(pool))[:count]]
+        available = len(pool)
+    raise ValueError(f"only {available} distinct everyday prompts name none of "
+                     f"{', '.join(c.name for c in concepts)}; lower everyday.prompts to at most "
+                     f"{available} or add everyday templates in data/concepts.yaml")

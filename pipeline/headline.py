@@ -17,7 +17,7 @@ Espresso fine-tuned (``runs.<attack>+espresso``): the worst adapted attack.
 To compare experiments without the params and code columns (params.yaml alone has ~200 keys):
 
     dvc exp show --drop '^(data|pipeline|reports)/' \
-        --drop '^(models|generate|finetune|edit|filters|attack|certify|report|summary|world)\.'
+        --drop '^(models|generate|finetune|edit|filters|attack|certify|everyday|report|statistics|summary|world)\.'
     dvc exp show --only-changed --drop '^(data|pipeline|reports)/'   # what a sweep changed
 
 ``python -m pipeline.headline`` checks that every stage's metrics.json is the headline of its
@@ -54,10 +54,13 @@ HEADLINES: dict[str, list[tuple[str, str, str | None]]] = {
         ("edit_residual.{crt}", "{crt}.edit_residual", None),
     ],
     "evaluate": [
-        ("clip_accuracy.{crt}", "{crt}.clip_accuracy.value", None),
+        ("leak_judged.{crt}", "{crt}.leak_rate_judged.value", None),
         ("normalized_clip_score.{crt}", "{crt}.normalized_clip_score.value", None),
-        ("fnr_judged.{crt}", "{crt}.fnr_judged.value", None),
-        ("fpr_judged.{crt}", "{crt}.fpr_judged.value", None),
+        ("clip_accuracy.{crt}", "{crt}.clip_accuracy.value", None),
+    ],
+    "everyday": [
+        ("blocked.{crt}", "{crt}.blocked_share.value", None),
+        ("clip_score.{crt}", "{crt}.normalized_clip_score.value", None),
     ],
     "attack": [
         ("worst_clip_accuracy.{crt}", "runs.{attack}+{crt}.{crt}.clip_accuracy.value", "max"),

@@ -40,6 +40,8 @@ OPTIMIZERS = ("adamw", "adam")
 SEPARATIONS = ("concepts", "prompt_pairs")
 #: ``pipeline.attack.VOCABULARIES``: the words hard prompts may use.
 VOCABULARIES = ("world", "all")
+#: ``pipeline.statistics.CORRECTIONS``: multiplicity controls of a family of paired claims.
+CORRECTIONS = ("holm", "fdr_bh")
 
 T = TypeVar("T", bound=Mapping)
 

@@ -161,10 +161,18 @@ Slots = create_model("Slots", __base__=Strict,
                      paper=(dict[str, Annotated[list[Text], MinLen(1)]], ...))
 
 
+class EverydayTemplates(Strict):
+    """Prompts of neither c_u nor c_a (the everyday test condition). Mini: the world's own
+    captions (``pipeline.concepts.everyday_prompts``), so only the paper setting has templates."""
+
+    paper: Annotated[list[Text], MinLen(1)]
+
+
 class Registry(Strict):
     concepts: ConceptsBySetting
     templates: TemplatesBySetting
     slots: Slots
+    everyday: EverydayTemplates
 
     @model_validator(mode="after")
     def _templates_fill(self):
@@ -178,6 +186,12 @@ class Registry(Strict):
                         raise not_allowed(
                             f"a template with the concept as {{}} and slots among: "
                             f"{', '.join(slots[setting])}", at=("templates", setting, kind, i))
+        for i, template in enumerate(self.everyday.paper):
+            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            if "" in names or names - set(self.slots.paper):
+                raise not_allowed(f"a template without the concept {{}} (everyday prompts name "
+                                  f"none) and slots among: {', '.join(self.slots.paper)}",
+                                  at=("everyday", "paper", i))
         return self
 
 
@@ -465,15 +479,38 @@ class Edit(PerSetting):
 
 
 class Claim(Strict):
-    """What "effective, useful and robust" means in the summary's verdict (METHOD section 8)."""
+    """What "effective, useful and robust" means in the verdict (docs/method.md section 5): each
+    bound is met only where the whole 95% interval is on its good side. Rates are the judge's
+    (the evaluator no CRT uses), not CLIP accuracy, which a CLIP-based filter scores itself."""
 
-    clip_accuracy_max: Fraction          # effectiveness: CLIP accuracy on c_u prompts at most
+    judged_leak_max: Fraction            # effectiveness: c_u-prompt images showing c_u, let through
     normalized_clip_score_min: Fraction  # utility: nCS on c_a prompts at least
-    attack_clip_accuracy_max: Fraction   # robustness: CLIP accuracy under every adapted attack
+    everyday_clip_score_min: Fraction    # utility: nCS on everyday prompts (neither c_u nor c_a)
+    judged_attack_success_max: Fraction  # robustness: judged success of every adapted attack
 
 
 class Summary(Strict):
     claim: Claim
+
+
+class Everyday(Strict):
+    """The everyday test condition: prompts that name neither c_u nor c_a, drawn by ``seed``."""
+
+    seed: Seed
+    prompts: Count
+    images_per_prompt: Count
+
+
+class Statistics(Strict):
+    """Intervals and claims (docs/method.md section 5): a bootstrap over the sampling units
+    (concepts, then prompts, then attack seeds), exact bounds where every cluster agrees, and
+    paired CRT-vs-CRT claims controlled as one family."""
+
+    confidence: Annotated[float, Gt(0.5), Lt(1)]
+    resamples: Annotated[int, Ge(200)]
+    seed: Seed
+    correction: Literal[registry.CORRECTIONS]
+    family_rate: Annotated[float, Gt(0), Lt(0.5)]   # Holm: familywise error; fdr_bh: false discovery
 
 
 class Certify(Strict):
@@ -594,7 +631,9 @@ class Params(Strict):
     filters: Filters
     attack: Attack
     certify: Certify
+    everyday: Everyday
     report: Report
+    statistics: Statistics
     summary: Summary
     world: World
 
