@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.concepts import known_concepts
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.params import apply_budget
+from pipeline.provenance import cat_files
 
 #: Params that pick no stage's output: experiments that differ only in them are one sweep
 #: (``presets``: compared as merged by ``budget``, :func:`_same_sweep`).
@@ -128,8 +129,8 @@ def details(runs: list[dict]) -> list[dict[str, dict]]:
     wanted = [(i, match[1], path) for i, run in enumerate(runs) for path in run["metrics"]
               if (match := METRICS_PATH.fullmatch(path))]
     committed = [(i, stage, path) for i, stage, path in wanted if runs[i]["rev"] != "workspace"]
-    found = _cat_files([f"{runs[i]['rev']}:reports/{stage}/detail.json"
-                        for i, stage, _ in committed])
+    found = cat_files([f"{runs[i]['rev']}:reports/{stage}/detail.json"
+                       for i, stage, _ in committed])
     texts = dict(zip(((i, stage) for i, stage, _ in committed), found))
     out = [{} for _ in runs]
     for i, stage, path in wanted:
@@ -139,27 +140,6 @@ def details(runs: list[dict]) -> list[dict[str, dict]]:
         else:
             text = texts[(i, stage)]
         out[i][stage] = json.loads(text) if text is not None else runs[i]["metrics"][path]
-    return out
-
-
-def _cat_files(specs: list[str]) -> list[str | None]:
-    """The text of each ``rev:path`` of the repository in the working directory (one ``git
-    cat-file --batch`` for all); None where the commit has no such file."""
-    if not specs:
-        return []
-    result = subprocess.run(["git", "cat-file", "--batch"], capture_output=True, check=True,
-                            input="".join(f"{spec}\n" for spec in specs).encode())
-    data, at, out = result.stdout, 0, []
-    for _ in specs:
-        end = data.index(b"\n", at)
-        header = data[at:end].split()
-        if header[-1] == b"missing" or header[1] != b"blob":
-            out.append(None)
-            at = end + 1
-            continue
-        size = int(header[2])
-        out.append(data[end + 1:end + 1 + size].decode())
-        at = end + 1 + size + 1
     return out
 
 
