@@ -16,7 +16,8 @@ from import_graph import (PIPELINE, REPO, dvc_stages, imported_files, imported_m
                           lazy_exports, stage_module)
 
 #: The project's commands besides the stages.
-COMMANDS = ("pipeline.summary", "pipeline.export", "pipeline.screen", "pipeline.plan")
+COMMANDS = ("pipeline.summary", "pipeline.export", "pipeline.screen", "pipeline.plan",
+            "pipeline.provenance")
 #: Libraries that take seconds to import: no command loads one before it parses its arguments.
 HEAVY = ("torch", "diffusers", "transformers", "pandas", "sklearn", "matplotlib", "open_clip",
          "scipy")

@@ -306,6 +306,10 @@ os.makedirs("data/out", exist_ok=True)
 os.makedirs("reports/make", exist_ok=True)
 np.savez("data/out/images.npz", images=np.full((2, 4, 4), len(concept), dtype=np.uint8))
 open("data/out/note.txt", "w").write(concept + "\\n")
+weights = np.linspace(0, 1, 8, dtype=np.float32)
+if os.environ.get("FLIP_LAST_BIT"):  # as another CPU's float kernels might
+    weights.view(np.uint32)[3] ^= 1
+np.savez("data/out/weights.npz", weights=weights)
 json.dump({"concept": concept, "score": 1 / 3}, open("reports/make/detail.json", "w"))
 """
 DVC_YAML = """stages:
@@ -345,17 +349,24 @@ def dvc_repo(repo, monkeypatch):
 
 
 @pytest.mark.slow
-def test_verify_reruns_a_published_experiment_and_names_a_tampered_output(dvc_repo, capsys):
+def test_verify_reruns_a_published_experiment_and_names_a_tampered_output(dvc_repo, capsys,
+                                                                          monkeypatch):
     report = provenance.verify("x", repo=dvc_repo)
     assert report.passed, report.table()
     assert levels(report.checks) == {"data/out": BYTES, "reports/make/detail.json": BYTES}
     assert "passed" in capsys.readouterr().out
     assert git(dvc_repo, "worktree", "list").count("\n") == 0  # its worktree removed
 
+    monkeypatch.setenv("FLIP_LAST_BIT", "1")  # the committed bytes come from the DVC cache
+    report = provenance.verify("x", repo=dvc_repo)
+    assert levels(report.checks) == {"data/out": TOLERANCE, "reports/make/detail.json": BYTES}
+    assert report.passed and "weights.npz" in report.checks[0].detail
+    monkeypatch.delenv("FLIP_LAST_BIT")
+
     lock = (dvc_repo / "dvc.lock").read_text()
     recorded = next(line.split()[-1] for line in lock.splitlines()[
         lock.splitlines().index("    - path: reports/make/detail.json"):] if "md5:" in line)
-    (dvc_repo / "dvc.lock").write_text(lock.replace(recorded, "0" * 32))
+    (dvc_repo / "dvc.lock").write_text(lock.replace(recorded, "0123456789abcdef" * 2))
     commit(dvc_repo, "exp(x): tampered")
     assert provenance.verify_main("x", repo=dvc_repo) == 1
     out = capsys.readouterr().out
@@ -365,7 +376,7 @@ def test_verify_reruns_a_published_experiment_and_names_a_tampered_output(dvc_re
 
 @pytest.mark.slow
 def test_publish_commits_an_experiment_as_exp_concept(dvc_repo):
-    out = dvc(dvc_repo, "exp", "run", "-S", "concept=yy")
+    out = dvc(dvc_repo, "exp", "run", "--temp", "-S", "concept=yy")
     name = out.split("Ran experiment(s): ")[1].split()[0]
     item = provenance.publish(name, dvc_repo)
     assert item.concept == "yy" and item.subject == f"exp(yy): {name}"
