@@ -197,7 +197,7 @@ def git_outputs(dvc_yaml: str) -> list[str]:
 def publish(concept_or_exp: str, repo: str | Path = ".") -> Published:
     """Apply a DVC experiment (``dvc exp apply``) and commit it on the current branch as
     ``exp(<concept>): <experiment name>``: params.yaml, dvc.lock and every git-tracked output
-    of dvc.yaml. ``concept_or_exp``: an experiment's name (or rev), or a concept, which picks
+    of dvc.yaml (and any other file the experiment changed, such as its code). ``concept_or_exp``: an experiment's name (or rev), or a concept, which picks
     the newest experiment the summary would take for it (same params but the concept). Refuses,
     with one line, on a tree with uncommitted changes."""
     root = Path(git("rev-parse", "--show-toplevel", repo=repo).strip())
@@ -207,6 +207,7 @@ def publish(concept_or_exp: str, repo: str | Path = ".") -> Published:
             f"the working tree has uncommitted changes ({len(dirty)} files, e.g. "
             f"{dirty[0][3:]}): commit or stash them before publishing an experiment")
     name = _experiment_of(concept_or_exp, root)
+    untracked = set(git("ls-files", "--others", "--exclude-standard", repo=root).splitlines())
     result = subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=root,
                             capture_output=True, text=True)
     if result.returncode != 0:
@@ -221,6 +222,13 @@ def publish(concept_or_exp: str, repo: str | Path = ".") -> Published:
              *[p for p in git_outputs((root / "dvc.yaml").read_text()) if (root / p).exists()
                or git("ls-files", "--", p, repo=root).strip()]]
     git("add", "-A", "--", *paths, repo=root)
+    # and whatever else the experiment changed (its code, if it ran on other code): the commit
+    # is the experiment's tree, so that a rerun of it reruns that experiment
+    git("add", "-u", repo=root)
+    new = sorted(set(git("ls-files", "--others", "--exclude-standard", repo=root).splitlines())
+                 - untracked)
+    if new:
+        git("add", "--", *new, repo=root)
     git("commit", "--allow-empty", "-q", "-m", f"exp({concept}): {name}", repo=root)
     return next(p for p in published(root) if p.concept == concept)
 

@@ -376,12 +376,16 @@ def test_verify_reruns_a_published_experiment_and_names_a_tampered_output(dvc_re
 
 @pytest.mark.slow
 def test_publish_commits_an_experiment_as_exp_concept(dvc_repo):
+    (dvc_repo / "make.py").write_text(MAKE + "# the experiment's code\n")
     out = dvc(dvc_repo, "exp", "run", "--temp", "-S", "concept=yy")
     name = out.split("Ran experiment(s): ")[1].split()[0]
+    git(dvc_repo, "checkout", "make.py")
+    (dvc_repo / "notes.txt").write_text("mine, not the experiment's\n")
     item = provenance.publish(name, dvc_repo)
     assert item.concept == "yy" and item.subject == f"exp(yy): {name}"
     assert git(dvc_repo, "show", "--name-only", "--format=", "HEAD").split() == [
-        "dvc.lock", "params.yaml", "reports/make/detail.json"]
+        "dvc.lock", "make.py", "params.yaml", "reports/make/detail.json"]
+    assert (dvc_repo / "make.py").read_text().endswith("# the experiment's code\n")
     assert json.loads(read_at("HEAD", ["reports/make/detail.json"], dvc_repo)[0])[
         "concept"] == "yy"
     assert [p.concept for p in published(dvc_repo)] == ["x", "yy"]
