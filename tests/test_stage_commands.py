@@ -82,6 +82,7 @@ def test_an_unknown_argument_is_argparse_s_error(tmp_path, module):
     ("generate", (), "data/world/sd", "world"),
     ("finetune", (), MANIFEST, "generate"),
     ("evaluate", (MANIFEST,), FILTER, "finetune"),
+    ("everyday", (MANIFEST, FILTER), "data/edit", "edit"),
     ("attack", (MANIFEST,), FILTER, "finetune"),
     ("certify", (MANIFEST, FILTER), "data/attack", "attack"),
     ("report", (MANIFEST, "reports/finetune/detail.json", "reports/evaluate/detail.json",
