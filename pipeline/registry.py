@@ -40,7 +40,8 @@ OPTIMIZERS = ("adamw", "adam")
 SEPARATIONS = ("concepts", "prompt_pairs")
 #: ``pipeline.attack.VOCABULARIES``: the words hard prompts may use.
 VOCABULARIES = ("world", "all")
-#: ``pipeline.statistics.CORRECTIONS``: multiplicity controls of a family of paired claims.
+#: Multiplicity controls of a family of paired claims: statsmodels' ``multipletests`` names
+#: (``pipeline.statistics.controlled`` passes them on).
 CORRECTIONS = ("holm", "fdr_bh")
 
 T = TypeVar("T", bound=Mapping)
