@@ -40,8 +40,7 @@ OPTIMIZERS = ("adamw", "adam")
 SEPARATIONS = ("concepts", "prompt_pairs")
 #: ``pipeline.attack.VOCABULARIES``: the words hard prompts may use.
 VOCABULARIES = ("world", "all")
-#: Multiplicity controls of a family of paired claims: statsmodels' ``multipletests`` names
-#: (``pipeline.statistics.controlled`` passes them on).
+#: ``pipeline.statistics.CORRECTIONS``: multiplicity controls of a family of paired claims.
 CORRECTIONS = ("holm", "fdr_bh")
 
 T = TypeVar("T", bound=Mapping)
