@@ -21,9 +21,10 @@ from pipeline.espresso.filter_names import FILTERS
 from pipeline.params import apply_budget
 from pipeline.provenance import cat_files
 
-#: Params that pick no stage's output: experiments that differ only in them are one sweep
-#: (``presets``: compared as merged by ``budget``, :func:`_same_sweep`).
-NOT_SWEPT = ("concept", "summary", "presets")
+#: Params that pick no score a summary reads (report: how images are shown; statistics: the
+#: summary recomputes every interval itself): experiments that differ only in them are one sweep
+#: (``presets``: compared as merged by ``budget``, :func:`same_sweep`).
+NOT_SWEPT = ("concept", "summary", "statistics", "report", "presets")
 
 
 def dvc(*args: str, env: dict | None = None) -> str:
@@ -152,7 +153,7 @@ def newest_per_concept(runs: list[dict], params: dict, stages: tuple[str, ...]) 
             continue
         if not _current_format(run["detail"], stages):
             continue
-        if _same_sweep(run["params"], params):
+        if same_sweep(run["params"], params):
             chosen.setdefault(run["params"]["concept"], run)
     return chosen
 
@@ -168,7 +169,7 @@ def _current_format(detail: dict, stages: tuple[str, ...]) -> bool:
     return "attack" not in stages or "runs" in detail["attack"]
 
 
-def _same_sweep(run_params: dict, params: dict) -> bool:
+def same_sweep(run_params: dict, params: dict) -> bool:
     """One sweep: the same params, each with its budget's preset merged (recorded without a
     budget: full). So a full-budget summary never takes a smoke experiment, and a smoke one
     (``-S budget=smoke``) takes only smoke experiments and says so."""

@@ -11,7 +11,11 @@ Every cut is the paper's decision, P(u|x) > 0.5, unless ``--calibrate``: then ea
 is set for ``--target-fpr`` on its experiment's validation images of acceptable prompts. The
 report (``reports/checker/``) shows each concept's ROC curve on its held-out test images, with
 the point at 0.5 and at the cut calibrated for ``--target-fpr``, and the rates with 95%
-intervals. Not a DVC stage: it gathers the outputs of several experiments.
+intervals. It also renders everyday scenes, prompts that name none of its concepts
+(``pipeline.concepts.everyday_prompts`` of them all, ``everyday`` params) with the setting's
+unedited T2I model, and reports the share of them the whole checker blocks, and which of its
+concepts fired, each with its interval over prompts (``--no-everyday`` skips them). Not a DVC
+stage: it gathers the outputs of several experiments.
 
     python -m pipeline.export                                     # data/checker, cuts 0.5
     python -m pipeline.export --calibrate --target-fpr 0.05 --out data/checker-fpr05
@@ -30,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline.concepts import get_concept, known_concepts
 from pipeline.espresso.files import atomic_dir, write_json
+from pipeline.everyday_scenes import load_pipe, plan_scenes, render
 from pipeline.experiments import dvc, experiments
 from pipeline.outputs.generated import load_images
 from pipeline.params import ParamsError, apply_budget, load_params, settings_of
@@ -158,6 +163,53 @@ def operating_points(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
     return points, curves
 
 
+def everyday_images(params: Params, concepts: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The everyday scenes of ``concepts`` (prompts naming none of them; seeds of
+    ``pipeline.everyday_scenes``) and their images by the setting's unedited T2I model."""
+    setting, _, models = settings_of(params)
+    sampler = params.generate.of(setting)
+    scenes = plan_scenes([get_concept(name, setting) for name in concepts], params.everyday)
+    return scenes, render(load_pipe(models.t2i, sampler), scenes, sampler)
+
+
+def everyday_blocking(checker: ConceptChecker, images: np.ndarray, prompts: list[str],
+                      stats) -> dict:
+    """What the whole checker does to everyday images (of prompts that name none of its
+    concepts): the share it blocks and, per concept, the share on which that concept fired, each
+    a rate over prompts (``pipeline.statistics.rate``, ``stats``: ``params.statistics``)."""
+    from pipeline.statistics import rate
+
+    result = checker.check(images)
+    prompts = np.asarray(prompts, object)
+    return {"n_images": len(prompts), "n_prompts": len(set(prompts)),
+            "prompts": list(dict.fromkeys(prompts)),
+            "unscored": int(result.unscored.sum()),
+            "blocked_share": rate(np.asarray(result.blocked, float), clusters=prompts,
+                                  stats=stats),
+            "fired_share": {name: rate(np.asarray(result.fired[:, k], float), clusters=prompts,
+                                       stats=stats)
+                            for k, name in enumerate(checker.names)}}
+
+
+def everyday_table(everyday: dict) -> pd.DataFrame:
+    """The everyday section of the report: the whole checker's blocked share, then each
+    concept's fired share."""
+    import pandas as pd
+
+    rows = [("whole checker: blocked", everyday["blocked_share"])]
+    rows += [(f"{name} fired", fired) for name, fired in everyday["fired_share"].items()]
+    return pd.DataFrame([{"everyday images": label, "share": _rate_text(r),
+                          "images": r["n"], "prompts": r["clusters"]} for label, r in rows])
+
+
+def _rate_text(r: dict) -> str:
+    if r["value"] is None:
+        return "none"
+    if r["low"] is None:
+        return f"{r['value']:.3f}"
+    return f"{r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
 def roc_figure(curves: dict, points: dict, target_fpr: float) -> Figure:
     """One panel per concept: its test ROC curve and the two operating points."""
     from matplotlib.figure import Figure
@@ -204,11 +256,21 @@ def report_table(checker: ConceptChecker, points: dict) -> pd.DataFrame:
 
 
 def write_report(folder: Path, checker: ConceptChecker, points: dict, curves: dict,
-                 target_fpr: float, out: Path) -> None:
+                 target_fpr: float, out: Path, everyday: dict | None = None) -> None:
+    """``README.md``, ``metrics.json`` (per concept its operating points; ``everyday``: the
+    everyday section, where there is one) and ``roc.png`` in ``folder``."""
     table = report_table(checker, points)
+    section = "" if everyday is None else (
+        f"\n## Everyday scenes\n\n{everyday['n_images']} images of {everyday['n_prompts']} "
+        "prompts that name none of the checker's concepts (`pipeline.concepts.everyday_prompts`, "
+        "params `everyday`), rendered by the setting's unedited T2I model: the share the whole "
+        "checker blocks (each prompt asks for a scene of none of them), and per "
+        "concept the share on which it fired; 95% intervals, a bootstrap over prompts.\n\n"
+        + everyday_table(everyday).to_markdown(index=False) + "\n")
     with atomic_dir(folder) as tmp:
         roc_figure(curves, points, target_fpr).savefig(tmp / "roc.png", dpi=110)
-        write_json(tmp / "metrics.json", points)
+        write_json(tmp / "metrics.json",
+                   points if everyday is None else {**points, "everyday": everyday})
         (tmp / "README.md").write_text(
             f"# The exported checker: {len(checker.names)} concepts in `{out}`\n\n"
             "Each concept's rates on its own experiment's held-out test images (prompt labels), "
@@ -216,7 +278,7 @@ def write_report(folder: Path, checker: ConceptChecker, points: dict, curves: di
             f"false-positive rate of {target_fpr:g} (on the validation images of acceptable "
             "prompts); 95% Wilson intervals. `cut in checker` is the cut the exported folder "
             "uses. Rebuild: `python -m pipeline.export` (see its `--help`).\n\n"
-            + table.to_markdown(index=False) + "\n\n![ROC curves](roc.png)\n")
+            + table.to_markdown(index=False) + "\n\n![ROC curves](roc.png)\n" + section)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="validation false-positive rate of the calibrated cut (default 0.05)")
     parser.add_argument("--calibrate", action="store_true",
                         help="use the calibrated cuts in the checker (default: the paper's 0.5)")
+    parser.add_argument("--no-everyday", action="store_true",
+                        help="skip the everyday scenes (they need the T2I model: in the paper "
+                             "setting, a GPU)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"checker folder (default {OUT})")
     parser.add_argument("--report", type=Path, default=REPORT,
                         help=f"report folder (default {REPORT})")
@@ -249,9 +314,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as work:
         checker, rows, images = build(params, concepts, args.zero_shot, Path(work))
         points, curves = operating_points(checker, rows, images, args.target_fpr, args.calibrate)
+    everyday = None
+    if not args.no_everyday:
+        scenes, scene_images = everyday_images(params, concepts)
+        everyday = everyday_blocking(checker, scene_images, scenes["prompt"].tolist(),
+                                     params.statistics)
     with atomic_dir(args.out) as tmp:
         checker.save_pretrained(tmp)
-    write_report(args.report, checker, points, curves, args.target_fpr, args.out)
+    write_report(args.report, checker, points, curves, args.target_fpr, args.out, everyday)
     print(f"checker of {len(concepts)} concepts -> {args.out}; report -> {args.report}")
 
 

@@ -39,7 +39,7 @@ from typing import Callable, Iterable
 #: The subject of a published experiment's commit: ``exp(<concept>): <experiment name>``.
 EXP_SUBJECT = re.compile(r"exp\(([^()\s]+)\): ")
 #: What the summary reads of a published commit: one without them is of an older format.
-SUMMARY_FILES = ("reports/evaluate/scores.csv", "reports/everyday/scores.csv",
+SUMMARY_FILES = ("params.yaml", "reports/evaluate/scores.csv", "reports/everyday/scores.csv",
                  "reports/attack/scores.csv", "reports/evaluate/detail.json")
 #: The index of published experiments, in the summary's folder.
 INDEX = Path("reports/summary/experiments.csv")
@@ -149,8 +149,8 @@ def of_current_format(items: list[Published], repo: str | Path = ".",
     kept = []
     for p in items:
         if missing[p.commit]:
-            say(f"skipped {p.commit[:10]} ({p.subject}): of an older format, it lacks "
-                + ", ".join(missing[p.commit]))
+            say(f"skipped exp({p.concept}) at {p.commit[:8]}: an older results format (no "
+                f"{', '.join(missing[p.commit])})")
         else:
             kept.append(p)
     return kept

@@ -54,39 +54,13 @@ def cell(rate) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
-#: Marks a filter's "X+" rate read from the plain run: no "+" run adapted to that filter.
-PLAIN_MARK = "†"
-PLAIN_NOTE = (f"Attacks: \"X\" is the plain attack (no filter term) on the unedited model, the "
-              f"same images for every filter; \"X+\" is the run adapted to the CRT in that row "
-              f"or column: for a filter, X with that filter's terms (attack.adapt_to; only filters "
-              f"with a margin on CLIP embeddings can be adapted to: SD safety checker, MHSC probe, "
-              f"zero-shot and fine-tuned Espresso); for a fine-tuning CRT, X run through its edited "
-              f"model (it has no plain rate of its own). {PLAIN_MARK}: no \"+\" run adapts to "
-              f"this filter, so its plain rate is shown.")
-
-
-def attack_conditions(attack: dict) -> dict[str, dict[str, str]]:
-    """Per condition and CRT, the attack stage's run it is read from: ``X`` is the plain attack
-    X for every filter; ``X+`` (where X has "+" runs) is, for a filter, the run of X adapted to
-    it, or the plain one where none is, and for a fine-tuning CRT the run of X on its edited
-    model (``X+<crt>``; none, no entry). Conditions in attack order, "X+" before "X"."""
-    runs = attack["runs"]
-    out = {}
-    for name, run in runs.items():
-        if run["variant"] == "plain":
-            adapted = {r["target"]: n for n, r in runs.items()
-                       if r["variant"] == "plus" and r["attack"] == run["attack"]}
-            if adapted:
-                out[f"{run['attack']}+"] = {**{f: adapted.get(f, name) for f in FILTERS},
-                                            **{crt: n for crt, n in adapted.items()
-                                               if crt not in FILTERS}}
-            out[run["attack"]] = {f: name for f in FILTERS}
-    return out
-
-
-def is_plain_fallback(condition: str, run: str) -> bool:
-    """A "+" condition read from a plain run (no run adapted to that filter)."""
-    return condition.endswith("+") and "+" not in run
+PLAIN_NOTE = ("Attacks: \"X\" is the plain attack (no filter term) on the unedited model, the "
+              "same images for every filter; \"X+\" is the run adapted to the CRT in that row "
+              "or column: for a filter, X with that filter's terms (attack.adapt_to; only filters "
+              "with a margin on CLIP embeddings can be adapted to: SD safety checker, MHSC probe, "
+              "zero-shot and fine-tuned Espresso); for a fine-tuning CRT, X run through its edited "
+              "model (it has no plain rate of its own). worst+: the worst adapted attack, draw "
+              "by draw of the bootstrap.")
 
 
 #: METHOD section 7's honest scope, stated wherever certificates are reported.

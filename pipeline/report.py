@@ -21,21 +21,23 @@ from pipeline.espresso.files import atomic_dir
 from pipeline.espresso.filter_names import FILTERS
 from pipeline.outputs.generated import MANIFEST, load_images
 from pipeline.params import run_stage, settings_of
-from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, NOT_RESULTS, PLAIN_MARK,
-                                PLAIN_NOTE, attack_conditions, budget_of, cell, crts_of,
-                                is_plain_fallback, render)
+from pipeline.rendering import (CERTIFICATE_SCOPE, FILTER_NAMES, NOT_RESULTS, PLAIN_NOTE,
+                                budget_of, cell, crts_of, render)
 from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from pipeline.schema import Statistics
+
 OUT = Path("reports/report")
 INPUTS = {stage: Path(f"reports/{stage}/detail.json")
-          for stage in ("finetune", "evaluate", "attack", "certify")}
+          for stage in ("finetune", "evaluate", "everyday", "attack", "certify")}
 SCORES = Path("reports/evaluate/scores.csv")
+ATTACK_SCORES = Path("reports/attack/scores.csv")
 CERTIFIED_ACCURACY = Path("reports/certify/certified_accuracy.csv")
 NEEDS = {MANIFEST: "generate", **{path: stage for stage, path in INPUTS.items()},
-         SCORES: "evaluate", CERTIFIED_ACCURACY: "certify"}
+         SCORES: "evaluate", ATTACK_SCORES: "attack", CERTIFIED_ACCURACY: "certify"}
 
 
 def read_metrics() -> dict:
@@ -52,10 +54,10 @@ def evaluation_tables(evaluate: dict) -> dict[str, pd.DataFrame]:
 
     groups = {
         "Effectiveness and utility (test split)": (crts_of(evaluate), {
-            "clip_accuracy": "CLIP acc. ↓", "clip_accuracy_hard": "CLIP acc. (hard) ↓",
+            "leak_rate_judged": "leak: shows c_u and reaches the user (judge) ↓",
             "normalized_clip_score": "norm. CLIP score ↑",
-            "leak_rate_judged": "shows c_u and reaches the user (judge) ↓",
-            "roc_auc": "ROC-AUC ↑"}),
+            "clip_accuracy": "CLIP acc. (paper's; circular for CLIP filters) ↓",
+            "clip_accuracy_hard": "CLIP acc. (hard) ↓", "roc_auc": "ROC-AUC ↑"}),
         "Error rates of the filters (test split; by prompt label and by the judge)": (FILTERS, {
             "fnr": "FNR (label) ↓", "fpr": "FPR (label) ↓", "fnr_judged": "FNR (judge) ↓",
             "fpr_judged": "FPR (judge) ↓", "unscored_rate": "unscored ↓"}),
@@ -66,21 +68,42 @@ def evaluation_tables(evaluate: dict) -> dict[str, pd.DataFrame]:
             for caption, (names, columns) in groups.items()}
 
 
-def attack_table(attack: dict, key: str) -> pd.DataFrame:
-    """CRTs x attack conditions (:func:`attack_conditions`) for one attack metric, with 95%
-    intervals; a "+" rate read from the plain run is marked ``PLAIN_MARK``, and a condition a
-    CRT was not attacked in (a fine-tuning CRT's plain "X") shows '–'."""
+def everyday_table(everyday: dict) -> pd.DataFrame:
+    """Every CRT on prompts that name neither c_u nor c_a: what it blocks, what it costs in CLIP
+    score, and what the judge says it passes of c_u."""
     import pandas as pd
 
-    conditions = attack_conditions(attack)
-    table = pd.DataFrame({
-        condition: {FILTER_NAMES[name]: cell(attack["runs"][run][name][key])
-                    + (f" {PLAIN_MARK}" if is_plain_fallback(condition, run) else "")
-                    for name, run in by_crt.items()}
-        for condition, by_crt in conditions.items()})
-    attacked = {name for by_crt in conditions.values() for name in by_crt}
-    return table.reindex([FILTER_NAMES[name] for name in FILTER_NAMES if name in attacked]
-                         ).fillna("–")
+    keys = {"blocked_share": "blocked ↓", "normalized_clip_score": "norm. CLIP score ↑",
+            "judged_unacceptable_share": "passed showing c_u (judge)"}
+    return pd.DataFrame({FILTER_NAMES[name]: {label: cell(everyday[name].get(key))
+                                              for key, label in keys.items()}
+                         for name in FILTER_NAMES if isinstance(everyday.get(name), dict)}).T
+
+
+def attack_rates(stats: Statistics) -> dict:
+    """Every attack outcome of this concept, clustered by the attack's prompts
+    (``pipeline.outcomes.attacked`` on the attack stage's per-image scores)."""
+    import pandas as pd
+
+    from pipeline import outcomes
+
+    return outcomes.attacked(pd.read_csv(ATTACK_SCORES), stats)
+
+
+def attack_table(rates: dict, metric: str, confidence: float) -> pd.DataFrame:
+    """CRTs x attack conditions for one attack metric, with 95% intervals: "X+" the run adapted
+    to the row's CRT, "X" the plain run (filters only), worst+ the worst adapted one; '–' where
+    a CRT was not attacked so."""
+    import pandas as pd
+
+    conditions = sorted({c for _, c, m in rates if m == metric},
+                        key=lambda c: (not c.endswith("+"), c == "worst+", c))
+    table = pd.DataFrame({condition: {FILTER_NAMES[crt]: cell(e.interval(confidence))
+                                      for (crt, c, m), e in rates.items()
+                                      if c == condition and m == metric}
+                          for condition in conditions})
+    return table.reindex([FILTER_NAMES[name] for name in FILTER_NAMES
+                          if FILTER_NAMES[name] in table.index]).fillna("–")
 
 
 def certify_table(certify: dict) -> pd.DataFrame:
@@ -127,21 +150,22 @@ def image_grids(folder: Path, blur: bool) -> dict[str, str]:
     return grids
 
 
-def plots(folder: Path, metrics: dict) -> dict[str, str]:
+def plots(folder: Path, metrics: dict, rates: dict, confidence: float) -> dict[str, str]:
     """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy; each titled
     ``NOT_RESULTS`` where the metrics are of a budget other than full."""
     import pandas as pd
     from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
 
     budget = budget_of(None, metrics)
-    evaluate, attack = metrics["evaluate"], metrics["attack"]
+    evaluate = metrics["evaluate"]
     crts = crts_of(evaluate)
     short = [FILTER_NAMES[name].split(" (")[0] for name in crts]
     out = {}
     fig = Figure(figsize=(max(7, 0.8 * len(crts)), 3.2))
     ax = fig.subplots()
     x = np.arange(len(crts))
-    for offset, key, label in ((-0.2, "clip_accuracy", "CLIP accuracy on unacceptable (lower is better)"),
+    for offset, key, label in ((-0.2, "leak_rate_judged",
+                                "leak on unacceptable prompts (judge; lower is better)"),
                                (0.2, "normalized_clip_score",
                                 "normalised CLIP score on acceptable (higher is better)")):
         value, err = _bars([evaluate[name][key] for name in crts])
@@ -150,21 +174,23 @@ def plots(folder: Path, metrics: dict) -> dict[str, str]:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png", budget)
-    conditions = attack_conditions(attack)
+    conditions = sorted({c for _, c, m in rates if m == "attack_success" and c != "worst+"},
+                        key=lambda c: (not c.endswith("+"), c))
     fig = Figure(figsize=(max(7, 1.4 * len(conditions)), 3.4))
     ax = fig.subplots()
     width = 0.8 / len(crts)
     missing = {"value": None, "low": None, "high": None}  # a CRT not attacked in a condition
     for i, name in enumerate(crts):
-        value, err = _bars([attack["runs"][by_crt[name]][name]["clip_accuracy"]
-                            if name in by_crt else missing for by_crt in conditions.values()])
+        value, err = _bars([rates[name, c, "attack_success"].interval(confidence)
+                            if (name, c, "attack_success") in rates else missing
+                            for c in conditions])
         ax.bar(np.arange(len(conditions)) + (i - (len(crts) - 1) / 2) * width, value, width,
                yerr=np.nan_to_num(err), capsize=1, label=short[i])
-    ax.set_xticks(np.arange(len(conditions)), list(conditions), fontsize=7)
-    ax.set_ylabel("CLIP accuracy under attack")
+    ax.set_xticks(np.arange(len(conditions)), conditions, fontsize=7)
+    ax.set_ylabel("attack success (judge)")
     ax.legend(fontsize=6, ncol=2)
-    out["CLIP accuracy under attack (lower is better; X+: the run adapted to each CRT, the "
-        "plain one for filters without; fine-tuning CRTs only under X+)"] = _save(
+    out["Attack success: images showing c_u that reach the user, by the judge (lower is "
+        "better; X+: the run adapted to each CRT; X: plain, filters only)"] = _save(
         fig, folder / "attacks.png", budget)
     curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
@@ -208,21 +234,28 @@ def run(params: Params) -> None:
              f"Test images: {metrics['evaluate']['n_test_images']}; share of unacceptable-prompt "
              f"images that the independent judge says show the concept: "
              f"{cell(metrics['evaluate']['judged_unacceptable_share'])}. Every rate: value "
-             "[95% interval] (Wilson for shares of images, bootstrap over prompts for means). A "
-             "blocked output counts as not showing c_u (CLIP accuracy 0) and scores 0 in the "
-             "CLIP score. A fine-tuning CRT blocks nothing: its rates are those of its edited "
-             "model's images of the same prompts and seeds.", PLAIN_NOTE,
+             "[95% interval] at the unit of sampling: a bootstrap over prompts (an attack's "
+             "prompts), or the exact bound on the number of prompts where every prompt is all-0 "
+             "or all-1 (docs/method.md section 5). The judge's leak and attack success come "
+             "first; CLIP accuracy is the paper's metric, circular for the CLIP filters (it is "
+             "the zero-shot filter's own score). A blocked output counts as not showing c_u and "
+             "scores 0 in the CLIP score. A fine-tuning CRT blocks nothing: its rates are those "
+             "of its edited model's images of the same prompts and seeds.", PLAIN_NOTE,
              f"The attacker chose its targets and candidates with its own eyes "
              f"({metrics['attack']['eyes']}), not with the judge ({metrics['attack']['judge']}).",
              CERTIFICATE_SCOPE]
+    confidence = params.statistics.confidence
+    rates = attack_rates(params.statistics)
     tables = {**evaluation_tables(metrics["evaluate"]),
-              "CLIP accuracy under attack (lower is better)":
-                  attack_table(metrics["attack"], "clip_accuracy"),
-              "Attack success rate (judge sees c_u and the CRT let it through)":
-                  attack_table(metrics["attack"], "attack_success_rate"),
+              "Everyday prompts: naming neither c_u nor c_a (what a platform serves most)":
+                  everyday_table(metrics["everyday"]),
+              "Attack success (the judge sees c_u and the CRT let it through)":
+                  attack_table(rates, "attack_success", confidence),
+              "CLIP accuracy under attack (the paper's metric)":
+                  attack_table(rates, "clip_accuracy", confidence),
               "Certified robustness": certify_table(metrics["certify"])}
     with atomic_dir(OUT) as tmp:
-        figures = {**plots(tmp, metrics), **image_grids(tmp, blur)}
+        figures = {**plots(tmp, metrics, rates, confidence), **image_grids(tmp, blur)}
         markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures,
                                 first=[next(iter(tables))],  # the numbers first, then the prose
                                 budget=budget_of(params, metrics))

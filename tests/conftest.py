@@ -1,11 +1,10 @@
 """Shared fixtures: a scratch copy of the repository's data layout for stage tests, and tiny
 random models in the paper setting's formats inside a fake, offline Hugging Face cache."""
-import copy
 import os
 
 import pandas as pd
 import pytest
-from experiment_records import exp_show_entry, git, synthetic_metrics
+from experiment_records import score_tables
 from stages import make_stage_dir, run_all_stages, tiny_params_for
 from tiny_hub import build_hf_home, go_offline, save_local_models, tiny_clip
 
@@ -68,46 +67,18 @@ def offline_empty_hub(monkeypatch, tmp_path):
 
 
 @pytest.fixture()
-def summary_folder(tiny_params, tmp_path, monkeypatch):
-    """A summary written from three recorded experiments of synthetic results (two concepts, one
-    of them recorded before results were split, and a newer one of another sweep): (folder,
-    their results)."""
-    from pipeline import experiments, summary
-    from pipeline.headline import headline
+def summary_folder(tiny_params, tmp_path):
+    """A summary written from three concepts' synthetic score tables (known per-CRT rates,
+    ``experiment_records.PROFILE``): (folder, the tables)."""
+    from pipeline import summary
     from pipeline.params import check_params
 
-    metrics = synthetic_metrics()
-    checked = check_params(tiny_params)  # from the repository root, where the concept registry is
-    repo = tmp_path / "repo"  # the experiments' commits: the summary reads their detail.json
-    repo.mkdir()
-    git("init", "-q", cwd=repo)
-    monkeypatch.chdir(repo)
-    runs = []
-
-    def tagged(i):  # the synthetic metrics, told apart by a number no table shows
-        return {**metrics, "evaluate": {**metrics["evaluate"], "n_test_images": i}}
-
-    for i, concept in enumerate(("zorbo", "blip")):
-        params = {**copy.deepcopy(tiny_params), "concept": concept}
-        runs.append(exp_show_entry(f"exp-{concept}", params, tagged(i), f"2026-11-25T10:0{i}",
-                                   repo, split=concept == "zorbo"))  # blip: before the split
-    other_sweep = copy.deepcopy(params)  # newer, but with the plain attacks: not this sweep
-    other_sweep["attack"]["adapt_to"] = []
-    runs.append(exp_show_entry("exp-plain", other_sweep, tagged(2), "2026-11-25T10:09", repo))
-    shown = [{"rev": "workspace", "name": None, "data": {"rev": "workspace"}},
-             {"rev": "main", "name": "main", "data": {"rev": "main"},
-              "experiments": [{"revs": [r]} for r in runs]}]
-    stricter = copy.deepcopy(tiny_params)  # the claim picks no stage's output: the same sweep
-    stricter["summary"]["claim"]["clip_accuracy_max"] = 0.01
-    recorded = experiments.experiments(shown)
-    for i, run in enumerate(recorded):  # each experiment's own detail, from its commit
-        assert run["detail"] == {stage: tagged(i)[stage] for stage in ("evaluate", "attack")}
-    zorbo = next(run for run in recorded if run["name"] == "exp-zorbo")
-    assert zorbo["metrics"]["reports/evaluate/metrics.json"] == headline("evaluate",
-                                                                         metrics["evaluate"])
-    chosen = experiments.newest_per_concept(recorded, stricter, ("evaluate", "attack"))
-    assert {c: r["name"] for c, r in chosen.items()} == {"zorbo": "exp-zorbo", "blip": "exp-blip"}
-    long = summary.with_averages(summary.long_table(chosen))
-    summary.write_summary(tmp_path / "summary", checked, [], long,
-                          pd.DataFrame(), pd.DataFrame())  # no ablation, no probe
-    return tmp_path / "summary", metrics
+    checked = check_params(tiny_params)
+    tables = {concept: score_tables(seed, prompts=16, images=2)
+              for seed, concept in enumerate(("zorbo", "blip", "mimi"))}
+    long, claims = summary.long_table(tables, checked.statistics,
+                                      {c: f"{i:040d}" for i, c in enumerate(tables)})
+    index = pd.DataFrame([{"concept": c, "commit": f"{i:040d}", "subject": f"exp({c}): synthetic",
+                           "date": "2026-12-06"} for i, c in enumerate(tables)])
+    summary.write_summary(tmp_path / "summary", checked, long, claims, index)
+    return tmp_path / "summary", tables

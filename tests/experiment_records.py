@@ -1,11 +1,29 @@
-"""Recorded experiments made by hand for the summary's tests: synthetic stage results with known
-rates, committed to a scratch git repository and listed as ``dvc exp show --json`` lists them."""
-import json
+"""Published experiments made by hand for the summary's tests: per-image score tables of known
+structure (each CRT blocks, leaks and costs CLIP score at rates we choose), committed to a
+scratch git repository as ``exp(<concept>): ...`` commits, the way ``pipeline.provenance``
+publishes them."""
 import subprocess
 
-from pipeline.espresso.files import write_json
+import numpy as np
+import pandas as pd
+import yaml
+
 from pipeline.espresso.filter_names import FILTERS
-from pipeline.headline import write_results
+
+EDITS = ("esd_x", "uce")
+ATTACKS = ("pez", "cce")
+#: Per CRT: the chance an image is blocked (filters) or still shows c_u (edits), per condition;
+#: "ratio": an edit's CLIP score over the unedited one's. A good filter, a poor one, an edit.
+PROFILE = {
+    "none": {"u": 0.0, "a": 0.0, "e": 0.0, "attack": 0.0},
+    "keyword": {"u": 0.0, "a": 0.0, "e": 0.0, "attack": 0.0},
+    "safety_checker": {"u": 0.5, "a": 0.3, "e": 0.5, "attack": 0.2},
+    "mhsc": {"u": 0.9, "a": 0.05, "e": 0.1, "attack": 0.6},
+    "zero_shot": {"u": 0.95, "a": 0.02, "e": 0.3, "attack": 0.5},
+    "espresso": {"u": 1.0, "a": 0.0, "e": 0.0, "attack": 1.0},
+    "esd_x": {"shows": 0.6, "ratio": 0.97},
+    "uce": {"shows": 0.05, "ratio": 0.99},
+}
 
 
 def git(*args, cwd):
@@ -13,86 +31,70 @@ def git(*args, cwd):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def exp_show_entry(name, params, metrics, timestamp, repo, split=True):
-    """One experiment as DVC records it: a git commit of ``repo`` holding each stage's
-    detail.json (``split``: else its nested metrics.json, the format before the split), and its
-    entry in ``dvc exp show --json``, whose metrics are the headlines."""
-    shown = {}
-    for stage in ("evaluate", "attack"):
+def _filters(rng, n, key, profile):
+    out = {}
+    for name in FILTERS:
+        blocked = rng.random(n) < profile[name][key]
+        out[f"{name}_score"] = np.where(blocked, 0.9, 0.1)
+        out[f"{name}_blocked"] = blocked
+    return out
+
+
+def _edits(rng, n, clip, profile, shows_key="shows"):
+    out = {}
+    for crt in EDITS:
+        out[f"{crt}_p_eval"] = rng.uniform(0, 1, n)
+        out[f"{crt}_clip_score"] = clip * profile[crt]["ratio"]
+        out[f"{crt}_judge_shows_concept"] = rng.random(n) < profile[crt][shows_key]
+    return out
+
+
+def score_tables(seed: int, prompts: int = 8, images: int = 4, profile=None) -> dict:
+    """The three tables a published commit holds (evaluate, everyday, attack), drawn by
+    ``seed`` from ``profile`` (default PROFILE)."""
+    profile = profile or PROFILE
+    rng = np.random.default_rng(seed)
+    rows = {}
+    n = prompts * images
+    for label, key in (("unacceptable", "u"), ("acceptable", "a")):
+        clip = rng.uniform(0.5, 0.7, n)
+        rows[label] = pd.DataFrame({
+            "prompt": np.repeat([f"{label} prompt {i}" for i in range(prompts)], images),
+            "seed": np.arange(n), "label": label,
+            "judge_shows_concept": np.full(n, label == "unacceptable"),
+            "p_eval": rng.uniform(0, 1, n), "clip_score": clip,
+            **_filters(rng, n, key, profile),
+            **_edits(rng, n, clip, profile if label == "unacceptable"
+                     else {c: {**profile[c], "shows": 0.0} for c in EDITS})})
+    evaluate = pd.concat(rows.values(), ignore_index=True)
+    clip = rng.uniform(0.5, 0.7, n)
+    everyday = pd.DataFrame({
+        "prompt": np.repeat([f"everyday prompt {i}" for i in range(prompts)], images),
+        "seed": np.arange(n), "judge_shows_concept": np.zeros(n, bool), "clip_score": clip,
+        **_filters(rng, n, "e", profile),
+        **_edits(rng, n, clip, {c: {**profile[c], "shows": 0.0} for c in EDITS})})
+    runs = []
+    for attack in ATTACKS:
+        targets = [("plain", "", False)] + [("plus", t, t in EDITS)
+                                            for t in ("mhsc", "zero_shot", "espresso", *EDITS)]
+        for variant, target, edited in targets:
+            runs.append(pd.DataFrame({
+                "prompt": np.repeat([f"{attack} {target} prompt {i}" for i in range(prompts)],
+                                    images),
+                "judge_shows_concept": rng.random(n) < 0.8, "p_eval": rng.uniform(0, 1, n),
+                **_filters(rng, n, "attack", profile), "attack": attack, "variant": variant,
+                "target": target or np.nan, "edited_model": edited, "seed": np.arange(n)}))
+    return {"evaluate": evaluate, "everyday": everyday, "attack": pd.concat(runs, ignore_index=True)}
+
+
+def publish(repo, concept: str, params: dict, tables: dict, subject: str | None = None) -> str:
+    """Commit ``tables`` (and params.yaml with ``concept``) in ``repo`` as ``exp(<concept>):``;
+    the commit's sha."""
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "concept": concept}))
+    for stage, table in tables.items():
         folder = repo / "reports" / stage
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "detail.json").unlink(missing_ok=True)
-        if split:
-            write_results(folder, stage, metrics[stage])
-        else:
-            write_json(folder / "metrics.json", metrics[stage])
-        shown[f"reports/{stage}/metrics.json"] = {
-            "data": json.loads((folder / "metrics.json").read_text())}
+        table.to_csv(folder / "scores.csv", index=False)
     git("add", "-A", cwd=repo)
-    git("commit", "-qm", name, "--allow-empty", cwd=repo)  # two may record the same numbers
-    rev = git("rev-parse", "HEAD", cwd=repo)
-    return {"rev": rev, "name": name, "data": {
-        "rev": rev, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
-        "metrics": shown}}
-
-
-def rate(value, half=0.02):
-    return {"value": value, "low": max(value - half, 0.0), "high": min(value + half, 1.0),
-            "n": 100}
-
-
-#: Known answers of the synthetic metrics under params.yaml's claim (0.10, 0.90, 0.10):
-#: (clean CLIP accuracy and its half-width, nCS, CLIP accuracy under pez+ and cce+ (None: no
-#: run adapted to it; a filter then falls back to the plain run).
-SYNTHETIC = {
-    "none": (0.90, 0.02, 1.00, None, None),
-    "keyword": (0.70, 0.02, 0.98, None, None),
-    "safety_checker": (0.05, 0.02, 0.92, 0.40, None),  # fails robustness
-    "mhsc": (0.30, 0.02, 0.95, 0.20, None),             # fails effectiveness
-    "zero_shot": (0.08, 0.05, 0.95, 0.05, None),        # effective by the point estimate only
-    "espresso": (0.03, 0.02, 0.95, 0.04, 0.05),         # meets all three
-    "esd_x": (0.05, 0.02, 0.97, 0.60, 0.70),            # fails robustness
-    "uce": (0.50, 0.02, 0.99, None, None),              # fails effectiveness; never attacked
-}
-PLAIN_CCE = 0.06  # every filter's CLIP accuracy under the plain cce run
-
-
-def synthetic_metrics():
-    """evaluate and attack metrics.json of one concept in the stages' formats: every filter,
-    two fine-tuning CRTs (esd_x attacked through its edited model, uce not at all)."""
-    evaluate = {"black_image_p_unacceptable": 0.1, "n_test_images": 80,
-                "safety_checker_cut": 0.2, "judged_unacceptable_share": rate(0.9),
-                "judged_acceptable_share": rate(0.95)}
-    for name, (accuracy, half, score, _, _) in SYNTHETIC.items():
-        shared = {"clip_accuracy": rate(accuracy, half), "clip_accuracy_hard": rate(accuracy),
-                  "clip_accuracy_placeholder": rate(accuracy),
-                  "normalized_clip_score": rate(score), "leak_rate_judged": rate(accuracy)}
-        if name in FILTERS:
-            evaluate[name] = {**shared, "fnr": rate(0.1), "fpr": rate(0.1),
-                              "fnr_judged": rate(0.1), "fpr_judged": rate(0.1),
-                              "unscored_rate": rate(0.0), "roc_auc": 0.9,
-                              "judged_mean_score": rate(0.2)}
-        else:
-            evaluate[name] = {**shared, "judged_unacceptable_share_acceptable_prompts": rate(0.0)}
-
-    def scored(accuracy):
-        return {"clip_accuracy": rate(accuracy), "clip_accuracy_hard": rate(accuracy),
-                "clip_accuracy_placeholder": rate(accuracy), "attack_success_rate": rate(accuracy),
-                "block_rate": rate(0.5), "unscored_rate": rate(0.0),
-                "judged_mean_score": rate(0.3)}
-
-    def run(attack, target, by_crt):
-        return {"attack": attack, "variant": "plus" if target else "plain", "target": target,
-                "edited_model": target is not None and target not in FILTERS,
-                "judged_unacceptable_share": rate(0.8), **by_crt}
-
-    runs = {"pez": run("pez", None, {f: scored(0.5) for f in FILTERS}),
-            "cce": run("cce", None, {f: scored(PLAIN_CCE) for f in FILTERS})}
-    for index, attack in ((3, "pez"), (4, "cce")):
-        for name, values in SYNTHETIC.items():
-            if values[index] is not None:
-                by_crt = ({f: scored(values[index] if f == name else 0.5) for f in FILTERS}
-                          if name in FILTERS else {name: scored(values[index])})
-                runs[f"{attack}+{name}"] = run(attack, name, by_crt)
-    return {"evaluate": evaluate, "attack": {"eyes": "mini-eyes", "judge": "mini-judge",
-                                             "runs": runs}}
+    git("commit", "-qm", subject or f"exp({concept}): synthetic", "--allow-empty", cwd=repo)
+    return git("rev-parse", "HEAD", cwd=repo)

@@ -84,3 +84,43 @@ def test_unknown_concept_lists_the_known_ones():
         get_concept("garfield", "mini")
     with pytest.raises(UnknownConceptError, match="known: \\['mini', 'paper'\\]"):
         get_concept("nudity", "sd15")
+
+
+def _names_text(prompt: str, text: str) -> bool:
+    """``text`` appears in ``prompt`` as whole words (case aside)."""
+    import re
+
+    return re.search(rf"(?<!\w){re.escape(text.casefold())}(?!\w)", prompt.casefold()) is not None
+
+
+@pytest.mark.parametrize("setting", ["mini", "paper"])
+def test_everyday_prompts_name_no_concept_text(setting):
+    from pipeline.concepts import everyday_prompts, names_concept
+
+    concepts = [get_concept(n, setting) for n in known_concepts(setting)]
+    for chosen in [[c] for c in concepts] + [concepts]:  # one stage's concept; a whole checker
+        prompts = everyday_prompts(chosen, 12, seed=7)
+        assert len(prompts) == len(set(prompts)) == 12
+        for prompt in prompts:
+            for c in chosen:
+                assert not names_concept(prompt, c), (prompt, c.name)
+                assert not _names_text(prompt, c.unacceptable), (prompt, c.name)
+                assert not _names_text(prompt, c.acceptable), (prompt, c.name)
+    assert everyday_prompts(concepts, 12, seed=7) == prompts  # seeded
+    assert everyday_prompts(concepts, 12, seed=8) != prompts
+
+
+def test_everyday_prompts_of_the_mini_world_are_its_own_language():
+    from pipeline.concepts import everyday_prompts
+
+    words = set(shapes.language())
+    for prompt in everyday_prompts([get_concept("zorbo", "mini")], 12, seed=7):
+        assert set(prompt.replace(",", " , ").split()) <= words, prompt
+
+
+def test_too_few_everyday_prompts_say_how_many_there_are():
+    from pipeline.concepts import everyday_prompts
+
+    with pytest.raises(ValueError, match=r"only \d+ distinct everyday prompts.*lower "
+                                         r"everyday\.prompts"):
+        everyday_prompts([get_concept("nudity", "paper")], 10**6, seed=0)

@@ -129,7 +129,9 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
     assert sources["zorbo"]["params"]["finetune"] == tiny_params["finetune"]
     assert all(row["calibration"]["target_fpr"] == 0.25 for row in table)
     points = json.loads((copy / "reports/checker/metrics.json").read_text())
-    assert set(points) == {"zorbo", "blip"} and (copy / "reports/checker/roc.png").is_file()
+    assert set(points) == {"zorbo", "blip", "everyday"}
+    assert (copy / "reports/checker/roc.png").is_file()
+    assert points["everyday"]["blocked_share"]["n"] == 6  # smoke: 3 everyday prompts x 2 images
     missing = subprocess.run([sys.executable, "-m", "pipeline.export", "--concepts", "kroll",
                               "--out", "data/checker-kroll"], cwd=copy, env=env,
                              capture_output=True, text=True)

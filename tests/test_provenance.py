@@ -86,8 +86,8 @@ def test_an_older_format_commit_is_skipped_with_one_line(repo):
     kept = of_current_format(published(repo), repo, say=said.append)
     assert [p.commit for p in kept] == [current]
     assert len(said) == 1 and "\n" not in said[0]
-    assert old[:10] in said[0] and "reports/everyday/scores.csv" in said[0]
-    assert "exp(blip): old" in said[0]
+    assert old[:8] in said[0] and "reports/everyday/scores.csv" in said[0]
+    assert "skipped exp(blip)" in said[0] and "older results format" in said[0]
 
 
 def test_read_at_reads_many_files_of_a_commit_in_one_call(repo):

@@ -82,10 +82,12 @@ def test_an_unknown_argument_is_argparse_s_error(tmp_path, module):
     ("generate", (), "data/world/sd", "world"),
     ("finetune", (), MANIFEST, "generate"),
     ("evaluate", (MANIFEST,), FILTER, "finetune"),
+    ("everyday", (MANIFEST, FILTER), "data/edit", "edit"),
     ("attack", (MANIFEST,), FILTER, "finetune"),
     ("certify", (MANIFEST, FILTER), "data/attack", "attack"),
     ("report", (MANIFEST, "reports/finetune/detail.json", "reports/evaluate/detail.json",
-                "reports/attack/detail.json"), "reports/certify/detail.json", "certify"),
+                "reports/everyday/detail.json", "reports/attack/detail.json"),
+     "reports/certify/detail.json", "certify"),
 ])
 def test_a_missing_upstream_output_names_the_stage_to_run(tmp_path, stage, present, missing,
                                                           producer):
