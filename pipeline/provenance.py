@@ -156,18 +156,23 @@ def of_current_format(items: list[Published], repo: str | Path = ".",
     return kept
 
 
-def write_index(folder: str | Path, items: list[Published], repo: str | Path = ".") -> Path:
-    """``folder/experiments.csv``: one row per published experiment (concept, commit, subject,
-    date, and the md5 of its params.yaml, '' where it has none); written atomically."""
+def index_rows(items: list[Published], repo: str | Path = ".") -> list[dict]:
+    """One row per published experiment: concept, commit, subject, date, and the md5 of its
+    params.yaml ('' where it has none)."""
     texts = read_at_many([(p.commit, "params.yaml") for p in items], repo)
+    return [dict(zip(INDEX_COLUMNS, (p.concept, p.commit, p.subject, p.date,
+                                     hashlib.md5(text.encode()).hexdigest() if text else "")))
+            for p, text in zip(items, texts)]
+
+
+def write_index(folder: str | Path, items: list[Published], repo: str | Path = ".") -> Path:
+    """``folder/experiments.csv``: :func:`index_rows`, written atomically."""
     path = Path(folder) / INDEX.name
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(INDEX_COLUMNS)
-    for p, text in zip(items, texts):
-        md5 = hashlib.md5(text.encode()).hexdigest() if text is not None else ""
-        writer.writerow([p.concept, p.commit, p.subject, p.date, md5])
+    writer = csv.DictWriter(buffer, INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(index_rows(items, repo))
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(buffer.getvalue())
     partial.replace(path)

@@ -97,14 +97,10 @@ def gather(params: Params) -> tuple[dict[str, dict], list]:
     from pipeline.experiments import same_sweep
 
     tables, used = {}, []
-    for record in provenance.published():
+    current = provenance.of_current_format(provenance.published(),
+                                           needed=("params.yaml", *SCORES.values()))
+    for record in current:
         texts = provenance.read_at(record.commit, ["params.yaml", *SCORES.values()])
-        missing = [path for path, text in zip(["params.yaml", *SCORES.values()], texts)
-                   if text is None]
-        if missing:
-            print(f"skipped exp({record.concept}) at {record.commit[:8]}: an older results "
-                  f"format (no {', '.join(missing)})")
-            continue
         run_params = yaml.safe_load(texts[0])
         if not same_sweep(run_params, params.model_dump(exclude_unset=True)):
             print(f"skipped exp({record.concept}) at {record.commit[:8]}: another sweep (its "
@@ -631,8 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: no published {params.setting} experiment of this sweep on "
                          "main (commits 'exp(<concept>): ...'): run the concepts and publish "
                          "them (docs/results.md)")
-    index = pd.DataFrame([{"concept": r.concept, "commit": r.commit, "subject": r.subject,
-                           "date": r.date} for r in used])
+    from pipeline import provenance
+
+    index = pd.DataFrame(provenance.index_rows(used))
     long, claims = long_table(tables, params.statistics, {r.concept: r.commit for r in used})
     write_summary(args.out, params, long, claims, index, readme=readme)
 

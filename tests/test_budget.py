@@ -12,7 +12,6 @@ from stages import REPO, make_stage_dir
 from pipeline import experiments, report, rendering
 from pipeline.params import apply_budget, check_params, load_params
 from pipeline.schema import ParamsError
-from experiment_records import exp_show_entry, git, synthetic_metrics
 
 BANNER = "SMOKE BUDGETS: NOT RESULTS"
 
@@ -112,24 +111,17 @@ def test_the_committed_full_budget_report_has_no_banner():
             assert "budget" not in json.loads((REPO / f"reports/{stage}/{name}").read_text())
 
 
-def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw, tmp_path, monkeypatch):
-    metrics = synthetic_metrics()
+def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw):
+    """One sweep is one budget: a smoke experiment is never of a full sweep's, and one recorded
+    before budgets existed counts as full."""
     full = apply_budget(raw)
     smoke = apply_budget({**raw, "budget": "smoke"})
     older = {k: v for k, v in raw.items() if k not in ("budget", "presets")}  # before budgets
-    repo = tmp_path / "repo"  # the experiments' commits, where their detail.json is read
-    repo.mkdir()
-    git("init", "-q", cwd=repo)
-    monkeypatch.chdir(repo)
-    shown = [{"rev": "main", "name": "main", "data": {"rev": "main"}, "experiments": [
-        {"revs": [exp_show_entry("exp-smoke", {**raw, "budget": "smoke"}, metrics,
-                                 "2026-11-25T10:09", repo)]},
-        {"revs": [exp_show_entry("exp-older", older, metrics, "2026-11-25T10:01", repo)]}]}]
-    runs = experiments.experiments(shown)
-    stages = ("evaluate", "attack")
-    newest = experiments.newest_per_concept
-    assert newest(runs, full, stages)[raw["concept"]]["name"] == "exp-older"
-    assert newest(runs, smoke, stages)[raw["concept"]]["name"] == "exp-smoke"
+    assert not experiments.same_sweep({**raw, "budget": "smoke"}, full)
+    assert experiments.same_sweep({**raw, "budget": "smoke"}, smoke)
+    assert experiments.same_sweep(older, full) and not experiments.same_sweep(older, smoke)
+    # what picks no score the summary reads is no other sweep: the claim, the statistics
+    assert experiments.same_sweep({**raw, "statistics": {**raw["statistics"], "seed": 9}}, full)
 
 
 def test_a_smoke_summary_says_so(summary_folder):
