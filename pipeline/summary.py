@@ -531,7 +531,8 @@ def headline_markdown(long: pd.DataFrame, claims: pd.DataFrame, params: Params) 
     claim, stats = params.summary.claim, params.statistics
     concepts = concepts_in(long)
     held = int(claims["holds"].sum()) if not claims.empty else 0
-    return (headline_table(long, claim).to_markdown() + "\n\n"
+    return (verdict_sentence(verdict_table(long, claim), claims, stats) + "\n\n"
+            + headline_table(long, claim).to_markdown() + "\n\n"
             f"Averages over {len(concepts)} concepts ({', '.join(concepts)}), 95% intervals by a "
             f"hierarchical bootstrap (concepts, then prompts); thresholds of `summary.claim`: "
             f"leak ≤ {claim.judged_leak_max:.2f}, nCS ≥ {claim.normalized_clip_score_min:.2f} "
