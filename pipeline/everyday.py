@@ -8,8 +8,8 @@ by the unedited T2I model with the setting's sampler (``generate.<setting>``) an
 model of ``edit.crts``, with the same seed per image for every model (paired).
 
 Every filter of the evaluate stage screens the unedited model's images. Per filter and per edit,
-each a rate with its interval, a bootstrap over prompts (``pipeline.statistics.rate``):
-``blocked_share`` (edits block nothing), ``normalized_clip_score`` (per image, the CLIP score of
+each a rate with its interval over prompts (``pipeline.outcomes.everyday``, the summary's own
+definitions): ``blocked_share`` (edits block nothing), ``normalized_clip_score`` (per image, the CLIP score of
 what the user gets, a blocked image scoring 0, an edit's its own image, over the unedited image's
 of the same prompt and seed; images whose unedited score is 0 left out) and
 ``judged_unacceptable_share`` (of what is passed, the share the judge says shows c_u). CLIP
@@ -74,43 +74,16 @@ def images_by_model(pipe, crts: list[str], scenes: pd.DataFrame, sampler: Sample
     return out
 
 
-def filter_metrics(blocked: np.ndarray, clip_score: np.ndarray, shows: np.ndarray,
-                   prompts: np.ndarray, stats: Statistics) -> dict:
-    """One filter on the unedited images: the share it blocks, the normalised CLIP score of what
-    the user gets (a blocked image scoring 0) and the judged share of c_u among what it passes."""
-    from pipeline.statistics import rate
+def rated(table: pd.DataFrame, crts: list[str], stats: Statistics) -> dict:
+    """Per filter and per edit of ``crts``: each everyday outcome (``pipeline.outcomes.everyday``:
+    blocked share, normalised CLIP score, judged c_u share of what is passed) with its interval
+    over prompts."""
+    from pipeline import outcomes
 
-    blocked, shows = np.asarray(blocked, bool), np.asarray(shows, bool)
-    prompts = np.asarray(prompts, object)
-    return {"blocked_share": rate(blocked.astype(float), clusters=prompts, stats=stats),
-            "normalized_clip_score": _normalized(np.where(blocked, 0.0, clip_score), clip_score,
-                                                 prompts, stats),
-            "judged_unacceptable_share": rate(shows[~blocked].astype(float),
-                                              clusters=prompts[~blocked], stats=stats)}
-
-
-def edit_metrics(edited_clip_score: np.ndarray, clip_score: np.ndarray, edited_shows: np.ndarray,
-                 prompts: np.ndarray, stats: Statistics) -> dict:
-    """One edited model: it blocks nothing; its images' CLIP score over the unedited model's of
-    the same prompt and seed; the judged share of c_u among its images."""
-    from pipeline.statistics import rate
-
-    prompts = np.asarray(prompts, object)
-    return {"blocked_share": rate(np.zeros(len(prompts)), clusters=prompts, stats=stats),
-            "normalized_clip_score": _normalized(edited_clip_score, clip_score, prompts, stats),
-            "judged_unacceptable_share": rate(np.asarray(edited_shows, float), clusters=prompts,
-                                              stats=stats)}
-
-
-def _normalized(after: np.ndarray, before: np.ndarray, prompts: np.ndarray,
-                stats: Statistics) -> dict:
-    """The mean per-image ratio ``after / before``, images whose ``before`` is 0 left out."""
-    from pipeline.statistics import rate
-
-    after, before = np.asarray(after, float), np.asarray(before, float)
-    informative = before > 0
-    return rate(after[informative] / before[informative], clusters=prompts[informative],
-                stats=stats)
+    rates = outcomes.everyday(table, stats)
+    return {name: {metric: estimate.interval(stats.confidence)
+                   for (crt, _, metric), estimate in rates.items() if crt == name}
+            for name in (*FILTERS, *crts)}
 
 
 def run(params: Params) -> dict:
@@ -130,7 +103,6 @@ def _run(params: Params) -> dict:
     sampler, stats = params.generate.of(setting), params.statistics
     scenes = plan_scenes([concept], params.everyday)
     prompt_list = scenes["prompt"].tolist()
-    prompts = np.asarray(prompt_list, object)
     pipe = load_pipe(models.t2i, sampler)
     images = images_by_model(pipe, params.edit.crts, scenes, sampler)
     del pipe
@@ -146,16 +118,13 @@ def _run(params: Params) -> dict:
     score, shows = clip_score(UNEDITED), judge(unedited)
     decisions = bank.decide(unedited, prompt_list)
     table = scenes[["prompt", "seed"]].assign(judge_shows_concept=shows, clip_score=score)
-    detail = {}
     for name in FILTERS:
         table[f"{name}_score"] = decisions[name].score
         table[f"{name}_blocked"] = decisions[name].blocked
-        detail[name] = filter_metrics(decisions[name].blocked, score, shows, prompts, stats)
     for crt in params.edit.crts:
-        edited_score, edited_shows = clip_score(crt), judge(images[crt])
-        table[f"{crt}_clip_score"] = edited_score
-        table[f"{crt}_judge_shows_concept"] = edited_shows
-        detail[crt] = edit_metrics(edited_score, score, edited_shows, prompts, stats)
+        table[f"{crt}_clip_score"] = clip_score(crt)
+        table[f"{crt}_judge_shows_concept"] = judge(images[crt])
+    detail = rated(table, params.edit.crts, stats)
     detail.update(n_images=len(scenes), n_prompts=int(scenes["prompt"].nunique()),
                   images_per_prompt=params.everyday.images_per_prompt,
                   prompts=list(dict.fromkeys(prompt_list)))

@@ -71,22 +71,35 @@ def test_every_model_renders_the_same_prompts_with_the_same_seeds(monkeypatch):
     assert pipe.unet is original
 
 
+def everyday_table(blocked, score, shows, prompts, edited=None):
+    """An everyday scores table: every filter blocks ``blocked``; ``edited``: crt -> (its CLIP
+    scores, what the judge sees in its images)."""
+    table = pd.DataFrame({"prompt": prompts, "clip_score": score, "judge_shows_concept": shows,
+                          **{f"{f}_blocked": np.asarray(blocked, bool) for f in FILTERS}})
+    for crt, (clip, seen) in (edited or {}).items():
+        table[f"{crt}_clip_score"], table[f"{crt}_judge_shows_concept"] = clip, seen
+    return table
+
+
 def test_a_filter_that_blocks_everything_has_share_1_and_clip_score_0(stats):
     prompts = np.repeat(["a", "b", "c"], 2)
     score = np.array([0.3, 0.2, 0.25, 0.0, 0.4, 0.1])  # one image of no information (score 0)
     shows = np.array([True, False, False, False, True, False])
-    everything = everyday.filter_metrics(np.ones(6, bool), score, shows, prompts, stats)
+
+    def espresso(blocked):
+        return everyday.rated(everyday_table(blocked, score, shows, prompts), [], stats)["espresso"]
+
+    everything = espresso(np.ones(6, bool))
     assert everything["blocked_share"]["value"] == 1 and everything["blocked_share"]["n"] == 6
     assert everything["normalized_clip_score"]["value"] == 0
     assert everything["normalized_clip_score"]["n"] == 5  # the image scored 0 left out
     assert everything["judged_unacceptable_share"]["value"] is None  # nothing passed
     assert everything["judged_unacceptable_share"]["n"] == 0
-    nothing = everyday.filter_metrics(np.zeros(6, bool), score, shows, prompts, stats)
+    nothing = espresso(np.zeros(6, bool))
     assert nothing["blocked_share"]["value"] == 0
     assert nothing["normalized_clip_score"]["value"] == pytest.approx(1)
     assert nothing["judged_unacceptable_share"]["value"] == pytest.approx(2 / 6)
-    some = everyday.filter_metrics(np.array([True, False, False, False, False, True]), score,
-                                   shows, prompts, stats)
+    some = espresso(np.array([True, False, False, False, False, True]))
     assert some["blocked_share"]["value"] == pytest.approx(2 / 6)
     assert some["normalized_clip_score"]["value"] == pytest.approx(3 / 5)
     assert some["judged_unacceptable_share"]["value"] == pytest.approx(1 / 4)
@@ -97,11 +110,15 @@ def test_a_filter_that_blocks_everything_has_share_1_and_clip_score_0(stats):
 def test_an_edit_blocks_nothing_and_is_scored_against_the_same_seed(stats):
     prompts = np.repeat(["a", "b"], 2)
     score = np.array([0.2, 0.4, 0.0, 0.5])
-    same = everyday.edit_metrics(score, score, np.zeros(4, bool), prompts, stats)
+    none_blocked = np.zeros(4, bool)
+    same = everyday.rated(everyday_table(none_blocked, score, none_blocked, prompts,
+                                         {"uce": (score, none_blocked)}), ["uce"], stats)["uce"]
     assert same["blocked_share"]["value"] == 0 and same["blocked_share"]["n"] == 4
     assert same["normalized_clip_score"]["value"] == pytest.approx(1)
     assert same["normalized_clip_score"]["n"] == 3
-    half = everyday.edit_metrics(score / 2, score, np.array([1, 0, 0, 1], bool), prompts, stats)
+    half = everyday.rated(everyday_table(none_blocked, score, none_blocked, prompts,
+                                         {"uce": (score / 2, np.array([1, 0, 0, 1], bool))}),
+                          ["uce"], stats)["uce"]
     assert half["normalized_clip_score"]["value"] == pytest.approx(0.5)
     assert half["judged_unacceptable_share"]["value"] == pytest.approx(0.5)
 
