@@ -104,7 +104,7 @@ def test_the_summary_is_rebuilt_from_main_alone(tmp_path, monkeypatch, capsys):
     assert old not in set(index["commit"])
     long = pd.read_csv(repo / "reports/summary/summary.csv")
     assert set(long["concept"]) == {"zorbo", "blip", "average"}
-    assert summary.readme_block((repo / "README.md").read_text()).startswith("|")
+    assert summary.readme_block((repo / "README.md").read_text()).startswith("Verdict:")
 
 
 def test_render_gives_the_page_again_from_its_csv_files(summary_folder, tiny_params, tmp_path):

@@ -195,7 +195,7 @@ def test_a_paper_concept_and_a_template_are_checked_too(tmp_path):
     text = REGISTRY_TEXT.replace('"a {medium} of {subject} {}"', '"a {medum} of {subject} {}"')
     assert registry_problems(tmp_path, text) == [
         f"{source}: templates.paper.style.0: 'a {{medum}} of {{subject}} {{}}' is not allowed; "
-        "must be a template with the concept as {} and slots among: place, medium, subject"]
+        "must be a template with the concept as {} and slots among: place, medium, subject, thing"]
 
 
 def test_a_missing_registry_is_one_line(tmp_path, monkeypatch):
