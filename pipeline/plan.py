@@ -45,7 +45,7 @@ from pipeline.schema import Params
 PUBLISHED_STEPS_PER_SECOND = 31.19
 MODELS = ("unet", "vae_decode", "t2i_text", "clip_text", "clip_image")
 TRAIN = 3  # a training step: forward + backward = three forward passes
-STAGES = ("generate", "finetune", "edit", "evaluate", "attack", "certify", "report")
+STAGES = ("generate", "finetune", "edit", "evaluate", "everyday", "attack", "certify", "report")
 #: The mini world's calibration on 2 CPU cores, as ``bench/bench_plan_mini.py`` measures and
 #: writes it: seconds per evaluation of each model at the stages' batch sizes, and a stage's start
 #: (a fresh process importing the libraries and loading the mini models).
@@ -96,6 +96,9 @@ def stage_work(params: Params) -> dict[str, Work]:
             work["edit"].add("unet", p.steps * p.batch * (1 + TRAIN))
         render("edit", 2 * per_label["test"])  # each edited model's test images
     work["evaluate"].add("clip_image", 2 * per_label["test"] * (1 + len(crts)))
+    everyday = params.everyday.prompts * params.everyday.images_per_prompt
+    render("everyday", everyday * (1 + len(crts)))  # the unedited and every edited model
+    work["everyday"].add("clip_image", everyday * (2 + len(crts)))  # CLIP scores, the filters
 
     a = params.attack
     budgets, filters = a.of(setting), a.adapt_to
