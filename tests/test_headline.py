@@ -39,11 +39,12 @@ def test_the_committed_headline_is_the_headline_of_the_committed_detail(stage):
 
 
 def test_the_committed_headlines_fit_dvc_exp_show():
-    """53 numbers in all: with setting and concept, 57 columns in `dvc exp show` when params and
-    code columns are dropped as pipeline.headline's docstring shows."""
+    """73 numbers in all (the everyday condition's 16 among them): with setting and concept, 77
+    columns in `dvc exp show` when params and code columns are dropped as pipeline.headline's
+    docstring shows; no stage adds numbers unnoticed."""
     total = sum(len(json.loads((REPO / "reports" / s / "metrics.json").read_text()))
                 for s in headline.HEADLINES)
-    assert total <= 55
+    assert total <= 73
 
 
 def test_headline_rules_expand_crts_and_reduce_the_other_placeholders():
