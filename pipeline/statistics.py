@@ -131,10 +131,14 @@ def rate(values: Sequence[float], clusters: Sequence, stats: Statistics,
 def average(estimates: dict[str, Estimate], stats: Statistics) -> Estimate:
     """The mean over concepts (``estimates``: concept -> its estimate), by a hierarchical
     bootstrap: concepts resampled, then each drawn concept's own prompt-level draw. Where every
-    concept's every cluster is all-0 (or all-1), the exact bound of the pooled count."""
+    concept's every cluster is all-0 (or all-1), the exact bound of the pooled count. A single
+    concept is returned as it is (its prompt-level interval): no spread between concepts can be
+    estimated from one."""
     names = sorted(name for name, e in estimates.items() if e.n and np.isfinite(e.value))
     if not names:
         return Estimate(float("nan"), np.full(stats.resamples, np.nan), 0, 0)
+    if len(names) == 1:  # one concept says nothing of concepts in general: it is its own average
+        return estimates[names[0]]
     table = np.stack([estimates[name].draws for name in names])           # concepts x draws
     picks = _seed(stats, "concepts", *names).integers(0, len(names), (stats.resamples, len(names)))
     draws = table[picks, np.arange(stats.resamples)[:, None]].mean(1)

@@ -321,8 +321,10 @@ def verdict_sentence(table: pd.DataFrame, claims: pd.DataFrame, stats: Statistic
     point = [name for name, row in table.iterrows() if row[ALL_THREE] == "yes (point only)"]
     best = max(table["concepts meeting all three"], key=lambda s: int(s.split()[0]))
     held = int(claims["holds"].sum()) if not claims.empty else 0
-    return (f"Verdict: {', '.join(yes) if yes else 'no CRT'} meets all three criteria on the "
-            f"average over concepts with the whole 95% interval on the good side"
+    concepts = int(best.split()[-1])
+    scope = f"the average over {concepts} concepts" if concepts > 1 else "the one concept"
+    return (f"Verdict: {', '.join(yes) if yes else 'no CRT'} meets all three criteria on "
+            f"{scope} with the whole 95% interval on the good side"
             + (f"; {', '.join(point)} by the value only" if point else "")
             + f". Per concept, the most any CRT meets all three on is {best}. Of "
               f"{len(claims)} paired comparisons, {held} survive {stats.correction} at "
@@ -533,8 +535,10 @@ def headline_markdown(long: pd.DataFrame, claims: pd.DataFrame, params: Params) 
     held = int(claims["holds"].sum()) if not claims.empty else 0
     return (verdict_sentence(verdict_table(long, claim), claims, stats) + "\n\n"
             + headline_table(long, claim).to_markdown() + "\n\n"
-            f"Averages over {len(concepts)} concepts ({', '.join(concepts)}), 95% intervals by a "
-            f"hierarchical bootstrap (concepts, then prompts); thresholds of `summary.claim`: "
+            + (f"Averages over {len(concepts)} concepts ({', '.join(concepts)}), 95% intervals by "
+               "a hierarchical bootstrap (concepts, then prompts)" if len(concepts) > 1 else
+               f"One concept ({concepts[0]}), 95% intervals by a bootstrap over prompts")
+            + "; thresholds of `summary.claim`: "
             f"leak ≤ {claim.judged_leak_max:.2f}, nCS ≥ {claim.normalized_clip_score_min:.2f} "
             f"(c_a) and ≥ {claim.everyday_clip_score_min:.2f} (everyday), worst X+ success ≤ "
             f"{claim.judged_attack_success_max:.2f}, each met only with the whole interval. "

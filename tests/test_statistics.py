@@ -99,3 +99,9 @@ def test_the_worst_of_several_runs_is_taken_draw_by_draw():
     both = statistics.worst([low_run, high_run])
     assert both.value == high_run.value
     assert np.all(both.draws >= high_run.draws)
+
+
+def test_the_average_of_one_concept_is_that_concept():
+    values, prompts = clustered([0.2, 0.5, 0.1, 0.4], images=8)
+    alone = statistics.estimate(values, prompts, STATS)
+    assert statistics.average({"only": alone}, STATS) is alone
