@@ -34,17 +34,17 @@ def stage_command(stage: str, *args: str, cwd: Path, env: dict | None = None,
 
 
 def run_all_stages(params: dict) -> dict:
-    """generate -> finetune -> edit -> evaluate -> attack -> certify in the current directory,
-    on ``params`` checked first (as the model the stages take: ``check_params``)."""
-    from pipeline import attack, certify, edit, evaluate, finetune, generate
+    """generate -> finetune -> edit -> evaluate -> everyday -> attack -> certify in the current
+    directory, on ``params`` checked first (as the model the stages take: ``check_params``)."""
+    from pipeline import attack, certify, edit, evaluate, everyday, finetune, generate
     from pipeline.params import check_params
 
     params = check_params(params)
     generate.run(params)
     finetune.run(params)
     edit.run(params)
-    return {"evaluate": evaluate.run(params), "attack": attack.run(params),
-            "certify": certify.run(params)}
+    return {"evaluate": evaluate.run(params), "everyday": everyday.run(params),
+            "attack": attack.run(params), "certify": certify.run(params)}
 
 
 def tiny_params_for() -> dict:

@@ -106,7 +106,7 @@ def test_the_banner_is_in_a_smoke_page_and_nowhere_else():
 def test_the_committed_full_budget_report_has_no_banner():
     for name in ("README.md", "index.html"):
         assert BANNER not in (REPO / "reports/report" / name).read_text()
-    for stage in ("finetune", "edit", "evaluate", "attack", "certify"):
+    for stage in ("finetune", "edit", "evaluate", "everyday", "attack", "certify"):
         for name in ("metrics.json", "detail.json"):
             assert "budget" not in json.loads((REPO / f"reports/{stage}/{name}").read_text())
 
@@ -140,7 +140,7 @@ def test_a_smoke_run_says_so_in_every_report_and_a_full_one_does_not(tiny_run, t
     assert tiny_params["budget"] == "smoke"
     copy = make_stage_dir(tmp_path / "full")
     shutil.copytree(folder / "data/generate", copy / "data/generate")
-    for stage in ("finetune", "edit", "evaluate", "attack", "certify"):
+    for stage in ("finetune", "edit", "evaluate", "everyday", "attack", "certify"):
         written = json.loads((folder / f"reports/{stage}/detail.json").read_text())
         assert written["budget"] == "smoke", stage
         (copy / f"reports/{stage}").mkdir(parents=True)

@@ -25,8 +25,8 @@ def test_report_renders_tables_plots_and_grids(tiny_run, tiny_params, monkeypatc
     report.run(check_params(tiny_params))
     out = folder / report.OUT
     markdown = (out / "README.md").read_text()
-    for heading in ("Effectiveness and utility", "Error rates", "CLIP accuracy under attack",
-                    "Attack success rate", "Certified robustness"):
+    for heading in ("Effectiveness and utility", "Error rates", "Everyday prompts",
+                    "Attack success", "CLIP accuracy under attack", "Certified robustness"):
         assert f"## {heading}" in markdown
     assert "| Espresso fine-tuned" in markdown and "pez" in markdown
     pictures = [line.split("(")[-1].rstrip(")") for line in markdown.splitlines()
@@ -55,15 +55,6 @@ def test_real_world_unacceptable_images_are_blurred_unless_asked(tiny_run, monke
     assert detail(tmp_path / "blurred" / name) < 0.5 * detail(tmp_path / "plain" / name)
     acceptable = "acceptable_unfiltered.png"  # acceptable images are never blurred
     assert detail(tmp_path / "blurred" / acceptable) == detail(tmp_path / "plain" / acceptable)
-
-
-def section(markdown, heading):
-    """The Markdown table under ``## heading...`` as {row name: [cells]}."""
-    part = markdown[markdown.index(f"## {heading}"):]
-    part = part[:part.index("\n## ")] if "\n## " in part else part
-    lines = [line for line in part.splitlines() if line.startswith("|")][2:]
-    return {cells[0]: cells[1:] for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
 def test_the_report_stage_tables_and_plots_include_every_crt(tmp_path, monkeypatch, tiny_params):
