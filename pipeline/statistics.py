@@ -49,8 +49,9 @@ class Estimate:
 
     def interval(self, confidence: float) -> dict:
         """``{"value", "low", "high", "n", "clusters", "method"}``: exact (Clopper-Pearson on
-        the prompt-level count) where every cluster is 0 or 1, else the expanded percentile
-        interval of the draws; bounds None where nothing can be said (fewer than two units)."""
+        the prompt-level count) where every cluster is 0 or 1 (a single prompt: its share as
+        one trial), else the expanded percentile interval of the draws; bounds None where
+        nothing can be said (no unit, or one unit of a mean outside [0, 1])."""
         out = {"value": _number(self.value), "low": None, "high": None, "n": self.n,
                "clusters": self.units, "method": "none"}
         if self.n == 0 or not np.isfinite(self.value):
@@ -62,6 +63,9 @@ class Estimate:
             return out
         finite = self.draws[np.isfinite(self.draws)]
         if self.units < 2 or finite.size == 0:
+            if self.units == 1 and 0 <= self.value <= 1:  # one prompt: one trial of its share
+                out.update(zip(("low", "high"), clopper_pearson(self.value, 1, confidence)),
+                           method="exact")
             return out
         alpha = expanded_alpha(1 - confidence, self.units)
         low, high = np.quantile(finite, [alpha / 2, 1 - alpha / 2])

@@ -105,3 +105,10 @@ def test_the_average_of_one_concept_is_that_concept():
     values, prompts = clustered([0.2, 0.5, 0.1, 0.4], images=8)
     alone = statistics.estimate(values, prompts, STATS)
     assert statistics.average({"only": alone}, STATS) is alone
+
+
+def test_a_single_prompt_gets_the_widest_honest_interval_not_none():
+    values, prompts = clustered([0.5], images=8, rng=np.random.default_rng(4))
+    out = statistics.rate(values, prompts, STATS)
+    assert out["clusters"] == 1 and out["method"] == "exact"
+    assert out["low"] < out["value"] < out["high"] and out["high"] - out["low"] > 0.8
