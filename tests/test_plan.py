@@ -65,7 +65,7 @@ def test_mini_cpu_minutes_of_the_tiny_params(tiny_params):
 def test_the_mini_plan_prints_cpu_minutes_per_stage(capsys):
     plan.main(["--setting", "mini"])
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:9]}
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:2 + len(plan.STAGES)]}
     assert "CPU min" in out.splitlines()[1] and set(rows) == set(plan.STAGES)
     assert all(float(row[-1]) > 0 for row in rows.values())
     assert "CPU minutes on 2 cores" in out
