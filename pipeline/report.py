@@ -27,6 +27,7 @@ from pipeline.schema import Params
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from pipeline.schema import Statistics
 
@@ -150,9 +151,10 @@ def image_grids(folder: Path, blur: bool) -> dict[str, str]:
     return grids
 
 
-def plots(folder: Path, metrics: dict, rates: dict, confidence: float) -> dict[str, str]:
-    """Effectiveness/utility per CRT, attack CLIP accuracy, certified accuracy; each titled
-    ``NOT_RESULTS`` where the metrics are of a budget other than full."""
+def figures(metrics: dict, rates: dict, confidence: float) -> dict[str, tuple[str, Figure]]:
+    """Effectiveness/utility per CRT, attack success, certified accuracy (caption -> file name,
+    figure; the results notebook shows the same figures); each titled ``NOT_RESULTS`` where the
+    metrics are of a budget other than full."""
     import pandas as pd
     from matplotlib.figure import Figure  # no pyplot: no global backend, no open-figure state
 
@@ -173,7 +175,7 @@ def plots(folder: Path, metrics: dict, rates: dict, confidence: float) -> dict[s
     ax.set_xticks(x, short, fontsize=7, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
-    out["Effectiveness and utility per CRT"] = _save(fig, folder / "crts.png", budget)
+    out["Effectiveness and utility per CRT"] = "crts.png", _titled(fig, budget)
     conditions = sorted({c for _, c, m in rates if m == "attack_success" and c != "worst+"},
                         key=lambda c: (not c.endswith("+"), c))
     fig = Figure(figsize=(max(7, 1.4 * len(conditions)), 3.4))
@@ -190,8 +192,8 @@ def plots(folder: Path, metrics: dict, rates: dict, confidence: float) -> dict[s
     ax.set_ylabel("attack success (judge)")
     ax.legend(fontsize=6, ncol=2)
     out["Attack success: images showing c_u that reach the user, by the judge (lower is "
-        "better; X+: the run adapted to each CRT; X: plain, filters only)"] = _save(
-        fig, folder / "attacks.png", budget)
+        "better; X+: the run adapted to each CRT; X: plain, filters only)"] = (
+        "attacks.png", _titled(fig, budget))
     curve = pd.read_csv(CERTIFIED_ACCURACY)
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
@@ -200,8 +202,7 @@ def plots(folder: Path, metrics: dict, rates: dict, confidence: float) -> dict[s
     ax.set_xlabel("radius r (unit image embedding)")
     ax.set_ylabel("blocked with radius >= r")
     ax.legend(fontsize=7)
-    out["Certified accuracy on unacceptable test images"] = _save(fig, folder / "certified.png",
-                                                                 budget)
+    out["Certified accuracy on unacceptable test images"] = "certified.png", _titled(fig, budget)
     return out
 
 
@@ -213,13 +214,21 @@ def _bars(rates: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return value, np.vstack([value - low, high - value])
 
 
-def _save(fig, path: Path, budget: str = "full") -> str:
+def _titled(fig: Figure, budget: str) -> Figure:
     if budget != "full":
         fig.suptitle(NOT_RESULTS.format(budget=budget).upper(), color="#b00020",
                      fontweight="bold", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path.name
+    return fig
+
+
+def plots(folder: Path, metrics: dict, rates: dict, confidence: float) -> dict[str, str]:
+    """``figures`` saved into ``folder``: caption -> file name."""
+    saved = {}
+    for caption, (name, fig) in figures(metrics, rates, confidence).items():
+        fig.savefig(folder / name, dpi=120)
+        saved[caption] = name
+    return saved
 
 
 def run(params: Params) -> None:
@@ -255,8 +264,8 @@ def run(params: Params) -> None:
                   attack_table(rates, "clip_accuracy", confidence),
               "Certified robustness": certify_table(metrics["certify"])}
     with atomic_dir(OUT) as tmp:
-        figures = {**plots(tmp, metrics, rates, confidence), **image_grids(tmp, blur)}
-        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, figures,
+        pictures = {**plots(tmp, metrics, rates, confidence), **image_grids(tmp, blur)}
+        markdown, page = render(f"Espresso report: {concept.name}", intro, tables, pictures,
                                 first=[next(iter(tables))],  # the numbers first, then the prose
                                 budget=budget_of(params, metrics))
         (tmp / "README.md").write_text(markdown)

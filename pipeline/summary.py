@@ -46,6 +46,7 @@ from pipeline.rendering import FILTER_NAMES, REFERENCES, cell, kind_of, render
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from pipeline.schema import Claim, Params, Statistics
 
@@ -335,7 +336,7 @@ def verdict_sentence(table: pd.DataFrame, claims: pd.DataFrame, stats: Statistic
 MARKERS = {"filtering CRT": "o", "fine-tuning CRT": "s", "reference (not a CRT)": "D"}
 
 
-def tradeoff_figure(long: pd.DataFrame, claim: Claim, folder: Path) -> str:
+def tradeoff_figure(long: pd.DataFrame, claim: Claim) -> Figure:
     """Every CRT's effectiveness (x: judged leak) against utility (y: normalised CLIP score on
     c_a prompts, left; on everyday prompts, right), averages with their 95% intervals and each
     concept as a faint point, coloured by robustness (the worst adapted attack's judged
@@ -395,8 +396,7 @@ def tradeoff_figure(long: pd.DataFrame, claim: Claim, folder: Path) -> str:
                               Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.1,
                                         label="effective and useful (claim thresholds)")],
                      fontsize=7, loc="lower left")
-    fig.savefig(folder / "tradeoff.png", dpi=110, bbox_inches="tight")
-    return "tradeoff.png"
+    return fig
 
 
 #: Where a label may go: offsets (points) from its marker on a 4-point grid, nearest first
@@ -506,7 +506,8 @@ def write_summary(out: Path, params: Params, long: pd.DataFrame, claims: pd.Data
     tables["The paper's own figures for Espresso, per version (its concepts and models)"] = \
         figures_of_paper[["version", "condition", "metric", "value", "low", "high", "source"]]
     with atomic_dir(out) as tmp:
-        figures = {TRADEOFF: tradeoff_figure(long, claim, tmp)}
+        tradeoff_figure(long, claim).savefig(tmp / "tradeoff.png", dpi=110, bbox_inches="tight")
+        figures = {TRADEOFF: "tradeoff.png"}
         markdown, page = render(f"Espresso summary ({params.setting})", intro, tables, figures,
                                 first=[verdict_sentence(verdicts, claims, stats), TRADEOFF,
                                        VERDICT], budget=params.budget)
