@@ -309,8 +309,13 @@ class Finetune(PerSetting):
 
 
 # The attack section. Adding a key to every attack's budgets, or an attack, is a one-line edit.
+#: An adaptive term's strengths, in units of the target's own margin spread (scale-free: the
+#: attacker measures the spread on its training data; ``pipeline.attacks.objective``).
+Strengths = Annotated[list[NonNegative], MinLen(1)]
+
+
 class Search(Strict):
-    """What every search-based attack (PEZ, Typo, RingBell) is given."""
+    """What every search-based attack (PEZ, Typo, RingBell, UnlearnDiff) is given."""
 
     tokens: Count
     candidates: Count       # independent runs, of which the trial keeps `attack.prompts`
@@ -322,21 +327,21 @@ class Typo(Search):
     lr: Positive
     weight_decay: NonNegative
     text_height: Annotated[float, Gt(0), Le(1)]
-    adaptive_weight: NonNegative
+    adaptive_weights: Strengths
 
 
 class Pez(Search):
     steps: Count
     lr: Positive
     weight_decay: NonNegative
-    adaptive_weight: NonNegative
+    adaptive_weights: Strengths
 
 
 class Cce(Strict):
     steps: Count
     batch: Count
     lr: Positive
-    adaptive_weights: Annotated[list[NonNegative], MinLen(1)]
+    adaptive_weights: Strengths
     selection_images: Count
 
 
@@ -347,7 +352,18 @@ class RingBell(Search):
     elite: Annotated[float, Gt(0), Le(1)]
     crossover: Fraction
     mutation: Fraction
-    adaptive_weight: NonNegative
+    operators: Literal[registry.RINGBELL_OPERATORS]
+    adaptive_weights: Strengths
+
+
+class UnlearnDiff(Search):
+    """UnlearnDiffAtk (Zhang et al. 2024): ``tokens`` hard prefix tokens optimised through an
+    edited model's denoising loss; ``batch`` target images per step."""
+
+    steps: Count
+    batch: Count
+    lr: Positive
+    weight_decay: NonNegative
 
 
 class Budgets(Strict):
@@ -358,8 +374,9 @@ class Budgets(Strict):
     pez: Pez
     cce: Cce
     ringbell: RingBell
+    udiff: UnlearnDiff
 
-    def of(self, attack: str) -> Union[Typo, Pez, Cce, RingBell]:
+    def of(self, attack: str) -> Union[Typo, Pez, Cce, RingBell, UnlearnDiff]:
         """The budget of the attack ``attack``."""
         return field_named(self, attack, "attack", registry.ATTACKS)
 
@@ -372,10 +389,12 @@ ATTACK_NAMES = tuple(registry.implemented(
 Filter = Literal[registry.ADAPTABLE]
 
 
-def _attack_names(names: list[str]) -> list[str]:
-    if set(names) - set(ATTACK_NAMES) or len(set(names)) != len(names) or not names:
-        raise not_allowed(f"a list of {', '.join(ATTACK_NAMES)}, each at most once")
-    return names
+def _names_among(known: tuple[str, ...]):
+    def check(names: list[str]) -> list[str]:
+        if set(names) - set(known) or len(set(names)) != len(names) or not names:
+            raise not_allowed(f"a list of {', '.join(known)}, each at most once")
+        return names
+    return check
 
 
 def _distinct_filters(names: list[str]) -> list[str]:
@@ -386,11 +405,15 @@ def _distinct_filters(names: list[str]) -> list[str]:
 
 
 class Attack(PerSetting):
-    """``adapt_to``: the filters that get their own "+" run of every attack (METHOD section 6);
-    a new key of every attack's budgets is one line in its class above."""
+    """``attacks`` run plain (scored by every CRT: the edits render its prompts) and "+" once per
+    filter of ``adapt_to``; ``edit_attacks`` run adapted to each model of ``edit.crts``, through
+    its UNet (METHOD section 6). Every run is repeated for ``seeds`` attack seeds. A new key of
+    every attack's budgets is one line in its class above."""
 
     seed: Seed
-    attacks: Annotated[list[str], AfterValidator(_attack_names)]
+    seeds: Count
+    attacks: Annotated[list[str], AfterValidator(_names_among(registry.FILTER_ATTACKS))]
+    edit_attacks: Annotated[list[str], AfterValidator(_names_among(registry.EDIT_ATTACKS))]
     adapt_to: Annotated[list[Filter], AfterValidator(_distinct_filters)]
     targets: Count
     prompts: Count

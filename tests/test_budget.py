@@ -39,7 +39,7 @@ def test_smoke_preset_merges_over_the_base_params(raw, tmp_path):
     params = load({**raw, "budget": "smoke"}, tmp_path)
     assert params["generate"]["mini"] == {**raw["generate"]["mini"], "steps": 4}  # one key cut
     assert params["generate"]["prompts"] == {"train": 4, "val": 2, "test": 2}
-    assert params["attack"]["mini"]["cce"]["adaptive_weights"] == [0.008, 0.016, 0.032]  # kept
+    assert params["attack"]["mini"]["cce"]["adaptive_weights"] == [0.004, 0.008, 0.016, 0.032]  # kept
     assert params["attack"]["mini"]["ringbell"]["generations"] == 2
     # every code path still runs: the concept, every CRT, attack and adapted filter
     for key in ("concept", "setting"):

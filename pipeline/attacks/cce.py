@@ -1,5 +1,6 @@
 """CCE+ (Pham et al. 2024): textual inversion of a new token through the frozen T2I model, plus
-the target filter's loss on the images the UNet predicts; one token per adaptive weight.
+the target filter's scaled loss on the images the UNet predicts; one token per strength, beside
+the plain token.
 """
 from __future__ import annotations
 
@@ -32,6 +33,32 @@ def with_token(prompt: str, concept_text: str, token: str) -> str:
     return replaced if n else f"{token} {prompt}"
 
 
+@torch.no_grad()
+def image_latents(pipe, images: np.ndarray) -> torch.Tensor:
+    """The VAE's (scaled) latents of uint8 images."""
+    pixels = channels_first(torch.from_numpy(images), "-1,1")
+    latents = pipe.vae.encode(pixels.to(pipe.unet.device, pipe.vae.dtype)).latent_dist.mean
+    return latents.float() * pipe.vae.config.scaling_factor
+
+
+def denoising_errors(pipe, scheduler: DDPMScheduler, latents: torch.Tensor,
+                     context: torch.Tensor, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet's denoising loss (mean squared error of its epsilon or v prediction) per latent,
+    at a random timestep and noise, conditioned on ``context``; also the noisy latents, the
+    prediction and the timesteps (CCE+'s filter term decodes the predicted clean image)."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),),
+                      generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    prediction = pipe.unet(noisy.to(pipe.unet.dtype), t,
+                           encoder_hidden_states=context.to(pipe.unet.dtype)).sample.float()
+    wanted = (scheduler.get_velocity(latents, noise, t)
+              if scheduler.config.prediction_type == "v_prediction" else noise)
+    return (prediction - wanted).pow(2).flatten(1).mean(1), noisy, prediction, t
+
+
 def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: torch.Tensor,
                     t: torch.Tensor) -> torch.Tensor:
     """x0 implied by the UNet's prediction (epsilon or v)."""
@@ -43,12 +70,15 @@ def predicted_clean(scheduler: DDPMScheduler, noisy: torch.Tensor, prediction: t
 
 
 def cce(ctx: AttackContext, p: Cce) -> AttackResult:
-    """One token per adaptive weight (just 0 for plain CCE); the trial keeps the best."""
-    weights = p.adaptive_weights if ctx.adaptive else [0.0]
+    """The plain token (the denoising loss alone, inverted through the model that renders:
+    CCE's own setting against an edited model; once per stage and seed) and, for "+", one token
+    per strength of ``p.adaptive_weights``; the trial keeps the best."""
     prompts = [with_token(q, ctx.concept.unacceptable, CCE_TOKEN) for q in ctx.target_prompts]
     templates = list(dict.fromkeys(prompts))
     chosen = [templates[i % len(templates)] for i in range(ctx.n_prompts)]
-    vectors = [invert_token(ctx, p, prompts, w) for w in weights]
+    weights = [0.0, *(p.adaptive_weights if ctx.adaptive else [])]
+    vectors = [ctx.plain("CCE", lambda: invert_token(ctx, p, prompts, 0.0)),
+               *(invert_token(ctx, p, prompts, w) for w in weights[1:])]
     trial = [chosen[i % len(chosen)] for i in range(p.selection_images)]
     seeds = trial_seeds(ctx, len(trial))
     images = []
@@ -56,10 +86,11 @@ def cce(ctx: AttackContext, p: Cce) -> AttackResult:
         with textual_inversion(ctx.pipe, {CCE_TOKEN: vector}):
             images.append(ctx.render(trial, seeds))
     targets = unit_image_features(ctx.attacker, ctx.target_images)
-    ranked, share, loss = rank_trials(ctx, np.concatenate(images), len(vectors), targets, 0.0)
+    ranked, share, loss = rank_trials(ctx, np.concatenate(images), len(vectors), targets)
     best = ranked[0]
-    return AttackResult(chosen, [float(loss[best])] * len(chosen), [float(share[best])] * len(chosen),
-                        weights[best], {CCE_TOKEN: vectors[best]})
+    return AttackResult(chosen, [float(loss[best])] * len(chosen),
+                        [float(share[best])] * len(chosen), [weights[best]] * len(chosen),
+                        {CCE_TOKEN: vectors[best]})
 
 
 def invert_token(ctx: AttackContext, p: Cce, prompts: list[str], weight: float) -> torch.Tensor:
@@ -78,36 +109,29 @@ def invert_token(ctx: AttackContext, p: Cce, prompts: list[str], weight: float) 
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         ids = pipe.tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt",
                              max_length=pipe.tokenizer.model_max_length).input_ids.to(device)
-        with torch.no_grad():
-            pixels = channels_first(torch.from_numpy(ctx.target_images), "-1,1")
-            latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mean
-            latents = latents.float() * pipe.vae.config.scaling_factor
+        latents = image_latents(pipe, ctx.target_images)
         for _ in tqdm(range(p.steps), desc=f"CCE+ (weight {weight:g})" if weight else "CCE",
                       unit="step", mininterval=5):
             batch = torch.randint(len(latents), (p.batch,), generator=generator)
-            noise = torch.randn(latents[batch].shape, generator=generator).to(device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),),
-                              generator=generator).to(device)
-            noisy = scheduler.add_noise(latents[batch], noise, t)
             with placeholder_embeddings(pipe.text_encoder, token_id, vector):
                 context = pipe.text_encoder(ids[batch]).last_hidden_state
-            prediction = pipe.unet(noisy.to(pipe.unet.dtype), t,
-                                   encoder_hidden_states=context.to(pipe.unet.dtype)).sample.float()
-            wanted = (scheduler.get_velocity(latents[batch], noise, t)
-                      if scheduler.config.prediction_type == "v_prediction" else noise)
-            loss = F.mse_loss(prediction, wanted)
+            errors, noisy, prediction, t = denoising_errors(pipe, scheduler, latents[batch],
+                                                            context, generator)
+            loss = errors.mean()
             if weight:
                 loss = loss + weight * filter_image_loss(ctx.target, pipe, predicted_clean(
-                    scheduler, noisy, prediction, t))
+                    scheduler, noisy, prediction, t), ctx.scale.image)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return vector.detach().cpu().clone()
 
 
-def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor) -> torch.Tensor:
-    """softplus(s * <e, t_u - t_a>) = -log(1 - P(u|x)) of the images the latents decode to."""
+def filter_image_loss(filt: EspressoFilter, pipe, latents: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """softplus(margin / scale) of the images the latents decode to: the filter's
+    -log(1 - P(u|x)) with its margin in units of its spread (``scale``; scale-free)."""
     images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
     pixels = clip_pixels_torch(filt.processor, unit_range(images.float()))
     margin = filt.margin(image_features(filt.clip, pixels))
-    return F.softplus(filt.logit_scale * margin).mean()
+    return F.softplus(margin / scale).mean()
