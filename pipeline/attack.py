@@ -15,7 +15,9 @@ the judge sees, P_eval and every filter's score and verdict (``reports/attack/sc
 the kept prompts with their strengths and trial success (``prompts.csv``); and every CRT's
 attack outcomes (``pipeline.outcomes.attacked``: attack success by the judge, CLIP accuracy,
 per condition "X", "X+" and "worst+", each with its interval over the attack seeds' prompts) in
-``detail.json``. Budgets are per setting (``attack.mini`` / ``attack.paper``).
+``detail.json``; with more than one fraction in ``attack.budgets``, the same runs' results after
+that share of their search (snapshots of one search, scored like the rest: ``budget`` column)
+and every CRT's attack success against budget (``budget_curves``). Budgets are per setting (``attack.mini`` / ``attack.paper``).
 
 Data-parallel (as ``generate``: ``accelerate launch`` or ``torchrun``): the runs are split
 between the processes, a seed's runs of one attack together (they share its plain search); a
@@ -142,7 +144,8 @@ def _run(params: Params) -> dict:
     def attack_run(run_name: str, name: str, target: str | None, variant: str,
                    attack_seed: int) -> tuple[dict, list, pd.DataFrame]:
         """One run at one attack seed: its prompts, its images (``data/attack/<run>/seed<s>.npz``),
-        its scores. A run against an edited model renders with that model's UNet."""
+        its scores, at each budget fraction (one search; the other fractions' images are scored,
+        not kept). A run against an edited model renders with that model's UNet."""
         index = names.index(name)  # an attack's runs share their seeds
         edited = target if target in edits else None
         ctx = AttackContext(attacker=bank.zero_shot,
@@ -153,31 +156,38 @@ def _run(params: Params) -> dict:
                             seed=p.seed + 1000 * attack_seed + index, render=render,
                             sees=eyes, words=VOCABULARIES[budgets.vocabulary],
                             model=edited if variant == "plus" and edited else "original",
-                            memo=memo)
+                            budgets=tuple(p.budgets), memo=memo)
         seeds = (p.seed + 1000 * (index + 1) + np.arange(
             p.prompts * p.images_per_prompt)).tolist()
         # the plain condition of an edit renders the plain run's prompts (no search of its own)
-        result = ctx.plain(f"{name} result", lambda: ATTACKS[name](ctx, budgets.of(name))) \
+        results = ctx.plain(f"{name} result", lambda: ATTACKS[name](ctx, budgets.of(name))) \
             if variant == "plain" else None
-        with edited_model(pipe, edited):
-            if result is None:
-                result = ATTACKS[name](ctx, budgets.of(name))
-            prompts = [q for q in result.prompts for _ in range(p.images_per_prompt)]
-            with textual_inversion(pipe, result.textual_inversion):
-                images = render(prompts, seeds)
-        with atomic_file(OUT / run_name / f"seed{attack_seed}.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images, prompts=np.array(prompts))
         run = {"attack": name, "variant": variant, "target": target,
                "edited_model": bool(edited)}
-        table = score_attack(bank, judge, images, prompts)
-        if edited:  # its outputs are never blocked: it is scored as the unfiltered model
-            table = table[["prompt", "judge_shows_concept", "p_eval"]]
-        prompt_rows = [{**run, "attack_seed": attack_seed, "eyes": models.eyes, "prompt": q,
-                        "objective": o, "trial_success": t, "adaptive_weight": w}
-                       for q, o, t, w in zip(result.prompts, result.objective,
-                                             result.trial_success, result.adaptive_weights)]
-        return run, prompt_rows, table.assign(**run, attack_seed=attack_seed, seed=seeds)
+        prompt_rows, tables = [], []
+        with edited_model(pipe, edited):
+            if results is None:
+                results = ATTACKS[name](ctx, budgets.of(name))
+            for budget, result in results.items():
+                prompts = [q for q in result.prompts for _ in range(p.images_per_prompt)]
+                with textual_inversion(pipe, result.textual_inversion):
+                    images = render(prompts, seeds)
+                if budget == 1.0:  # the curve's other points keep their scores only
+                    with atomic_file(OUT / run_name / f"seed{attack_seed}.npz") as tmp:
+                        with open(tmp, "wb") as f:
+                            np.savez(f, images=images, prompts=np.array(prompts))
+                table = score_attack(bank, judge, images, prompts)
+                if edited:  # its outputs are never blocked: it is scored as the unfiltered model
+                    table = table[["prompt", "judge_shows_concept", "p_eval"]]
+                tables.append(table.assign(**run, attack_seed=attack_seed, budget=budget,
+                                           seed=seeds))
+                prompt_rows += [{**run, "attack_seed": attack_seed, "budget": budget,
+                                 "eyes": models.eyes, "prompt": q, "objective": o,
+                                 "trial_success": t, "adaptive_weight": w}
+                                for q, o, t, w in zip(result.prompts, result.objective,
+                                                      result.trial_success,
+                                                      result.adaptive_weights)]
+        return run, prompt_rows, pd.concat(tables, ignore_index=True)
 
     runs = attack_runs(p.attacks, p.adapt_to, edits, p.edit_attacks)
     all_runs = [(*r, s) for s in range(p.seeds) for r in runs]
@@ -203,6 +213,9 @@ def _run(params: Params) -> dict:
                "runs": {name: done[i][0] for i, (name, *_rest) in enumerate(runs)},
                "outcomes": outcomes.nested(outcomes.attacked(scores, params.statistics),
                                            params.statistics.confidence)}
+    if len(p.budgets) > 1:
+        metrics["budget_curves"] = outcomes.nested(outcomes.curves(scores, params.statistics),
+                                                   params.statistics.confidence)
     write_results(REPORTS, "attack", mark_budget(metrics, params))
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", scores)

@@ -25,6 +25,9 @@ from pipeline.provenance import cat_files
 #: summary recomputes every interval itself): experiments that differ only in them are one sweep
 #: (``presets``: compared as merged by ``budget``, :func:`same_sweep`).
 NOT_SWEPT = ("concept", "summary", "statistics", "report", "presets")
+#: Within a section: params that only add outputs (``attack.budgets``: budget-curve points;
+#: the full budget's results are the same with or without them, ``tests/test_attacks.py``).
+NOT_SWEPT_KEYS = (("attack", "budgets"),)
 
 
 def dvc(*args: str, env: dict | None = None) -> str:
@@ -172,9 +175,13 @@ def _current_format(detail: dict, stages: tuple[str, ...]) -> bool:
 def same_sweep(run_params: dict, params: dict) -> bool:
     """One sweep: the same params, each with its budget's preset merged (recorded without a
     budget: full). So a full-budget summary never takes a smoke experiment, and a smoke one
-    (``-S budget=smoke``) takes only smoke experiments and says so."""
+    (``-S budget=smoke``) takes only smoke experiments and says so. ``NOT_SWEPT_KEYS`` differ
+    freely."""
     def swept(p: dict) -> dict:
-        return {k: v for k, v in apply_budget({"budget": "full", **p}).items()
-                if k not in NOT_SWEPT}
+        out = {k: v for k, v in apply_budget({"budget": "full", **p}).items()
+               if k not in NOT_SWEPT}
+        for section, key in NOT_SWEPT_KEYS:
+            out[section] = {k: v for k, v in out.get(section, {}).items() if k != key}
+        return out
 
     return swept(run_params) == swept(params)

@@ -112,7 +112,10 @@ def attacked(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Es
     rendered by each edited model, by that edit (condition ``pez``); an adapted run by the CRT it
     was adapted to (``pez+``); then each CRT's worst adapted attack. Every attack seed's prompts
     are clusters of their own, so the interval carries the variation between attack seeds; an
-    edit's plain condition has the plain run's clusters (same prompts and seeds: paired)."""
+    edit's plain condition has the plain run's clusters (same prompts and seeds: paired).
+    The outcomes are at the full budget; :func:`curves` has the others."""
+    if "budget" in scores:
+        scores = scores[scores["budget"] == 1.0]
     out = {}
     target = scores["target"].fillna("").astype(str)
     seed = scores["attack_seed"].astype(str) if "attack_seed" in scores else "0"
@@ -136,6 +139,18 @@ def attacked(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Es
                    if c == crt and cond.endswith("+") and m == "attack_success"]
         if adapted:
             out[crt, "worst+", "attack_success"] = statistics.worst(adapted)
+    return out
+
+
+def curves(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Estimate]:
+    """Attack success against budget: ``(crt, condition, budget)`` for each fraction of the
+    searches' budget in the table's ``budget`` column (the attack stage's budget curves), each
+    as :func:`attacked` makes it at the full budget."""
+    out = {}
+    for budget, at in scores.groupby("budget", sort=True):
+        for (crt, condition, metric), estimate in attacked(at.assign(budget=1.0), stats).items():
+            if metric == "attack_success":
+                out[crt, condition, f"{budget:g}"] = estimate
     return out
 
 

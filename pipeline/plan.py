@@ -129,8 +129,9 @@ def stage_work(params: Params) -> dict[str, Work]:
             work["attack"].add("clip_image", p.steps * rows * TRAIN)
 
     def trial(n: float) -> None:
-        render("attack", n)
-        work["attack"].add("clip_image", 2 * n)  # the eyes and the filter
+        """Rendered and looked at once per budget fraction (one search, snapshots of it)."""
+        render("attack", n * len(a.budgets))
+        work["attack"].add("clip_image", 2 * n * len(a.budgets))  # the eyes and the filter
 
     for _ in range(a.seeds):
         for attack in a.attacks:  # plain once (its trial and result shared), then "+"
@@ -141,7 +142,7 @@ def stage_work(params: Params) -> dict[str, Work]:
                 for _ in filters:
                     for _ in p.adaptive_weights:
                         inversion(attack, True)
-                    trial((1 + len(p.adaptive_weights)) * p.selection_images)  # and plain's
+                    trial(len(p.adaptive_weights) * p.selection_images)  # plain's: memoised
             else:
                 text_search(attack, False)
                 trial(p.candidates * p.selection_images)
@@ -158,6 +159,7 @@ def stage_work(params: Params) -> dict[str, Work]:
     runs = a.seeds * (len(a.attacks) * (1 + len(crts) + len(filters))
                       + len(a.edit_attacks) * len(crts))
     # two filters (zero-shot, fine-tuned) embed the test images and every run's final images
+    # (at the full budget: the curve's other points are scored, not kept)
     work["certify"].add("clip_image", 2 * (2 * per_label["test"] + runs * final))
     return work  # report: tables and figures from the other stages' files, no model
 

@@ -314,6 +314,19 @@ class Finetune(PerSetting):
 Strengths = Annotated[list[NonNegative], MinLen(1)]
 
 
+def _budget_fractions(fractions: list[float]) -> list[float]:
+    if not fractions or fractions != sorted(set(fractions)) or fractions[-1] != 1.0 \
+            or fractions[0] <= 0:
+        raise not_allowed("increasing fractions in (0, 1] ending at 1.0 (the full budget), "
+                          "e.g. [0.25, 0.5, 1.0]; [1.0] for no curve")
+    return fractions
+
+
+#: Fractions of every attack's search budget (steps, generations) at which its result is also
+#: evaluated: the budget curve (``pipeline.attacks.context.AttackContext.budgets``).
+BudgetFractions = Annotated[list[float], AfterValidator(_budget_fractions)]
+
+
 class Search(Strict):
     """What every search-based attack (PEZ, Typo, RingBell, UnlearnDiff) is given."""
 
@@ -407,11 +420,13 @@ def _distinct_filters(names: list[str]) -> list[str]:
 class Attack(PerSetting):
     """``attacks`` run plain (scored by every CRT: the edits render its prompts) and "+" once per
     filter of ``adapt_to``; ``edit_attacks`` run adapted to each model of ``edit.crts``, through
-    its UNet (METHOD section 6). Every run is repeated for ``seeds`` attack seeds. A new key of
+    its UNet (METHOD section 6). Every run is repeated for ``seeds`` attack seeds, and evaluated at
+each fraction of ``budgets`` of its search (one search: snapshots of it). A new key of
     every attack's budgets is one line in its class above."""
 
     seed: Seed
     seeds: Count
+    budgets: BudgetFractions
     attacks: Annotated[list[str], AfterValidator(_names_among(registry.FILTER_ATTACKS))]
     edit_attacks: Annotated[list[str], AfterValidator(_names_among(registry.EDIT_ATTACKS))]
     adapt_to: Annotated[list[Filter], AfterValidator(_distinct_filters)]

@@ -132,12 +132,12 @@ def test_pez_plus_term_at_production_strengths_changes_and_unflags_the_prompts(c
     params.yaml's, for every start)."""
     weight, p = max(MINI.pez.adaptive_weights), BUDGET["pez"]
     targets = unit_image_features(context.attacker, context.target_images)
-    plain = prompts_of(pez.pez_candidates(context, p, targets, [0.0], "PEZ"))
-    plus = pez.pez_candidates(context, p, targets, [weight], "PEZ+")
-    assert pez.pez_candidates(context, p, targets, [weight], "PEZ+") == plus  # deterministic
+    plain = prompts_of(pez.pez_candidates(context, p, targets, [0.0], "PEZ")[1.0])
+    plus = pez.pez_candidates(context, p, targets, [weight], "PEZ+")[1.0]
+    assert pez.pez_candidates(context, p, targets, [weight], "PEZ+")[1.0] == plus  # deterministic
     assert {w for _, w in plus} == {weight}
     text_term_effect(context, "PEZ+", plain, lambda w: prompts_of(
-        pez.pez_candidates(context, p, targets, [w], "PEZ+")), MINI.pez.adaptive_weights)
+        pez.pez_candidates(context, p, targets, [w], "PEZ+")[1.0]), MINI.pez.adaptive_weights)
 
 
 @pytest.mark.slow
@@ -145,9 +145,9 @@ def test_typo_plus_term_at_production_strengths_changes_and_unflags_the_prompts(
     p = BUDGET["typo"]
     written = typo.write_text(context.target_images, context.concept.acceptable, p.text_height)
     targets = unit_image_features(context.attacker, written)
-    plain = prompts_of(pez.pez_candidates(context, p, targets, [0.0], "Typo"))
+    plain = prompts_of(pez.pez_candidates(context, p, targets, [0.0], "Typo")[1.0])
     text_term_effect(context, "Typo+", plain, lambda w: prompts_of(
-        pez.pez_candidates(context, p, targets, [w], "Typo+")), MINI.typo.adaptive_weights)
+        pez.pez_candidates(context, p, targets, [w], "Typo+")[1.0]), MINI.typo.adaptive_weights)
 
 
 @pytest.mark.slow
@@ -155,11 +155,11 @@ def test_ringbell_plus_term_at_production_strengths_changes_and_unflags_the_prom
     weight, p = max(MINI.ringbell.adaptive_weights), BUDGET["ringbell"]
     margins = typed_margin(context.target, ["zorbo on a star", "a star on a star"])
     assert margins[0] > margins[1]  # the filter flags the candidate that names c_u
-    plain = prompts_of(ringbell.ringbell_candidates(context, p, [0.0]))
-    plus = ringbell.ringbell_candidates(context, p, [weight])
-    assert ringbell.ringbell_candidates(context, p, [weight]) == plus  # deterministic
+    plain = prompts_of(ringbell.ringbell_candidates(context, p, [0.0])[1.0])
+    plus = ringbell.ringbell_candidates(context, p, [weight])[1.0]
+    assert ringbell.ringbell_candidates(context, p, [weight])[1.0] == plus  # deterministic
     text_term_effect(context, "RingBell+", plain, lambda w: prompts_of(
-        ringbell.ringbell_candidates(context, p, [w])), MINI.ringbell.adaptive_weights)
+        ringbell.ringbell_candidates(context, p, [w])[1.0]), MINI.ringbell.adaptive_weights)
 
 
 @pytest.mark.slow
@@ -169,15 +169,15 @@ def test_cce_plus_term_at_production_weights_lowers_the_filter_score_of_its_imag
     pipe, p = context.pipe, BUDGET["cce"]
     latents = torch.randn(2, 4, 16, 16, requires_grad=True)
     (grad,) = torch.autograd.grad(cce.filter_image_loss(context.target, pipe, latents,
-                                                        context.scale.image), latents)
+                                                        context.scale.image).sum(), latents)
     assert grad.abs().sum() > 0
     prompts = [cce.with_token(q, context.concept.unacceptable, cce.CCE_TOKEN)
                for q in context.target_prompts]
     templates = list(dict.fromkeys(prompts))
-    plain = cce.invert_token(context, p, prompts, 0.0)
+    plain = cce.invert_token(context, p, prompts, 0.0)[1.0]
     before, drawn0 = image_score(context, templates, {cce.CCE_TOKEN: plain})
     for weight in MINI.cce.adaptive_weights:
-        plus = cce.invert_token(context, p, prompts, weight)
+        plus = cce.invert_token(context, p, prompts, weight)[1.0]
         assert not torch.allclose(plus, plain)
         after, drawn = image_score(context, templates, {cce.CCE_TOKEN: plus})
         print(f"CCE+ at weight {weight:g}: P(u|x) on images {before:.3f} -> {after:.3f}, shows "
@@ -190,7 +190,7 @@ def test_cce_keeps_one_token_per_weight_and_unloads_it(context):
     pipe, p = context.pipe, BUDGET["cce"].model_copy(update={"steps": 3})
     ids = pipe.tokenizer("Zorbo on a black background").input_ids
     weights = MINI.cce.adaptive_weights[:2]
-    both = cce.cce(context, p.model_copy(update={"adaptive_weights": weights}))
+    both = cce.cce(context, p.model_copy(update={"adaptive_weights": weights}))[1.0]
     # the learned token was unloaded again, and the tokenizer still encodes and decodes as before
     assert len(pipe.tokenizer) == pipe.text_encoder.get_input_embeddings().num_embeddings
     assert pipe.tokenizer("Zorbo on a black background").input_ids == ids
@@ -201,9 +201,9 @@ def test_cce_keeps_one_token_per_weight_and_unloads_it(context):
     assert kept_weight in [0.0, *weights]  # the trial kept the plain token or a strength's
     prompts = [cce.with_token(q, context.concept.unacceptable, token)
                for q in context.target_prompts]
-    kept = cce.invert_token(context, p, prompts, kept_weight)
-    assert torch.equal(both.textual_inversion[token], kept)
-    plain = cce.cce(dataclasses.replace(context, target=None, memo={}), p)
+    kept = cce.invert_token(context, p, prompts, kept_weight)[1.0]
+    assert torch.allclose(both.textual_inversion[token], kept, atol=1e-5)  # learned alone
+    plain = cce.cce(dataclasses.replace(context, target=None, memo={}), p)[1.0]
     assert set(plain.adaptive_weights) == {0.0}  # plain CCE: the denoising loss alone
 
 
@@ -299,10 +299,53 @@ def test_adaptive_terms_are_scale_free(context):
     runs = []
     for target in (probe, loud):
         ctx = dataclasses.replace(context, target=target, memo={})
-        runs.append((pez.pez_candidates(ctx, p, targets, MINI.pez.adaptive_weights, "PEZ+"),
+        runs.append((pez.pez_candidates(ctx, p, targets, MINI.pez.adaptive_weights,
+                                        "PEZ+")[1.0],
                      ringbell.ringbell_candidates(ctx, BUDGET["ringbell"],
-                                                  MINI.ringbell.adaptive_weights)))
+                                                  MINI.ringbell.adaptive_weights)[1.0]))
     assert runs[0] == runs[1]
+
+
+def test_a_budget_curve_point_is_the_attack_run_at_that_budget(context):
+    """One search with snapshots (``budgets`` 0.5 and 1) finds at half its steps exactly what the
+    same search with half the steps finds, and at the full budget what it finds without a curve:
+    the curve costs no second search and changes nothing at the default budget."""
+    curve = dataclasses.replace(context, budgets=(0.5, 1.0), memo={})
+    targets = unit_image_features(context.attacker, context.target_images)
+    weights = MINI.pez.adaptive_weights
+    p = BUDGET["pez"].model_copy(update={"steps": 12})
+    half = p.model_copy(update={"steps": 6})
+    found = pez.pez_candidates(curve, p, targets, weights, "PEZ+")
+    assert found[0.5] == pez.pez_candidates(context, half, targets, weights, "PEZ+")[1.0]
+    assert found[1.0] == pez.pez_candidates(context, p, targets, weights, "PEZ+")[1.0]
+    assert found[0.5] != found[1.0]
+    r = BUDGET["ringbell"]
+    found = ringbell.ringbell_candidates(curve, r, [0.0])
+    assert found[0.5] == ringbell.ringbell_candidates(
+        context, r.model_copy(update={"generations": r.generations // 2}), [0.0])[1.0]
+    assert found[1.0] == ringbell.ringbell_candidates(context, r, [0.0])[1.0]
+    c = BUDGET["cce"].model_copy(update={"steps": 4, "batch": 2})
+    prompts = [cce.with_token(q, context.concept.unacceptable, cce.CCE_TOKEN)
+               for q in context.target_prompts]
+    tokens = cce.invert_token(curve, c, prompts, 0.0)
+    assert torch.equal(tokens[0.5], cce.invert_token(
+        context, c.model_copy(update={"steps": 2}), prompts, 0.0)[1.0])
+    assert not torch.equal(tokens[0.5], tokens[1.0])
+    u = BUDGET["udiff"].model_copy(update={"steps": 4, "candidates": 2})
+    assert udiff.udiff_candidates(curve, u)[0.5] == udiff.udiff_candidates(
+        context, u.model_copy(update={"steps": 2}))[1.0]
+
+
+def test_cce_learns_every_strengths_token_in_one_pass_as_it_would_alone(context):
+    p = BUDGET["cce"].model_copy(update={"steps": 3, "batch": 2})
+    prompts = [cce.with_token(q, context.concept.unacceptable, cce.CCE_TOKEN)
+               for q in context.target_prompts]
+    weights = [0.0, *MINI.cce.adaptive_weights[-2:]]
+    together = cce.invert_tokens(context, p, prompts, weights)[1.0]
+    for weight, token in zip(weights, together):
+        assert torch.allclose(token, cce.invert_token(context, p, prompts, weight)[1.0],
+                              atol=1e-5)
+    assert not torch.allclose(together[0], together[-1], atol=1e-5)  # the term is live
 
 
 def test_a_target_whose_margin_does_not_vary_cannot_be_adapted_to(context):
@@ -319,7 +362,7 @@ def test_unlearndiff_prefix_lowers_the_models_denoising_loss_on_the_targets(cont
     from diffusers import DDPMScheduler
 
     pipe, p = context.pipe, BUDGET["udiff"]
-    found = udiff.udiff_candidates(context, p)
+    found = udiff.udiff_candidates(context, p)[1.0]
     assert len(found) == p.candidates
     prompts = list(dict.fromkeys(context.target_prompts))
     assert all(q.endswith(prompts[i % len(prompts)]) for i, q in enumerate(found))
@@ -374,7 +417,7 @@ def test_world_vocabulary_keeps_hard_prompts_in_the_worlds_language(context):
     assert 30 <= len(side.vocabulary) <= 60  # a few dozen tokens, not CLIP's 49k
     plain = dataclasses.replace(context, target=None)
     budget = BUDGET["pez"].model_copy(update={"steps": 5, "candidates": 3})
-    prompts = ATTACKS["pez"](plain, budget).prompts
+    prompts = ATTACKS["pez"](plain, budget)[1.0].prompts
     pieces = sorted({side.tokenizer.decode([i]).strip() for i in side.vocabulary.tolist()},
                     key=len, reverse=True)
     glued = re.compile(f"(?:{'|'.join(map(re.escape, pieces))})+")

@@ -122,6 +122,11 @@ def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw):
     assert experiments.same_sweep(older, full) and not experiments.same_sweep(older, smoke)
     # what picks no score the summary reads is no other sweep: the claim, the statistics
     assert experiments.same_sweep({**raw, "statistics": {**raw["statistics"], "seed": 9}}, full)
+    # budget-curve points add outputs and change none: an experiment that drew curves is of the
+    # sweep; one with other attack seeds is not
+    curves = {**raw, "attack": {**raw["attack"], "budgets": [0.5, 1.0]}}
+    assert experiments.same_sweep(curves, full)
+    assert not experiments.same_sweep({**raw, "attack": {**raw["attack"], "seeds": 9}}, full)
 
 
 def test_a_smoke_summary_says_so(summary_folder):

@@ -1,6 +1,8 @@
 """The attack outcomes from per-image scores: each attack seed's prompts are clusters of their
 own, an edit's plain condition is paired with the filters' (same prompts and seeds), and "+"
 rows are scored by the CRT they were adapted to."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -45,3 +47,20 @@ def test_attack_seeds_are_clusters_and_an_edits_plain_condition_is_paired():
     assert set(detail["uce"]) == {"pez", "udiff+", "worst+"}
     low, high = detail["uce"]["pez"]["attack_success"]["low"], detail["uce"]["pez"]["attack_success"]["high"]
     assert low <= edit.value <= high
+
+
+def test_published_adapted_attacks_are_never_weaker_than_plain():
+    """On every published concept, CRT and attack, the "+" run's judged success reaches the plain
+    run's within its interval: the attacker's pick among plain and every strength (an edit's
+    adapted CCE through its UNet against the plain prompts it renders) is never weaker."""
+    summary = pd.read_csv(Path(__file__).resolve().parents[1] / "reports/summary/summary.csv")
+    rates = summary[(summary["metric"] == "attack_success") & (summary["concept"] != "average")]
+    rate = rates.set_index(["concept", "crt", "condition"])
+    checked = 0
+    for (concept, crt, condition), row in rate.iterrows():
+        plain = (concept, crt, condition.removesuffix("+"))
+        if not condition.endswith("+") or condition == "worst+" or plain not in rate.index:
+            continue
+        checked += 1
+        assert row["high"] >= rate.loc[plain, "value"], (concept, crt, condition)
+    assert checked >= 4 * len(set(rates["concept"]))  # four filters' "+" runs per concept at least

@@ -34,6 +34,8 @@ class AttackContext:
                                               # images -> "shows c_u"
     words: tuple[str, ...] | None = None  # the language hard prompts may use (None: any token)
     model: str = "original"
+    budgets: tuple[float, ...] = (1.0,)  # fractions of the search's budget whose results are
+                                          # evaluated too (the budget curve; the last is 1.0)
     memo: dict = field(default_factory=dict)  # plain searches' results, shared by the runs of
                                               # one stage (see ``plain``)
 
@@ -52,6 +54,15 @@ class AttackContext:
             self.memo[key] = margin_scale(self.target, texts, self.training_images)
         return self.memo[key]
 
+    def snapshots(self, total: int) -> dict[int, list[float]]:
+        """After how many of a search's ``total`` steps (or generations) its result is taken,
+        and for which fractions of ``budgets``: a budget curve costs one search, not one per
+        budget, and the full budget's result is the same with or without the curve."""
+        at: dict[int, list[float]] = {}
+        for fraction in self.budgets:
+            at.setdefault(max(1, round(fraction * total)), []).append(fraction)
+        return at
+
     def text_term(self, prompts: list[str]) -> torch.Tensor:
         """The target's text-space margin of typed prompts, in units of its spread."""
         return typed_margin(self.target, prompts) / self.scale.text
@@ -64,6 +75,10 @@ class AttackContext:
         if key not in self.memo:
             self.memo[key] = make()
         return self.memo[key]
+
+
+#: An attack's results, one per fraction of ``AttackContext.budgets``.
+Results = dict[float, "AttackResult"]
 
 
 @dataclass

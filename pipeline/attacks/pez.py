@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.attacks.context import AttackContext, Results
 from pipeline.attacks.objective import pez_objective, unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts, clip_text_features
 from pipeline.attacks.trial import row_weights, select_by_images
@@ -36,10 +36,10 @@ def typed_loss(ctx: AttackContext, prompts: list[str], target_features: torch.Te
 
 
 def pez_candidates(ctx: AttackContext, p: Pez | Typo, target_features: torch.Tensor,
-                   weights: list[float], desc: str) -> list[tuple[str, float]]:
+                   weights: list[float], desc: str) -> dict[float, list[tuple[str, float]]]:
     """PEZ from ``p.candidates`` random starts at once (``ctx.seed``), start i with strength
     ``weights[i % len(weights)]`` (all 0: plain, else ``ctx.target`` is needed); per start, the
-    prompt with the best loss as typed, with its strength."""
+    prompt with the best loss as typed so far, with its strength, at each budget fraction."""
     generator = torch.Generator().manual_seed(ctx.seed)
     attacker = TokenPrompts(ctx.attacker.clip.text_model, ctx.attacker.tokenizer, ctx.words)
     adaptive = any(weights)
@@ -54,7 +54,8 @@ def pez_candidates(ctx: AttackContext, p: Pez | Typo, target_features: torch.Ten
     optimizer = torch.optim.AdamW([soft], lr=p.lr, weight_decay=p.weight_decay)
     best_loss = torch.full((p.candidates,), float("inf"), device=device)
     best_ids = start.clone()
-    for _ in tqdm(range(p.steps), desc=desc, unit="step", mininterval=5):
+    snapshots, found = ctx.snapshots(p.steps), {}
+    for step in tqdm(range(p.steps), desc=desc, unit="step", mininterval=5):
         ids = attacker.project(soft.detach())
         features = clip_text_features(ctx.attacker.clip, attacker, attacker.embed(ids, soft))
         margin = (filter_margin(ctx.target, filter_side, filter_side.embed(ids, soft))
@@ -63,23 +64,27 @@ def pez_candidates(ctx: AttackContext, p: Pez | Typo, target_features: torch.Ten
         typed = typed_loss(ctx, attacker.decode(ids), target_features, strength)
         better = typed < best_loss
         best_loss[better], best_ids[better] = typed[better], ids[better]
+        for fraction in snapshots.get(step + 1, []):
+            found[fraction] = [(q, float(weights[i % len(weights)]))
+                               for i, q in enumerate(attacker.decode(best_ids))]
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
-    found = attacker.decode(best_ids)
-    return [(q, float(weights[i % len(weights)])) for i, q in enumerate(found)]
+    return found
 
 
 def pez_search(ctx: AttackContext, p: Pez | Typo, target_features: torch.Tensor,
-               desc: str) -> AttackResult:
+               desc: str) -> Results:
     """The plain candidates (one search per stage and seed), and for "+" the candidates of every
-    strength of ``p.adaptive_weights``; the trial keeps the ``ctx.n_prompts`` best of all."""
-    plain = ctx.plain(desc, lambda: [q for q, _ in pez_candidates(ctx, p, target_features,
-                                                                  [0.0], desc)])
+    strength of ``p.adaptive_weights``; per budget, the trial keeps the ``ctx.n_prompts`` best
+    of all."""
+    plain = ctx.plain(desc, lambda: pez_candidates(ctx, p, target_features, [0.0], desc))
     adapted = (pez_candidates(ctx, p, target_features, p.adaptive_weights, desc + "+")
-               if ctx.adaptive else [])
-    return select_by_images(ctx, desc, plain, adapted, p.selection_images, target_features)
+               if ctx.adaptive else {})
+    return {f: select_by_images(ctx, f"{desc} at {f:g}", [q for q, _ in plain[f]],
+                                adapted.get(f, []), p.selection_images, target_features)
+            for f in ctx.budgets}
 
 
-def pez(ctx: AttackContext, p: Pez | Typo) -> AttackResult:
+def pez(ctx: AttackContext, p: Pez | Typo) -> Results:
     return pez_search(ctx, p, unit_image_features(ctx.attacker, ctx.target_images), "PEZ")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.attacks.context import AttackContext, Results
 from pipeline.attacks.objective import unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts
 from pipeline.attacks.trial import row_weights, select_by_images
@@ -27,20 +27,23 @@ if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
     from pipeline.schema import RingBell
 
 
-def ringbell(ctx: AttackContext, p: RingBell) -> AttackResult:
+def ringbell(ctx: AttackContext, p: RingBell) -> Results:
     """The plain search's candidates (one per stage and seed) and, for "+", those of every
-    strength of ``p.adaptive_weights``; the trial keeps the ``ctx.n_prompts`` best of all."""
+    strength of ``p.adaptive_weights``; per budget, the trial keeps the ``ctx.n_prompts`` best
+    of all."""
     targets = unit_image_features(ctx.attacker, ctx.target_images)
-    plain = ctx.plain("RingBell", lambda: [q for q, _ in ringbell_candidates(ctx, p, [0.0])])
-    adapted = ringbell_candidates(ctx, p, p.adaptive_weights) if ctx.adaptive else []
-    return select_by_images(ctx, "RingBell", plain, adapted, p.selection_images, targets)
+    plain = ctx.plain("RingBell", lambda: ringbell_candidates(ctx, p, [0.0]))
+    adapted = ringbell_candidates(ctx, p, p.adaptive_weights) if ctx.adaptive else {}
+    return {f: select_by_images(ctx, f"RingBell at {f:g}", [q for q, _ in plain[f]],
+                                adapted.get(f, []), p.selection_images, targets)
+            for f in ctx.budgets}
 
 
 def ringbell_candidates(ctx: AttackContext, p: RingBell,
-                        weights: list[float]) -> list[tuple[str, float]]:
+                        weights: list[float]) -> dict[float, list[tuple[str, float]]]:
     """One genetic search per candidate (``ctx.seed``), candidate i with strength
     ``weights[i % len(weights)]`` on the target's scaled text margin (all 0: plain); each one's
-    fittest prompt as typed, with its strength."""
+    fittest prompt as typed, with its strength, at each budget fraction of the generations."""
     pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
     side = TokenPrompts(pipe.text_encoder, pipe.tokenizer, ctx.words)
 
@@ -73,14 +76,18 @@ def ringbell_candidates(ctx: AttackContext, p: RingBell,
     breed = OPERATORS[p.operators]
     vocabulary = side.vocabulary.numpy()
     population = rng.choice(vocabulary, (rows, p.population, p.tokens))
-    for _ in tqdm(range(p.generations), desc="RingBell+" if adaptive else "RingBell",
-                  unit="gen", mininterval=5):
+    snapshots, found = ctx.snapshots(p.generations), {}
+    for generation in tqdm(range(p.generations), desc="RingBell+" if adaptive else "RingBell",
+                           unit="gen", mininterval=5):
         order = np.argsort(loss_of(population), axis=1, kind="stable")
         population = breed(rng, np.take_along_axis(population, order[..., None], axis=1),
                            vocabulary, p)
-    best = population[np.arange(rows), loss_of(population).argmin(1)]
-    found = side.decode(torch.from_numpy(best))
-    return [(q, float(weights[i % len(weights)])) for i, q in enumerate(found)]
+        if generation + 1 in snapshots:
+            best = population[np.arange(rows), loss_of(population).argmin(1)]
+            for fraction in snapshots[generation + 1]:
+                found[fraction] = [(q, float(weights[i % len(weights)]))
+                                   for i, q in enumerate(side.decode(torch.from_numpy(best)))]
+    return found
 
 
 def _ours(rng: np.random.Generator, ranked: np.ndarray, vocabulary: np.ndarray,

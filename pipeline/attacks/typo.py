@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.attacks.context import AttackContext, Results
 from pipeline.attacks.objective import unit_image_features
 from pipeline.attacks.pez import pez_search
 
@@ -37,6 +37,6 @@ def write_text(images: np.ndarray, text: str, height_fraction: float) -> np.ndar
     return np.stack(out)
 
 
-def typo(ctx: AttackContext, p: Typo) -> AttackResult:
+def typo(ctx: AttackContext, p: Typo) -> Results:
     written = write_text(ctx.target_images, ctx.concept.acceptable, p.text_height)
     return pez_search(ctx, p, unit_image_features(ctx.attacker, written), "Typo")

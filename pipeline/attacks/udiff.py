@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 from tqdm import tqdm
 
 from pipeline.attacks.cce import denoising_errors, image_latents
-from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.attacks.context import AttackContext, Results
 from pipeline.attacks.objective import unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts, placeholder_embeddings
 from pipeline.attacks.trial import select_by_images
@@ -26,10 +26,11 @@ if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
     from pipeline.schema import UnlearnDiff
 
 
-def udiff(ctx: AttackContext, p: UnlearnDiff) -> AttackResult:
+def udiff(ctx: AttackContext, p: UnlearnDiff) -> Results:
     targets = unit_image_features(ctx.attacker, ctx.target_images)
-    return select_by_images(ctx, "UnlearnDiff", udiff_candidates(ctx, p), [],
-                            p.selection_images, targets)
+    found = udiff_candidates(ctx, p)
+    return {f: select_by_images(ctx, f"UnlearnDiff at {f:g}", found[f], [],
+                                p.selection_images, targets) for f in ctx.budgets}
 
 
 def prefixed_ids(side: TokenPrompts, prompts: list[str], k: int, placeholder: int) -> torch.Tensor:
@@ -42,8 +43,9 @@ def prefixed_ids(side: TokenPrompts, prompts: list[str], k: int, placeholder: in
     return ids
 
 
-def udiff_candidates(ctx: AttackContext, p: UnlearnDiff) -> list[str]:
-    """Per start, its final hard prefix (as typed) before its target prompt."""
+def udiff_candidates(ctx: AttackContext, p: UnlearnDiff) -> dict[float, list[str]]:
+    """Per start, its hard prefix (as typed) before its target prompt, at each budget fraction
+    of the steps."""
     pipe, device = ctx.pipe, ctx.pipe.unet.device
     generator = torch.Generator().manual_seed(ctx.seed)
     side = TokenPrompts(pipe.text_encoder, pipe.tokenizer, ctx.words)
@@ -62,7 +64,8 @@ def udiff_candidates(ctx: AttackContext, p: UnlearnDiff) -> list[str]:
                                           generator=generator)].to(device)
     soft = side.table[start].detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([soft], lr=p.lr, weight_decay=p.weight_decay)
-    for _ in tqdm(range(p.steps), desc="UnlearnDiff", unit="step", mininterval=5):
+    snapshots, found = ctx.snapshots(p.steps), {}
+    for step in tqdm(range(p.steps), desc="UnlearnDiff", unit="step", mininterval=5):
         picks = torch.randint(1 << 30, (p.candidates, p.batch), generator=generator).numpy()
         images = np.concatenate([own[r][picks[r] % len(own[r])] for r in range(p.candidates)])
         values = side.embed(side.project(soft.detach()), soft)
@@ -74,5 +77,7 @@ def udiff_candidates(ctx: AttackContext, p: UnlearnDiff) -> list[str]:
         optimizer.zero_grad(set_to_none=True)
         errors.mean().backward()
         optimizer.step()
-    prefixes = side.decode(side.project(soft.detach()))
-    return [f"{prefix} {prompt}".strip() for prefix, prompt in zip(prefixes, rows)]
+        for fraction in snapshots.get(step + 1, []):
+            found[fraction] = [f"{prefix} {prompt}".strip() for prefix, prompt
+                               in zip(side.decode(side.project(soft.detach())), rows)]
+    return found
