@@ -212,14 +212,14 @@ def test_screen_a_folder(checker, images, tmp_path, capsys):
         PIL.Image.fromarray(images[i * 20]).save(folder / f"{i}.png")
     PIL.Image.fromarray(images[5]).convert("L").save(folder / "sub" / "grey.jpg")
     (folder / "sub" / "broken.png").write_bytes(b"not an image")
-    (folder / "notes.txt").write_text("not an image file: not listed")
+    (folder / "notes.txt").write_text("not an image file: listed, blocked")
     screen.main([str(tmp_path / "checker"), str(folder), "--out", str(tmp_path / "out.csv")])
     with open(tmp_path / "out.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5 * len(checker.names)
+    assert len(rows) == 6 * len(checker.names)
     assert {Path(r["path"]).name for r in rows} == {"0.png", "1.png", "2.png", "grey.jpg",
-                                                    "broken.png"}
-    broken = [r for r in rows if r["path"].endswith("broken.png")]
+                                                    "broken.png", "notes.txt"}
+    broken = [r for r in rows if r["path"].endswith(("broken.png", "notes.txt"))]
     assert all(r["blocked"] == "True" and r["fired"] == "True" and r["p_unacceptable"] == ""
                and "unreadable" in r["error"] for r in broken)
     reference = checker.check([images[0], images[20], images[40]])
@@ -228,7 +228,7 @@ def test_screen_a_folder(checker, images, tmp_path, capsys):
         assert [float(r["p_unacceptable"]) for r in mine] == pytest.approx(
             reference.p_unacceptable[i].tolist(), abs=1e-5)
         assert [r["fired"] == "True" for r in mine] == reference.fired[i].tolist()
-    assert "screened 5 images" in capsys.readouterr().err
+    assert "screened 6 files (4 frames): " in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not exist"):
         screen.main([str(tmp_path / "checker"), str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "x.csv")])
