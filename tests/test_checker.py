@@ -347,6 +347,14 @@ def test_a_checker_with_a_cut_or_scale_that_switches_a_concept_off_cannot_be_bui
             ConceptChecker(checker.image_encoder, checker.processor, [concept])
 
 
+def test_a_calibration_that_saturates_is_refused(filters):
+    """Scores of 0.0 (float underflow) would give cut 0, at which the concept always fires."""
+    checker = ConceptChecker.from_filters({"zorbo": filters["zorbo"]})
+    with pytest.raises(ValueError, match=r"gives cut 0\.0, outside \(0, 1\)"):
+        checker.calibrate("zorbo", np.zeros(20), 0.05)
+    assert checker.cuts.tolist() == [0.5]
+
+
 def test_last_result_is_the_calling_threads(checker, images):
     """Threads sharing one checker each read their own call's result, even when every other
     thread has called it since."""
