@@ -73,17 +73,21 @@ def files_to_screen(paths: list[str]) -> list[Entry]:
 
 
 def folder_entries(folder: str, searched: set) -> list[Entry]:
-    entries = []
-
-    def unreadable(err: OSError) -> None:
-        entries.append(Entry(err.filename, f"skipped: folder cannot be read ({err.strerror})"))
-
-    if not first_visit(folder, searched, entries):
-        return entries
-    for root, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
-        folders.sort()
-        folders[:] = [f for f in folders if first_visit(os.path.join(root, f), searched, entries)]
-        entries += [file_entry(os.path.join(root, name)) for name in sorted(names)]
+    """The files under ``folder``, depth first, each folder's sorted by name (a loop, not
+    recursion: a hostile depth of nesting cannot overflow the stack)."""
+    entries, folders = [], [folder]
+    while folders:
+        current = folders.pop()
+        if not first_visit(current, searched, entries):
+            continue
+        try:
+            with os.scandir(current) as scan:
+                children = sorted(scan, key=lambda child: child.name)
+        except OSError as err:
+            entries.append(Entry(current, f"skipped: folder cannot be read ({err.strerror})"))
+            continue
+        entries += [file_entry(child.path) for child in children if not child.is_dir()]
+        folders += reversed([child.path for child in children if child.is_dir()])
     return entries
 
 

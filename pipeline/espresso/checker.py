@@ -378,6 +378,9 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             processor = CLIPImageProcessor.from_pretrained(folder / FEATURE_EXTRACTOR)
             vectors = load_file(folder / VECTORS_FILE)
         rows = table["concept_table"]
+        if vectors.keys() != {"t_u", "t_a"}:
+            raise ModelNotAvailableError(f"{folder / VECTORS_FILE} holds {sorted(vectors)}, not "
+                                         f"t_u and t_a; {REFUSED}")
         if not all(len(vectors[k]) == len(rows) for k in ("t_u", "t_a")):
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE} has {len(vectors['t_u'])} "
                                          f"concept vectors for {len(rows)} concepts in "
