@@ -242,12 +242,12 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def refuse_out(out: Path, force: bool, inputs: list[str]) -> str | None:
     """Why ``--out`` must not be written, or None: it is a folder or not a regular file, one
     of the inputs, or an existing file (without ``--force``, or not an earlier screen CSV)."""
+    if os.path.isdir(out):
+        return f"--out {out} is a folder: give a file path for the CSV"
     if os.path.realpath(out) in {os.path.realpath(p) for p in inputs}:
         return f"--out {out} is one of the files to screen: give another path for the CSV"
     if not os.path.lexists(out):
         return None
-    if os.path.isdir(out):
-        return f"--out {out} is a folder: give a file path for the CSV"
     try:
         regular = stat.S_ISREG(os.stat(out).st_mode)
     except OSError as err:
