@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import MINI_SLOTS, ParamsError, Registry, read_yaml, validate
+from pipeline.schema import MINI_SLOTS, ParamsError, Registry, read_yaml_file, validate
 
 REGISTRY_FILE = Path("data/concepts.yaml")
 SPLITS = ("train", "val", "test")
@@ -36,7 +36,7 @@ def load_registry(path: Path = REGISTRY_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
-    registry = read_yaml(path.read_text(), str(path))
+    registry = read_yaml_file(path, str(path))
     validate(Registry, registry, str(path))
     return registry
 

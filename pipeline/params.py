@@ -37,7 +37,8 @@ from typing import Callable, Mapping, Union
 import yaml
 
 from pipeline.concepts import Concept, UnknownConceptError, get_concept, load_registry
-from pipeline.schema import Models, Params, ParamsError, read_yaml, unknown_preset_key, validate
+from pipeline.schema import (Models, Params, ParamsError, read_yaml_file, unknown_preset_key,
+                             validate)
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
@@ -75,7 +76,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
-    return check_params(apply_budget(read_yaml(path.read_text(), path.name)), path.name)
+    return check_params(apply_budget(read_yaml_file(path, path.name)), path.name)
 
 
 def apply_budget(params: dict) -> dict:
