@@ -20,11 +20,12 @@ file, a library call), ``model_dump()`` gives it: its keys in the order declared
 fields first: not always params.yaml's order, so what is hashed sorts its keys);
 ``model_dump(exclude_unset=True)`` gives back the dict validated (floats where it had integers).
 """
+import re
 import string
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
-from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import (AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo,
                       create_model, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
@@ -57,9 +58,10 @@ def unknown_key(allowed: str, at: tuple) -> PydanticCustomError:
 
 
 class Strict(BaseModel):
-    """No coercion (``"5"`` is not 5), no unknown keys."""
+    """No coercion (``"5"`` is not 5), no unknown keys, no infinite or NaN number (``.inf``
+    guidance draws black images, an infinite lr trains NaN weights)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def field_named(model: BaseModel, name: str, what: str, names: tuple[str, ...] = ()) -> Any:
@@ -80,10 +82,23 @@ class PerSetting(Strict):
         return field_named(self, setting, "setting")
 
 
-Seed = Annotated[int, Ge(0)]
-Count = Annotated[int, Ge(1)]
+#: Bounds that keep memory and numerics sane. Seeds: numpy's and torch's generators take
+#: 0..2**32-1. Counts (steps, prompts, batches...): a million is beyond every budget, and keeps
+#: products of counts far below int64. Learning rates above 1 and guidance above 100 only make
+#: NaN or saturated images; images are what a stage holds in memory, planned in ``Params``.
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10**6
+MAX_GUIDANCE = 100.0
+MAX_IMAGE_BYTES = 8 * 2**30
+Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
+Count = Annotated[int, Ge(1), Le(MAX_COUNT)]
 Positive = Annotated[float, Gt(0)]
 NonNegative = Annotated[float, Ge(0)]
+LearningRate = Annotated[float, Gt(0), Le(1)]
+Guidance = Annotated[float, Ge(0), Le(MAX_GUIDANCE)]
+#: SD pipelines need a multiple of 8 (the VAE and UNet halve it); 1024 is beyond both models.
+ImageSize = Annotated[int, Ge(8), Le(1024), MultipleOf(8),
+                      Allowed("a multiple of 8 from 8 to 1024 (what the VAE and UNet can halve)")]
 Fraction = Annotated[float, Ge(0), Le(1)]
 Text = Annotated[str, MinLen(1), Allowed("a non-empty text")]
 
@@ -104,10 +119,23 @@ MINI_SLOTS = {**{k: list(v) for k, v in shapes.VOCAB.items() if k != "character"
 def _concept_text(text: str) -> str:
     if not text.strip():
         raise not_allowed("a concept text that is not blank")
+    if set(text) & set("{}") or not text.isprintable():
+        raise not_allowed("a concept text without { or } (they mark the templates' slots) and "
+                          "without control characters such as line breaks")
     return text
 
 
 ConceptText = Annotated[str, AfterValidator(_concept_text), Allowed("a non-blank text")]
+
+
+def _concept_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+        raise not_allowed("a concept name of lowercase letters, digits and _, starting with a "
+                          "letter (names become folder and file names)")
+    return name
+
+
+ConceptName = Annotated[str, AfterValidator(_concept_name)]
 
 
 class Concept(Strict):
@@ -153,8 +181,8 @@ Templates = create_model("Templates", __base__=Strict,
 
 
 ConceptsBySetting = create_model("ConceptsBySetting", __base__=Strict,
-                                 mini=(dict[str, MiniConcept], ...),
-                                 paper=(dict[str, PaperConcept], ...))
+                                 mini=(dict[ConceptName, MiniConcept], ...),
+                                 paper=(dict[ConceptName, PaperConcept], ...))
 TemplatesBySetting = create_model("TemplatesBySetting", __base__=Strict, mini=(Templates, ...),
                                   paper=(Templates, ...))
 Slots = create_model("Slots", __base__=Strict,
@@ -197,16 +225,14 @@ class Registry(Strict):
 
 # ---- params.yaml --------------------------------------------------------------------------
 def _scheduler(name: str) -> str:
-    from pipeline.espresso.t2i import scheduler_class
+    from pipeline.espresso.t2i import sampling_schedulers
 
-    try:
-        scheduler_class(name)
-    except ValueError:
-        raise not_allowed(SCHEDULERS) from None
+    if name not in sampling_schedulers():
+        raise not_allowed(f"{SCHEDULERS}: {', '.join(sampling_schedulers())}")
     return name
 
 
-SCHEDULERS = "a diffusers scheduler class, e.g. DDIMScheduler, DPMSolverMultistepScheduler"
+SCHEDULERS = "a diffusers scheduler that samples these models correctly"
 Scheduler = Annotated[str, AfterValidator(_scheduler), Allowed(SCHEDULERS)]
 
 
@@ -219,6 +245,9 @@ class Models(Strict):
     eyes: Text
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 class Splits(Strict):
     train: Count
     val: Count
@@ -228,8 +257,8 @@ class Splits(Strict):
 class Sampler(Strict):
     scheduler: Scheduler
     steps: Count
-    guidance: NonNegative
-    size: Count
+    guidance: Guidance
+    size: ImageSize
     batch: Count
 
 
@@ -274,7 +303,7 @@ class FinetuneSetting(Strict):
 class Finetune(PerSetting):
     seed: Seed
     batch: Count
-    lr: Positive
+    lr: LearningRate
     betas: Annotated[list[Annotated[float, Ge(0), Lt(1)]], MinLen(2), MaxLen(2),
                      Allowed("two numbers in [0, 1), e.g. [0.9, 0.98]")]
     eps: Positive
@@ -427,9 +456,9 @@ class Filters(Strict):
 # The edit section: the fine-tuning CRTs of ``pipeline.registry.CRTS``.
 class Esd(Strict):
     steps: Count
-    lr: Positive
+    lr: LearningRate
     eta: Positive              # negative guidance
-    sample_guidance: NonNegative
+    sample_guidance: Guidance
     batch: Count
     checkpoint_every: Count
 
@@ -441,7 +470,7 @@ class Uce(Strict):
 
 class Ca(Strict):
     steps: Count
-    lr: Positive
+    lr: LearningRate
     batch: Count
     anchor_weight: NonNegative
     checkpoint_every: Count
@@ -507,7 +536,7 @@ class Statistics(Strict):
     paired CRT-vs-CRT claims controlled as one family."""
 
     confidence: Annotated[float, Gt(0.5), Lt(1)]
-    resamples: Annotated[int, Ge(200)]
+    resamples: Annotated[int, Ge(200), Le(MAX_COUNT)]
     seed: Seed
     correction: Literal[registry.CORRECTIONS]
     family_rate: Annotated[float, Gt(0), Lt(0.5)]   # Holm: familywise error; fdr_bh: false discovery
@@ -518,7 +547,7 @@ class Certify(Strict):
     eps: Annotated[float, Gt(0), Lt(1)]
     search_steps: Count
     search_lr: Positive
-    curve_points: Annotated[int, Ge(2)]
+    curve_points: Annotated[int, Ge(2), Le(MAX_COUNT)]
 
 
 class Report(Strict):
@@ -533,22 +562,22 @@ class WorldClip(Strict):
     context_length: Count
     steps: Count
     batch: Count
-    lr: Positive
-    warmup: Annotated[int, Ge(0)]
+    lr: LearningRate
+    warmup: Annotated[int, Ge(0), Le(MAX_COUNT)]
     weight_decay: NonNegative
 
 
 class WorldVae(Strict):
     steps: Count
     batch: Count
-    lr: Positive
+    lr: LearningRate
     kl_weight: NonNegative
 
 
 class WorldUnet(Strict):
     steps: Count
     batch: Count
-    lr: Positive
+    lr: LearningRate
     ema_decay: Fraction
     snr_gamma: Positive
     empty_caption_prob: Fraction
@@ -557,7 +586,7 @@ class WorldUnet(Strict):
 class WorldJudge(Strict):
     steps: Count
     batch: Count
-    lr: Positive
+    lr: LearningRate
     widths: Annotated[list[Count], MinLen(1)]
 
 
@@ -568,7 +597,7 @@ class WorldEyes(WorldJudge):
 class WorldMeasure(Strict):
     images_per_prompt: Count
     inference_steps: Count
-    guidance_scale: NonNegative
+    guidance_scale: Guidance
 
 
 class World(Strict):
@@ -645,6 +674,27 @@ class Params(Strict):
             raise not_allowed(f"a {setting} concept of data/concepts.yaml (known: "
                               f"{', '.join(sorted(registry['concepts'][setting]))})")
         return name
+
+    @model_validator(mode="after")
+    def _images_fit_in_memory(self):
+        """Each set of images a stage holds (a split of generate, with c_u and c_a prompts; the
+        everyday images; the attack's) fits in ``MAX_IMAGE_BYTES`` as uint8 at the setting's
+        size: a count of 10**9 is refused here, not killed for memory hours later."""
+        size = self.generate.of(self.setting).size
+        per_image = size * size * 3
+        sets = {("generate", "images_per_prompt", split):
+                2 * getattr(self.generate.prompts, split) * getattr(self.generate.images_per_prompt,
+                                                                    split) for split in SPLIT_NAMES}
+        sets[("everyday", "images_per_prompt")] = (self.everyday.prompts
+                                                   * self.everyday.images_per_prompt)
+        sets[("attack", "images_per_prompt")] = self.attack.prompts * self.attack.images_per_prompt
+        for at, images in sets.items():
+            if images * per_image > MAX_IMAGE_BYTES:
+                raise not_allowed(
+                    f"small enough that the {images} images it makes ({at[0]}) fit in "
+                    f"{MAX_IMAGE_BYTES // 2**30} GiB at {size}x{size}: at most "
+                    f"{MAX_IMAGE_BYTES // per_image} images; lower it or the prompts", at=at)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -778,6 +828,8 @@ def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
     """``<source>: <key path>: <value> is not allowed; must be <what is allowed>``."""
     ctx = error.get("ctx") or {}
     loc = tuple(error["loc"]) + tuple(ctx.get("at", ()))
+    if loc[-1:] == ("[key]",):  # a mapping's key refused: the path to the mapping, the key as value
+        loc = loc[:-2]
     key = ".".join(map(str, loc)) or "(top)"
     if error["type"] == "missing":
         return f"{source}: {key}: missing; must be {describe(model, loc)}"
@@ -789,6 +841,8 @@ def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
         return (f"{source}: {key}: unknown key (value {_show(error['input'])}); the keys here "
                 f"are: {known}")
     allowed = ctx.get("allowed") or describe(model, loc)
+    if error["type"] == "finite_number":
+        allowed = f"finite: {allowed}"
     value = _value_at(error["input"], ctx.get("at", ()))
     if value is _MISSING:
         return f"{source}: {key}: missing; must be {allowed}"
