@@ -41,26 +41,29 @@ def problems(params: dict) -> list[str]:
 # ---- params.yaml --------------------------------------------------------------------------
 @pytest.mark.parametrize("edit, line", [
     (lambda p: p["generate"].pop("seed"),
-     "generate.seed: missing; must be an integer >= 0"),
+     "generate.seed: missing; must be an integer >= 0 and <= 4294967295"),
     (lambda p: p["finetune"].update(lr="fast"),
-     "finetune.lr: 'fast' is not allowed; must be a number > 0"),
+     "finetune.lr: 'fast' is not allowed; must be a number > 0 and <= 1"),
     (lambda p: p["certify"].update(eps="1e-2"),
      "certify.eps: '1e-2' is not allowed; must be a number > 0 and < 1 (YAML read it as text: "
      "write numbers unquoted, with a dot: 1.0e-3, not 1e-3)"),
     (lambda p: p["generate"]["prompts"].update(test=-3),
-     "generate.prompts.test: -3 is not allowed; must be an integer >= 1"),
+     "generate.prompts.test: -3 is not allowed; must be an integer >= 1 and <= 1000000"),
     (lambda p: p["world"]["clip"].update(layers=2.5),
-     "world.clip.layers: 2.5 is not allowed; must be an integer >= 1"),
+     "world.clip.layers: 2.5 is not allowed; must be an integer >= 1 and <= 1000000"),
     (lambda p: p["generate"].update(seed=True),
-     "generate.seed: True is not allowed; must be an integer >= 0"),
+     "generate.seed: True is not allowed; must be an integer >= 0 and <= 4294967295"),
     (lambda p: p.update(setting="sd15"),
      "setting: 'sd15' is not allowed; must be one of: mini, paper"),
     (lambda p: p.update(concept="garfield"),
      "concept: 'garfield' is not allowed; must be a mini concept of data/concepts.yaml (known: "
      "black_background, blip, checkered, kroll, mimi, zorbo)"),
     (lambda p: p["generate"]["mini"].update(scheduler="Foo"),
-     "generate.mini.scheduler: 'Foo' is not allowed; must be a diffusers scheduler class, e.g. "
-     "DDIMScheduler, DPMSolverMultistepScheduler"),
+     "generate.mini.scheduler: 'Foo' is not allowed; must be a diffusers scheduler that samples "
+     "these models correctly: DDIMScheduler, DDPMScheduler, PNDMScheduler, LMSDiscreteScheduler, "
+     "EulerDiscreteScheduler, HeunDiscreteScheduler, EulerAncestralDiscreteScheduler, "
+     "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, "
+     "KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, UniPCMultistepScheduler"),
     (lambda p: p["finetune"]["mini"].update(optimizer="sgd"),
      "finetune.mini.optimizer: 'sgd' is not allowed; must be one of: adamw, adam"),
     (lambda p: p["finetune"]["paper"].update(separation="foo"),
@@ -106,7 +109,7 @@ def problems(params: dict) -> list[str]:
      "summary.claim.normalized_clip_score_min: 1.5 is not allowed; must be a number >= 0 and "
      "<= 1"),
     (lambda p: p["filters"]["mhsc"].pop("max_iter"),
-     "filters.mhsc.max_iter: missing; must be an integer >= 1"),
+     "filters.mhsc.max_iter: missing; must be an integer >= 1 and <= 1000000"),
     (lambda p: p["report"].update(show_unacceptable="yes"),
      "report.show_unacceptable: 'yes' is not allowed; must be true or false"),
     (lambda p: p["generate"].update(sede=4),
@@ -128,9 +131,9 @@ def test_every_problem_is_its_own_line():
         p["finetune"]["lr"] = "fast"
         p["world"].pop("seed")
     assert problems(changed(edit)) == [
-        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1",
-        "params.yaml: finetune.lr: 'fast' is not allowed; must be a number > 0",
-        "params.yaml: world.seed: missing; must be an integer >= 0"]
+        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1 and <= 1000000",
+        "params.yaml: finetune.lr: 'fast' is not allowed; must be a number > 0 and <= 1",
+        "params.yaml: world.seed: missing; must be an integer >= 0 and <= 4294967295"]
 
 
 def test_the_shipped_params_are_accepted():
