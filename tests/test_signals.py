@@ -58,7 +58,11 @@ def test_sigterm_to_what_started_a_stage_leaves_no_stage_running(tmp_path):
     stage = started(output, parent)
     parent.send_signal(signal.SIGTERM)
     parent.wait(timeout=30)
-    assert wait_for(lambda: not alive(stage), 30), "the stage outlived dvc"
+    try:
+        assert wait_for(lambda: not alive(stage), 30), "the stage outlived dvc"
+    finally:
+        if alive(stage):  # the failure's orphan: not left running after the test
+            os.kill(stage, signal.SIGKILL)
     assert not output.exists() and [p.name for p in tmp_path.iterdir()] == ["out.pid"]
 
 
