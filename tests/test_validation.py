@@ -257,7 +257,8 @@ def test_a_stage_reports_every_bad_value_of_both_files_before_any_work(tmp_path)
         "data/concepts.yaml: concepts.mini.zorbo.acceptable: 'zorbo' is not allowed; must be a "
         "text other than the unacceptable one ('Zorbo'): with c_u = c_a the filter's direction "
         "is zero and every image passes",
-        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1"]
+        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1 and <= "
+        "1000000"]
 
 
 WEIGHTS = {"clip": "clip/model.safetensors", "unet": "sd/unet/diffusion_pytorch_model.safetensors"}
