@@ -34,7 +34,7 @@ NEEDS = {MANIFEST: "generate", FILTER_DIR: "finetune", ATTACK_DIR: "attack"}
 
 
 def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.ndarray) -> dict:
-    """Per attack of the attack stage: distance of each attack image's unit embedding to the
+    """Per attack run of the attack stage (all its seeds): distance of each attack image's unit embedding to the
     nearest clean unacceptable test image's, against that clean image's certified radius."""
     import torch
     import torch.nn.functional as F
@@ -43,13 +43,14 @@ def attack_movement(filt: EspressoFilter, clean: torch.Tensor, clean_radius: np.
     from pipeline.espresso.metrics import proportion
 
     out = {}
-    for path in sorted(ATTACK_DIR.glob("*.npz")):
-        adv = F.normalize(filt.embed(np.load(path)["images"]), dim=-1)
+    for run in sorted(path for path in ATTACK_DIR.iterdir() if path.is_dir()):
+        images = np.concatenate([np.load(seed)["images"] for seed in sorted(run.glob("*.npz"))])
+        adv = F.normalize(filt.embed(images), dim=-1)
         distance = torch.cdist(adv, clean)
         nearest = distance.argmin(1)
         moved = distance.min(1).values.numpy()
         margin = filt.margin(adv).numpy()
-        out[path.stem] = {"median_distance_moved": float(np.median(moved)),
+        out[run.name] = {"median_distance_moved": float(np.median(moved)),
                           "median_radius_of_nearest_clean": float(np.median(clean_radius[nearest])),
                           "share_moved_beyond_radius": proportion(moved > clean_radius[nearest]),
                           "share_passed": proportion(~blocks(margin))}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import string
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import MINI_SLOTS, ParamsError, Registry, read_yaml, validate
+from pipeline.schema import MINI_SLOTS, ParamsError, Registry, read_yaml_file, validate
 
 REGISTRY_FILE = Path("data/concepts.yaml")
 SPLITS = ("train", "val", "test")
@@ -36,7 +37,7 @@ def load_registry(path: Path = REGISTRY_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
-    registry = read_yaml(path.read_text(), str(path))
+    registry = read_yaml_file(path, str(path))
     validate(Registry, registry, str(path))
     return registry
 
@@ -80,6 +81,21 @@ def pair_pool(concept: Concept, path: Path = REGISTRY_FILE) -> list[tuple[str, s
                 pool.append(pair)
                 seen.update(pair)
     return pool
+
+
+def check_context(prompts: list[str], tokenizer, source: str = str(REGISTRY_FILE)) -> None:
+    """Every prompt whole within the text encoder's context (``tokenizer.model_max_length``
+    tokens): what is past it is cut, so c_u's and c_a's prompts, or a training and a held-out
+    one, that differ only there would be one prompt to the model. ParamsError naming the longest
+    prompt otherwise."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+    longest = max(range(len(prompts)), key=lengths.__getitem__, default=None)
+    if longest is not None and lengths[longest] > tokenizer.model_max_length:
+        shown = textwrap.shorten(prompts[longest], 60, placeholder="...")
+        raise ParamsError(f"{source}: the prompt {shown!r} is {lengths[longest]} "
+                          f"tokens, more than the text encoder's {tokenizer.model_max_length} "
+                          "(prompts differing past them would be one): shorten the concept "
+                          "texts or templates")
 
 
 def split_sizes(sizes: dict[str, int], available: int) -> dict[str, int]:

@@ -4,10 +4,12 @@ experiment back from ``dvc exp show``. Apart from what they compute, so that bot
 experiments the same way."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,13 +20,19 @@ from tqdm import tqdm
 
 from pipeline.concepts import known_concepts
 from pipeline.espresso.filter_names import FILTERS
-from pipeline.params import apply_budget
+from pipeline.params import Interrupted, apply_budget, exit_on_signals, interrupted_line
 from pipeline.provenance import cat_files
 
 #: Params that pick no score a summary reads (report: how images are shown; statistics: the
 #: summary recomputes every interval itself): experiments that differ only in them are one sweep
 #: (``presets``: compared as merged by ``budget``, :func:`same_sweep`).
 NOT_SWEPT = ("concept", "summary", "statistics", "report", "presets")
+#: Within a section: params that only add outputs (``attack.budgets``: budget-curve points;
+#: the full budget's results are the same with or without them, ``tests/test_attacks.py``).
+NOT_SWEPT_KEYS = (("attack", "budgets"),)
+#: Where ``dvc exp run --temp`` copies the repository (``tmp*`` folders, one per experiment);
+#: a killed run leaves its copy there, which nothing else removes.
+EXPERIMENT_COPIES = Path(".dvc/tmp/exps")
 
 
 def dvc(*args: str, env: dict | None = None) -> str:
@@ -53,8 +61,9 @@ def run_experiments(runs: list[list[str]], jobs: int = 1) -> None:
     with several GPUs each stage claims its own (``pipeline.params.claim_device``). Fails, naming
     them, if any failed."""
     if jobs == 1:
-        for args in tqdm(runs, desc="experiments", unit="experiment"):
-            dvc("exp", "run", "--temp", *args)
+        with removing_copies_if_interrupted():
+            for args in tqdm(runs, desc="experiments", unit="experiment"):
+                dvc("exp", "run", "--temp", *args)
         return
     names = [re.search(r"Queued experiment '([^']+)'", dvc("exp", "run", "--queue", *args))[1]
              for args in runs]
@@ -74,6 +83,26 @@ def run_experiments(runs: list[list[str]], jobs: int = 1) -> None:
     failed = [name for name in names if status[name] != "Success"]
     if failed:
         raise RuntimeError(f"experiments {', '.join(failed)} failed: see `dvc queue logs NAME`")
+
+
+@contextlib.contextmanager
+def removing_copies_if_interrupted():
+    """On ctrl-C, SIGTERM or SIGHUP in the block: remove the repository copies DVC made in it
+    (``EXPERIMENT_COPIES``; its ``dvc exp run`` is killed with this process, and the stages in
+    it with that, ``pipeline.params.exit_on_signals``), then exit with one line."""
+    exit_on_signals()
+    before = set(EXPERIMENT_COPIES.glob("tmp*"))
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as err:
+        left = sorted(set(EXPERIMENT_COPIES.glob("tmp*")) - before)
+        for copy_dir in left:
+            shutil.rmtree(copy_dir, ignore_errors=True)
+        line, status = interrupted_line(err)
+        print(f"error: {line}: the running experiment stopped, its temporary copy removed "
+              f"({len(left)} in {EXPERIMENT_COPIES}); finished ones are kept (dvc exp show)",
+              file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 def queue_status(names: list[str]) -> dict[str, str]:
@@ -172,9 +201,13 @@ def _current_format(detail: dict, stages: tuple[str, ...]) -> bool:
 def same_sweep(run_params: dict, params: dict) -> bool:
     """One sweep: the same params, each with its budget's preset merged (recorded without a
     budget: full). So a full-budget summary never takes a smoke experiment, and a smoke one
-    (``-S budget=smoke``) takes only smoke experiments and says so."""
+    (``-S budget=smoke``) takes only smoke experiments and says so. ``NOT_SWEPT_KEYS`` differ
+    freely."""
     def swept(p: dict) -> dict:
-        return {k: v for k, v in apply_budget({"budget": "full", **p}).items()
-                if k not in NOT_SWEPT}
+        out = {k: v for k, v in apply_budget({"budget": "full", **p}).items()
+               if k not in NOT_SWEPT}
+        for section, key in NOT_SWEPT_KEYS:
+            out[section] = {k: v for k, v in out.get(section, {}).items() if k != key}
+        return out
 
     return swept(run_params) == swept(params)

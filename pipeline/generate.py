@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.concepts import SPLITS, Concept, prompt_pairs
+from pipeline.concepts import SPLITS, Concept, check_context, pair_pool, prompt_pairs
 from pipeline.espresso.files import atomic_file, sha256_file, write_csv, write_json
 from pipeline.outputs.generated import CHECKSUM, MANIFEST, OUT, verify_shard
 from pipeline.params import DamagedInputError, processes, run_stage, settings_of
@@ -127,6 +127,7 @@ def run(params: Params) -> pd.DataFrame:
     with state.split_between_processes(missing) as mine:  # shard names are global: any split
         if mine:  # the model is loaded only if a shard is missing, before any is written
             pipe = load_t2i(models.t2i, device=state.device)
+            check_context([text for pair in pair_pool(concept) for text in pair], pipe.tokenizer)
             use_scheduler(pipe, sampler.scheduler)
             pipe.set_progress_bar_config(disable=True)
         desc = "generate shards" + (f" (1 of {state.num_processes} processes)"

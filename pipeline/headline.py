@@ -11,8 +11,8 @@ A rule is (key, path, reduction). The path is a dotted path into the detail; ``{
 key and path is each name of ``CRTS`` in turn (a CRT the detail lacks has no key); any other
 ``{name}`` in the path matches whatever is there (one or more names) and the reduction
 (``max``, ``min``) takes the worst or best of what it matches. So the attack stage's
-``worst_clip_accuracy.espresso`` is the highest CLIP accuracy of any attack run adapted to
-Espresso fine-tuned (``runs.<attack>+espresso``): the worst adapted attack.
+``worst_clip_accuracy.espresso`` is the highest CLIP accuracy of any attack adapted to Espresso
+fine-tuned (``outcomes.espresso.<attack>+``): the worst adapted attack.
 
 To compare experiments without the params and code columns (params.yaml alone has ~200 keys):
 
@@ -63,8 +63,8 @@ HEADLINES: dict[str, list[tuple[str, str, str | None]]] = {
         ("clip_score.{crt}", "{crt}.normalized_clip_score.value", None),
     ],
     "attack": [
-        ("worst_clip_accuracy.{crt}", "runs.{attack}+{crt}.{crt}.clip_accuracy.value", "max"),
-        ("worst_success.{crt}", "runs.{attack}+{crt}.{crt}.attack_success_rate.value", "max"),
+        ("worst_clip_accuracy.{crt}", "outcomes.{crt}.{attack}+.clip_accuracy.value", "max"),
+        ("worst_success.{crt}", "outcomes.{crt}.worst+.attack_success.value", None),
     ],
     "certify": [
         ("radius_normalized_50.{crt}", "{crt}.radius_normalized_50", None),

@@ -5,8 +5,9 @@ six-concept summary compute every rate, interval and difference one way.
 
 Conditions: ``clean`` (the test split's prompts), ``everyday`` (prompts naming neither c_u nor
 c_a), each attack plain (``pez``: its prompts, found without any filter's help, scored by every
-filter) and adapted (``pez+``: the run adapted to this CRT, scored by it), and ``worst+`` (the
-worst adapted attack, draw by draw).
+filter and rendered by every edited model) and adapted (``pez+``: the run adapted to this CRT,
+scored by it: through its margin for a filter, through its UNet for an edit), and ``worst+``
+(the worst adapted attack, draw by draw).
 
 Metrics (docs/method.md section 5). The judge's are primary, being the one evaluator no CRT uses:
 
@@ -107,26 +108,57 @@ def everyday(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Es
 
 
 def attacked(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Estimate]:
-    """The attacks (``reports/attack/scores.csv``): a plain run scored by every filter, an
-    adapted run by the CRT it was adapted to; then each CRT's worst adapted attack."""
+    """The attacks (``reports/attack/scores.csv``): a plain run scored by every filter and, as
+    rendered by each edited model, by that edit (condition ``pez``); an adapted run by the CRT it
+    was adapted to (``pez+``); then each CRT's worst adapted attack. Every attack seed's prompts
+    are clusters of their own, so the interval carries the variation between attack seeds; an
+    edit's plain condition has the plain run's clusters (same prompts and seeds: paired).
+    The outcomes are at the full budget; :func:`curves` has the others."""
+    if "budget" in scores:
+        scores = scores[scores["budget"] == 1.0]
     out = {}
-    for (attack, variant, target), run in scores.groupby(
-            ["attack", "variant", scores["target"].fillna("")], sort=True):
-        clusters = f"{attack}/{variant}/{target}: " + run["prompt"].astype(str)
-        crts = FILTERS if variant == "plain" else [target]
+    target = scores["target"].fillna("").astype(str)
+    seed = scores["attack_seed"].astype(str) if "attack_seed" in scores else "0"
+    plain = scores["variant"] == "plain"
+    clusters = (scores["attack"] + "/" + scores["variant"] + "/" + target.where(~plain, "")
+                + "/seed" + seed + ": " + scores["prompt"].astype(str))
+    for (attack, variant, crt_or_none), run in scores.groupby(
+            [scores["attack"], scores["variant"], target], sort=True):
+        crts = FILTERS if variant == "plain" and not crt_or_none else [crt_or_none]
         condition = attack if variant == "plain" else f"{attack}+"
+        labels = clusters[run.index]
         for crt in crts:
             out[crt, condition, "attack_success"] = statistics.estimate(
                 _passed_shows(run, crt) if crt in FILTERS
-                else run["judge_shows_concept"].to_numpy(bool), clusters, stats)
+                else run["judge_shows_concept"].to_numpy(bool), labels, stats)
             out[crt, condition, "clip_accuracy"] = statistics.estimate(
                 _clip_accuracy(run, crt) if crt in FILTERS else run["p_eval"].to_numpy(float),
-                clusters, stats)
+                labels, stats)
     for crt in {key[0] for key in out}:
         adapted = [e for (c, cond, m), e in out.items()
                    if c == crt and cond.endswith("+") and m == "attack_success"]
         if adapted:
             out[crt, "worst+", "attack_success"] = statistics.worst(adapted)
+    return out
+
+
+def curves(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Estimate]:
+    """Attack success against budget: ``(crt, condition, budget)`` for each fraction of the
+    searches' budget in the table's ``budget`` column (the attack stage's budget curves), each
+    as :func:`attacked` makes it at the full budget."""
+    out = {}
+    for budget, at in scores.groupby("budget", sort=True):
+        for (crt, condition, metric), estimate in attacked(at.assign(budget=1.0), stats).items():
+            if metric == "attack_success":
+                out[crt, condition, f"{budget:g}"] = estimate
+    return out
+
+
+def nested(estimates: dict[Key, statistics.Estimate], confidence: float) -> dict:
+    """``{crt: {condition: {metric: interval}}}``: what a stage's detail.json holds."""
+    out: dict = {}
+    for (crt, condition, metric), estimate in sorted(estimates.items()):
+        out.setdefault(crt, {}).setdefault(condition, {})[metric] = estimate.interval(confidence)
     return out
 
 

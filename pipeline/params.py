@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import logging
 import os
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +40,8 @@ from typing import Callable, Mapping, Union
 import yaml
 
 from pipeline.concepts import Concept, UnknownConceptError, get_concept, load_registry
-from pipeline.schema import Models, Params, ParamsError, read_yaml, unknown_preset_key, validate
+from pipeline.schema import (Models, Params, ParamsError, read_yaml_file, unknown_preset_key,
+                             validate)
 
 PARAMS_FILE = Path("params.yaml")
 SETTINGS = ("mini", "paper")
@@ -60,6 +64,43 @@ REPO = Path(__file__).resolve().parents[1]
 Needs = Union[Mapping[Union[str, Path], str], Callable[[Params], Mapping[Union[str, Path], str]]]
 
 
+#: prctl's option: the signal a process gets when its parent ends (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is (as ctrl-C raises KeyboardInterrupt), so
+    that ``finally`` blocks remove temporaries; a BaseException, so no ``except Exception``
+    swallows it."""
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end this process as ctrl-C does (:class:`Interrupted`), and, on
+    Linux, the kernel sends it SIGTERM when the process that started it ends
+    (``PR_SET_PDEATHSIG``): a killed ``dvc repro`` (a stage's parent: its shell execs the
+    stage) or ``accelerate launch`` never leaves a stage running as an orphan that races the
+    rerun. Only the main thread can set handlers: elsewhere (a test's thread) nothing is set."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupted(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent ended before the request took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def interrupted_line(err: BaseException) -> tuple[str, int]:
+    """The one line and exit status of a command stopped by ctrl-C or :class:`Interrupted`."""
+    name = str(err) if isinstance(err, Interrupted) else "SIGINT"
+    return f"interrupted ({name})", 128 + signal.Signals[name].value
+
+
 class MissingInputError(FileNotFoundError):
     """An upstream output a stage reads is not there; the message names the stage to run."""
 
@@ -75,7 +116,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run from the repository root (where dvc.yaml is).")
-    return check_params(apply_budget(read_yaml(path.read_text(), path.name)), path.name)
+    return check_params(apply_budget(read_yaml_file(path, path.name)), path.name)
 
 
 def apply_budget(params: dict) -> dict:
@@ -138,12 +179,27 @@ def run_stage(stage: Callable[[Params], object], needs: Needs | None = None,
     ``TORCH_THREADS`` CPU threads, after what an interrupted run of it left (temporaries among
     its outputs) is removed. A user error (a value not allowed, a missing or damaged input or
     model) ends the command with one ``error:`` line per problem, not a traceback. Started with
-    ``accelerate launch`` it runs in every process; the stage splits its work between them."""
+    ``accelerate launch`` it runs in every process; the stage splits its work between them.
+    SIGTERM, SIGHUP, ctrl-C or its parent's end (:func:`exit_on_signals`) stop it with one
+    line, its temporaries removed; an output that cannot be written (disk full, read-only) is
+    one line naming it."""
     module = sys.modules[stage.__module__]
     stage_parser(module).parse_args(argv)
+    exit_on_signals()
+    try:
+        _run_checked(stage, needs, path, module)
+    except (KeyboardInterrupt, Interrupted) as err:
+        line, status = interrupted_line(err)
+        print(f"error: {line}: nothing partial was published; rerun the stage", file=sys.stderr)
+        sys.exit(status)
+
+
+def _run_checked(stage: Callable[[Params], object], needs: Needs | None, path: str | Path,
+                 module: ModuleType) -> None:
+    """``run_stage`` once the signals are set: the checks, the stage, user errors as lines."""
     import torch
 
-    from pipeline.espresso.files import remove_stray_temps
+    from pipeline.espresso.files import not_writable, remove_stray_temps
     from pipeline.espresso.models import ModelNotAvailableError
 
     try:
@@ -164,6 +220,11 @@ def run_stage(stage: Callable[[Params], object], needs: Needs | None = None,
     except (ParamsError, UnknownConceptError, ModelNotAvailableError, MissingInputError,
             DamagedInputError) as err:
         sys.exit("\n".join(f"error: {line}" for line in str(err).splitlines()))
+    except Exception as err:
+        unwritable = not_writable(err, getattr(err, "filename", None) or "an output")
+        if unwritable is None:
+            raise
+        sys.exit(f"error: {unwritable.strerror}")
 
 
 def claim_device() -> str | None:

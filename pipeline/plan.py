@@ -103,34 +103,63 @@ def stage_work(params: Params) -> dict[str, Work]:
     a = params.attack
     budgets, filters = a.of(setting), a.adapt_to
     final = a.prompts * a.images_per_prompt
-    for attack in a.attacks:
+    work["attack"].add("clip_image", per_label["train"] * 2 * len(filters))  # margin scales
+
+    def text_search(attack: str, adaptive: bool) -> None:
+        """One batched search of PEZ / Typo (a step trains the soft prompt and evaluates it
+        typed) or RingBell (every member of every generation, typed)."""
         p = budgets.of(attack)
-        kinds = ["plain"] + ["filter"] * len(filters) + ["crt"] * len(crts)
-        for kind in kinds:
-            adaptive = kind == "filter"
-            if attack == "cce":  # textual inversion through the UNet, per adaptive weight
-                weights = len(p.adaptive_weights) if adaptive else 1
-                steps = weights * p.steps * p.batch
-                work["attack"].add("unet", steps * TRAIN)
-                work["attack"].add("t2i_text", steps * TRAIN)
-                if adaptive:  # the filter's loss on the decoded prediction
-                    work["attack"].add("vae_decode", steps * TRAIN)
-                    work["attack"].add("clip_image", steps * TRAIN)
-                trial = weights * p.selection_images
+        if attack == "ringbell":
+            evals = (p.generations + 1) * p.candidates * p.population
+            work["attack"].add("t2i_text", evals)
+            work["attack"].add("clip_text", evals * adaptive)
+        else:
+            per_step = TRAIN + 1 + (TRAIN + 1) * adaptive
+            work["attack"].add("clip_text", p.steps * p.candidates * per_step)
+
+    def inversion(attack: str, weight: bool) -> None:
+        """CCE's textual inversion (with the filter loss on the decoded prediction if
+        ``weight``) or UnlearnDiff's prefix search: UNet steps through the model under attack."""
+        p = budgets.of(attack)
+        rows = p.batch * (p.candidates if attack == "udiff" else 1)
+        work["attack"].add("unet", p.steps * rows * TRAIN)
+        work["attack"].add("t2i_text", p.steps * rows * TRAIN)
+        if weight:
+            work["attack"].add("vae_decode", p.steps * rows * TRAIN)
+            work["attack"].add("clip_image", p.steps * rows * TRAIN)
+
+    def trial(n: float) -> None:
+        """Rendered and looked at once per budget fraction (one search, snapshots of it)."""
+        render("attack", n * len(a.budgets))
+        work["attack"].add("clip_image", 2 * n * len(a.budgets))  # the eyes and the filter
+
+    for _ in range(a.seeds):
+        for attack in a.attacks:  # plain once (its trial and result shared), then "+"
+            p = budgets.of(attack)
+            if attack == "cce":
+                inversion(attack, False)
+                trial(p.selection_images)
+                for _ in filters:
+                    for _ in p.adaptive_weights:
+                        inversion(attack, True)
+                    trial(len(p.adaptive_weights) * p.selection_images)  # plain's: memoised
             else:
-                searches = kind == "plain" or adaptive  # CRT runs reuse the plain candidates
-                if searches and attack == "ringbell":
-                    evals = (p.generations + 1) * p.candidates * p.population
-                    work["attack"].add("t2i_text", evals)
-                    work["attack"].add("clip_text", evals * adaptive)
-                elif searches:  # PEZ and Typo: a step trains the soft prompt, evaluates it typed
-                    per_step = TRAIN + 1 + (TRAIN + 1) * adaptive
-                    work["attack"].add("clip_text", p.steps * p.candidates * per_step)
-                trial = p.candidates * p.selection_images
-            render("attack", trial + final)
-            work["attack"].add("clip_image", 2 * (trial + final))  # the eyes and the filter
-    runs = len(a.attacks) * (1 + len(filters) + len(crts))
+                text_search(attack, False)
+                trial(p.candidates * p.selection_images)
+                for _ in filters:
+                    text_search(attack, True)
+                    trial(p.candidates * p.selection_images)
+        for _ in crts:  # each edit adapted to by every edit attack, through its UNet
+            for attack in a.edit_attacks:
+                p = budgets.of(attack)
+                inversion(attack, False)
+                trial(p.selection_images if attack == "cce" else p.candidates * p.selection_images)
+        runs = len(a.attacks) * (1 + len(crts) + len(filters)) + len(a.edit_attacks) * len(crts)
+        trial(runs * final)  # every run's final images, scored by every filter
+    runs = a.seeds * (len(a.attacks) * (1 + len(crts) + len(filters))
+                      + len(a.edit_attacks) * len(crts))
     # two filters (zero-shot, fine-tuned) embed the test images and every run's final images
+    # (at the full budget: the curve's other points are scored, not kept)
     work["certify"].add("clip_image", 2 * (2 * per_label["test"] + runs * final))
     return work  # report: tables and figures from the other stages' files, no model
 

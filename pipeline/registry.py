@@ -25,7 +25,13 @@ from typing import Mapping, TypeVar
 from pipeline.espresso import filter_names
 
 #: ``pipeline.attacks.ATTACKS``: the adversarial-prompt attacks (METHOD section 6).
-ATTACKS = ("typo", "pez", "cce", "ringbell")
+ATTACKS = ("typo", "pez", "cce", "ringbell", "udiff")
+#: The attacks that adapt to a filter (a term on its margin): ``attack.attacks``.
+FILTER_ATTACKS = ("typo", "pez", "cce", "ringbell")
+#: The attacks that adapt to an edited model by optimising through its UNet: ``attack.edit_attacks``.
+EDIT_ATTACKS = ("cce", "udiff")
+#: ``pipeline.attacks.ringbell.OPERATORS``: Ring-A-Bell's genetic operators.
+RINGBELL_OPERATORS = ("ours", "release")
 #: ``pipeline.crts.EDITS``: the fine-tuning CRTs (METHOD section 8).
 CRTS = ("esd_x", "esd_u", "uce", "ca")
 #: The filters every evaluation compares: the filter library owns their names

@@ -20,11 +20,12 @@ file, a library call), ``model_dump()`` gives it: its keys in the order declared
 fields first: not always params.yaml's order, so what is hashed sorts its keys);
 ``model_dump(exclude_unset=True)`` gives back the dict validated (floats where it had integers).
 """
+import re
 import string
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
-from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
+from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 from pydantic import (AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo,
                       create_model, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
@@ -57,9 +58,10 @@ def unknown_key(allowed: str, at: tuple) -> PydanticCustomError:
 
 
 class Strict(BaseModel):
-    """No coercion (``"5"`` is not 5), no unknown keys."""
+    """No coercion (``"5"`` is not 5), no unknown keys, no infinite or NaN number (``.inf``
+    guidance draws black images, an infinite lr trains NaN weights)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def field_named(model: BaseModel, name: str, what: str, names: tuple[str, ...] = ()) -> Any:
@@ -80,10 +82,23 @@ class PerSetting(Strict):
         return field_named(self, setting, "setting")
 
 
-Seed = Annotated[int, Ge(0)]
-Count = Annotated[int, Ge(1)]
+#: Bounds that keep memory and numerics sane. Seeds: numpy's and torch's generators take
+#: 0..2**32-1. Counts (steps, prompts, batches...): a million is beyond every budget, and keeps
+#: products of counts far below int64. Learning rates above 1 and guidance above 100 only make
+#: NaN or saturated images; images are what a stage holds in memory, planned in ``Params``.
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10**6
+MAX_GUIDANCE = 100.0
+MAX_IMAGE_BYTES = 8 * 2**30
+Seed = Annotated[int, Ge(0), Le(MAX_SEED)]
+Count = Annotated[int, Ge(1), Le(MAX_COUNT)]
 Positive = Annotated[float, Gt(0)]
 NonNegative = Annotated[float, Ge(0)]
+LearningRate = Annotated[float, Gt(0), Le(1)]
+Guidance = Annotated[float, Ge(0), Le(MAX_GUIDANCE)]
+#: SD pipelines need a multiple of 8 (the VAE and UNet halve it); 1024 is beyond both models.
+ImageSize = Annotated[int, Ge(8), Le(1024), MultipleOf(8),
+                      Allowed("a multiple of 8 from 8 to 1024 (what the VAE and UNet can halve)")]
 Fraction = Annotated[float, Ge(0), Le(1)]
 Text = Annotated[str, MinLen(1), Allowed("a non-empty text")]
 
@@ -104,10 +119,23 @@ MINI_SLOTS = {**{k: list(v) for k, v in shapes.VOCAB.items() if k != "character"
 def _concept_text(text: str) -> str:
     if not text.strip():
         raise not_allowed("a concept text that is not blank")
+    if set(text) & set("{}") or not text.isprintable():
+        raise not_allowed("a concept text without { or } (they mark the templates' slots) and "
+                          "without control characters such as line breaks")
     return text
 
 
 ConceptText = Annotated[str, AfterValidator(_concept_text), Allowed("a non-blank text")]
+
+
+def _concept_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+        raise not_allowed("a concept name of lowercase letters, digits and _, starting with a "
+                          "letter (names become folder and file names)")
+    return name
+
+
+ConceptName = Annotated[str, AfterValidator(_concept_name)]
 
 
 class Concept(Strict):
@@ -153,8 +181,8 @@ Templates = create_model("Templates", __base__=Strict,
 
 
 ConceptsBySetting = create_model("ConceptsBySetting", __base__=Strict,
-                                 mini=(dict[str, MiniConcept], ...),
-                                 paper=(dict[str, PaperConcept], ...))
+                                 mini=(dict[ConceptName, MiniConcept], ...),
+                                 paper=(dict[ConceptName, PaperConcept], ...))
 TemplatesBySetting = create_model("TemplatesBySetting", __base__=Strict, mini=(Templates, ...),
                                   paper=(Templates, ...))
 Slots = create_model("Slots", __base__=Strict,
@@ -197,16 +225,14 @@ class Registry(Strict):
 
 # ---- params.yaml --------------------------------------------------------------------------
 def _scheduler(name: str) -> str:
-    from pipeline.espresso.t2i import scheduler_class
+    from pipeline.espresso.t2i import sampling_schedulers
 
-    try:
-        scheduler_class(name)
-    except ValueError:
-        raise not_allowed(SCHEDULERS) from None
+    if name not in sampling_schedulers():
+        raise not_allowed(f"{SCHEDULERS}: {', '.join(sampling_schedulers())}")
     return name
 
 
-SCHEDULERS = "a diffusers scheduler class, e.g. DDIMScheduler, DPMSolverMultistepScheduler"
+SCHEDULERS = "a diffusers scheduler that samples these models correctly"
 Scheduler = Annotated[str, AfterValidator(_scheduler), Allowed(SCHEDULERS)]
 
 
@@ -219,6 +245,9 @@ class Models(Strict):
     eyes: Text
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 class Splits(Strict):
     train: Count
     val: Count
@@ -228,8 +257,8 @@ class Splits(Strict):
 class Sampler(Strict):
     scheduler: Scheduler
     steps: Count
-    guidance: NonNegative
-    size: Count
+    guidance: Guidance
+    size: ImageSize
     batch: Count
 
 
@@ -274,7 +303,7 @@ class FinetuneSetting(Strict):
 class Finetune(PerSetting):
     seed: Seed
     batch: Count
-    lr: Positive
+    lr: LearningRate
     betas: Annotated[list[Annotated[float, Ge(0), Lt(1)]], MinLen(2), MaxLen(2),
                      Allowed("two numbers in [0, 1), e.g. [0.9, 0.98]")]
     eps: Positive
@@ -309,8 +338,26 @@ class Finetune(PerSetting):
 
 
 # The attack section. Adding a key to every attack's budgets, or an attack, is a one-line edit.
+#: An adaptive term's strengths, in units of the target's own margin spread (scale-free: the
+#: attacker measures the spread on its training data; ``pipeline.attacks.objective``).
+Strengths = Annotated[list[NonNegative], MinLen(1)]
+
+
+def _budget_fractions(fractions: list[float]) -> list[float]:
+    if not fractions or fractions != sorted(set(fractions)) or fractions[-1] != 1.0 \
+            or fractions[0] <= 0:
+        raise not_allowed("increasing fractions in (0, 1] ending at 1.0 (the full budget), "
+                          "e.g. [0.25, 0.5, 1.0]; [1.0] for no curve")
+    return fractions
+
+
+#: Fractions of every attack's search budget (steps, generations) at which its result is also
+#: evaluated: the budget curve (``pipeline.attacks.context.AttackContext.budgets``).
+BudgetFractions = Annotated[list[float], AfterValidator(_budget_fractions)]
+
+
 class Search(Strict):
-    """What every search-based attack (PEZ, Typo, RingBell) is given."""
+    """What every search-based attack (PEZ, Typo, RingBell, UnlearnDiff) is given."""
 
     tokens: Count
     candidates: Count       # independent runs, of which the trial keeps `attack.prompts`
@@ -322,21 +369,21 @@ class Typo(Search):
     lr: Positive
     weight_decay: NonNegative
     text_height: Annotated[float, Gt(0), Le(1)]
-    adaptive_weight: NonNegative
+    adaptive_weights: Strengths
 
 
 class Pez(Search):
     steps: Count
     lr: Positive
     weight_decay: NonNegative
-    adaptive_weight: NonNegative
+    adaptive_weights: Strengths
 
 
 class Cce(Strict):
     steps: Count
     batch: Count
     lr: Positive
-    adaptive_weights: Annotated[list[NonNegative], MinLen(1)]
+    adaptive_weights: Strengths
     selection_images: Count
 
 
@@ -347,7 +394,18 @@ class RingBell(Search):
     elite: Annotated[float, Gt(0), Le(1)]
     crossover: Fraction
     mutation: Fraction
-    adaptive_weight: NonNegative
+    operators: Literal[registry.RINGBELL_OPERATORS]
+    adaptive_weights: Strengths
+
+
+class UnlearnDiff(Search):
+    """UnlearnDiffAtk (Zhang et al. 2024): ``tokens`` hard prefix tokens optimised through an
+    edited model's denoising loss; ``batch`` target images per step."""
+
+    steps: Count
+    batch: Count
+    lr: Positive
+    weight_decay: NonNegative
 
 
 class Budgets(Strict):
@@ -358,8 +416,9 @@ class Budgets(Strict):
     pez: Pez
     cce: Cce
     ringbell: RingBell
+    udiff: UnlearnDiff
 
-    def of(self, attack: str) -> Union[Typo, Pez, Cce, RingBell]:
+    def of(self, attack: str) -> Union[Typo, Pez, Cce, RingBell, UnlearnDiff]:
         """The budget of the attack ``attack``."""
         return field_named(self, attack, "attack", registry.ATTACKS)
 
@@ -372,10 +431,12 @@ ATTACK_NAMES = tuple(registry.implemented(
 Filter = Literal[registry.ADAPTABLE]
 
 
-def _attack_names(names: list[str]) -> list[str]:
-    if set(names) - set(ATTACK_NAMES) or len(set(names)) != len(names) or not names:
-        raise not_allowed(f"a list of {', '.join(ATTACK_NAMES)}, each at most once")
-    return names
+def _names_among(known: tuple[str, ...]):
+    def check(names: list[str]) -> list[str]:
+        if set(names) - set(known) or len(set(names)) != len(names) or not names:
+            raise not_allowed(f"a list of {', '.join(known)}, each at most once")
+        return names
+    return check
 
 
 def _distinct_filters(names: list[str]) -> list[str]:
@@ -386,11 +447,17 @@ def _distinct_filters(names: list[str]) -> list[str]:
 
 
 class Attack(PerSetting):
-    """``adapt_to``: the filters that get their own "+" run of every attack (METHOD section 6);
-    a new key of every attack's budgets is one line in its class above."""
+    """``attacks`` run plain (scored by every CRT: the edits render its prompts) and "+" once per
+    filter of ``adapt_to``; ``edit_attacks`` run adapted to each model of ``edit.crts``, through
+    its UNet (METHOD section 6). Every run is repeated for ``seeds`` attack seeds, and evaluated at
+each fraction of ``budgets`` of its search (one search: snapshots of it). A new key of
+    every attack's budgets is one line in its class above."""
 
     seed: Seed
-    attacks: Annotated[list[str], AfterValidator(_attack_names)]
+    seeds: Count
+    budgets: BudgetFractions
+    attacks: Annotated[list[str], AfterValidator(_names_among(registry.FILTER_ATTACKS))]
+    edit_attacks: Annotated[list[str], AfterValidator(_names_among(registry.EDIT_ATTACKS))]
     adapt_to: Annotated[list[Filter], AfterValidator(_distinct_filters)]
     targets: Count
     prompts: Count
@@ -427,9 +494,9 @@ class Filters(Strict):
 # The edit section: the fine-tuning CRTs of ``pipeline.registry.CRTS``.
 class Esd(Strict):
     steps: Count
-    lr: Positive
+    lr: LearningRate
     eta: Positive              # negative guidance
-    sample_guidance: NonNegative
+    sample_guidance: Guidance
     batch: Count
     checkpoint_every: Count
 
@@ -441,7 +508,7 @@ class Uce(Strict):
 
 class Ca(Strict):
     steps: Count
-    lr: Positive
+    lr: LearningRate
     batch: Count
     anchor_weight: NonNegative
     checkpoint_every: Count
@@ -507,7 +574,7 @@ class Statistics(Strict):
     paired CRT-vs-CRT claims controlled as one family."""
 
     confidence: Annotated[float, Gt(0.5), Lt(1)]
-    resamples: Annotated[int, Ge(200)]
+    resamples: Annotated[int, Ge(200), Le(MAX_COUNT)]
     seed: Seed
     correction: Literal[registry.CORRECTIONS]
     family_rate: Annotated[float, Gt(0), Lt(0.5)]   # Holm: familywise error; fdr_bh: false discovery
@@ -518,7 +585,7 @@ class Certify(Strict):
     eps: Annotated[float, Gt(0), Lt(1)]
     search_steps: Count
     search_lr: Positive
-    curve_points: Annotated[int, Ge(2)]
+    curve_points: Annotated[int, Ge(2), Le(MAX_COUNT)]
 
 
 class Report(Strict):
@@ -533,22 +600,22 @@ class WorldClip(Strict):
     context_length: Count
     steps: Count
     batch: Count
-    lr: Positive
-    warmup: Annotated[int, Ge(0)]
+    lr: LearningRate
+    warmup: Annotated[int, Ge(0), Le(MAX_COUNT)]
     weight_decay: NonNegative
 
 
 class WorldVae(Strict):
     steps: Count
     batch: Count
-    lr: Positive
+    lr: LearningRate
     kl_weight: NonNegative
 
 
 class WorldUnet(Strict):
     steps: Count
     batch: Count
-    lr: Positive
+    lr: LearningRate
     ema_decay: Fraction
     snr_gamma: Positive
     empty_caption_prob: Fraction
@@ -557,7 +624,7 @@ class WorldUnet(Strict):
 class WorldJudge(Strict):
     steps: Count
     batch: Count
-    lr: Positive
+    lr: LearningRate
     widths: Annotated[list[Count], MinLen(1)]
 
 
@@ -568,7 +635,7 @@ class WorldEyes(WorldJudge):
 class WorldMeasure(Strict):
     images_per_prompt: Count
     inference_steps: Count
-    guidance_scale: NonNegative
+    guidance_scale: Guidance
 
 
 class World(Strict):
@@ -646,6 +713,27 @@ class Params(Strict):
                               f"{', '.join(sorted(registry['concepts'][setting]))})")
         return name
 
+    @model_validator(mode="after")
+    def _images_fit_in_memory(self):
+        """Each set of images a stage holds (a split of generate, with c_u and c_a prompts; the
+        everyday images; the attack's) fits in ``MAX_IMAGE_BYTES`` as uint8 at the setting's
+        size: a count of 10**9 is refused here, not killed for memory hours later."""
+        size = self.generate.of(self.setting).size
+        per_image = size * size * 3
+        sets = {("generate", "images_per_prompt", split):
+                2 * getattr(self.generate.prompts, split) * getattr(self.generate.images_per_prompt,
+                                                                    split) for split in SPLIT_NAMES}
+        sets[("everyday", "images_per_prompt")] = (self.everyday.prompts
+                                                   * self.everyday.images_per_prompt)
+        sets[("attack", "images_per_prompt")] = self.attack.prompts * self.attack.images_per_prompt
+        for at, images in sets.items():
+            if images * per_image > MAX_IMAGE_BYTES:
+                raise not_allowed(
+                    f"small enough that the {images} images it makes ({at[0]}) fit in "
+                    f"{MAX_IMAGE_BYTES // 2**30} GiB at {size}x{size}: at most "
+                    f"{MAX_IMAGE_BYTES // per_image} images; lower it or the prompts", at=at)
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _presets_set_known_keys(cls, data: Any) -> Any:
@@ -669,22 +757,85 @@ class Params(Strict):
 
 
 # ---- reading and reporting ----------------------------------------------------------------
+#: A config file is read only within these: bytes before parsing, and nodes once every alias is
+#: expanded (what validation walks). The shipped files are ~20 KB and ~2,000 nodes; a 529-byte
+#: alias bomb expands to a billion nodes and would hang every stage.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def read_yaml_file(path, source: str) -> Any:
+    """:func:`read_yaml` of the file ``path``: a file too big, unreadable or not UTF-8 is a
+    :class:`ParamsError` in one line, not a traceback."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ParamsError(f"{source}: cannot be read: {err.strerror}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ParamsError(f"{source}: larger than {MAX_YAML_BYTES} bytes: not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ParamsError(f"{source}: not UTF-8 (byte 0x{data[err.start]:02x} on line {line}): "
+                          "save it as UTF-8") from None
+    return read_yaml(text, source)
+
+
 def read_yaml(text: str, source: str) -> Any:
-    """The parsed YAML; a syntax error or a key given twice in one mapping (plain YAML keeps the
-    last one silently) raises :class:`ParamsError`, one line per duplicate."""
+    """The parsed YAML (safe tags only); a syntax error, an unsafe or unknown tag, a recursive
+    alias, more than ``MAX_YAML_NODES`` nodes once aliases are expanded, or a key given twice
+    in one mapping (plain YAML keeps the last one silently) raises :class:`ParamsError`, one
+    line per problem."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
+        nodes = _expanded_nodes(root)
+        data = yaml.safe_load(text) if nodes <= MAX_YAML_NODES else None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a date that does not exist, say
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ParamsError(f"{source}: not valid YAML{where}: "
-                          f"{getattr(err, 'problem', None) or err}") from None
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+        raise ParamsError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ParamsError(f"{source}: nested too deeply to be a config file") from None
+    if nodes > MAX_YAML_NODES:
+        raise ParamsError(f"{source}: expands to more than {MAX_YAML_NODES} values (each alias "
+                          "repeats what it points to): write it without nested aliases")
     lines = [f"{source}: {'.'.join(path + [key])}: given {len(rows)} times (lines "
              f"{', '.join(map(str, rows))}); YAML keeps only the last: rename or remove the others"
              for path, key, rows in _duplicate_keys(root, [])]
     if lines:
         raise ParamsError("\n".join(lines))
-    return yaml.safe_load(text)
+    return data
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _expanded_nodes(root) -> int:
+    """How many nodes ``root`` has with every alias expanded, counted in one pass over the
+    distinct nodes (an alias is a shared node); a node inside itself (``&a [*a]``) is a
+    ``yaml.YAMLError``, since nothing could hold its expansion."""
+    sizes: dict[int, int] = {}
+    inside: set[int] = set()  # the nodes whose children are being counted
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, counted = stack.pop()
+        if counted:
+            inside.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in _children(node)),
+                                  MAX_YAML_NODES + 1)
+        elif id(node) in inside:
+            raise yaml.MarkedYAMLError(problem="a recursive alias (a value that contains "
+                                       "itself): write it out", problem_mark=node.start_mark)
+        elif id(node) not in sizes:
+            inside.add(id(node))
+            stack += [(node, True)] + [(child, False) for child in _children(node)]
+    return sizes.get(id(root), 0)
 
 
 def _duplicate_keys(node, path: list[str]):
@@ -715,6 +866,8 @@ def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
     """``<source>: <key path>: <value> is not allowed; must be <what is allowed>``."""
     ctx = error.get("ctx") or {}
     loc = tuple(error["loc"]) + tuple(ctx.get("at", ()))
+    if loc[-1:] == ("[key]",):  # a mapping's key refused: the path to the mapping, the key as value
+        loc = loc[:-2]
     key = ".".join(map(str, loc)) or "(top)"
     if error["type"] == "missing":
         return f"{source}: {key}: missing; must be {describe(model, loc)}"
@@ -726,6 +879,8 @@ def problem_line(model: type[BaseModel], error: dict, source: str) -> str:
         return (f"{source}: {key}: unknown key (value {_show(error['input'])}); the keys here "
                 f"are: {known}")
     allowed = ctx.get("allowed") or describe(model, loc)
+    if error["type"] == "finite_number":
+        allowed = f"finite: {allowed}"
     value = _value_at(error["input"], ctx.get("at", ()))
     if value is _MISSING:
         return f"{source}: {key}: missing; must be {allowed}"

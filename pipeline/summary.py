@@ -23,8 +23,9 @@ What it computes (``pipeline.outcomes``, ``pipeline.statistics``; docs/method.md
   surviving claims are stated.
 
 Written to ``reports/summary/``: summary.csv (one row per concept x CRT x condition x metric),
-claims.csv, experiments.csv, README.md and index.html (opening with the verdict and the
-trade-off figure), tradeoff.png; and the headline table into the repository's README.md between
+claims.csv, experiments.csv, curves.csv (attack success against budget, where an experiment drew
+the curves), README.md and index.html (opening with the verdict and the trade-off figure),
+tradeoff.png, curves.png; and the headline table into the repository's README.md between
 ``<!-- summary:headline:start -->`` and ``<!-- summary:headline:end -->``.
 
     python -m pipeline.summary                   # from the published experiments on main
@@ -132,6 +133,62 @@ def long_table(tables: dict[str, dict], stats: Statistics,
                                         stats) for key in keys}
     rows += [_row("average", key, averages[key], stats, "") for key in keys]
     return pd.DataFrame(rows), claims_table(per_concept, stats)
+
+
+def curves_table(tables: dict[str, dict], stats: Statistics) -> pd.DataFrame:
+    """Attack success against budget on every concept whose attack stage evaluated more than
+    the full budget (``attack.budgets``): one row per concept x CRT x condition x budget, with
+    its interval; ``converged`` (on the full budget's rows): doubling the search from half the
+    budget moved the success by less than the full budget's own 95% interval (the half-budget
+    value lies inside it)."""
+    import pandas as pd
+
+    from pipeline import outcomes
+
+    rows = []
+    for concept, t in sorted(tables.items()):
+        scores = t["attack"]
+        if "budget" not in scores or scores["budget"].nunique() < 2:
+            continue
+        found = outcomes.curves(scores, stats)
+        for (crt, condition, budget), estimate in sorted(found.items()):
+            rows.append({"concept": concept, "crt": crt, "condition": condition,
+                         "budget": float(budget), **estimate.interval(stats.confidence)})
+    table = pd.DataFrame(rows, columns=["concept", "crt", "condition", "budget", "value", "low",
+                                        "high", "n", "clusters", "method"])
+    if table.empty:
+        return table.assign(converged=pd.Series(dtype=object))
+    converged = []
+    for row in table.itertuples():
+        if row.budget != 1.0:
+            converged.append(None)
+            continue
+        half = table[(table["concept"] == row.concept) & (table["crt"] == row.crt)
+                     & (table["condition"] == row.condition) & (table["budget"] == 0.5)]
+        converged.append(bool(not half.empty and row.low is not None and row.high is not None
+                              and row.low <= half["value"].iloc[0] <= row.high))
+    return table.assign(converged=converged)
+
+
+def convergence_sentence(curves: pd.DataFrame) -> str:
+    """Which attacks had converged at the default budget (``curves_table``), for a README."""
+    full = curves[(curves["budget"] == 1.0) & curves["converged"].notna()] \
+        if "converged" in curves else curves.iloc[:0]
+    if full.empty:
+        return ("Budget curves: none published (an experiment with more than one fraction in "
+                "`attack.budgets` draws them).")
+    concepts = sorted(full["concept"].unique())
+    parts = []
+    for condition, rows in full.groupby("condition", sort=True):
+        done = rows["converged"].astype(bool)
+        parts.append(f"{condition} {int(done.sum())}/{len(rows)}")
+    all_done = sorted(c for c, rows in full.groupby("condition") if rows["converged"].all())
+    return (f"Budget curves on {len(concepts)} concept(s) ({', '.join(concepts)}; "
+            "[figure](reports/summary/README.md)): an attack has converged at the default "
+            "budget against a CRT where half the budget already reached a success inside the "
+            "full budget's 95% interval. Converged (CRT x concept curves): "
+            + ", ".join(parts) + ". Converged against every CRT: "
+            + (", ".join(all_done) if all_done else "none") + ".")
 
 
 def _order(key: tuple) -> tuple:
@@ -399,6 +456,51 @@ def tradeoff_figure(long: pd.DataFrame, claim: Claim) -> Figure:
     return fig
 
 
+def curves_figure(curves: pd.DataFrame) -> Figure:
+    """Attack success (judge) against the share of the search budget, one panel per CRT: each
+    adapted attack's curve (the plain attacks' for the references, which have none), a line
+    style per concept, the worst adapted attack in black; error bars: 95% intervals."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    crts = [c for c in FILTER_NAMES if (curves["crt"] == c).any()]
+    concepts = sorted(curves["concept"].unique())
+    styles = ["-", "--", ":", "-."]
+    columns = 4
+    fig = Figure(figsize=(3.2 * columns, 2.6 * -(-len(crts) // columns)))
+    axes = fig.subplots(-(-len(crts) // columns), columns, squeeze=False).ravel()
+    colours = colormaps["tab10"]
+    for ax, crt in zip(axes, crts):
+        rows = curves[curves["crt"] == crt]
+        adapted = sorted(c for c in rows["condition"].unique() if c.endswith("+"))
+        shown = adapted or sorted(rows["condition"].unique())
+        for i, condition in enumerate(shown):
+            for j, concept in enumerate(concepts):
+                line = rows[(rows["condition"] == condition)
+                            & (rows["concept"] == concept)].sort_values("budget")
+                if line.empty:
+                    continue
+                low = (line["value"] - line["low"].fillna(line["value"])).clip(lower=0)
+                high = (line["high"].fillna(line["value"]) - line["value"]).clip(lower=0)
+                ax.errorbar(line["budget"], line["value"], yerr=[low, high], capsize=2,
+                            ls=styles[j % len(styles)], marker="o", ms=3, lw=1.2 if
+                            condition == "worst+" else 0.9, color="black" if condition ==
+                            "worst+" else colours(i % 10),
+                            label=condition if j == 0 else None)
+        ax.set_title(FILTER_NAMES[crt].split(" (")[0], fontsize=8)
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-0.03, 1.03)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in axes[len(crts):]:
+        ax.set_visible(False)
+    fig.supxlabel("share of each attack's search budget (1 = the default)", fontsize=8)
+    fig.supylabel("attack success: c_u shown and passed (judge)", fontsize=8)
+    fig.suptitle("line style per concept: " + ", ".join(
+        f"{c} ({styles[j % len(styles)]})" for j, c in enumerate(concepts)), fontsize=8)
+    return fig
+
+
 #: Where a label may go: offsets (points) from its marker on a 4-point grid, nearest first
 #: (a vertical step counts 1.5 times a horizontal one: beside the marker before above it).
 LABEL_OFFSETS = sorted(((dx, dy) for dx in range(-160, 161, 4) for dy in range(-120, 121, 4)
@@ -464,6 +566,8 @@ VERDICT = "Verdict: which CRTs are effective, useful and robust (summary.claim; 
 PER_CONCEPT = ("Per concept: all three met with the whole interval ('yes'), else what falls "
                "short (E effective, U useful, R robust; lower case: met by the value only)")
 CLAIMS = "Paired comparisons that survive the multiplicity control"
+CURVES = ("Attack success against the search budget (snapshots of one search per run; the "
+          "concepts whose experiment drew the curves)")
 TRADEOFF = ("Every CRT: effectiveness vs utility on c_a and on everyday prompts (averages with "
             "95% intervals; faint: each concept), colour: robustness; dashed: the claim's "
             "thresholds")
@@ -472,10 +576,11 @@ HEADLINE_MARKERS = ("<!-- summary:headline:start -->", "<!-- summary:headline:en
 
 
 def write_summary(out: Path, params: Params, long: pd.DataFrame, claims: pd.DataFrame,
-                  index: pd.DataFrame, readme: Path | None = None) -> None:
-    """summary.csv, claims.csv and experiments.csv, rendered as README.md and index.html with
-    the trade-off figure, judged against ``params.summary.claim``; the page opens with the
-    verdict and the figure. ``readme``: a README.md whose headline block gets the headline."""
+                  index: pd.DataFrame, curves: pd.DataFrame, readme: Path | None = None) -> None:
+    """summary.csv, claims.csv, experiments.csv and curves.csv, rendered as README.md and
+    index.html with the trade-off figure (and the budget curves where any concept has them),
+    judged against ``params.summary.claim``; the page opens with the verdict and the figure.
+    ``readme``: a README.md whose headline block gets the headline."""
     from pipeline import paper_figures
 
     claim, stats = params.summary.claim, params.statistics
@@ -508,6 +613,10 @@ def write_summary(out: Path, params: Params, long: pd.DataFrame, claims: pd.Data
     with atomic_dir(out) as tmp:
         tradeoff_figure(long, claim).savefig(tmp / "tradeoff.png", dpi=110, bbox_inches="tight")
         figures = {TRADEOFF: "tradeoff.png"}
+        if not curves.empty:
+            curves_figure(curves).savefig(tmp / "curves.png", dpi=110, bbox_inches="tight")
+            figures[CURVES] = "curves.png"
+        intro.append(convergence_sentence(curves))
         markdown, page = render(f"Espresso summary ({params.setting})", intro, tables, figures,
                                 first=[verdict_sentence(verdicts, claims, stats), TRADEOFF,
                                        VERDICT], budget=params.budget)
@@ -516,7 +625,9 @@ def write_summary(out: Path, params: Params, long: pd.DataFrame, claims: pd.Data
         long.to_csv(tmp / "summary.csv", index=False)
         claims.to_csv(tmp / "claims.csv", index=False)
         index.to_csv(tmp / "experiments.csv", index=False)
-    if readme is not None and update_readme(readme, headline_markdown(long, claims, params)):
+        curves.to_csv(tmp / "curves.csv", index=False)
+    if readme is not None and update_readme(readme, headline_markdown(long, claims, curves,
+                                                                       params)):
         print(f"{readme}: headline table updated")
     print(markdown)
 
@@ -529,7 +640,8 @@ def headline_table(long: pd.DataFrame, claim: Claim) -> pd.DataFrame:
                   "concepts meeting all three"]]
 
 
-def headline_markdown(long: pd.DataFrame, claims: pd.DataFrame, params: Params) -> str:
+def headline_markdown(long: pd.DataFrame, claims: pd.DataFrame, curves: pd.DataFrame,
+                      params: Params) -> str:
     """The headline table as a README shows it, with where it comes from."""
     claim, stats = params.summary.claim, params.statistics
     concepts = concepts_in(long)
@@ -546,7 +658,7 @@ def headline_markdown(long: pd.DataFrame, claims: pd.DataFrame, params: Params) 
             f"{held} of {len(claims)} paired comparisons survive {stats.correction} at "
             f"{stats.family_rate:.2f} ([the claims](reports/summary/README.md)). Generated by "
             f"`python -m pipeline.summary` from [reports/summary/summary.csv]"
-            f"(reports/summary/summary.csv).")
+            f"(reports/summary/summary.csv).\n\n" + convergence_sentence(curves))
 
 
 def readme_block(text: str) -> str | None:
@@ -570,8 +682,9 @@ def update_readme(readme: Path, block: str) -> bool:
     return True
 
 
-def read_summary(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """summary.csv, claims.csv and experiments.csv as write_summary wrote them."""
+def read_summary(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame,
+                                        pd.DataFrame]:
+    """summary.csv, claims.csv, experiments.csv and curves.csv as write_summary wrote them."""
     import pandas as pd
 
     long = pd.read_csv(folder / "summary.csv", keep_default_na=False,
@@ -580,7 +693,11 @@ def read_summary(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
         else pd.DataFrame()
     index = pd.read_csv(folder / "experiments.csv", dtype=str) \
         if (folder / "experiments.csv").is_file() else pd.DataFrame(columns=["concept", "commit"])
-    return long, claims, index
+    curves = pd.read_csv(folder / "curves.csv") if (folder / "curves.csv").is_file() \
+        else pd.DataFrame(columns=["concept", "crt", "condition", "budget", "converged"])
+    curves["converged"] = curves["converged"].astype(object).where(curves["converged"].notna(),
+                                                                   None)
+    return long, claims, index, curves
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -637,7 +754,8 @@ def main(argv: list[str] | None = None) -> None:
 
     index = pd.DataFrame(provenance.index_rows(used))
     long, claims = long_table(tables, params.statistics, {r.concept: r.commit for r in used})
-    write_summary(args.out, params, long, claims, index, readme=readme)
+    write_summary(args.out, params, long, claims, index,
+                  curves_table(tables, params.statistics), readme=readme)
 
 
 if __name__ == "__main__":

@@ -80,5 +80,6 @@ def summary_folder(tiny_params, tmp_path):
                                       {c: f"{i:040d}" for i, c in enumerate(tables)})
     index = pd.DataFrame([{"concept": c, "commit": f"{i:040d}", "subject": f"exp({c}): synthetic",
                            "date": "2026-12-06"} for i, c in enumerate(tables)])
-    summary.write_summary(tmp_path / "summary", checked, long, claims, index)
+    summary.write_summary(tmp_path / "summary", checked, long, claims, index,
+                          summary.curves_table(tables, checked.statistics))
     return tmp_path / "summary", tables

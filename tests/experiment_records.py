@@ -12,6 +12,7 @@ from pipeline.espresso.filter_names import FILTERS
 
 EDITS = ("esd_x", "uce")
 ATTACKS = ("pez", "cce")
+EDIT_ATTACKS = ("cce", "udiff")
 #: Per CRT: the chance an image is blocked (filters) or still shows c_u (edits), per condition;
 #: "ratio": an edit's CLIP score over the unedited one's. A good filter, a poor one, an edit.
 PROFILE = {
@@ -74,16 +75,21 @@ def score_tables(seed: int, prompts: int = 8, images: int = 4, profile=None) -> 
         **_filters(rng, n, "e", profile),
         **_edits(rng, n, clip, {c: {**profile[c], "shows": 0.0} for c in EDITS})})
     runs = []
-    for attack in ATTACKS:
-        targets = [("plain", "", False)] + [("plus", t, t in EDITS)
-                                            for t in ("mhsc", "zero_shot", "espresso", *EDITS)]
-        for variant, target, edited in targets:
-            runs.append(pd.DataFrame({
-                "prompt": np.repeat([f"{attack} {target} prompt {i}" for i in range(prompts)],
-                                    images),
-                "judge_shows_concept": rng.random(n) < 0.8, "p_eval": rng.uniform(0, 1, n),
-                **_filters(rng, n, "attack", profile), "attack": attack, "variant": variant,
-                "target": target or np.nan, "edited_model": edited, "seed": np.arange(n)}))
+    # each attack plain (its prompts also rendered by each edit), "+" per filter; each edit
+    # attack "+" through each edit
+    plans = [(attack, variant, target, edited) for attack in ATTACKS
+             for variant, target, edited in [("plain", "", False)]
+             + [("plain", e, True) for e in EDITS]
+             + [("plus", t, False) for t in ("mhsc", "zero_shot", "espresso")]]
+    plans += [(attack, "plus", e, True) for attack in EDIT_ATTACKS for e in EDITS]
+    for attack, variant, target, edited in plans:
+        named = target if variant == "plus" else ""  # an edit's plain run: the plain prompts
+        runs.append(pd.DataFrame({
+            "prompt": np.repeat([f"{attack} {named} prompt {i}" for i in range(prompts)], images),
+            "judge_shows_concept": rng.random(n) < 0.8, "p_eval": rng.uniform(0, 1, n),
+            **_filters(rng, n, "attack", profile), "attack": attack, "variant": variant,
+            "target": target or np.nan, "edited_model": edited, "attack_seed": 0,
+            "seed": np.arange(n)}))
     return {"evaluate": evaluate, "everyday": everyday, "attack": pd.concat(runs, ignore_index=True)}
 
 

@@ -39,7 +39,7 @@ def test_smoke_preset_merges_over_the_base_params(raw, tmp_path):
     params = load({**raw, "budget": "smoke"}, tmp_path)
     assert params["generate"]["mini"] == {**raw["generate"]["mini"], "steps": 4}  # one key cut
     assert params["generate"]["prompts"] == {"train": 4, "val": 2, "test": 2}
-    assert params["attack"]["mini"]["cce"]["adaptive_weights"] == [0.008, 0.016, 0.032]  # kept
+    assert params["attack"]["mini"]["cce"]["adaptive_weights"] == [0.004, 0.008, 0.016, 0.032]  # kept
     assert params["attack"]["mini"]["ringbell"]["generations"] == 2
     # every code path still runs: the concept, every CRT, attack and adapted filter
     for key in ("concept", "setting"):
@@ -122,6 +122,11 @@ def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw):
     assert experiments.same_sweep(older, full) and not experiments.same_sweep(older, smoke)
     # what picks no score the summary reads is no other sweep: the claim, the statistics
     assert experiments.same_sweep({**raw, "statistics": {**raw["statistics"], "seed": 9}}, full)
+    # budget-curve points add outputs and change none: an experiment that drew curves is of the
+    # sweep; one with other attack seeds is not
+    curves = {**raw, "attack": {**raw["attack"], "budgets": [0.5, 1.0]}}
+    assert experiments.same_sweep(curves, full)
+    assert not experiments.same_sweep({**raw, "attack": {**raw["attack"], "seeds": 9}}, full)
 
 
 def test_a_smoke_summary_says_so(summary_folder):

@@ -5,9 +5,11 @@ import copy
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -210,14 +212,14 @@ def test_screen_a_folder(checker, images, tmp_path, capsys):
         PIL.Image.fromarray(images[i * 20]).save(folder / f"{i}.png")
     PIL.Image.fromarray(images[5]).convert("L").save(folder / "sub" / "grey.jpg")
     (folder / "sub" / "broken.png").write_bytes(b"not an image")
-    (folder / "notes.txt").write_text("not an image file: not listed")
+    (folder / "notes.txt").write_text("not an image file: listed, blocked")
     screen.main([str(tmp_path / "checker"), str(folder), "--out", str(tmp_path / "out.csv")])
     with open(tmp_path / "out.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5 * len(checker.names)
+    assert len(rows) == 6 * len(checker.names)
     assert {Path(r["path"]).name for r in rows} == {"0.png", "1.png", "2.png", "grey.jpg",
-                                                    "broken.png"}
-    broken = [r for r in rows if r["path"].endswith("broken.png")]
+                                                    "broken.png", "notes.txt"}
+    broken = [r for r in rows if r["path"].endswith(("broken.png", "notes.txt"))]
     assert all(r["blocked"] == "True" and r["fired"] == "True" and r["p_unacceptable"] == ""
                and "unreadable" in r["error"] for r in broken)
     reference = checker.check([images[0], images[20], images[40]])
@@ -226,11 +228,172 @@ def test_screen_a_folder(checker, images, tmp_path, capsys):
         assert [float(r["p_unacceptable"]) for r in mine] == pytest.approx(
             reference.p_unacceptable[i].tolist(), abs=1e-5)
         assert [r["fired"] == "True" for r in mine] == reference.fired[i].tolist()
-    assert "screened 5 images" in capsys.readouterr().err
+    assert "screened 6 files (4 frames): " in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not exist"):
         screen.main([str(tmp_path / "checker"), str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "x.csv")])
     assert not (tmp_path / "x.csv").exists()
+
+
+# ---- a checker folder is validated on load ------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(filters, tmp_path_factory):
+    """A saved two-concept checker, copied by each test that changes it."""
+    folder = tmp_path_factory.mktemp("saved") / "checker"
+    ConceptChecker.from_filters({k: filters[k] for k in ("zorbo", "mimi")}).save_pretrained(folder)
+    return folder
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def set_row(key, value):
+    return lambda table: table["concept_table"][1].__setitem__(key, value)
+
+
+def set_processor(key, value):
+    return lambda config: config.__setitem__(key, value)
+
+
+TAMPERED_TABLES = {  # config.json: change -> what the one line must name
+    "cut 1.0 (never fires)": (set_row("cut", 1.0), r"concept_table\.1\.cut: 1\.0"),
+    "cut 2.0": (set_row("cut", 2.0), r"concept_table\.1\.cut: 2\.0"),
+    "cut -1 (always fires)": (set_row("cut", -1), r"concept_table\.1\.cut: -1"),
+    "cut 0": (set_row("cut", 0.0), r"concept_table\.1\.cut: 0\.0"),
+    "cut NaN": (set_row("cut", float("nan")), r"concept_table\.1\.cut: nan"),
+    "cut as text": (set_row("cut", "0.5"), r"concept_table\.1\.cut: '0\.5'"),
+    "logit scale 0": (set_row("logit_scale", 0.0), r"concept_table\.1\.logit_scale: 0\.0"),
+    "logit scale negative (inverts)": (set_row("logit_scale", -39.2),
+                                       r"concept_table\.1\.logit_scale: -39\.2"),
+    "name not text": (set_row("name", 5), r"concept_table\.1\.name: 5"),
+    "extra key": (set_row("threshold", 0.9), r"concept_table\.1\.threshold: .*unknown key"),
+    "key missing": (lambda t: t["concept_table"][0].pop("acceptable"),
+                    r"concept_table\.0\.acceptable: Field required"),
+    "extra top-level key": (lambda t: t.__setitem__("bypass", True), r"bypass: True: unknown key"),
+    "table not a list": (lambda t: t.__setitem__("concept_table", {}), r"concept_table: \{\}"),
+    "no concepts": (lambda t: t.__setitem__("concept_table", []), r"concept_table: \[\]"),
+}
+TAMPERED_PROCESSORS = {  # feature_extractor/preprocessor_config.json
+    "image_mean changed": (set_processor("image_mean", [0.9, 0.9, 0.9]), "image_mean"),
+    "do_normalize false": (set_processor("do_normalize", False), "do_normalize"),
+    "resize to another size": (set_processor("size", {"shortest_edge": 64}), "size"),
+    "no centre crop": (set_processor("do_center_crop", False), "do_center_crop"),
+    "rescale changed": (set_processor("rescale_factor", 1.0), "rescale_factor"),
+    "extra processing step": (set_processor("do_pad", True), "do_pad"),
+}
+
+
+def refusal(folder: Path) -> str:
+    """The one-line refusal of loading ``folder`` (it must be refused)."""
+    with pytest.raises(ModelNotAvailableError) as err:
+        ConceptChecker.from_pretrained(folder, device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "refusing" in message or "pickle" in message, message
+    return message
+
+
+@pytest.mark.parametrize("case", TAMPERED_TABLES)
+def test_a_tampered_concept_table_is_refused_in_one_line_naming_the_key(saved, tmp_path, case):
+    change, named = TAMPERED_TABLES[case]
+    shutil.copytree(saved, tmp_path / "checker")
+    edit_json(tmp_path / "checker" / "config.json", change)
+    assert re.search(named, refusal(tmp_path / "checker"))
+
+
+@pytest.mark.parametrize("case", TAMPERED_PROCESSORS)
+def test_a_changed_processor_is_refused_in_one_line_naming_the_setting(saved, tmp_path, case):
+    change, named = TAMPERED_PROCESSORS[case]
+    shutil.copytree(saved, tmp_path / "checker")
+    edit_json(tmp_path / "checker" / "feature_extractor" / "preprocessor_config.json", change)
+    assert f"feature extractor: {named} " in refusal(tmp_path / "checker")
+
+
+def test_the_untouched_folder_loads(saved):
+    """The refusals above are of the changes, not of the folder."""
+    assert ConceptChecker.from_pretrained(saved, device="cpu").names == ["zorbo", "mimi"]
+
+
+def test_a_pickle_only_checker_is_refused_before_unpickling(saved, tmp_path, monkeypatch):
+    shutil.copytree(saved, tmp_path / "checker")
+    encoder = tmp_path / "checker" / "image_encoder"
+    tower = CLIPVisionModelWithProjection.from_pretrained(encoder)
+    (encoder / "model.safetensors").unlink()
+    torch.save(tower.state_dict(), encoder / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was unpickled"))
+    assert "pickle weights only (pytorch_model.bin)" in refusal(tmp_path / "checker")
+
+
+def test_a_screen_of_a_tampered_checker_stops_with_one_line(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "checker")
+    edit_json(tmp_path / "checker" / "config.json", set_row("cut", 1.0))
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit, match=r"^error: .*concept_table\.1\.cut: 1\.0.*refusing"):
+        screen.main([str(tmp_path / "checker"), str(tmp_path / "a.png"), "--out",
+                     str(tmp_path / "out.csv")])
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_checker_with_a_cut_or_scale_that_switches_a_concept_off_cannot_be_built(filters):
+    for change in ({"cut": 1.0}, {"cut": 0.0}, {"logit_scale": -1.0}, {"logit_scale": 0}):
+        checker = ConceptChecker.from_filters({"zorbo": filters["zorbo"]})
+        concept = copy.copy(checker.concepts[0])
+        for key, value in change.items():
+            setattr(concept, key, value)
+        with pytest.raises(ValueError, match=f"concept 'zorbo': {' '.join(change)}".replace(
+                "_", " ")):
+            ConceptChecker(checker.image_encoder, checker.processor, [concept])
+
+
+def test_a_calibration_that_saturates_is_refused(filters):
+    """Scores of 0.0 (float underflow) would give cut 0, at which the concept always fires."""
+    checker = ConceptChecker.from_filters({"zorbo": filters["zorbo"]})
+    with pytest.raises(ValueError, match=r"gives cut 0\.0, outside \(0, 1\)"):
+        checker.calibrate("zorbo", np.zeros(20), 0.05)
+    assert checker.cuts.tolist() == [0.5]
+
+
+def test_last_result_is_the_calling_threads(checker, images):
+    """Threads sharing one checker each read their own call's result, even when every other
+    thread has called it since."""
+    count = 4
+    barrier = threading.Barrier(count)
+    pixels = checker.pixel_values(images[:count])
+    seen = [None] * count
+
+    def call(i):
+        checker(images=torch.zeros(1, 3, 8, 8), clip_input=pixels[i:i + 1])
+        barrier.wait()  # every thread has called before any reads
+        seen[i] = checker.last_result.p_unacceptable[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reference = checker.check(images[:count]).p_unacceptable
+    assert len({tuple(row) for row in reference}) == count  # distinct answers: the test can fail
+    assert np.allclose(np.stack(seen), reference, atol=1e-5)
+
+
+def test_one_image_that_fails_blocks_only_itself(checker, images, monkeypatch):
+    """A chunk on which scoring raises is scored again image by image."""
+    original = checker.pixel_values
+
+    def fails_on_wide(batch, value_range=None):
+        if any(np.asarray(im).shape[1] > 100 for im in batch):
+            raise MemoryError("the resize of a 1 x 200000 image")
+        return original(batch, value_range)
+
+    monkeypatch.setattr(checker, "pixel_values", fails_on_wide)
+    wide = np.zeros((8, 400, 3), np.uint8)
+    result = checker.check([images[0], wide, images[20]])
+    assert result.unscored.tolist() == [False, True, False]
+    assert "MemoryError" in result.errors[1] and result.blocked[1]
+    assert np.allclose(result.p_unacceptable[[0, 2]],
+                       checker.check([images[0], images[20]]).p_unacceptable)
 
 
 # ---- installable without the pipeline -------------------------------------------------------

@@ -37,7 +37,7 @@ KILLS = {
         (("numpy.savez", 1, "before"), "data/edit/.esd_x.tmp-*"),  # edit being published
     ],
     "attack": [
-        (("numpy.savez", 1, "before"), "data/attack/.typo.npz.tmp-*"),  # images being written
+        (("numpy.savez", 1, "before"), "data/attack/typo/.seed0.npz.tmp-*"),  # images being written
     ],
 }
 

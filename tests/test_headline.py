@@ -52,15 +52,15 @@ def test_headline_rules_expand_crts_and_reduce_the_other_placeholders():
         "espresso": {"clip_accuracy": {"value": 0.1, "low": 0.0, "high": 0.2}},
         "none": {"clip_accuracy": {"value": 0.9}},  # a reference: no headline
         "esd_x": {"clip_accuracy": {"value": 0.5}},
-        "runs": {"pez": {"espresso": {"clip_accuracy": {"value": 0.99}}},  # plain: not adapted
-                 "pez+espresso": {"espresso": {"clip_accuracy": {"value": 0.3}}},
-                 "cce+espresso": {"espresso": {"clip_accuracy": {"value": 0.4}}},
-                 "cce+esd_x": {"esd_x": {"clip_accuracy": {"value": 0.7}}}},
+        "outcomes": {"espresso": {"pez": {"clip_accuracy": {"value": 0.99}},  # plain: not adapted
+                                  "pez+": {"clip_accuracy": {"value": 0.3}},
+                                  "cce+": {"clip_accuracy": {"value": 0.4}}},
+                     "esd_x": {"cce+": {"clip_accuracy": {"value": 0.7}}}},
         "heldout": {"a": 1.0, "b": {"c": 0.5, "d": 0.75}},
         "label": "text is no headline",
     }
     rules = {"test": [("clip_accuracy.{crt}", "{crt}.clip_accuracy.value", None),
-                      ("worst.{crt}", "runs.{attack}+{crt}.{crt}.clip_accuracy.value", "max"),
+                      ("worst.{crt}", "outcomes.{crt}.{attack}+.clip_accuracy.value", "max"),
                       ("heldout_min", "heldout.{name}", "min"),
                       ("absent", "nowhere", None)]}
     original = headline.HEADLINES

@@ -61,8 +61,9 @@ def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offli
     monkeypatch.setattr(judges, "load_eyes",  # where the attack stage takes it from when it runs
                         lambda *_: lambda images: np.ones(len(images), dtype=bool))
     attacked = attack.run(params)  # the paper budgets' structure, tiny values
-    assert list(attacked["runs"]) == [run for run, _, _ in attack.attack_runs(
-        params.attack.attacks, params.attack.adapt_to + params.edit.crts)]
+    assert list(attacked["runs"]) == [run for run, *_ in attack.attack_runs(
+        params.attack.attacks, params.attack.adapt_to, params.edit.crts,
+        params.attack.edit_attacks)]
     assert attacked["eyes"] == params.models.paper.eyes != attacked["judge"]
     certified = certify.run(params)
     assert certified["total_violations"] == 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -25,24 +26,24 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     second = run_all_stages(tiny_params)  # from scratch, in another folder
     assert first == second
     evaluated, attacked = first["evaluate"], first["attack"]
-    edits = tiny_params["edit"]["crts"]
-    runs = [run for run, _, _ in attack_runs(tiny_params["attack"]["attacks"],
-                                             tiny_params["attack"]["adapt_to"] + edits)]
-    # each attack plain, then "+" per adapted filter, then against each edited model
+    edits, a = tiny_params["edit"]["crts"], tiny_params["attack"]
+    runs = [run for run, *_ in attack_runs(a["attacks"], a["adapt_to"], edits, a["edit_attacks"])]
+    # each attack plain, its prompts through each edit, "+" per filter, then each edit attack
     assert list(attacked["runs"]) == runs
     assert attacked["runs"]["pez+espresso"]["target"] == "espresso"
-    against_uce = attacked["runs"]["cce+uce"]
-    assert against_uce["edited_model"] and "espresso" not in against_uce  # nothing to filter
-    filter_runs = [run for run in runs if run.split("+")[-1] not in edits]
+    assert attacked["runs"]["udiff+uce"]["edited_model"]
     assert attacked["eyes"] == tiny_params["models"]["mini"]["eyes"]
+    scores = pd.read_csv(stage_dir / "reports/attack/scores.csv")
+    assert sorted(scores["attack_seed"].unique()) == list(range(a["seeds"]))
+    outcomes = attacked["outcomes"]
     for name in FILTERS:
         for key in ("clip_accuracy", "normalized_clip_score", "fnr", "fpr", "fnr_judged",
                     "unscored_rate"):
             rate = evaluated[name][key]  # every rate carries its 95% interval
             assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1.0 + 1e-6, (name, key)
         assert evaluated[name]["unscored_rate"]["value"] == 0.0
-        for run in filter_runs:
-            success = attacked["runs"][run][name]["attack_success_rate"]
+        for attack in a["attacks"]:  # plain, scored by every filter
+            success = outcomes[name][attack]["attack_success"]
             assert 0.0 <= success["low"] <= success["value"] <= success["high"] <= 1.0
     for crt in edits:  # a fine-tuning CRT blocks nothing: scored as its own unfiltered model
         for key in ("clip_accuracy", "normalized_clip_score", "leak_rate_judged"):
@@ -50,8 +51,10 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
             # an edited model's image can score above the unedited one's: nCS may exceed 1
             top = np.inf if key == "normalized_clip_score" else 1.0 + 1e-6
             assert 0.0 <= rate["low"] <= rate["value"] <= rate["high"] <= top, (crt, key)
-        for attack in tiny_params["attack"]["attacks"]:
-            assert attacked["runs"][f"{attack}+{crt}"][crt]["block_rate"]["value"] == 0.0
+        # every edit: the plain condition and at least two attacks through its own model
+        assert set(a["attacks"]) <= set(outcomes[crt])
+        assert {f"{name}+" for name in a["edit_attacks"]} <= set(outcomes[crt])
+        assert len(a["edit_attacks"]) >= 2
     certified = first["certify"]
     assert certified["total_violations"] == 0  # the certificate held on every test image
     assert set(certified["espresso"]["attacks"]) == set(runs)

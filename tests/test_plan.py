@@ -22,7 +22,8 @@ def test_stage_work_of_the_tiny_params(tiny_params):
     crts = tiny_params["edit"]["crts"]
     assert work["edit"].evaluations["vae_decode"] == len(crts) * 2 * 2 * 2  # each edit's test set
     a = tiny_params["attack"]
-    runs = len(a["attacks"]) * (1 + len(a["adapt_to"]) + len(crts))
+    runs = a["seeds"] * (len(a["attacks"]) * (1 + len(a["adapt_to"]) + len(crts))
+                         + len(a["edit_attacks"]) * len(crts))
     final = a["prompts"] * a["images_per_prompt"]
     assert work["attack"].evaluations["vae_decode"] >= runs * final
 
@@ -46,18 +47,19 @@ def test_hours_and_the_gpu_schedule():
 
 
 def test_mini_cpu_minutes_of_the_tiny_params(tiny_params):
-    """Counted by hand: 2 x 2 test images per label; 4 attacks x (plain + 2 filters + 2 CRTs)
-    = 20 runs of 2 x 2 final images; certify embeds both with two filters."""
+    """Counted by hand: 2 x 2 test images per label; 2 attack seeds x (4 attacks x (plain + its
+    prompts through 2 CRTs + 2 filters) + 2 edit attacks x 2 CRTs) = 48 runs of 2 x 2 final
+    images; certify embeds both with two filters."""
     work = plan.stage_work(check_params(tiny_params))
     assert set(work) == set(plan.STAGES)
-    assert work["certify"].evaluations == {"clip_image": 2 * (2 * 4 + 20 * 4)}
+    assert work["certify"].evaluations == {"clip_image": 2 * (2 * 4 + 48 * 4)}
     assert work["report"].evaluations == {}
     assert dict(work["generate"].evaluations) == {"unet": 24 * 4 * 2, "t2i_text": 48,
                                                   "vae_decode": 24}
     unit = {"seconds_per_evaluation": {m: 1.0 for m in plan.MODELS}, "stage_start_seconds": 60}
     minutes = plan.cpu_minutes(work, unit)
     assert minutes["generate"] == pytest.approx(1 + (192 + 48 + 24) / 60)
-    assert minutes["certify"] == pytest.approx(1 + 176 / 60)
+    assert minutes["certify"] == pytest.approx(1 + 400 / 60)
     assert minutes["report"] == 1
 
 

@@ -70,8 +70,9 @@ def test_the_report_stage_tables_and_plots_include_every_crt(tmp_path, monkeypat
     assert effectiveness.loc["Espresso fine-tuned"].iloc[0] == "0.000 [0.000, 0.369]"  # 0 of 8
     attacked = outcomes.attacked(scores["attack"], stats)
     table = report.attack_table(attacked, "attack_success", stats.confidence)
-    assert list(table.columns) == ["cce+", "pez+", "worst+", "cce", "pez"]
-    assert table.loc["ESD-x", "pez"] == "–"  # an edit has no plain rate of its own
+    assert list(table.columns) == ["cce+", "pez+", "udiff+", "worst+", "cce", "pez"]
+    assert table.loc["ESD-x", "pez"] != "–"  # the plain prompts, rendered by the edit
+    assert table.loc["ESD-x", "udiff+"] != "–" and table.loc["Espresso fine-tuned", "udiff+"] == "–"
     assert table.loc["SD safety checker (diffusers, calibrated)", "pez+"] == "–"  # not adapted to
     assert table.loc["Espresso fine-tuned", "worst+"] == "0.000 [0.000, 0.369]"
     monkeypatch.chdir(tmp_path)

@@ -1,5 +1,6 @@
 """The cross-concept summary: clustered rates, averages with the concepts' spread, verdicts on
 the judge's numbers with the whole interval, paired claims under Holm, rebuilt from main."""
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_summary_is_one_row_per_concept_crt_condition_metric(summary_folder):
 
 def test_the_verdict_needs_the_whole_interval_on_the_judges_numbers(summary_folder, tiny_params):
     folder, _ = summary_folder
-    long, claims, _ = summary.read_summary(folder)
+    long, claims, *_ = summary.read_summary(folder)
     claim = check_params(tiny_params).summary.claim
     table = summary.verdict_table(long, claim)
     espresso = table.loc["Espresso fine-tuned"]
@@ -52,7 +53,7 @@ def test_the_verdict_needs_the_whole_interval_on_the_judges_numbers(summary_fold
 
 def test_claims_are_paired_and_controlled_as_one_family(summary_folder, tiny_params):
     folder, _ = summary_folder
-    _, claims, _ = summary.read_summary(folder)
+    _, claims, *_ = summary.read_summary(folder)
     # every pair of the 6 CRTs (references aside) on 3 criteria, and of the 5 with adapted
     # attacks (no "+" run targets the safety checker here) on the worst one
     assert len(claims) == 3 * 15 + 10
@@ -111,7 +112,7 @@ def test_render_gives_the_page_again_from_its_csv_files(summary_folder, tiny_par
     folder, _ = summary_folder
     again = tmp_path / "again"
     again.mkdir()
-    for name in ("summary.csv", "claims.csv", "experiments.csv"):
+    for name in ("summary.csv", "claims.csv", "experiments.csv", "curves.csv"):
         shutil.copy(folder / name, again / name)
     readme = tmp_path / "README.md"
     readme.write_text("# Project\n\n" + "\n".join(summary.HEADLINE_MARKERS) + "\n\nmore\n")
@@ -130,15 +131,15 @@ def test_the_readme_headline_table_is_the_committed_summary():
     block = summary.readme_block((REPO / "README.md").read_text())
     assert block is not None, f"README.md lacks the markers {summary.HEADLINE_MARKERS}"
     params = load_params(REPO / "params.yaml")
-    long, claims, _ = summary.read_summary(COMMITTED)
-    assert block == summary.headline_markdown(long, claims, params)
+    long, claims, _, curves = summary.read_summary(COMMITTED)
+    assert block == summary.headline_markdown(long, claims, curves, params)
 
 
 @pytest.mark.slow
 def test_the_committed_summary_page_is_its_csv_files_rendered(tmp_path, monkeypatch):
     again = tmp_path / "summary"
     again.mkdir()
-    for name in ("summary.csv", "claims.csv", "experiments.csv"):
+    for name in ("summary.csv", "claims.csv", "experiments.csv", "curves.csv"):
         shutil.copy(COMMITTED / name, again / name)
     monkeypatch.chdir(REPO)  # params.yaml: the claim the committed verdict is judged against
     summary.main(["--render", "--out", str(again), "--readme", str(tmp_path / "README.md")])
@@ -172,3 +173,35 @@ def test_the_summary_page_fits_a_browser_window(summary_folder, tmp_path):
     opening = [dom.index(mark) for mark in ("<h1>", "<p>Verdict:", '<img src="tradeoff.png"',
                                             "<h2>Verdict: which CRTs", "<p>Setting:")]
     assert opening == sorted(opening)
+
+
+def test_budget_curves_say_which_attacks_converged(tiny_params, tmp_path):
+    """A concept whose attack table holds a half budget: where the half budget's images are the
+    full budget's (the same success) the attack converged; where at half budget nothing showed
+    c_u it did not. The curves are drawn and the README says which converged."""
+    checked = check_params(tiny_params)
+    tables = {c: score_tables(seed, prompts=16, images=2) for seed, c in enumerate(("zorbo", "blip"))}
+    full = tables["zorbo"]["attack"].assign(budget=1.0)
+    half = full.assign(budget=0.5)
+    weak = half["attack"] == "pez"
+    half.loc[weak, "judge_shows_concept"] = False  # half PEZ's budget draws no c_u
+    tables["zorbo"]["attack"] = pd.concat([half, full], ignore_index=True)
+    curves = summary.curves_table(tables, checked.statistics)
+    assert set(curves["concept"]) == {"zorbo"}  # blip drew no curve
+    at_full = curves[curves["budget"] == 1.0].set_index(["crt", "condition"])["converged"]
+    assert at_full["none", "cce"] and at_full["espresso", "cce+"]
+    assert not at_full["none", "pez"]  # 0 at half budget, well below the full budget's interval
+    assert curves[curves["budget"] == 0.5]["converged"].isna().all()
+    long, claims = summary.long_table(tables, checked.statistics, {})
+    # the full budget's outcomes are those of the table without the half budget
+    alone, _ = summary.long_table({"zorbo": {**tables["zorbo"], "attack": full},
+                                   "blip": tables["blip"]}, checked.statistics, {})
+    pd.testing.assert_frame_equal(long, alone)
+    index = pd.DataFrame(columns=["concept", "commit"])
+    summary.write_summary(tmp_path / "s", checked, long, claims, index, curves)
+    assert (tmp_path / "s" / "curves.png").is_file()
+    sentence = summary.convergence_sentence(curves)
+    assert "1 concept(s) (zorbo" in sentence
+    done, total = map(int, re.search(r"\bpez (\d+)/(\d+)", sentence).groups())
+    assert done < total and "pez," not in sentence.split("every CRT:")[1]
+    assert sentence in (tmp_path / "s" / "README.md").read_text()

@@ -4,8 +4,10 @@ zero or not finite is refused; a missing or truncated model file is one line nam
 how to restore it. Stage commands run as subprocesses in scratch folders, as a user runs them:
 no traceback, nothing written."""
 import copy
+import dataclasses
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,11 @@ from stages import REPO
 from test_stage_commands import command, listing
 
 from pipeline import world
-from pipeline.concepts import get_concept, load_registry
+from pipeline.concepts import check_context, get_concept, load_registry, pair_pool
 from pipeline.espresso import EspressoFilter, ModelNotAvailableError
 from pipeline.judges import load_judge
 from pipeline.params import ParamsError, check_params, load_params
+from pipeline.schema import read_yaml
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 REGISTRY_TEXT = (REPO / "data" / "concepts.yaml").read_text()
@@ -41,26 +44,29 @@ def problems(params: dict) -> list[str]:
 # ---- params.yaml --------------------------------------------------------------------------
 @pytest.mark.parametrize("edit, line", [
     (lambda p: p["generate"].pop("seed"),
-     "generate.seed: missing; must be an integer >= 0"),
+     "generate.seed: missing; must be an integer >= 0 and <= 4294967295"),
     (lambda p: p["finetune"].update(lr="fast"),
-     "finetune.lr: 'fast' is not allowed; must be a number > 0"),
+     "finetune.lr: 'fast' is not allowed; must be a number > 0 and <= 1"),
     (lambda p: p["certify"].update(eps="1e-2"),
      "certify.eps: '1e-2' is not allowed; must be a number > 0 and < 1 (YAML read it as text: "
      "write numbers unquoted, with a dot: 1.0e-3, not 1e-3)"),
     (lambda p: p["generate"]["prompts"].update(test=-3),
-     "generate.prompts.test: -3 is not allowed; must be an integer >= 1"),
+     "generate.prompts.test: -3 is not allowed; must be an integer >= 1 and <= 1000000"),
     (lambda p: p["world"]["clip"].update(layers=2.5),
-     "world.clip.layers: 2.5 is not allowed; must be an integer >= 1"),
+     "world.clip.layers: 2.5 is not allowed; must be an integer >= 1 and <= 1000000"),
     (lambda p: p["generate"].update(seed=True),
-     "generate.seed: True is not allowed; must be an integer >= 0"),
+     "generate.seed: True is not allowed; must be an integer >= 0 and <= 4294967295"),
     (lambda p: p.update(setting="sd15"),
      "setting: 'sd15' is not allowed; must be one of: mini, paper"),
     (lambda p: p.update(concept="garfield"),
      "concept: 'garfield' is not allowed; must be a mini concept of data/concepts.yaml (known: "
      "black_background, blip, checkered, kroll, mimi, zorbo)"),
     (lambda p: p["generate"]["mini"].update(scheduler="Foo"),
-     "generate.mini.scheduler: 'Foo' is not allowed; must be a diffusers scheduler class, e.g. "
-     "DDIMScheduler, DPMSolverMultistepScheduler"),
+     "generate.mini.scheduler: 'Foo' is not allowed; must be a diffusers scheduler that samples "
+     "these models correctly: DDIMScheduler, DDPMScheduler, PNDMScheduler, LMSDiscreteScheduler, "
+     "EulerDiscreteScheduler, HeunDiscreteScheduler, EulerAncestralDiscreteScheduler, "
+     "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, KDPM2DiscreteScheduler, "
+     "KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler, UniPCMultistepScheduler"),
     (lambda p: p["finetune"]["mini"].update(optimizer="sgd"),
      "finetune.mini.optimizer: 'sgd' is not allowed; must be one of: adamw, adam"),
     (lambda p: p["finetune"]["paper"].update(separation="foo"),
@@ -106,7 +112,7 @@ def problems(params: dict) -> list[str]:
      "summary.claim.normalized_clip_score_min: 1.5 is not allowed; must be a number >= 0 and "
      "<= 1"),
     (lambda p: p["filters"]["mhsc"].pop("max_iter"),
-     "filters.mhsc.max_iter: missing; must be an integer >= 1"),
+     "filters.mhsc.max_iter: missing; must be an integer >= 1 and <= 1000000"),
     (lambda p: p["report"].update(show_unacceptable="yes"),
      "report.show_unacceptable: 'yes' is not allowed; must be true or false"),
     (lambda p: p["generate"].update(sede=4),
@@ -128,9 +134,9 @@ def test_every_problem_is_its_own_line():
         p["finetune"]["lr"] = "fast"
         p["world"].pop("seed")
     assert problems(changed(edit)) == [
-        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1",
-        "params.yaml: finetune.lr: 'fast' is not allowed; must be a number > 0",
-        "params.yaml: world.seed: missing; must be an integer >= 0"]
+        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1 and <= 1000000",
+        "params.yaml: finetune.lr: 'fast' is not allowed; must be a number > 0 and <= 1",
+        "params.yaml: world.seed: missing; must be an integer >= 0 and <= 4294967295"]
 
 
 def test_the_shipped_params_are_accepted():
@@ -251,7 +257,8 @@ def test_a_stage_reports_every_bad_value_of_both_files_before_any_work(tmp_path)
         "data/concepts.yaml: concepts.mini.zorbo.acceptable: 'zorbo' is not allowed; must be a "
         "text other than the unacceptable one ('Zorbo'): with c_u = c_a the filter's direction "
         "is zero and every image passes",
-        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1"]
+        "params.yaml: generate.prompts.test: -3 is not allowed; must be an integer >= 1 and <= "
+        "1000000"]
 
 
 WEIGHTS = {"clip": "clip/model.safetensors", "unet": "sd/unet/diffusion_pytorch_model.safetensors"}
@@ -340,3 +347,155 @@ def test_a_filter_with_a_non_finite_direction_is_refused(saved_filter):
     with pytest.raises(ValueError, match="unacceptable 'Zorbo' / acceptable 'a star' are not "
                                          "finite \\(NaN or inf\\): the CLIP weights of "):
         EspressoFilter(ok.clip, ok.tokenizer, ok.processor, "Zorbo", "a star")
+
+
+# ---- hostile config files -----------------------------------------------------------------
+def alias_bomb(levels: int = 9) -> str:
+    """A YAML "billion laughs": 9 levels of 9 aliases each, 9**9 values from ~350 bytes."""
+    lines = ["l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def one_line_within_a_second(read) -> str:
+    """The one-line ParamsError of ``read()``, which must come within seconds (in a daemon
+    thread, so that a hang fails the test instead of hanging it). It takes milliseconds on a
+    quiet CPU; the limit leaves room for a loaded one (CI shares its cores), not for a hang."""
+    outcome = {}
+
+    def run():
+        try:
+            read()
+        except ParamsError as err:
+            outcome["error"] = str(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "still reading after 10 seconds"
+    assert "error" in outcome and len(outcome["error"].splitlines()) == 1, outcome
+    return outcome["error"]
+
+
+@pytest.mark.parametrize("content, words", [
+    (alias_bomb().encode(), "params.yaml: expands to more than 100000 values"),
+    (b"seed: &a [1, *a]\n", "params.yaml: not valid YAML (line 1): a recursive alias"),
+    (b"concept: caf\xe9\n", "params.yaml: not UTF-8 (byte 0xe9 on line 1): save it as UTF-8"),
+    (b"seed: !!python/object/apply:os.system [echo hi]\n",
+     "params.yaml: not valid YAML (line 1): could not determine a constructor for the tag "
+     "'tag:yaml.org,2002:python/object/apply:os.system'"),
+    (b"seed: !!binary AAAA\nday: 2024-13-45\n", "params.yaml: not valid YAML: month must be in"),
+    (b"[" * 20000 + b"]" * 20000, "params.yaml: nested too deeply to be a config file"),
+    (b"a: b\n" * 300000, "params.yaml: larger than 1048576 bytes: not a config file"),
+])
+def test_a_hostile_yaml_file_is_one_line_within_a_second(tmp_path, content, words):
+    (tmp_path / "params.yaml").write_bytes(content)
+    assert one_line_within_a_second(lambda: load_params(tmp_path / "params.yaml")).startswith(words)
+
+
+def test_the_registry_is_read_with_the_same_limits(tmp_path):
+    (tmp_path / "concepts.yaml").write_text(REGISTRY_TEXT + alias_bomb())
+    line = one_line_within_a_second(lambda: load_registry(tmp_path / "concepts.yaml"))
+    assert "expands to more than 100000 values" in line
+
+
+def test_an_alias_used_within_the_limit_still_reads():
+    assert read_yaml("a: &x {b: 1}\nc: *x\n", "t.yaml") == {"a": {"b": 1}, "c": {"b": 1}}
+
+
+MEMORY = ("must be small enough that the {images} images it makes (generate) fit in 8 GiB at "
+          "32x32: at most 2796202 images; lower it or the prompts")
+
+
+@pytest.mark.parametrize("edit, line", [
+    (lambda p: p["generate"].update(seed=2**64),
+     "generate.seed: 18446744073709551616 is not allowed; must be an integer >= 0 and <= 4294967295"),
+    (lambda p: p["attack"].update(seed=-1),
+     "attack.seed: -1 is not allowed; must be an integer >= 0 and <= 4294967295"),
+    (lambda p: p["generate"]["mini"].update(size=7),
+     "generate.mini.size: 7 is not allowed; must be a multiple of 8 from 8 to 1024 (what the VAE "
+     "and UNet can halve)"),
+    (lambda p: p["generate"]["paper"].update(size=4096),
+     "generate.paper.size: 4096 is not allowed; must be a multiple of 8 from 8 to 1024 (what the "
+     "VAE and UNet can halve)"),
+    (lambda p: p["finetune"].update(lr=float("inf")),
+     "finetune.lr: inf is not allowed; must be finite: a number > 0 and <= 1"),
+    (lambda p: p["edit"]["mini"]["ca"].update(lr=50.0),
+     "edit.mini.ca.lr: 50.0 is not allowed; must be a number > 0 and <= 1"),
+    (lambda p: p["generate"]["mini"].update(guidance=float("inf")),
+     "generate.mini.guidance: inf is not allowed; must be finite: a number >= 0 and <= 100.0"),
+    (lambda p: p["world"]["measure"].update(guidance_scale=float("nan")),
+     "world.measure.guidance_scale: nan is not allowed; must be finite: a number >= 0 and <= 100.0"),
+    (lambda p: p["certify"].update(search_lr=float("-inf")),
+     "certify.search_lr: -inf is not allowed; must be finite: a number > 0"),
+    (lambda p: p["generate"]["images_per_prompt"].update(train=10**9),
+     "generate.images_per_prompt.train: 1000000000 is not allowed; must be an integer >= 1 and "
+     "<= 1000000"),
+    (lambda p: p["generate"]["images_per_prompt"].update(test=200000),
+     "generate.images_per_prompt.test: 200000 is not allowed; "
+     + MEMORY.format(images=6400000)),
+    (lambda p: p["everyday"].update(images_per_prompt=10**6),
+     "everyday.images_per_prompt: 1000000 is not allowed; " + MEMORY.replace("(generate)",
+                                                                           "(everyday)")
+     .format(images=10**6 * PARAMS["everyday"]["prompts"])),
+    (lambda p: p["statistics"].update(resamples=10**12),
+     "statistics.resamples: 1000000000000 is not allowed; must be an integer >= 200 and <= 1000000"),
+])
+def test_a_number_out_of_its_sane_range_is_one_line(edit, line):
+    assert problems(changed(edit)) == [f"params.yaml: {line}"]
+
+
+@pytest.mark.parametrize("scheduler", ["LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler",
+                                       "FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler",
+                                       "AutoencoderKL", "__class__"])
+def test_a_scheduler_that_cannot_sample_these_models_is_refused(scheduler):
+    (line,) = problems(changed(lambda p: p["generate"]["paper"].update(scheduler=scheduler)))
+    assert line.startswith(f"params.yaml: generate.paper.scheduler: '{scheduler}' is not "
+                           "allowed; must be a diffusers scheduler that samples these models")
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerAncestralDiscreteScheduler",
+                                       "UniPCMultistepScheduler"])
+def test_a_scheduler_that_samples_these_models_is_accepted(scheduler):
+    check_params(changed(lambda p: p["generate"]["mini"].update(scheduler=scheduler)))
+
+
+NAME_RULE = ("is not allowed; must be a concept name of lowercase letters, digits and _, "
+             "starting with a letter (names become folder and file names)")
+TEXT_RULE = ("is not allowed; must be a concept text without { or } (they mark the templates' "
+             "slots) and without control characters such as line breaks")
+
+
+@pytest.mark.parametrize("entry, line", [
+    (ZORBO.replace("zorbo:", "'../..':", 1), f"concepts.mini: '../..' {NAME_RULE}"),
+    (ZORBO.replace("zorbo:", "/tmp/espresso:", 1), f"concepts.mini: '/tmp/espresso' {NAME_RULE}"),
+    (ZORBO.replace("zorbo:", ".zorbo:", 1), f"concepts.mini: '.zorbo' {NAME_RULE}"),
+    (ZORBO.replace("zorbo:", "Zorbo Two:", 1), f"concepts.mini: 'Zorbo Two' {NAME_RULE}"),
+    (ZORBO.replace("unacceptable: Zorbo", "unacceptable: 'Zorbo {background}'"),
+     f"concepts.mini.zorbo.unacceptable: 'Zorbo {{background}}' {TEXT_RULE}"),
+    (ZORBO.replace("acceptable: a star", "acceptable: 'a {'"),
+     f"concepts.mini.zorbo.acceptable: 'a {{' {TEXT_RULE}"),
+    (ZORBO.replace("acceptable: a star", 'acceptable: "a\\nstar"'),
+     f"concepts.mini.zorbo.acceptable: 'a\\nstar' {TEXT_RULE}"),
+])
+def test_a_concept_name_or_text_that_could_escape_is_refused(tmp_path, entry, line):
+    assert registry_problems(tmp_path, REGISTRY_TEXT.replace(ZORBO, entry)) == [
+        f"{tmp_path / 'concepts.yaml'}: {line}"]
+
+
+def test_prompts_past_the_text_encoders_context_are_refused():
+    """Past the context the tokenizer cuts: c_u's and c_a's prompts that differ only there would
+    be one prompt. The shipped mini concepts fit the mini world's 16 tokens."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(REPO / "data" / "world" / "sd" / "tokenizer")
+    for name in load_registry()["concepts"]["mini"]:
+        check_context([t for pair in pair_pool(get_concept(name, "mini")) for t in pair], tokenizer)
+    long = dataclasses.replace(get_concept("zorbo", "mini"), unacceptable="a big " * 10 + "Zorbo",
+                               acceptable="a big " * 10 + "star")
+    with pytest.raises(ParamsError) as info:
+        check_context([t for pair in pair_pool(long) for t in pair], tokenizer)
+    (line,) = str(info.value).splitlines()
+    assert line.startswith("data/concepts.yaml: the prompt 'a big a big") and line.endswith(
+        "tokens, more than the text encoder's 16 (prompts differing past them would be one): "
+        "shorten the concept texts or templates")

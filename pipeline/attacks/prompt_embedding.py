@@ -45,18 +45,23 @@ def textual_inversion(pipe, vectors: dict[str, torch.Tensor]) -> Iterator[None]:
     diffusers' textual-inversion API while active. They are added to a copy of the pipe's
     tokenizer that is swapped out again afterwards: diffusers' unload rebuilds a tokenizer's
     backend, which loses the CLIPTokenizer's decoding of ``</w>`` (decoded prompts would read
-    ``zorbo</w>a</w>``)."""
+    ``zorbo</w>a</w>``). The embedding table stays as frozen as it was: loading resizes it into a
+    fresh parameter that would otherwise collect gradients of every later search."""
     original = pipe.tokenizer
+    frozen = not pipe.text_encoder.get_input_embeddings().weight.requires_grad
     pipe.tokenizer = copy.deepcopy(original)
     loaded = []
     try:
         for token, vector in vectors.items():
             pipe.load_textual_inversion({token: vector}, token=token)
             loaded.append(token)
+        if frozen:
+            pipe.text_encoder.get_input_embeddings().requires_grad_(False)
         yield
     finally:
         if loaded:
             pipe.unload_textual_inversion(loaded)
+            pipe.text_encoder.get_input_embeddings().requires_grad_(not frozen)
         pipe.tokenizer = original
 
 
@@ -98,8 +103,9 @@ class TokenPrompts:
 
     def embed(self, ids: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         """This side's embeddings of hard ``ids``; with ``soft``, a straight-through estimate:
-        the value is the hard embedding, the gradient flows to ``soft`` (PEZ)."""
-        hard = self.table[ids]
+        the value is the hard embedding, the gradient flows to ``soft`` (PEZ), never to the
+        table."""
+        hard = self.table.detach()[ids]
         return hard if soft is None else hard + (soft - soft.detach())
 
     def decode(self, ids: torch.Tensor) -> list[str]:

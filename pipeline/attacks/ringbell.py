@@ -1,5 +1,13 @@
 """RingBell+ (Tsai et al. 2024): a genetic search for a prompt whose T2I text states carry the
 concept vector, scored as typed.
+
+Two sets of genetic operators (``operators``): ``release``, those of the authors' release as we
+read it (the fitter half of the population survives and parents the rest; one-point crossover
+with probability ``crossover``, else a copy of one parent; each child mutated with probability
+``mutation`` at one random position), the paper setting's default; and ``ours`` (binary
+tournament on rank, the ``elite`` share kept, uniform crossover at ``crossover`` per token,
+``mutation`` per token), which on the mini world's 8-token prompts and 60 generations keeps
+more diversity. Both start from random prompts of the vocabulary.
 """
 from __future__ import annotations
 
@@ -9,27 +17,33 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.attacks.context import AttackContext, AttackResult
-from pipeline.attacks.objective import typed_margin, unit_image_features
+from pipeline.attacks.context import AttackContext, Results
+from pipeline.attacks.objective import unit_image_features
 from pipeline.attacks.prompt_embedding import TokenPrompts
-from pipeline.attacks.trial import select_by_images
+from pipeline.attacks.trial import row_weights, select_by_images
+from pipeline.registry import RINGBELL_OPERATORS, implemented
 
 if TYPE_CHECKING:  # its budget of attack.<setting> (pipeline.schema)
     from pipeline.schema import RingBell
 
 
-def ringbell(ctx: AttackContext, p: RingBell) -> AttackResult:
-    """The search's candidates, of which the trial keeps the ``ctx.n_prompts`` best."""
-    weight = p.adaptive_weight if ctx.adaptive else 0.0
+def ringbell(ctx: AttackContext, p: RingBell) -> Results:
+    """The plain search's candidates (one per stage and seed) and, for "+", those of every
+    strength of ``p.adaptive_weights``; per budget, the trial keeps the ``ctx.n_prompts`` best
+    of all."""
     targets = unit_image_features(ctx.attacker, ctx.target_images)
-    candidates = (ringbell_candidates(ctx, p, weight) if weight else
-                  ctx.plain_candidates("RingBell", lambda: ringbell_candidates(ctx, p, 0.0)))
-    return select_by_images(ctx, candidates, p.selection_images, targets, weight)
+    plain = ctx.plain("RingBell", lambda: ringbell_candidates(ctx, p, [0.0]))
+    adapted = ringbell_candidates(ctx, p, p.adaptive_weights) if ctx.adaptive else {}
+    return {f: select_by_images(ctx, f"RingBell at {f:g}", [q for q, _ in plain[f]],
+                                adapted.get(f, []), p.selection_images, targets)
+            for f in ctx.budgets}
 
 
-def ringbell_candidates(ctx: AttackContext, p: RingBell, weight: float) -> list[str]:
-    """One genetic search per candidate (``ctx.seed``), each one's fittest prompt as typed;
-    ``weight`` > 0 (the filter term) needs ``ctx.target``."""
+def ringbell_candidates(ctx: AttackContext, p: RingBell,
+                        weights: list[float]) -> dict[float, list[tuple[str, float]]]:
+    """One genetic search per candidate (``ctx.seed``), candidate i with strength
+    ``weights[i % len(weights)]`` on the target's scaled text margin (all 0: plain); each one's
+    fittest prompt as typed, with its strength, at each budget fraction of the generations."""
     pipe, rng = ctx.pipe, np.random.default_rng(ctx.seed)
     side = TokenPrompts(pipe.text_encoder, pipe.tokenizer, ctx.words)
 
@@ -44,6 +58,8 @@ def ringbell_candidates(ctx: AttackContext, p: RingBell, weight: float) -> list[
     rows = p.candidates
     bases = [acceptable[i % len(acceptable)] for i in range(rows)]
     goals = states(bases) + p.eta * concept_vector
+    adaptive = any(weights)
+    strength = row_weights(weights, rows, goals.device) if adaptive else None
 
     @torch.no_grad()
     def loss_of(population: np.ndarray) -> np.ndarray:
@@ -53,33 +69,63 @@ def ringbell_candidates(ctx: AttackContext, p: RingBell, weight: float) -> list[
         n, size, k = population.shape
         prompts = side.decode(torch.from_numpy(population.reshape(n * size, k)))
         loss = (states(prompts) - goals.repeat_interleave(size, 0)).pow(2).mean((1, 2))
-        if weight:
-            loss = loss + weight * typed_margin(ctx.target, prompts)
+        if adaptive:
+            loss = loss + strength.repeat_interleave(size) * ctx.text_term(prompts)
         return loss.view(n, size).cpu().numpy()
 
+    breed = OPERATORS[p.operators]
     vocabulary = side.vocabulary.numpy()
-    size, k = p.population, p.tokens
-    population = rng.choice(vocabulary, (rows, size, k))
+    population = rng.choice(vocabulary, (rows, p.population, p.tokens))
+    snapshots, found = ctx.snapshots(p.generations), {}
+    for generation in tqdm(range(p.generations), desc="RingBell+" if adaptive else "RingBell",
+                           unit="gen", mininterval=5):
+        order = np.argsort(loss_of(population), axis=1, kind="stable")
+        population = breed(rng, np.take_along_axis(population, order[..., None], axis=1),
+                           vocabulary, p)
+        if generation + 1 in snapshots:
+            best = population[np.arange(rows), loss_of(population).argmin(1)]
+            for fraction in snapshots[generation + 1]:
+                found[fraction] = [(q, float(weights[i % len(weights)]))
+                                   for i, q in enumerate(side.decode(torch.from_numpy(best)))]
+    return found
+
+
+def _ours(rng: np.random.Generator, ranked: np.ndarray, vocabulary: np.ndarray,
+          p: RingBell) -> np.ndarray:
+    """The next generation of a population sorted fittest first (``rows x P x K``): the elite
+    kept; children of binary tournaments on rank, uniform crossover, per-token mutation."""
+    rows, size, _ = ranked.shape
     elite = max(1, int(p.elite * size))
-    for _ in tqdm(range(p.generations), desc="RingBell+" if weight else "RingBell",
-                  unit="gen", mininterval=5):
-        loss = loss_of(population)
-        order = np.argsort(loss, axis=1, kind="stable")
-        population = np.take_along_axis(population, order[..., None], axis=1)
-        parents = _tournament(rng, rows, size, size - elite)
-        mothers = np.take_along_axis(population, parents[0][..., None], axis=1)
-        fathers = np.take_along_axis(population, parents[1][..., None], axis=1)
-        cross = rng.random(mothers.shape) < p.crossover
-        children = np.where(cross, fathers, mothers)
-        mutate = rng.random(children.shape) < p.mutation
-        children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
-        population = np.concatenate([population[:, :elite], children], axis=1)
-    best = population[np.arange(rows), loss_of(population).argmin(1)]
-    return side.decode(torch.from_numpy(best))
+    a, b = rng.integers(0, size, (2, 2, rows, size - elite))
+    parents = np.minimum(a, b)  # the lower index is the fitter (sorted population)
+    mothers = np.take_along_axis(ranked, parents[0][..., None], axis=1)
+    fathers = np.take_along_axis(ranked, parents[1][..., None], axis=1)
+    children = np.where(rng.random(mothers.shape) < p.crossover, fathers, mothers)
+    mutate = rng.random(children.shape) < p.mutation
+    children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
+    return np.concatenate([ranked[:, :elite], children], axis=1)
 
 
-def _tournament(rng: np.random.Generator, rows: int, size: int, n: int) -> np.ndarray:
-    """Indices of two parents for each of ``n`` children per row, by binary tournament on rank
-    (the population is sorted by loss): ``2 x rows x n``."""
-    a, b = rng.integers(0, size, (2, 2, rows, n))
-    return np.minimum(a, b)  # the lower index is the fitter (sorted population)
+def _release(rng: np.random.Generator, ranked: np.ndarray, vocabulary: np.ndarray,
+             p: RingBell) -> np.ndarray:
+    """The release's operators (module docstring): the fitter half survives; each child of two
+    random survivors takes a one-point crossover with probability ``crossover`` (else the first
+    parent), then with probability ``mutation`` one random token replaced."""
+    rows, size, k = ranked.shape
+    keep = max(1, size // 2)
+    survivors = ranked[:, :keep]
+    n = size - keep
+    parents = rng.integers(0, keep, (2, rows, n))
+    mothers = np.take_along_axis(survivors, parents[0][..., None], axis=1)
+    fathers = np.take_along_axis(survivors, parents[1][..., None], axis=1)
+    cut = rng.integers(1, max(2, k), (rows, n, 1))
+    crossed = np.where(np.arange(k) < cut, mothers, fathers)
+    children = np.where(rng.random((rows, n, 1)) < p.crossover, crossed, mothers)
+    position = rng.integers(0, k, (rows, n, 1))
+    mutate = (rng.random((rows, n, 1)) < p.mutation) & (np.arange(k) == position)
+    children = np.where(mutate, rng.choice(vocabulary, children.shape), children)
+    return np.concatenate([survivors, children], axis=1)
+
+
+OPERATORS = implemented(RINGBELL_OPERATORS, {"ours": _ours, "release": _release},
+                        "pipeline.attacks.ringbell.OPERATORS")

@@ -1,6 +1,6 @@
 """Typo and Typo+: the acceptable concept written onto the target images (a typographic attack
 on CLIP), then the images inverted into prompts with PEZ's search; "+" adds PEZ+'s filter term
-(with Typo's own weight) and the trial against the target filter.
+(at Typo's own strengths) and the trial against the target filter.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.attacks.context import AttackContext, AttackResult
+from pipeline.attacks.context import AttackContext, Results
 from pipeline.attacks.objective import unit_image_features
 from pipeline.attacks.pez import pez_search
 
@@ -37,8 +37,6 @@ def write_text(images: np.ndarray, text: str, height_fraction: float) -> np.ndar
     return np.stack(out)
 
 
-def typo(ctx: AttackContext, p: Typo) -> AttackResult:
+def typo(ctx: AttackContext, p: Typo) -> Results:
     written = write_text(ctx.target_images, ctx.concept.acceptable, p.text_height)
-    weight = p.adaptive_weight if ctx.adaptive else 0.0
-    return pez_search(ctx, p, unit_image_features(ctx.attacker, written), weight,
-                      "Typo+" if ctx.adaptive else "Typo")
+    return pez_search(ctx, p, unit_image_features(ctx.attacker, written), "Typo")

@@ -16,7 +16,9 @@ same rule); the checker holds no text tower, so it costs what diffusers' own saf
 It drops into a diffusers ``StableDiffusionPipeline`` as ``safety_checker=`` (with
 ``feature_extractor=checker.processor``): the pipeline's ``nsfw_content_detected`` is the
 per-image block, and ``checker.last_result`` keeps the per-concept scores and which concepts
-fired. It fails closed as the single filter does. Saved in the Hugging Face style
+fired (of the calling thread's last call). A loaded folder is checked: its concept table
+(schema, 0 < cut < 1, logit scale > 0), its processor (CLIP's preprocessing at the tower's
+size) and its weights (safetensors only); a folder that fails is refused in one line. It fails closed as the single filter does. Saved in the Hugging Face style
 (``huggingface_hub.ModelHubMixin``): ``save_pretrained`` / ``from_pretrained`` (a local folder or
 a hub id) / ``push_to_hub``; the folder::
 
@@ -31,20 +33,23 @@ This module needs only torch, transformers, huggingface_hub, safetensors, numpy 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
 from pipeline.espresso.filter import (MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter,
-                                      _score, _short, records_frame, result_repr)
+                                      _score, _short, records_frame, result_repr, thread_last)
 from pipeline.espresso.models import (HUB_ID, ModelNotAvailableError, hub_loading, load_clip,
                                       placement, quiet_libraries)
 
@@ -208,7 +213,8 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             raise ValueError(f"concepts {names}: give at least one, each name once")
         dim = image_encoder.config.projection_dim
         for c in concepts:
-            _check_vectors(c, dim)
+            _check_concept(c, dim)
+        _check_processor(processor, image_encoder.config)
         self.image_encoder, self.processor = image_encoder.eval(), processor
         self.concepts = list(concepts)
         device = next(image_encoder.parameters()).device
@@ -239,7 +245,12 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         ``about``: which images); returns the cut."""
         concept = self.concept(name)
         negatives = np.asarray(negatives, float)
-        concept.cut = cut_for_fpr(negatives, target_fpr)
+        cut = cut_for_fpr(negatives, target_fpr)
+        if not 0 < cut < 1:
+            raise ValueError(f"calibrating {name!r} for a false-positive rate of {target_fpr} "
+                             f"gives cut {cut}, outside (0, 1): its validation scores saturate; "
+                             "give another rate or more validation images")
+        concept.cut = cut
         concept.calibration = {"target_fpr": target_fpr,
                                "validation_fpr": float((negatives > concept.cut).mean()),
                                "validation_negatives": len(negatives), **(about or {})}
@@ -275,10 +286,14 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
     def forward(self, images, clip_input: torch.Tensor):
         """diffusers' safety-checker call: returns the images with blocked ones zeroed and the
         per-image flags (the pipeline's ``nsfw_content_detected``); the per-concept scores and
-        which concepts fired are kept as ``self.last_result``."""
+        which concepts fired are kept as ``self.last_result`` (per thread)."""
         images, p, fired, errors = self._safety_check(images, clip_input)
-        self.last_result = CheckResult(images, fired.any(1), p, fired, self.names, errors)
+        self._keep_last(CheckResult(images, fired.any(1), p, fired, self.names, errors))
         return images, fired.any(1).tolist()
+
+    #: The :class:`CheckResult` of the calling thread's last safety-checker call (None before
+    #: one): per thread, so that pipelines sharing one checker across threads each read their own.
+    last_result = thread_last
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
@@ -355,26 +370,57 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
             local_files_only=local_files_only, token=token))
         table = _read_table(folder)
+        _refuse_pickles(folder / IMAGE_ENCODER)
         device, dtype = placement(device, dtype)
         with hub_loading(str(folder)):
             tower = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER,
-                                                                  dtype=dtype)
+                                                                  dtype=dtype, use_safetensors=True)
             processor = CLIPImageProcessor.from_pretrained(folder / FEATURE_EXTRACTOR)
             vectors = load_file(folder / VECTORS_FILE)
         rows = table["concept_table"]
+        if vectors.keys() != {"t_u", "t_a"}:
+            raise ModelNotAvailableError(f"{folder / VECTORS_FILE} holds {sorted(vectors)}, not "
+                                         f"t_u and t_a; {REFUSED}")
         if not all(len(vectors[k]) == len(rows) for k in ("t_u", "t_a")):
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE} has {len(vectors['t_u'])} "
                                          f"concept vectors for {len(rows)} concepts in "
                                          f"{CONFIG_NAME}: save the checker again")
         concepts = [CheckerConcept(**row, t_u=vectors["t_u"][i], t_a=vectors["t_a"][i])
                     for i, row in enumerate(rows)]
-        return cls(tower.to(device), processor, concepts)
+        try:
+            return cls(tower.to(device), processor, concepts)
+        except ValueError as err:
+            raise ModelNotAvailableError(f"{folder}: {err}; {REFUSED}") from None
+
+
+class _ConceptRecord(BaseModel):
+    """A row of ``config.json``'s concept table as :meth:`CheckerConcept.record` writes it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1)]
+    unacceptable: Annotated[str, Field(min_length=1)]
+    acceptable: Annotated[str, Field(min_length=1)]
+    logit_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    cut: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    calibration: dict | None = None
+    provenance: dict = {}
+
+
+class _Table(BaseModel):
+    """``config.json``: a checker's concept table. Checked on load, so that a changed file is
+    refused by name instead of obeyed (a cut of 1 or a negative logit scale switches a concept
+    off or inverts it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: Literal[FORMAT]
+    format_version: Literal[FORMAT_VERSION]
+    concept_table: Annotated[list[_ConceptRecord], Field(min_length=1)]
 
 
 def _read_table(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     try:
-        table = json.loads(path.read_text())
+        table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         table = None
     if not isinstance(table, dict) or table.get("format") != FORMAT:
@@ -385,12 +431,61 @@ def _read_table(folder: Path) -> dict:
         raise ModelNotAvailableError(f"{folder} is a concept checker of format version "
                                      f"{table.get('format_version')}; this library reads version "
                                      f"{FORMAT_VERSION}: export it again with this version")
-    return table
+    try:
+        return _Table.model_validate(table).model_dump()
+    except ValidationError as err:
+        raise ModelNotAvailableError(f"{path}: {_problem(err)}; {REFUSED}") from None
 
 
-def _check_vectors(concept: CheckerConcept, dim: int) -> None:
-    """A concept whose vectors do not fit the tower, are not finite, or give no direction would
-    decide nothing (or pass every image): refuse it, naming it."""
+#: The end of every refusal of a checker folder that is not as ``save_pretrained`` wrote it.
+REFUSED = ("refusing a changed or damaged checker: export it again (`python -m pipeline.export`) "
+           "or restore the folder")
+
+
+def _problem(err: ValidationError) -> str:
+    """pydantic's first problem as ``key: value: what is wrong`` (and how many more there are)."""
+    first, more = err.errors()[0], err.error_count() - 1
+    key = ".".join(map(str, first["loc"]))
+    value = "" if first["type"] == "missing" else f"{_short(repr(first['input']))}: "
+    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    return f"{key}: {value}{what}" + (f" (and {more} more problems)" if more else "")
+
+
+def _check_processor(processor: CLIPImageProcessor, tower_config: CLIPVisionConfig) -> None:
+    """The processor must be CLIP's preprocessing at the tower's image size (resize, crop,
+    rescale and OpenAI mean/std, what every CLIP image tower here was trained on): another
+    resize or normalisation scores every image wrongly, and can switch concepts off."""
+    size = tower_config.image_size
+    expected = CLIPImageProcessor(size={"shortest_edge": size},
+                                  crop_size={"height": size, "width": size}).to_dict()
+    actual = processor.to_dict()
+    for key in sorted(expected.keys() | actual.keys()):
+        if _plain(actual.get(key)) != _plain(expected.get(key)):
+            raise ValueError(f"feature extractor: {key} {actual.get(key)!r} is not "
+                             f"{expected.get(key)!r}, CLIP's preprocessing for its image tower "
+                             f"(image size {size})")
+
+
+def _plain(value):
+    """``value`` as JSON would read it back (tuples as lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _refuse_pickles(folder: Path) -> None:
+    """A checker loads safetensors only: a pickle weight file can run code when loaded."""
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(f.name for f in folder.iterdir()
+                         if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles:
+            raise ModelNotAvailableError(f"{folder} holds pickle weights only ({', '.join(pickles)}): "
+                                         "a checker loads safetensors only (a pickle can run code); "
+                                         "export it again with `python -m pipeline.export`")
+
+
+def _check_concept(concept: CheckerConcept, dim: int) -> None:
+    """A concept whose vectors do not fit the tower, are not finite, or give no direction, or
+    whose cut or logit scale switch it off or invert it, would decide nothing (or pass every
+    image): refuse it, naming it."""
     for name in ("t_u", "t_a"):
         vector = getattr(concept, name)
         if tuple(vector.shape) != (dim,):
@@ -401,5 +496,13 @@ def _check_vectors(concept: CheckerConcept, dim: int) -> None:
     if (concept.t_u - concept.t_a).norm() < MIN_DIRECTION_NORM:
         raise ValueError(f"concept {concept.name!r}: t_u = t_a, its direction is zero and every "
                          "image would pass")
-    if not (np.isfinite(concept.cut) and np.isfinite(concept.logit_scale)):
-        raise ValueError(f"concept {concept.name!r}: cut and logit scale must be finite numbers")
+    if not (_is_number(concept.cut) and 0 < concept.cut < 1):
+        raise ValueError(f"concept {concept.name!r}: cut {concept.cut!r} must be a number in "
+                         "(0, 1): at 1 or above it never fires, at 0 or below it always does")
+    if not (_is_number(concept.logit_scale) and 0 < concept.logit_scale < np.inf):
+        raise ValueError(f"concept {concept.name!r}: logit scale {concept.logit_scale!r} must "
+                         "be a finite number > 0 (at 0 or below the concept is off or inverted)")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

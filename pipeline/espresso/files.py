@@ -9,6 +9,7 @@ not ``tempfile``'s private 0600 / 0700.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,44 @@ from typing import Iterator
 TEMP_TAG = ".tmp-"
 
 log = logging.getLogger(__name__)
+
+#: Why a path cannot be written, by errno, and what to do about it.
+WRITE_FIXES = {errno.ENOSPC: "free space on its disk, then rerun",
+               errno.EDQUOT: "free space within your disk quota, then rerun",
+               errno.EROFS: "the file system is read-only: run where outputs can be written",
+               errno.EACCES: "give this user write access to it and its folder",
+               errno.EPERM: "give this user write access to it and its folder"}
+
+
+class OutputNotWritableError(OSError):
+    """An output that cannot be written (disk full, read-only, no access): ``strerror`` is one
+    line naming the path and the fix."""
+
+
+def not_writable(err: BaseException, path) -> OutputNotWritableError | None:
+    """``err`` as an :class:`OutputNotWritableError` naming ``path`` where it is
+    a write failure of ``WRITE_FIXES``: an ``OSError``, or a library's error that carries the
+    system's message in its own (safetensors, torch.save); None for any other error."""
+    if isinstance(err, OutputNotWritableError):
+        return err
+    code = err.errno if isinstance(err, OSError) else next(
+        (code for code in WRITE_FIXES if os.strerror(code) in str(err)), None)
+    if code not in WRITE_FIXES:
+        return None
+    return OutputNotWritableError(code, f"{path}: {os.strerror(code)}: {WRITE_FIXES[code]}",
+                                  str(path))
+
+
+@contextlib.contextmanager
+def naming_unwritable(path) -> Iterator[None]:
+    """Turn a write failure of the block (:func:`not_writable`) into one naming ``path``."""
+    try:
+        yield
+    except Exception as err:
+        mapped = not_writable(err, path)
+        if mapped is None:
+            raise
+        raise mapped from err
 
 
 def _temp_prefix(path: Path) -> str:
@@ -38,39 +77,48 @@ def _published_mode(is_dir: bool) -> int:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename,
-    with everything in it given the published permissions."""
+    with everything in it given the published permissions. A disk full or read-only is an
+    :class:`OutputNotWritableError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+    tmp = None
     try:
-        yield tmp
-        for entry in [tmp, *tmp.rglob("*")]:  # libraries may write private files in it
-            entry.chmod(_published_mode(entry.is_dir()))
-        old = path.with_name(f"{_temp_prefix(path)}old")
-        if path.exists():
+        with naming_unwritable(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+            yield tmp
+            for entry in [tmp, *tmp.rglob("*")]:  # libraries may write private files in it
+                entry.chmod(_published_mode(entry.is_dir()))
+            old = path.with_name(f"{_temp_prefix(path)}old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                path.rename(old)
+            tmp.rename(path)
             shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path`` (already with the published permissions);
-    on success it replaces ``path``."""
+    on success it replaces ``path``. A disk full or read-only is an
+    :class:`OutputNotWritableError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix, dir=path.parent)
-    os.fchmod(fd, _published_mode(False))
-    os.close(fd)
+    tmp = None
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with naming_unwritable(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=path.suffix,
+                                       dir=path.parent)
+            os.fchmod(fd, _published_mode(False))
+            os.close(fd)
+            yield Path(tmp)
+            os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def remove_stray_temps(outputs) -> None:

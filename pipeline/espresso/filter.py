@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -257,6 +259,21 @@ def log_unscored(errors: list[str | None], what: str,
                        exc_info=exc_info)
 
 
+_per_thread = threading.local()
+
+
+def _last_results() -> weakref.WeakKeyDictionary:
+    """The calling thread's last safety-checker result of each screen (weak: it goes with it)."""
+    if not hasattr(_per_thread, "results"):
+        _per_thread.results = weakref.WeakKeyDictionary()
+    return _per_thread.results
+
+
+#: A screen's last safety-checker result as seen by the calling thread (None before its first
+#: call): threads sharing one screen (a web server's pipelines) never read each other's.
+thread_last = property(lambda screen: _last_results().get(screen))
+
+
 class ConceptScreen(nn.Module):
     """What every Espresso screen shares, for K concepts at once: the input forms, fail-closed
     scoring and the diffusers safety-checker call, written once. A subclass gives ``processor``,
@@ -267,6 +284,10 @@ class ConceptScreen(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _keep_last(self, result) -> None:
+        """Keep a safety-checker call's full result for the calling thread (``thread_last``)."""
+        _last_results()[self] = result
 
     def concept_p(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -297,8 +318,9 @@ class ConceptScreen(nn.Module):
     @torch.no_grad()
     def _screen(self, images, value_range: str | None, batch: int, what: str):
         """(images with blocked ones black, P(u|x) ``N x K``, fired ``N x K``, errors) of a batch
-        in any accepted form. Fails closed: an image of invalid or ambiguous form, or in a chunk
-        on which the model raises, is unscored (NaN), fires every concept, and has its reason in
+        in any accepted form. Fails closed: an image of invalid or ambiguous form, or on which the
+        model raises (a failed chunk is scored again image by image, so only the images that
+        fail alone are blocked), is unscored (NaN), fires every concept, and has its reason in
         ``errors``; one warning per call sums these up; each image is judged on its own."""
         images = as_image_list(images)
         p = np.full((len(images), len(self.cuts)), np.nan)
@@ -313,7 +335,14 @@ class ConceptScreen(nn.Module):
         for start in range(0, len(rows), batch):
             chunk = rows[start:start + batch]
             pixel_values = partial(self.pixel_values, [canonical[i] for i in chunk])
-            failure = self._score_rows(p, errors, chunk, pixel_values) or failure
+            chunk_failure = self._score_rows(p, errors, chunk, pixel_values)
+            if chunk_failure is not None and len(chunk) > 1:  # one bad image blocks only itself
+                chunk_failure = None
+                for i in chunk:
+                    errors[i] = None
+                    chunk_failure = self._score_rows(p, errors, [i], partial(
+                        self.pixel_values, [canonical[i]])) or chunk_failure
+            failure = chunk_failure or failure
         fired = self._decide(p, errors, what, failure)
         blocked = fired.any(1)
         out = [black_image(im, value_range) if b else im for im, b in zip(images, blocked)]
@@ -477,11 +506,13 @@ class EspressoFilter(ConceptScreen):
         batch first) and ``clip_input``, the feature extractor's pixel values of the same images.
         Returns the images with blocked ones zeroed (diffusers leaves flagged images
         un-denormalised, so zero is black) and the per-image flags; the full result, scores and
-        reasons, is kept as ``self.last_screening``. Fails closed like :meth:`screen`."""
+        reasons, is kept as ``self.last_screening`` (per thread). Fails closed like :meth:`screen`."""
         images, p, fired, errors = self._safety_check(images, clip_input)
-        self.last_screening = Screening(images, fired[:, 0], p[:, 0], errors,
-                                        self.unacceptable)
+        self._keep_last(Screening(images, fired[:, 0], p[:, 0], errors, self.unacceptable))
         return images, fired[:, 0].tolist()
+
+    #: The :class:`Screening` of the calling thread's last safety-checker call (None before one).
+    last_screening = thread_last
 
     # ---- persistence ----------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> None:

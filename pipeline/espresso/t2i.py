@@ -61,13 +61,26 @@ def clip_text_encoder(folder: Path, dtype: torch.dtype) -> CLIPTextModel | None:
     return model.to(dtype).eval()
 
 
+def sampling_schedulers() -> tuple[str, ...]:
+    """The schedulers that sample correctly with these pipelines (noise-predicting SD models):
+    those diffusers declares compatible with them (``KarrasDiffusionSchedulers``), but EDM's
+    (for models trained with EDM's preconditioning) and those whose extra package is missing
+    (``DPMSolverSDEScheduler`` needs torchsde). Consistency and flow-matching schedulers, made
+    for other models, give garbage or fail mid-run: they are not among them."""
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+    from diffusers.utils import DummyObject
+
+    return tuple(s.name for s in KarrasDiffusionSchedulers if not s.name.startswith("EDM")
+                 and not isinstance(getattr(diffusers, s.name, None), (DummyObject, type(None))))
+
+
 def scheduler_class(name: str) -> type:
-    """diffusers' scheduler class ``name`` (e.g. "DDIMScheduler"); ValueError if there is none."""
-    found = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if found is None or not name.endswith("Scheduler"):
-        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. DDIMScheduler, "
-                         "DPMSolverMultistepScheduler, PNDMScheduler)")
-    return found
+    """diffusers' scheduler class ``name`` (e.g. "DDIMScheduler"), one of
+    :func:`sampling_schedulers`; ValueError naming them if it is not."""
+    if name not in sampling_schedulers():
+        raise ValueError(f"unknown or unsuitable scheduler {name!r}; one of: "
+                         f"{', '.join(sampling_schedulers())}")
+    return getattr(diffusers, name)
 
 
 def use_scheduler(pipe, name: str) -> None:
