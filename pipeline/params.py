@@ -76,10 +76,13 @@ class Interrupted(BaseException):
 
 def exit_on_signals() -> None:
     """SIGTERM and SIGHUP end this process as ctrl-C does (:class:`Interrupted`), and, on
-    Linux, the kernel sends it SIGTERM when the process that started it ends
-    (``PR_SET_PDEATHSIG``): a killed ``dvc repro`` (a stage's parent: its shell execs the
-    stage) or ``accelerate launch`` never leaves a stage running as an orphan that races the
-    rerun. Only the main thread can set handlers: elsewhere (a test's thread) nothing is set."""
+    Linux, it gets SIGTERM when what started it ends: a killed ``dvc repro`` or ``accelerate
+    launch`` never leaves a stage running as an orphan that races the rerun. The kernel sends it
+    when the parent ends (``PR_SET_PDEATHSIG``); DVC runs a stage as ``$SHELL -c "<cmd>"``, and a
+    shell that forks rather than execs (dash, the ``/bin/sh`` DVC uses when ``SHELL`` is unset)
+    outlives a killed DVC, so under such a shell the shell's own parent is watched too
+    (:func:`_watch_shell_parent`). Only the main thread can set handlers: elsewhere (a test's
+    thread) nothing is set."""
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -93,6 +96,46 @@ def exit_on_signals() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent ended before the request took hold
             os.kill(os.getpid(), signal.SIGTERM)
+        _watch_shell_parent(parent)
+
+
+#: Shells that run ``-c "<cmd>"`` for a stage (DVC's ``$SHELL``, or ``/bin/sh``).
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
+#: How often the watch of :func:`_watch_shell_parent` looks, in seconds.
+SHELL_WATCH_PERIOD = 0.5
+
+
+def _proc_parent(pid: int) -> int | None:
+    """``pid``'s parent from ``/proc`` (None once ``pid`` has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _watch_shell_parent(shell: int) -> None:
+    """Where this process's parent is a shell running ``-c`` (it exists only to run this
+    process), a daemon thread sends this process SIGTERM once that shell's own parent has ended
+    (the shell is re-parented), as the kernel does for the direct parent."""
+    try:
+        with open(f"/proc/{shell}/cmdline", "rb") as cmdline:
+            argv = cmdline.read().split(b"\0")
+    except OSError:
+        return
+    if len(argv) < 2 or os.path.basename(argv[0].decode(errors="replace")) not in SHELLS \
+            or b"-c" not in argv[1:-1]:
+        return
+    starter = _proc_parent(shell)
+    if starter is None:
+        return
+
+    def watch() -> None:
+        while _proc_parent(shell) == starter:
+            time.sleep(SHELL_WATCH_PERIOD)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="shell-parent-watch", daemon=True).start()
 
 
 def interrupted_line(err: BaseException) -> tuple[str, int]:

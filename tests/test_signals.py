@@ -47,12 +47,14 @@ def started(output: Path, process: subprocess.Popen) -> int:
 
 
 @pytest.mark.slow  # a stage process: imports torch
-def test_sigterm_to_what_started_a_stage_leaves_no_stage_running(tmp_path):
-    """dvc runs a stage as ``$SHELL -c "python -m pipeline.<stage>"`` (the shell execs it) and
-    dies at SIGTERM without passing it on: the stage must end with its parent."""
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
+def test_sigterm_to_what_started_a_stage_leaves_no_stage_running(tmp_path, shell):
+    """dvc runs a stage as ``$SHELL -c "python -m pipeline.<stage>"`` (``/bin/sh`` where SHELL
+    is unset) and dies at SIGTERM without passing it on: the stage must end with dvc, whether
+    the shell execs the stage (bash) or forks it and waits (dash, Debian's /bin/sh)."""
     output = tmp_path / "out.txt"
-    runner = ("from dvc.stage.run import _run, get_executable; import sys; "
-              f"_run(get_executable(), {' '.join(STAGE + ['wait', str(output)])!r})")
+    runner = ("from dvc.stage.run import _run; "
+              f"_run({shell!r}, {' '.join(STAGE + ['wait', str(output)])!r})")
     parent = subprocess.Popen([sys.executable, "-c", runner], env=ENV, cwd=REPO,
                               stderr=subprocess.PIPE, text=True)
     stage = started(output, parent)
