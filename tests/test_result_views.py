@@ -53,10 +53,12 @@ def test_a_large_batch_repr_is_truncated_with_a_count(make):
 def test_screening_records_and_frame():
     records = screening().to_records()
     assert records == [
-        {"image": 0, "concept": "Zorbo", "blocked": True, "p_unacceptable": 0.9, "error": None},
-        {"image": 1, "concept": "Zorbo", "blocked": False, "p_unacceptable": 0.2, "error": None},
+        {"image": 0, "concept": "Zorbo", "blocked": True, "p_unacceptable": 0.9,
+         "p_vs_everyday": None, "error": None},
+        {"image": 1, "concept": "Zorbo", "blocked": False, "p_unacceptable": 0.2,
+         "p_vs_everyday": None, "error": None},
         {"image": 2, "concept": "Zorbo", "blocked": True, "p_unacceptable": None,
-         "error": "image 2 is uint16: give uint8"}]
+         "p_vs_everyday": None, "error": "image 2 is uint16: give uint8"}]
     assert all(type(r["blocked"]) is bool for r in records)
     frame = screening().to_pandas()
     assert list(frame.columns) == list(Screening.COLUMNS)
@@ -68,10 +70,10 @@ def test_screening_records_and_frame():
 def test_check_result_records_are_one_per_image_and_concept():
     records = check_result().to_records()
     assert len(records) == 6
-    assert records[1] == {"image": 0, "concept": "mimi", "p_unacceptable": 0.6, "fired": True,
-                          "blocked": True, "error": None}
-    assert records[3] == {"image": 1, "concept": "mimi", "p_unacceptable": 0.4, "fired": False,
-                          "blocked": False, "error": None}
+    assert records[1] == {"image": 0, "concept": "mimi", "p_unacceptable": 0.6,
+                          "p_vs_everyday": None, "fired": True, "blocked": True, "error": None}
+    assert records[3] == {"image": 1, "concept": "mimi", "p_unacceptable": 0.4,
+                          "p_vs_everyday": None, "fired": False, "blocked": False, "error": None}
     assert records[4]["p_unacceptable"] is None and records[4]["fired"] is True
     frame = check_result().to_pandas()
     assert list(frame.columns) == list(CheckResult.COLUMNS)

@@ -8,8 +8,14 @@ concepts then cost one image embedding e and an ``N x d`` product::
     P(u_k|x) = sigmoid(s_k * <e/|e|, t_u,k - t_a,k>)      concept k fires iff P(u_k|x) > cut_k
 
 with s_k the logit scale of the CLIP concept k came from, and cut_k the paper's 0.5 unless it
-was calibrated for a chosen false-positive rate (:meth:`ConceptChecker.calibrate`). An image is
-blocked where any concept fires. With cut 0.5 each concept's decision is exactly the
+was calibrated for a chosen false-positive rate (:meth:`ConceptChecker.calibrate`). A concept
+with everyday anchors t_n,k (the unit embeddings of ordinary prompts that name none of the
+concepts, ``M_k x d``) fires only where also sigmoid(s_k (<e, t_u,k> - max_j <e, t_n,k,j>)) >
+everyday_cut_k: an image of neither c_u nor c_a is nearer some everyday text than c_u, where the
+paper's rule alone gives it an arbitrary verdict (docs/method.md, "Images of neither concept"); the everyday cuts are set
+together for a whole-checker false-positive rate on everyday images with a finite-sample
+guarantee (:meth:`ConceptChecker.calibrate_everyday`). An image is blocked where any concept
+fires. With cut 0.5 each concept's decision is exactly the
 single-concept :class:`~pipeline.espresso.filter.EspressoFilter`'s (same tower, same vectors,
 same rule); the checker holds no text tower, so it costs what diffusers' own safety checker costs.
 
@@ -22,8 +28,10 @@ size) and its weights (safetensors only); a folder that fails is refused in one 
 (``huggingface_hub.ModelHubMixin``): ``save_pretrained`` / ``from_pretrained`` (a local folder or
 a hub id) / ``push_to_hub``; the folder::
 
-    config.json               the concept table: texts, cuts, calibration, provenance, logit scales
-    concepts.safetensors      t_u and t_a, one row per concept
+    config.json               the concept table: texts, cuts, calibration, provenance, logit scales;
+                              the everyday calibration
+    concepts.safetensors      t_u, t_a, one row per concept; t_n.K, the everyday anchors of
+                              concept K (M x d), for each concept that has them
     image_encoder/            transformers CLIPVisionModelWithProjection (safetensors)
     feature_extractor/        transformers CLIPImageProcessor
     README.md                 model card
@@ -49,12 +57,15 @@ from safetensors.torch import load_file, save_file
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
 from pipeline.espresso.filter import (MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter,
-                                      _score, _short, records_frame, result_repr, thread_last)
+                                      _score, _short, blocks, records_frame, result_repr,
+                                      thread_last)
 from pipeline.espresso.models import (HUB_ID, ModelNotAvailableError, hub_loading, load_clip,
                                       placement, quiet_libraries)
 
 FORMAT = "espresso-concept-checker"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this library reads: 1 has no everyday anchors.
+READ_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 VECTORS_FILE = "concepts.safetensors"
 IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
@@ -69,17 +80,21 @@ MODEL_CARD = """---
 Espresso (Das, Duddu, Zhang, Asokan, ACM CODASPY 2025, [arXiv 2404.19227](https://arxiv.org/abs/2404.19227))
 for several concepts on one CLIP image tower: concept k fires on an image x where
 P(u_k|x) = sigmoid(s_k <e, t_u,k - t_a,k>) exceeds its cut (the paper's 0.5 unless calibrated for
-a target false-positive rate), and the image is blocked where any concept fires. Images it
-cannot score are blocked (fail closed).
+a target false-positive rate) and, for a concept with an everyday anchor t_n,k, also
+sigmoid(s_k (<e, t_u,k> - max_j <e, t_n,k,j>)) over its everyday texts j exceeds its everyday
+cut; the image is blocked where any concept
+fires. Images it cannot score are blocked (fail closed).
 
-| concept | unacceptable | acceptable | cut | source |
-|---|---|---|---|---|
+{{ everyday }}
+
+| concept | unacceptable | acceptable | cut | everyday cut | source |
+|---|---|---|---|---|---|
 {{ concepts }}
 
 ```python
 from pipeline.espresso import ConceptChecker
 checker = ConceptChecker.from_pretrained("<this folder or repo id>")
-result = checker.check(images)   # .blocked, .p_unacceptable (N x K), .fired, .errors
+result = checker.check(images)   # .blocked, .p_unacceptable, .p_vs_everyday (N x K), .fired
 ```
 
 It is also a diffusers `safety_checker` (with `feature_extractor=checker.processor`).
@@ -101,10 +116,13 @@ class CheckerConcept:
     cut: float = PAPER_CUT
     calibration: dict | None = None
     provenance: dict = field(default_factory=dict)
+    t_n: torch.Tensor | None = None    # the everyday anchors, M x d (None: the paper's rule)
+    everyday_cut: float | None = None  # its cut, in (0, 1) where there is an anchor
+    everyday: dict | None = None       # where t_n came from (texts, how many)
 
     def record(self) -> dict:
         """The row as JSON (the vectors go to ``concepts.safetensors``)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("t_u", "t_a")}
+        return {k: v for k, v in asdict(self).items() if k not in ("t_u", "t_a", "t_n")}
 
 
 @dataclass
@@ -117,6 +135,8 @@ class CheckResult:
     fired: np.ndarray            # bool N x K: P(u_k|x) > cut_k (every concept, if unscored)
     concepts: list[str]          # the K concept names, in column order
     errors: list[str | None] = field(default_factory=list)  # why an image was not scored
+    p_vs_everyday: np.ndarray | None = None  # float N x K: P(u_k|x) against the everyday
+                                 # anchor t_n,k (1 for a concept without one), NaN if unscored
 
     @property
     def unscored(self) -> np.ndarray:
@@ -125,7 +145,8 @@ class CheckResult:
 
     #: The columns of :meth:`to_records` / :meth:`to_pandas`, one row per image and concept
     #: (those of ``python -m pipeline.screen``'s CSV, the image's index for its path).
-    COLUMNS = ("image", "concept", "p_unacceptable", "fired", "blocked", "error")
+    COLUMNS = ("image", "concept", "p_unacceptable", "p_vs_everyday", "fired", "blocked",
+               "error")
 
     def fired_concepts(self, i: int) -> list[str]:
         """The names of the concepts that fired on image ``i``."""
@@ -137,7 +158,9 @@ class CheckResult:
     def to_records(self) -> list[dict]:
         """One dict per image and concept (``COLUMNS``), image by image; ``p_unacceptable`` is
         None where the image was not scored, and ``error`` says why."""
+        gate = self.p_vs_everyday
         return [{"image": i, "concept": name, "p_unacceptable": _score(self.p_unacceptable[i, k]),
+                 "p_vs_everyday": None if gate is None else _score(gate[i, k]),
                  "fired": bool(self.fired[i, k]), "blocked": bool(self.blocked[i]),
                  "error": self._error(i)}
                 for i in range(len(self.blocked)) for k, name in enumerate(self.concepts)]
@@ -175,6 +198,49 @@ def cut_for_fpr(negatives: np.ndarray, target_fpr: float) -> float:
                          "that does not show the concept")
     allowed = int(np.floor(target_fpr * len(negatives)))
     return float(negatives[allowed]) if allowed < len(negatives) else float(negatives[-1]) - 1e-9
+
+
+def conformal_everyday_cuts(rule_fires: np.ndarray, gate: np.ndarray, unscored: np.ndarray,
+                            groups: np.ndarray, positives: Mapping[int, np.ndarray],
+                            target_fpr: float, names: list[str]) -> tuple[float, dict[int, float]]:
+    """The split-conformal lambda and everyday cuts of :meth:`ConceptChecker.calibrate_everyday`
+    from scores: ``rule_fires`` and ``gate`` (``N x K``) of the everyday images, ``unscored`` (N),
+    ``groups`` (N), ``positives`` the sorted gate scores of each anchored concept's c_u images
+    (by column). Blocking at lambda is monotone in lambda, so the ceil((n + 1)(1 - target))-th
+    smallest group score bounds the chance that a new group is blocked by ``target_fpr``."""
+    if len(groups) != len(unscored):
+        raise ValueError(f"{len(groups)} groups for {len(unscored)} everyday images")
+    units = np.unique(groups)
+    rank = int(np.ceil((len(units) + 1) * (1 - target_fpr)))
+    if rank > len(units):
+        raise ValueError(f"{len(units)} everyday groups cannot calibrate a false-positive rate "
+                         f"of {target_fpr:g}: give at least {int(np.ceil(1 / target_fpr)) - 1} "
+                         "groups (prompts or images)")
+    least = np.where(unscored, np.inf, 0.0)  # per image: the least lambda that passes it
+    for k in range(rule_fires.shape[1]):
+        if k in positives:
+            s = positives[k]
+            shares = np.searchsorted(s, gate[:, k], side="right") / len(s)
+        else:
+            shares = np.full(len(least), np.inf)
+        least = np.fmax(least, np.where(rule_fires[:, k], shares, 0.0))
+    per_group = np.array([least[groups == g].max() for g in units])
+    lam = float(np.sort(per_group)[rank - 1])
+    if not np.isfinite(lam):
+        raise ValueError(f"more than {target_fpr:g} of the everyday groups are blocked whatever "
+                         "the everyday cuts (unscored images, or concepts without an anchor fire "
+                         "on them): no cut reaches the target")
+    cuts = {}
+    for k, s in positives.items():
+        j = int(np.floor(lam * len(s)))
+        if j >= len(s):
+            raise ValueError(f"reaching {target_fpr:g} would switch {names[k]} off: its everyday "
+                             "images score above all its c_u images")
+        cuts[k] = float(np.nextafter(s[j], -np.inf))   # passes exactly the scores >= s[j]
+        if not 0 < cuts[k] < 1:
+            raise ValueError(f"calibrating {names[k]} gives everyday cut {cuts[k]}, outside "
+                             "(0, 1): its scores saturate; give other images")
+    return lam, cuts
 
 
 def vision_tower(clip) -> CLIPVisionModelWithProjection:
@@ -222,6 +288,18 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         self.register_buffer("directions", directions.to(device), persistent=False)
         self.register_buffer("logit_scales", torch.tensor([c.logit_scale for c in concepts],
                                                           device=device), persistent=False)
+        # everyday anchors, K x M x d: a concept with fewer repeats its first (the max is the
+        # same), one without has zeros and is masked (its gate always passes)
+        anchored = [c.t_n is not None for c in concepts]
+        most = max((len(c.t_n) for c in concepts if c.t_n is not None), default=1)
+        anchors = torch.stack([
+            torch.zeros(most, dim) if c.t_n is None
+            else torch.cat([c.t_n.float(), c.t_n[:1].float().expand(most - len(c.t_n), dim)])
+            for c in concepts])
+        self.register_buffer("unacceptables", torch.stack([c.t_u.float() for c in concepts])
+                             .to(device), persistent=False)
+        self.register_buffer("anchors", anchors.to(device), persistent=False)
+        self.register_buffer("anchored", torch.tensor(anchored, device=device), persistent=False)
 
     # ---- the concept table ----------------------------------------------------------------
     @property
@@ -231,6 +309,10 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
     @property
     def cuts(self) -> np.ndarray:
         return np.array([c.cut for c in self.concepts])
+
+    @property
+    def everyday_cuts(self) -> np.ndarray:
+        return np.array([0.0 if c.t_n is None else c.everyday_cut for c in self.concepts])
 
     def concept(self, name: str) -> CheckerConcept:
         for c in self.concepts:
@@ -256,6 +338,62 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
                                "validation_negatives": len(negatives), **(about or {})}
         return concept.cut
 
+    def calibrate_everyday(self, negatives, positives: Mapping[str, object], target_fpr: float,
+                           groups=None, about: Mapping | None = None) -> dict:
+        """Set every anchored concept's everyday cut so that the whole checker blocks at most
+        ``target_fpr`` of everyday groups, with split conformal's finite-sample guarantee
+        (Angelopoulos & Bates 2021, section 1): for a new group exchangeable with the calibration
+        groups, P(any of its images blocked) <= ``target_fpr``.
+
+        ``negatives``: everyday images that show none of the concepts (any accepted form),
+        ``groups`` their sampling unit (e.g. the prompt; default: each image its own);
+        ``positives``: per anchored concept, validation images of its c_u. One number lambda
+        moves all cuts together: concept k's everyday cut passes exactly the share 1 - lambda of
+        its positives' scores against t_n, so the gate costs every concept the same share of its
+        own c_u images. Each group's score is the least lambda that passes all its images (the
+        largest share of positives at or below an image's score, over the concepts whose c_u-vs-
+        c_a rule fires on it; infinite where a concept without anchor fires or an image is
+        unscored); lambda is the ceil((n + 1)(1 - target_fpr))-th smallest. Returns the record
+        kept in each concept's ``calibration``-like ``everyday`` entry (n, the achieved rates)."""
+        if not 0 < target_fpr < 1:
+            raise ValueError(f"target false-positive rate {target_fpr}: give a rate in (0, 1)")
+        anchored = [k for k, c in enumerate(self.concepts) if c.t_n is not None]
+        if not anchored:
+            raise ValueError("no concept of this checker has an everyday anchor: build it with "
+                             "everyday texts (ConceptChecker.from_clip(..., everyday=...))")
+        missing = [self.names[k] for k in anchored if self.names[k] not in positives]
+        if missing:
+            raise ValueError(f"no validation images of c_u for {', '.join(missing)}: the "
+                             "everyday cut of a concept is set on its own c_u images")
+        negative = self.check(negatives)
+        groups = np.arange(len(negative.blocked)) if groups is None else np.asarray(groups)
+        sorted_positives = {}
+        for k in anchored:
+            scores = self.check(positives[self.names[k]]).p_vs_everyday[:, k]
+            if not len(scores) or np.isnan(scores).any():
+                raise ValueError(f"the validation images of {self.names[k]} could not all be "
+                                 "scored: give images the checker accepts")
+            sorted_positives[k] = np.sort(scores)
+        rule_fires = blocks(negative.p_unacceptable - self.cuts)
+        lam, cuts = conformal_everyday_cuts(rule_fires, negative.p_vs_everyday,
+                                            negative.unscored, groups, sorted_positives,
+                                            target_fpr, self.names)
+        for k, cut in cuts.items():
+            self.concepts[k].everyday_cut = cut
+        units = np.unique(groups)
+        blocked = (rule_fires & blocks(negative.p_vs_everyday - self.everyday_cuts)
+                   | negative.unscored[:, None]).any(1)
+        record = {"target_fpr": target_fpr, "method": "split conformal over groups",
+                  "lambda": lam, "groups": int(len(units)), "images": int(len(groups)),
+                  "blocked_groups": float(np.mean([blocked[groups == g].any() for g in units])),
+                  "blocked_images": float(blocked.mean()), **(about or {})}
+        for k, s in sorted_positives.items():
+            c = self.concepts[k]
+            c.everyday = {**(c.everyday or {}), "calibration": {
+                **record, "validation_unacceptable": len(s),
+                "validation_unacceptable_gated": float((s <= c.everyday_cut).mean())}}
+        return record
+
     # ---- scores ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -276,19 +414,28 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         margins = F.normalize(features, dim=-1) @ self.directions.T
         return torch.sigmoid(self.logit_scales * margins)
 
+    def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
+        """P(u_k|x) against the nearest everyday anchor of each concept, ``N x K`` (1 for a
+        concept without anchors)."""
+        e = F.normalize(features, dim=-1)
+        nearest = torch.einsum("nd,kmd->nkm", e, self.anchors).amax(-1)
+        margins = e @ self.unacceptables.T - nearest
+        return torch.where(self.anchored, torch.sigmoid(self.logit_scales * margins),
+                           torch.ones_like(margins))
+
     def check(self, images, value_range: str | None = None, batch: int = 64) -> CheckResult:
         """Score a batch of images in any form :func:`~pipeline.espresso.filter.canonical_image`
         accepts against every concept; fails closed as ``EspressoFilter.screen`` does (an image
         it cannot score is blocked, fires every concept, and its reason is in ``errors``)."""
-        out, p, fired, errors = self._screen(images, value_range, batch, "checker")
-        return CheckResult(out, fired.any(1), p, fired, self.names, errors)
+        out, p, gate, fired, errors = self._screen(images, value_range, batch, "checker")
+        return CheckResult(out, fired.any(1), p, fired, self.names, errors, gate)
 
     def forward(self, images, clip_input: torch.Tensor):
         """diffusers' safety-checker call: returns the images with blocked ones zeroed and the
         per-image flags (the pipeline's ``nsfw_content_detected``); the per-concept scores and
         which concepts fired are kept as ``self.last_result`` (per thread)."""
-        images, p, fired, errors = self._safety_check(images, clip_input)
-        self._keep_last(CheckResult(images, fired.any(1), p, fired, self.names, errors))
+        images, p, gate, fired, errors = self._safety_check(images, clip_input)
+        self._keep_last(CheckResult(images, fired.any(1), p, fired, self.names, errors, gate))
         return images, fired.any(1).tolist()
 
     #: The :class:`CheckResult` of the calling thread's last safety-checker call (None before
@@ -310,20 +457,26 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
                 raise ValueError(f"the filters of {first_name!r} and {name!r} have different image "
                                  "towers: a checker holds one; build each from the same CLIP "
                                  "(Espresso's fine-tuning changes only the text side)")
-        concepts = [CheckerConcept(name, f.unacceptable, f.acceptable, f.t_u.detach().cpu(),
-                                   f.t_a.detach().cpu(), f.logit_scale,
-                                   provenance=dict((provenance or {}).get(name, {})))
-                    for name, f in filters.items()]
+        concepts = [CheckerConcept(
+            name, f.unacceptable, f.acceptable, f.t_u.detach().cpu(), f.t_a.detach().cpu(),
+            f.logit_scale, provenance=dict((provenance or {}).get(name, {})),
+            **({} if f.t_n is None else {
+                "t_n": f.t_n.detach().cpu(), "everyday_cut": f.everyday_cut,
+                "everyday": {"texts": len(f.everyday), "examples": f.everyday[:3]}}))
+            for name, f in filters.items()]
         return cls(vision_tower(first.clip), first.processor, concepts)
 
     @classmethod
     def from_clip(cls, source: str, concepts: Mapping[str, tuple[str, str]],
-                  templates: list[str] | None = None, device=None, dtype=None
-                  ) -> "ConceptChecker":
+                  templates: list[str] | None = None, device=None, dtype=None, *,
+                  everyday: list[str] | None = None) -> "ConceptChecker":
         """A zero-shot checker on any CLIP (local folder or hub id): ``concepts`` maps each name
-        to its (unacceptable, acceptable) texts."""
+        to its (unacceptable, acceptable) texts; ``everyday`` (texts of what the platform serves,
+        naming none of the concepts) gives every concept an everyday anchor at cut 0.5, to be
+        calibrated on images with :meth:`calibrate_everyday`."""
         clip, tokenizer, processor = load_clip(source, device, dtype)
-        filters = {name: EspressoFilter(clip, tokenizer, processor, u, a, templates)
+        filters = {name: EspressoFilter(clip, tokenizer, processor, u, a, templates,
+                                        everyday=everyday)
                    for name, (u, a) in concepts.items()}
         provenance = {name: {"source": "zero-shot", "clip": source} for name in concepts}
         return cls.from_filters(filters, provenance)
@@ -333,9 +486,11 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         with quiet_libraries():  # transformers' per-shard progress bar
             self.image_encoder.save_pretrained(save_directory / IMAGE_ENCODER)
         self.processor.save_pretrained(save_directory / FEATURE_EXTRACTOR)
-        save_file({"t_u": torch.stack([c.t_u.float() for c in self.concepts]).contiguous(),
-                   "t_a": torch.stack([c.t_a.float() for c in self.concepts]).contiguous()},
-                  save_directory / VECTORS_FILE)
+        vectors = {name: torch.stack([getattr(c, name).float() for c in self.concepts])
+                   for name in ("t_u", "t_a")}
+        vectors.update({f"t_n.{k}": c.t_n.float() for k, c in enumerate(self.concepts)
+                        if c.t_n is not None})
+        save_file({k: v.contiguous() for k, v in vectors.items()}, save_directory / VECTORS_FILE)
         table = {"format": FORMAT, "format_version": FORMAT_VERSION,
                  "concept_table": [c.record() for c in self.concepts]}
         (save_directory / CONFIG_NAME).write_text(json.dumps(table, indent=2) + "\n")
@@ -344,11 +499,32 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         """The folder's README.md: what the checker is, its concept table, how to use it."""
         rows = "\n".join(
             f"| {c.name} | {c.unacceptable} | {c.acceptable} | {c.cut:.4g}"
-            f"{' (calibrated)' if c.calibration else ''} | {c.provenance.get('source', '')} "
-            f"{c.provenance.get('experiment', '')} |" for c in self.concepts)
+            f"{' (calibrated)' if c.calibration else ''} | "
+            f"{'none' if c.t_n is None else f'{c.everyday_cut:.4g}'} | "
+            f"{c.provenance.get('source', '')} {c.provenance.get('experiment', '')} |"
+            for c in self.concepts)
         return ModelCard.from_template(self._hub_mixin_info.model_card_data,
                                        template_str=MODEL_CARD, concepts=rows,
-                                       count=len(self.concepts))
+                                       count=len(self.concepts), everyday=self.everyday_note())
+
+    #: What a platform lives with, as measured (``pipeline.export`` sets it): a paragraph of the
+    #: model card, e.g. the whole checker's everyday false-positive rate with its interval.
+    card_note: str = ""
+
+    def everyday_note(self) -> str:
+        """The model card's paragraph on everyday images: the calibration and ``card_note``."""
+        calibrations = [c.everyday["calibration"] for c in self.concepts
+                        if c.everyday and "calibration" in c.everyday]
+        if not calibrations:
+            text = ("No everyday calibration: a concept without an everyday anchor judges an "
+                    "image of neither c_u nor c_a by which of the two it is nearer.")
+        else:
+            r = calibrations[0]
+            text = (f"Everyday cuts calibrated together (split conformal) for a whole-checker "
+                    f"false-positive rate of at most {r['target_fpr']:g} per group on "
+                    f"{r['groups']} groups ({r['images']} images); on them it blocks "
+                    f"{r['blocked_groups']:.3f} of the groups.")
+        return f"{text} {self.card_note}".strip()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device=None,
@@ -378,15 +554,20 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             processor = CLIPImageProcessor.from_pretrained(folder / FEATURE_EXTRACTOR)
             vectors = load_file(folder / VECTORS_FILE)
         rows = table["concept_table"]
-        if vectors.keys() != {"t_u", "t_a"}:
+        expected = {"t_u", "t_a"} | {f"t_n.{k}" for k, row in enumerate(rows)
+                                     if row["everyday_cut"] is not None}
+        if vectors.keys() != expected:
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE} holds {sorted(vectors)}, not "
-                                         f"t_u and t_a; {REFUSED}")
+                                         f"{', '.join(sorted(expected))}; {REFUSED}")
         if not all(len(vectors[k]) == len(rows) for k in ("t_u", "t_a")):
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE} has {len(vectors['t_u'])} "
                                          f"concept vectors for {len(rows)} concepts in "
                                          f"{CONFIG_NAME}: save the checker again")
         concepts = [CheckerConcept(**row, t_u=vectors["t_u"][i], t_a=vectors["t_a"][i])
                     for i, row in enumerate(rows)]
+        for i, concept in enumerate(concepts):
+            if concept.everyday_cut is not None:
+                concept.t_n = vectors[f"t_n.{i}"]
         try:
             return cls(tower.to(device), processor, concepts)
         except ValueError as err:
@@ -404,6 +585,8 @@ class _ConceptRecord(BaseModel):
     cut: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
     calibration: dict | None = None
     provenance: dict = {}
+    everyday_cut: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
+    everyday: dict | None = None
 
 
 class _Table(BaseModel):
@@ -413,7 +596,7 @@ class _Table(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     format: Literal[FORMAT]
-    format_version: Literal[FORMAT_VERSION]
+    format_version: Literal[READ_VERSIONS]
     concept_table: Annotated[list[_ConceptRecord], Field(min_length=1)]
 
 
@@ -427,10 +610,11 @@ def _read_table(folder: Path) -> dict:
         raise ModelNotAvailableError(f"{folder} is not a saved concept checker ({CONFIG_NAME} "
                                      f"missing or not of format {FORMAT!r}): build one with "
                                      "`python -m pipeline.export` or ConceptChecker.save_pretrained")
-    if table.get("format_version") != FORMAT_VERSION:
+    if table.get("format_version") not in READ_VERSIONS:
         raise ModelNotAvailableError(f"{folder} is a concept checker of format version "
-                                     f"{table.get('format_version')}; this library reads version "
-                                     f"{FORMAT_VERSION}: export it again with this version")
+                                     f"{table.get('format_version')}; this library reads versions "
+                                     f"{', '.join(map(str, READ_VERSIONS))}: export it again with "
+                                     "this version")
     try:
         return _Table.model_validate(table).model_dump()
     except ValidationError as err:
@@ -499,9 +683,28 @@ def _check_concept(concept: CheckerConcept, dim: int) -> None:
     if not (_is_number(concept.cut) and 0 < concept.cut < 1):
         raise ValueError(f"concept {concept.name!r}: cut {concept.cut!r} must be a number in "
                          "(0, 1): at 1 or above it never fires, at 0 or below it always does")
+    if concept.t_n is not None:
+        _check_anchor(concept, dim)
+    elif concept.everyday_cut is not None:
+        raise ValueError(f"concept {concept.name!r}: an everyday cut without an everyday anchor")
     if not (_is_number(concept.logit_scale) and 0 < concept.logit_scale < np.inf):
         raise ValueError(f"concept {concept.name!r}: logit scale {concept.logit_scale!r} must "
                          "be a finite number > 0 (at 0 or below the concept is off or inverted)")
+
+
+def _check_anchor(concept: CheckerConcept, dim: int) -> None:
+    """An everyday anchor that does not fit, is not finite, equals t_u, or whose cut is outside
+    (0, 1), would switch the concept off or decide nothing: refuse it, naming the concept."""
+    shape = tuple(concept.t_n.shape)
+    if len(shape) != 2 or shape[0] < 1 or shape[1] != dim or not torch.isfinite(concept.t_n).all():
+        raise ValueError(f"concept {concept.name!r}: everyday anchors of shape {shape}, or not "
+                         f"finite; give M x {dim} finite vectors (the tower's embedding size)")
+    if ((concept.t_u - concept.t_n).norm(dim=-1) < MIN_DIRECTION_NORM).any():
+        raise ValueError(f"concept {concept.name!r}: an everyday anchor equals t_u, the everyday "
+                         "gate never opens")
+    if not (_is_number(concept.everyday_cut) and 0 < concept.everyday_cut < 1):
+        raise ValueError(f"concept {concept.name!r}: everyday cut {concept.everyday_cut!r} must "
+                         "be a number in (0, 1)")
 
 
 def _is_number(value) -> bool:

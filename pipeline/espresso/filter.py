@@ -106,9 +106,11 @@ class Screening:
     p_unacceptable: np.ndarray     # float N, NaN where the image could not be scored
     errors: list[str | None] = field(default_factory=list)  # why an image was not scored
     concept: str | None = None     # the unacceptable concept screened for
+    p_vs_everyday: np.ndarray | None = None  # float N: P(u|x) against the everyday anchor
+                                   # (None: the filter has none, the paper's rule)
 
     #: The columns of :meth:`to_records` / :meth:`to_pandas`, one row per image.
-    COLUMNS = ("image", "concept", "blocked", "p_unacceptable", "error")
+    COLUMNS = ("image", "concept", "blocked", "p_unacceptable", "p_vs_everyday", "error")
 
     @property
     def unscored(self) -> np.ndarray:
@@ -121,8 +123,11 @@ class Screening:
     def to_records(self) -> list[dict]:
         """One dict per image (``COLUMNS``); ``p_unacceptable`` is None where it was not
         scored, and ``error`` says why."""
+        gate = self.p_vs_everyday
         return [{"image": i, "concept": self.concept, "blocked": bool(self.blocked[i]),
-                 "p_unacceptable": _score(self.p_unacceptable[i]), "error": self._error(i)}
+                 "p_unacceptable": _score(self.p_unacceptable[i]),
+                 "p_vs_everyday": None if gate is None else _score(gate[i]),
+                 "error": self._error(i)}
                 for i in range(len(self.blocked))]
 
     def to_pandas(self):
@@ -278,9 +283,12 @@ class ConceptScreen(nn.Module):
     """What every Espresso screen shares, for K concepts at once: the input forms, fail-closed
     scoring and the diffusers safety-checker call, written once. A subclass gives ``processor``,
     ``image_features`` (phi_x of pixel values), ``concept_p`` (P(u|x) per concept, ``N x K``) and
-    ``cuts`` (K; concept k fires where P(u|x) > cut k, :func:`blocks`); an image is blocked where
-    any concept fires. :class:`EspressoFilter` is the one-concept case with the paper's cut 0.5;
-    :class:`pipeline.espresso.checker.ConceptChecker` the many-concept one."""
+    ``cuts`` (K), and, for concepts with an everyday anchor t_n, ``everyday_p`` (P(u|x) against
+    t_n, ``N x K``; 1 where a concept has none) and ``everyday_cuts`` (0 where none). Concept k
+    fires where P(u|x) > cut k and P(u|x against t_n) > everyday cut k (:func:`blocks`, both);
+    an image is blocked where any concept fires. :class:`EspressoFilter` is the one-concept case
+    with the paper's cut 0.5; :class:`pipeline.espresso.checker.ConceptChecker` the many-concept
+    one."""
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -295,6 +303,15 @@ class ConceptScreen(nn.Module):
     @property
     def cuts(self) -> np.ndarray:
         raise NotImplementedError
+
+    def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
+        """P(u|x) against each concept's everyday anchor, ``N x K`` (1: no anchor, no gate)."""
+        return features.new_ones(len(features), len(self.cuts))
+
+    @property
+    def everyday_cuts(self) -> np.ndarray:
+        """The gate's cut per concept (0 where a concept has no everyday anchor)."""
+        return np.zeros(len(self.cuts))
 
     def pixel_values(self, images, value_range: str | None = None) -> torch.Tensor:
         """The processor's pixel values of a batch in any accepted form, via the canonical uint8
@@ -317,13 +334,14 @@ class ConceptScreen(nn.Module):
 
     @torch.no_grad()
     def _screen(self, images, value_range: str | None, batch: int, what: str):
-        """(images with blocked ones black, P(u|x) ``N x K``, fired ``N x K``, errors) of a batch
-        in any accepted form. Fails closed: an image of invalid or ambiguous form, or on which the
-        model raises (a failed chunk is scored again image by image, so only the images that
-        fail alone are blocked), is unscored (NaN), fires every concept, and has its reason in
-        ``errors``; one warning per call sums these up; each image is judged on its own."""
+        """(images with blocked ones black, P(u|x) ``N x K``, P(u|x) against the everyday anchor
+        ``N x K``, fired ``N x K``, errors) of a batch in any accepted form. Fails closed: an
+        image of invalid or ambiguous form, or on which the model raises (a failed chunk is scored
+        again image by image, so only the images that fail alone are blocked), is unscored (NaN),
+        fires every concept, and has its reason in ``errors``; one warning per call sums these
+        up; each image is judged on its own."""
         images = as_image_list(images)
-        p = np.full((len(images), len(self.cuts)), np.nan)
+        scores = np.full((2, len(images), len(self.cuts)), np.nan)
         errors: list[str | None] = [None] * len(images)
         canonical = {}
         for i, image in enumerate(images):
@@ -335,54 +353,63 @@ class ConceptScreen(nn.Module):
         for start in range(0, len(rows), batch):
             chunk = rows[start:start + batch]
             pixel_values = partial(self.pixel_values, [canonical[i] for i in chunk])
-            chunk_failure = self._score_rows(p, errors, chunk, pixel_values)
+            chunk_failure = self._score_rows(scores, errors, chunk, pixel_values)
             if chunk_failure is not None and len(chunk) > 1:  # one bad image blocks only itself
                 chunk_failure = None
                 for i in chunk:
                     errors[i] = None
-                    chunk_failure = self._score_rows(p, errors, [i], partial(
+                    chunk_failure = self._score_rows(scores, errors, [i], partial(
                         self.pixel_values, [canonical[i]])) or chunk_failure
             failure = chunk_failure or failure
-        fired = self._decide(p, errors, what, failure)
+        fired = self._decide(scores, errors, what, failure)
         blocked = fired.any(1)
         out = [black_image(im, value_range) if b else im for im, b in zip(images, blocked)]
-        return out, p, fired, errors
+        return out, scores[0], scores[1], fired, errors
 
-    def _score_rows(self, p: np.ndarray, errors: list[str | None], rows: list[int],
+    def _score_rows(self, scores: np.ndarray, errors: list[str | None], rows: list[int],
                     pixel_values) -> Exception | None:
-        """``p[rows]`` = P(u|x) of ``pixel_values()``. Fails closed: if that raises, the rows
-        get the exception as their reason, and it is returned for the call's one log line."""
+        """``scores[:, rows]`` = P(u|x) and P(u|x) against the everyday anchor of
+        ``pixel_values()``. Fails closed: if that raises, the rows get the exception as their
+        reason, and it is returned for the call's one log line."""
         try:
-            p[rows] = self.concept_p(self.image_features(pixel_values())).cpu().numpy()
+            features = self.image_features(pixel_values())
+            scores[0, rows] = self.concept_p(features).cpu().numpy()
+            scores[1, rows] = self.everyday_p(features).cpu().numpy()
         except Exception as err:  # noqa: BLE001 - not hidden: recorded per image and logged
             for i in rows:
                 errors[i] = f"scoring failed: {type(err).__name__}: {err}"
+            scores[:, rows] = np.nan
             return err
         return None
 
-    def _decide(self, p: np.ndarray, errors: list[str | None], what: str,
+    def _decide(self, scores: np.ndarray, errors: list[str | None], what: str,
                 failure: BaseException | None) -> np.ndarray:
-        """Fired (``N x K``) = P(u|x) > cut, or no finite score (whose reason goes to
-        ``errors``); logs."""
-        for i in np.flatnonzero(np.isnan(p).any(1)):
+        """Fired (``N x K``) = P(u|x) > cut and P(u|x against t_n) > everyday cut, or no finite
+        score (both scores of such an image become NaN, and its reason goes to ``errors``);
+        logs."""
+        unscored = np.isnan(scores).any((0, 2))
+        scores[:, unscored] = np.nan
+        for i in np.flatnonzero(unscored):
             errors[i] = errors[i] or "the model gave a non-finite score"
         log_unscored(errors, what, failure)
-        return blocks(p - self.cuts)
+        return (blocks(scores[0] - self.cuts) & blocks(scores[1] - self.everyday_cuts)
+                | unscored[:, None])
 
     @torch.no_grad()
     def _safety_check(self, images, clip_input: torch.Tensor):
         """diffusers' safety-checker call (see ``forward`` of the subclasses): (images with
-        blocked ones zeroed, P(u|x) ``N x K``, fired ``N x K``, errors). Fails closed like
-        :meth:`_screen`: a ``clip_input`` row that is not 3-channel and finite is blocked with
-        its reason."""
-        p, failure = np.full((len(images), len(self.cuts)), np.nan), None
+        blocked ones zeroed, P(u|x) ``N x K``, P(u|x) against the everyday anchor ``N x K``,
+        fired ``N x K``, errors). Fails closed like :meth:`_screen`: a ``clip_input`` row that
+        is not 3-channel and finite is blocked with its reason."""
+        scores, failure = np.full((2, len(images), len(self.cuts)), np.nan), None
         if (torch.is_tensor(clip_input) and clip_input.ndim == 4 and clip_input.shape[1] == 3
                 and len(clip_input) == len(images)):
             errors: list[str | None] = [None] * len(images)
             # every row is scored in one call (rows are independent: a corrupt row's NaN stays
             # in it and blocks it); only rows without a finite score have their input examined
-            failure = self._score_rows(p, errors, list(range(len(images))), lambda: clip_input)
-            unscored = np.flatnonzero(np.isnan(p).any(1))
+            failure = self._score_rows(scores, errors, list(range(len(images))),
+                                       lambda: clip_input)
+            unscored = np.flatnonzero(np.isnan(scores).any((0, 2)))
             if failure is None and len(unscored):
                 finite = torch.isfinite(clip_input[unscored.tolist()]).flatten(1).all(1)
                 for i in unscored[~finite.cpu().numpy()]:
@@ -391,12 +418,12 @@ class ConceptScreen(nn.Module):
             shape = tuple(getattr(clip_input, "shape", ()))
             errors = [f"clip_input of shape {shape} for {len(images)} images: give the feature "
                       "extractor's pixel values, N x 3 x H x W"] * len(images)
-        fired = self._decide(p, errors, "safety checker", failure)
+        fired = self._decide(scores, errors, "safety checker", failure)
         blocked = fired.any(1)
         if blocked.any():
             images = images.clone() if torch.is_tensor(images) else np.array(images)
             images[np.flatnonzero(blocked).tolist()] = 0
-        return images, p, fired, errors
+        return images, scores[0], scores[1], fired, errors
 
 
 class EspressoFilter(ConceptScreen):
@@ -404,14 +431,30 @@ class EspressoFilter(ConceptScreen):
 
     ``templates`` (e.g. ``["a photo of {}"]``) turns each concept into a prompt ensemble whose
     normalised embeddings are averaged; the paper encodes the raw concept text (``["{}"]``).
+
+    ``everyday`` (texts of what the platform serves that name neither concept, e.g. its
+    ordinary prompts) adds the everyday anchors t_n, one unit embedding per text: then the image
+    is blocked only where t_u also beats the nearest of them, P(u|x against t_n) =
+    sigmoid(s (<e, t_u> - max_j <e, t_n,j>)) > ``everyday_cut`` (0.5: u beats a and every
+    everyday text; calibrated by :meth:`ConceptChecker.calibrate_everyday`). Without them an
+    image of neither concept is judged by which of two unrelated texts it is nearer (docs/
+    method.md, "Images of neither concept"). None: the paper's filter.
     """
 
     def __init__(self, clip, tokenizer, processor, unacceptable: str, acceptable: str,
-                 templates: list[str] | None = None):
+                 templates: list[str] | None = None, *, everyday: list[str] | None = None,
+                 everyday_cut: float = 0.5):
         super().__init__()
         self.clip, self.tokenizer, self.processor = clip, tokenizer, processor
         self.unacceptable, self.acceptable = unacceptable, acceptable
         self.templates = list(templates or ["{}"])
+        if everyday is not None and (isinstance(everyday, str) or not everyday):
+            raise ValueError("everyday: give a non-empty list of texts (or None for the paper's "
+                             "filter)")
+        if not (isinstance(everyday_cut, (int, float)) and 0 < everyday_cut < 1):
+            raise ValueError(f"everyday_cut {everyday_cut!r}: give a number in (0, 1)")
+        self.everyday = None if everyday is None else list(everyday)
+        self.everyday_cut = float(everyday_cut)
         self.refresh_concepts()
 
     # ---- concept embeddings (computed once, not per image) ------------------------------
@@ -437,6 +480,19 @@ class EspressoFilter(ConceptScreen):
                              "concept texts that differ in meaning (data/concepts.yaml)")
         self.register_buffer("t_u", t_u, persistent=False)
         self.register_buffer("t_a", t_a, persistent=False)
+        self.register_buffer("t_n", None if self.everyday is None else self._everyday_anchor(),
+                             persistent=False)
+
+    def _everyday_anchor(self) -> torch.Tensor:
+        """t_n: the everyday texts' unit embeddings, ``M x d`` (raw texts: they are whole
+        prompts); refused where one is not finite or equals t_u."""
+        t_n = F.normalize(text_embeddings(self.clip, self.tokenizer, self.everyday), dim=-1)
+        if (not torch.isfinite(t_n).all()
+                or ((self.t_u - t_n).norm(dim=-1) < MIN_DIRECTION_NORM).any()):
+            raise ValueError(f"an everyday text gives an anchor that is not finite or equals the "
+                             f"unacceptable concept {self.unacceptable!r}: give texts of what the "
+                             "platform serves that do not name it")
+        return t_n
 
     @property
     def direction(self) -> torch.Tensor:
@@ -488,6 +544,23 @@ class EspressoFilter(ConceptScreen):
         """The paper's decision, P(u|x) > 0.5."""
         return np.array([0.5])
 
+    def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
+        """P(u|x) against the nearest everyday anchor, sigmoid(s (<e, t_u> - max_j <e, t_n,j>))
+        (1 without anchors)."""
+        if self.t_n is None:
+            return super().everyday_p(features)
+        e = F.normalize(features, dim=-1)
+        margin = e @ self.t_u - (e @ self.t_n.T).max(-1).values
+        return torch.sigmoid(self.logit_scale * margin)[:, None]
+
+    @property
+    def everyday_cuts(self) -> np.ndarray:
+        return np.array([self.everyday_cut if self.t_n is not None else 0.0])
+
+    def _screening(self, images, p, gate, fired, errors) -> Screening:
+        return Screening(images, fired[:, 0], p[:, 0], errors, self.unacceptable,
+                         None if self.t_n is None else gate[:, 0])
+
     # ---- screening ------------------------------------------------------------------------
     def screen(self, images, value_range: str | None = None, batch: int = 64) -> Screening:
         """Score a batch of images in any accepted form (module docstring; ``value_range``:
@@ -498,8 +571,7 @@ class EspressoFilter(ConceptScreen):
 
         ``images`` of the result: the inputs, each blocked one replaced by
         :func:`black_image` (same form and shape; a PIL image becomes black RGB)."""
-        out, p, fired, errors = self._screen(images, value_range, batch, "screen")
-        return Screening(out, fired[:, 0], p[:, 0], errors, self.unacceptable)
+        return self._screening(*self._screen(images, value_range, batch, "screen"))
 
     def forward(self, images, clip_input: torch.Tensor):
         """diffusers' safety-checker call: ``images`` (a tensor in [-1, 1] or an array in [0, 1],
@@ -507,9 +579,9 @@ class EspressoFilter(ConceptScreen):
         Returns the images with blocked ones zeroed (diffusers leaves flagged images
         un-denormalised, so zero is black) and the per-image flags; the full result, scores and
         reasons, is kept as ``self.last_screening`` (per thread). Fails closed like :meth:`screen`."""
-        images, p, fired, errors = self._safety_check(images, clip_input)
-        self._keep_last(Screening(images, fired[:, 0], p[:, 0], errors, self.unacceptable))
-        return images, fired[:, 0].tolist()
+        screening = self._screening(*self._safety_check(images, clip_input))
+        self._keep_last(screening)
+        return screening.images, screening.blocked.tolist()
 
     #: The :class:`Screening` of the calling thread's last safety-checker call (None before one).
     last_screening = thread_last
@@ -521,9 +593,11 @@ class EspressoFilter(ConceptScreen):
         with atomic_dir(folder) as tmp:
             for part in (self.clip, self.tokenizer, self.processor):
                 part.save_pretrained(tmp)
+            everyday = ({} if self.everyday is None else
+                        {"everyday": self.everyday, "everyday_cut": self.everyday_cut})
             (tmp / CONFIG_FILE).write_text(json.dumps(
                 {"unacceptable": self.unacceptable, "acceptable": self.acceptable,
-                 "templates": self.templates}, indent=2) + "\n")
+                 "templates": self.templates, **everyday}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device=None, dtype=None) -> "EspressoFilter":
@@ -533,11 +607,15 @@ class EspressoFilter(ConceptScreen):
                                     "for a plain CLIP use EspressoFilter.from_clip(...)")
         config = json.loads(config_path.read_text())
         return cls.from_clip(str(folder), config["unacceptable"], config["acceptable"],
-                             config["templates"], device, dtype)
+                             config["templates"], device, dtype, everyday=config.get("everyday"),
+                             everyday_cut=config.get("everyday_cut", 0.5))
 
     @classmethod
     def from_clip(cls, source: str, unacceptable: str, acceptable: str,
-                  templates: list[str] | None = None, device=None, dtype=None) -> "EspressoFilter":
+                  templates: list[str] | None = None, device=None, dtype=None, *,
+                  everyday: list[str] | None = None, everyday_cut: float = 0.5
+                  ) -> "EspressoFilter":
         """A zero-shot filter on any CLIP (local folder or hub id)."""
         clip, tokenizer, processor = load_clip(source, device, dtype)
-        return cls(clip, tokenizer, processor, unacceptable, acceptable, templates)
+        return cls(clip, tokenizer, processor, unacceptable, acceptable, templates,
+                   everyday=everyday, everyday_cut=everyday_cut)
