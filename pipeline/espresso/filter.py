@@ -51,7 +51,7 @@ from torch import nn
 
 from pipeline.espresso.embeddings import image_features, text_embeddings
 from pipeline.espresso.files import atomic_dir
-from pipeline.espresso.models import load_clip
+from pipeline.espresso.models import load_clip, resolve_source
 from pipeline.espresso.pixels import VALUE_RANGES, clip_pixels, to_uint8, unit_range
 
 CONFIG_FILE = "espresso.json"
@@ -528,6 +528,7 @@ class EspressoFilter(ConceptScreen):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device=None, dtype=None) -> "EspressoFilter":
+        folder = resolve_source(folder, "filter folder")  # missing: one line, at once
         config_path = Path(folder) / CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} is not a saved Espresso filter (no {CONFIG_FILE}); "
