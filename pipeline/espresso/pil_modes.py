@@ -51,8 +51,8 @@ def rgb_versions(image: PIL.Image.Image) -> list[PIL.Image.Image]:
     bits) or that is not known here, naming the mode, why and the fix."""
     color, alpha, premultiplied = _color_and_alpha(image)
     if not _translucent(alpha):
-        return [PIL.Image.fromarray(np.ascontiguousarray(color), "RGB")]
-    return [PIL.Image.fromarray(_composite(color, alpha, premultiplied, value), "RGB")
+        return [PIL.Image.fromarray(np.ascontiguousarray(color))]
+    return [PIL.Image.fromarray(_composite(color, alpha, premultiplied, value))
             for _, value in BACKGROUNDS]
 
 
@@ -81,9 +81,10 @@ def _color_and_alpha(image: PIL.Image.Image) -> tuple[np.ndarray, np.ndarray | N
     premultiplied by the alpha)."""
     mode, key = image.mode, image.info.get("transparency")
     if mode in SIXTEEN_BIT or mode == "I":
-        values = np.asarray(image).astype(np.int64)
+        values = np.asarray(image)
         if mode == "I":
             _check_16_bit(values)
+        values = values.astype(np.int32)  # native byte order; (v + 128) fits
         grey = ((values + 128) // 257).astype(np.uint8)  # round(v / 257); v / 257 is never x.5
         alpha = (None if not isinstance(key, int)
                  else np.where(values == key, 0, 255).astype(np.uint8))
@@ -127,7 +128,7 @@ def _composite(color: np.ndarray, alpha: np.ndarray, premultiplied: bool,
     """uint8 ``color`` over a uniform ``background`` (0 or 255) through ``alpha``, rounded to
     the nearest value: ``round((c * a + b * (255 - a)) / 255)``; premultiplied colour is already
     ``c * a / 255``, so it is ``c + b * (255 - a) / 255``."""
-    c, a = color.astype(np.int64), alpha.astype(np.int64)[..., None]
+    c, a = color.astype(np.int32), alpha.astype(np.int32)[..., None]
     if premultiplied:
         out = c + background * (255 - a) // 255
     else:
