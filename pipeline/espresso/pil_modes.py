@@ -3,24 +3,7 @@ of PIL images, shared by :func:`pipeline.espresso.filter.canonical_image` (PIL i
 filter and the checker) and ``pipeline.screen`` (image files). PIL's own ``convert("RGB")``
 is not it: it clips a 16-bit image to white and drops alpha whatever it hides.
 
-What each mode becomes (:func:`rgb_versions`; METHOD section 2, "Inputs"):
-
-- ``RGB``: as is.
-- ``1``, ``L``, ``P`` (without transparency), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``
-  (RGB with a padding byte): PIL's ``convert("RGB")``.
-- ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` (16-bit grey): each value ``v`` to the 8-bit grey
-  ``round(v / 257)`` (65535 -> 255, 32896 -> 128): the 16-bit range onto the 8-bit one.
-- ``I`` (32-bit integer): the same if every value lies in 0..65535 (a 16-bit image, as PIL
-  opens some); else refused, its range being unknown.
-- ``F`` (32-bit float): refused, its range being unknown (give a uint8 image, or a float array
-  in [0, 1]).
-- Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent palette entry, ``L``/``RGB``/
-  16-bit grey with a transparent colour key; premultiplied ``RGBa``, ``La``): fully opaque, the
-  alpha is dropped. Otherwise the picture depends on the page behind it, so there are two
-  versions: composited over black and over white, each rounded to the nearest value. The screen
-  scores both and blocks the image if either fires (fail closed); ``canonical_image``, which
-  gives one image, refuses it, telling the caller to composite it over its background.
-- Any other mode: refused, naming it and the fix.
+What each mode becomes is :func:`rgb_versions`'s docstring (METHOD section 2, "Inputs").
 
 A refusal is an :class:`~pipeline.espresso.filter.ImageFormError` (the message names the mode,
 why, and the fix): ``screen`` blocks the image unscored, ``embed`` raises, ``pipeline.screen``
@@ -45,10 +28,28 @@ BACKGROUNDS = (("black", 0), ("white", 255))
 
 
 def rgb_versions(image: PIL.Image.Image) -> list[PIL.Image.Image]:
-    """The RGB picture(s) ``image`` shows, new images (``image`` is not changed): one, or for an
-    image with translucent pixels two, composited over black and over white (module docstring).
-    Raises :class:`ImageFormError` for a mode whose range is unknown (``F``, ``I`` beyond 16
-    bits) or that is not known here, naming the mode, why and the fix."""
+    """The RGB picture(s) ``image`` shows, as new images (``image`` is not changed): one, or
+    for an image with translucent pixels two. Raises :class:`ImageFormError` naming the mode,
+    why and the fix where there is no picture to give. Mode by mode:
+
+    - ``RGB``: as is.
+    - ``1``, ``L``, ``P`` (without transparency), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``,
+      ``RGBX`` (RGB with a padding byte): PIL's ``convert("RGB")``.
+    - ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` (16-bit grey): each value ``v`` to the 8-bit
+      grey ``round(v / 257)`` (65535 -> 255, 32896 -> 128): the 16-bit range onto the 8-bit one.
+    - ``I`` (32-bit integer): the same if every value lies in 0..65535 (a 16-bit image, as PIL
+      opens some); else refused, its range being unknown.
+    - ``F`` (32-bit float): refused, its range being unknown (give a uint8 image, or a float
+      array in [0, 1]).
+    - Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent palette entry,
+      ``L``/``RGB``/16-bit grey with a transparent colour key; premultiplied ``RGBa``, ``La``):
+      fully opaque, the alpha is dropped. Otherwise the picture depends on the page behind it,
+      so there are two versions: composited over black and over white, each rounded to the
+      nearest value. ``pipeline.screen`` scores both and blocks the image if either fires (fail
+      closed); :func:`one_rgb` (``canonical_image``), which gives one image, refuses it,
+      telling the caller to composite it over its background.
+    - Any other mode: refused, naming it and the fix.
+    """
     color, alpha, premultiplied = _color_and_alpha(image)
     if not _translucent(alpha):
         return [PIL.Image.fromarray(np.ascontiguousarray(color))]
