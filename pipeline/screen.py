@@ -6,8 +6,12 @@
 ``IMAGES`` is a file or a folder, searched recursively (links to folders followed, each folder
 once). Every file is screened or, with its reason, skipped and counted as blocked (the screen
 fails closed): what an image is, is decided by its content, not its name. Every frame of an
-animated or multi-page image is scored and the file is blocked if any frame is. An image whose
-frames would decode (or resize) to more than ``--max-pixels`` pixels is blocked unread.
+animated or multi-page image is scored and the file is blocked if any frame is. Every PIL mode
+is read as :mod:`pipeline.espresso.pil_modes` says (16-bit grey scaled to 8 bits, not clipped to
+white; float and beyond-16-bit images blocked with the reason); a frame with translucent pixels
+shows no one picture, so it is scored composited over black and over white, as two frames, and
+blocks the file if either fires. An image whose frames would decode (or resize) to more than
+``--max-pixels`` pixels is blocked unread.
 
 Columns: ``path, frames, concept, p_unacceptable, cut, fired, blocked, error``
 (``p_unacceptable`` is the highest over the frames; ``frames`` how many were scored). Cells a
@@ -132,9 +136,15 @@ def decoded_pixels(size: tuple[int, int], resize_edge: int) -> int:
 
 
 def read_frames(path: str, resize_edge: int, max_pixels: int):
-    """(every frame as an RGB image, None), or (None, why the file cannot be screened). The
-    frames' sizes are read from their headers and held to ``max_pixels`` before any is
-    decoded."""
+    """(every frame as the RGB picture(s) it shows, None), or (None, why the file cannot be
+    screened). Each frame is converted by :func:`pipeline.espresso.pil_modes.rgb_versions`: a
+    frame with translucent pixels becomes two, composited over black and over white (the file
+    is blocked if either fires); a frame of a mode whose range is unknown (float, 32-bit
+    integer) refuses the file. The frames' sizes are read from their headers and held to
+    ``max_pixels`` before any is decoded."""
+    from pipeline.espresso.filter import ImageFormError
+    from pipeline.espresso.pil_modes import rgb_versions
+
     try:
         with warnings.catch_warnings():  # the budget below is the bound; PIL's warning is noise
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
@@ -147,8 +157,13 @@ def read_frames(path: str, resize_edge: int, max_pixels: int):
                         return None, (f"too large: frames 0-{i} (frame {i} {width} x {height}) "
                                       f"decode or resize to {pixels:.3g} pixels, over the budget "
                                       f"of {max_pixels:.3g} (--max-pixels)")
-                return [frame.convert("RGB")
-                        for frame in PIL.ImageSequence.Iterator(image)], None
+                frames = []
+                for i, frame in enumerate(PIL.ImageSequence.Iterator(image)):
+                    try:
+                        frames += rgb_versions(frame)
+                    except ImageFormError as err:
+                        return None, f"frame {i}: {err}" if i else str(err)
+                return frames, None
     except (OSError, ValueError, EOFError, SyntaxError, MemoryError,
             PIL.Image.DecompressionBombError) as err:
         return None, f"unreadable image file: {type(err).__name__}: {err}"

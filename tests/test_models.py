@@ -5,6 +5,7 @@ laid out like the real one, so that the paper's real hub ids load through the sa
 paper setting uses offline.
 """
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -12,9 +13,13 @@ import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 from tiny_hub import CLIP_ID, IMAGE_SIZE, SD_ID
 
-from pipeline.espresso.models import ModelNotAvailableError, load_clip, pick_device, resolve_source
+from pipeline.espresso import ConceptChecker, EspressoFilter
+from pipeline.espresso.models import (ModelNotAvailableError, load_clip, local_reason,
+                                      pick_device, resolve_source)
 from pipeline.espresso.t2i import load_t2i
+from pipeline.mini.judge import Judge
 from pipeline.mini.sd import SHARED_WITH_CLIP
+from pipeline.outputs.edited import load_edited_unet
 
 CPU = dict(device="cpu", dtype=torch.float32)
 
@@ -72,21 +77,31 @@ def test_t2i_mini_layout_links_text_encoder_to_clip(folders, clip):
         assert len(pipe.tokenizer) == 49408
 
 
-@pytest.mark.parametrize("load", [load_clip, load_t2i])
+#: Every loader that takes a folder or a hub id, and what its one-line error calls the folder.
+LOADERS = {
+    "load_clip": (lambda source: load_clip(source, **CPU), "model folder"),
+    "load_t2i": (lambda source: load_t2i(source, **CPU), "model folder"),
+    "ConceptChecker.from_pretrained": (ConceptChecker.from_pretrained, "checker folder"),
+    "ConceptChecker.from_clip": (lambda source: ConceptChecker.from_clip(
+        source, {"zorbo": ("Zorbo", "a star")}, device="cpu"), "model folder"),
+    "EspressoFilter.from_pretrained": (EspressoFilter.from_pretrained, "filter folder"),
+    "EspressoFilter.from_clip": (lambda source: EspressoFilter.from_clip(
+        source, "Zorbo", "a star", device="cpu"), "model folder"),
+    "Judge.load": (Judge.load, "model folder"),
+}
+#: The loaders that read hub ids (a saved Espresso filter is a local folder only).
+HUB_LOADERS = [name for name in LOADERS if name != "EspressoFilter.from_pretrained"]
+
+
+@pytest.mark.parametrize("load", HUB_LOADERS)
 def test_hub_id_not_cached_offline(offline_empty_hub, load):
+    """A bare owner/name is tried as a hub id: offline and not cached, its one-line message."""
     with pytest.raises(ModelNotAvailableError) as info:
-        load("someorg/not-cached-model", **CPU)
+        LOADERS[load][0]("someorg/not-cached-model")
     message = str(info.value)
     assert "'someorg/not-cached-model' is not in the local Hugging Face cache" in message
     assert "offline" in message and "hf download someorg/not-cached-model" in message
-
-
-@pytest.mark.parametrize("load", [load_clip, load_t2i])
-def test_missing_local_folder(tmp_path, load):
-    with pytest.raises(ModelNotAvailableError, match="does not exist") as info:
-        load(str(tmp_path / "world" / "clip"), **CPU)
-    assert "git checkout -- data/world" in str(info.value)
-    assert "dvc repro world" in str(info.value)
+    assert "\n" not in message
 
 
 def test_missing_tokenizer_files_are_an_error(folders, tmp_path):
@@ -97,18 +112,89 @@ def test_missing_tokenizer_files_are_an_error(folders, tmp_path):
         load_clip(str(tmp_path / "clip"), **CPU)
 
 
-@pytest.mark.parametrize("source, hub", [
-    ("openai/clip-vit-large-patch14", True),
-    ("data/world/clip", False),  # deeper than org/name
-    ("./clip/model", False),
-    ("/no/such/clip", False),
-    ("models/clip", False),      # "models" is a local folder: a local path, not a hub org
+@pytest.mark.parametrize("source, reason", [
+    ("openai/clip-vit-large-patch14", None),
+    ("data/nochecker", "'data' exists here"),
+    ("models/clip", "'models' exists here"),
+    ("./clip", "it starts with './'"),
+    ("../clip", "it starts with '../'"),
+    ("~/clip", "it starts with '~'"),
+    (".clip/x", "it starts with '.'"),
+    ("/no/such/clip", "it starts with '/'"),
+    ("data/world/clip", "it has more than one '/'"),
+    ("org\\clip", "it has a backslash"),
+    ("clip", "it is not of the form owner/name"),
+    ("C:/clip", "it is not of the form owner/name"),
 ])
-def test_resolve_source(monkeypatch, tmp_path, source, hub):
+def test_only_a_bare_owner_name_is_a_hub_id(monkeypatch, tmp_path, source, reason):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
     (tmp_path / "models").mkdir()
-    if hub:
+    assert local_reason(source) == reason
+    if reason is None:
         assert resolve_source(source) == source
     else:
         with pytest.raises(ModelNotAvailableError, match="does not exist"):
             resolve_source(source)
+
+
+def test_an_existing_path_is_local_whatever_it_looks_like(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someorg" / "model").mkdir(parents=True)
+    assert resolve_source("someorg/model") == "someorg/model"
+    assert resolve_source(tmp_path / "someorg") == str(tmp_path / "someorg")
+
+
+@pytest.mark.parametrize("load", LOADERS)
+@pytest.mark.parametrize("source, reason", [
+    ("data/nochecker", "'data' exists here"),  # a mistyped folder beside existing ones
+    ("./nothing", "it starts with './'"),
+    ("nothing/at/all", "it has more than one '/'"),
+])
+def test_a_missing_local_path_fails_at_once_in_one_line(monkeypatch, tmp_path, load, source,
+                                                        reason):
+    """Online settings (no HF_HUB_OFFLINE): a hub lookup would retry for tens of seconds."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    call, what = LOADERS[load]
+    start = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError) as info:
+        call(source)
+    assert time.perf_counter() - start < 2
+    assert str(info.value).startswith(
+        f"{what} {source!r} does not exist; it is a local path ({reason}), so it was not tried "
+        "as a hub id: check the path, or ")
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_checker_folder_says_how_to_build_one(tmp_path):
+    with pytest.raises(ModelNotAvailableError) as info:
+        ConceptChecker.from_pretrained(tmp_path / "nochecker")
+    assert str(info.value) == (
+        f"checker folder {str(tmp_path / 'nochecker')!r} does not exist; it is a local path (it "
+        "starts with '/'), so it was not tried as a hub id: check the path, or build one with "
+        "`python -m pipeline.export`, or give a hub id (owner/name)")
+
+
+def test_a_missing_edited_unet_says_to_rerun_the_edit(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(ModelNotAvailableError) as info:
+        load_edited_unet("uce")
+    assert time.perf_counter() - start < 2
+    assert str(info.value) == (
+        "edited UNet folder 'data/edit/uce/unet' does not exist; it is a local path (it has "
+        "more than one '/'), so it was not tried as a hub id: check the path, or rebuild it "
+        "with `dvc repro edit`")
+
+
+@pytest.mark.parametrize("load", [load_clip, load_t2i])
+def test_missing_world_folder_says_to_restore_it(tmp_path, load):
+    folder = tmp_path / "data" / "world" / "clip"
+    with pytest.raises(ModelNotAvailableError) as info:
+        load(str(folder), **CPU)
+    assert str(info.value) == (
+        f"model folder {str(folder)!r} does not exist; it is a local path (it starts with '/'), "
+        "so it was not tried as a hub id: check the path, or restore it with `git checkout -- "
+        "data/world` (the mini world's models are committed in git)")

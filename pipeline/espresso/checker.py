@@ -59,8 +59,8 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelW
 from pipeline.espresso.filter import (MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter,
                                       _score, _short, blocks, records_frame, result_repr,
                                       thread_last)
-from pipeline.espresso.models import (HUB_ID, ModelNotAvailableError, hub_loading, load_clip,
-                                      placement, quiet_libraries)
+from pipeline.espresso.models import (ModelNotAvailableError, hub_loading, load_clip, placement,
+                                      quiet_libraries, resolve_source)
 
 FORMAT = "espresso-concept-checker"
 FORMAT_VERSION = 2
@@ -531,11 +531,9 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
                         dtype=None, **hub_kwargs) -> "ConceptChecker":
         """A saved checker from a local folder or a hub id (from the local Hugging Face cache
         when offline); a missing or damaged one raises ``ModelNotAvailableError`` in one line."""
-        source = str(pretrained_model_name_or_path)
-        if not Path(source).expanduser().exists() and not HUB_ID.fullmatch(source):
-            raise ModelNotAvailableError(f"checker folder {source!r} does not exist: build one "
-                                         "with `python -m pipeline.export`, or give a hub id "
-                                         "(org/name)")
+        source = resolve_source(pretrained_model_name_or_path, "checker folder",
+                                "build one with `python -m pipeline.export`, or give a hub id "
+                                "(owner/name)")
         with hub_loading(source):
             return super().from_pretrained(source, device=device, dtype=dtype, **hub_kwargs)
 

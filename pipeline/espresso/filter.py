@@ -15,7 +15,8 @@ plain transformers ``CLIPModel``, and it plugs into a diffusers ``StableDiffusio
 returned and logged.
 
 Input forms (METHOD section 2, "Inputs"): a uint8 ``H x W x 3`` array; a float (16/32/64)
-``H x W x 3`` array in [0, 1] (diffusers ``output_type="np"``); an RGB PIL image; a float torch
+``H x W x 3`` array in [0, 1] (diffusers ``output_type="np"``); a PIL image (of a mode that
+:mod:`pipeline.espresso.pil_modes` converts to RGB); a float torch
 tensor ``3 x H x W`` in [0, 1] (``output_type="pt"``) or [-1, 1] (the VAE's decode). The caller
 states the range of float images with ``value_range`` (``"0,1"`` or ``"-1,1"``); unstated, arrays
 are [0, 1] and a tensor is [-1, 1] if it has negative values, else ambiguous. [-1, 1] is clamped
@@ -26,7 +27,8 @@ canonical form, uint8 ``H x W x 3`` rounded as diffusers' ``numpy_to_pil`` round
 what a diffusers pipeline hands its safety checker's feature extractor: one image gets one score
 whatever its form, the same as on the pipeline's path, and the processor never rescales a float
 image a second time (which scored it as near-black: fail-open). Any other form (uint16, 2-D,
-channels-first array, RGBA or other non-RGB PIL modes, out-of-range or non-finite floats, a tensor
+channels-first array, a PIL image of unknown range (mode F, or I beyond 16 bits) or with
+transparency (its picture depends on the background), out-of-range or non-finite floats, a tensor
 of unstated range in [0, 1]) is not guessed at: :func:`canonical_image` names the problem and the
 fix, ``screen`` blocks the image unscored, ``embed`` raises.
 """
@@ -49,7 +51,7 @@ from torch import nn
 
 from pipeline.espresso.embeddings import image_features, text_embeddings
 from pipeline.espresso.files import atomic_dir
-from pipeline.espresso.models import load_clip
+from pipeline.espresso.models import load_clip, resolve_source
 from pipeline.espresso.pixels import VALUE_RANGES, clip_pixels, to_uint8, unit_range
 
 CONFIG_FILE = "espresso.json"
@@ -153,10 +155,9 @@ def canonical_image(image, value_range: str | None = None) -> np.ndarray:
     plain ``ValueError`` for an unknown ``value_range``: a programming error, not an image's)."""
     if value_range not in (None, *VALUE_RANGES):
         raise ValueError(f"value_range {value_range!r}: give one of {VALUE_RANGES} or None")
-    if isinstance(image, PIL.Image.Image):
-        if image.mode != "RGB":
-            raise ImageFormError(f"PIL image in mode {image.mode}: pass image.convert('RGB')")
-        image = np.array(image)
+    if isinstance(image, PIL.Image.Image):  # every mode as pil_modes says (it imports this one)
+        from pipeline.espresso.pil_modes import one_rgb
+        image = one_rgb(image)
     if torch.is_tensor(image):
         _check_tensor_layout(image)
         x = image.detach().cpu().permute(1, 2, 0)
@@ -601,6 +602,7 @@ class EspressoFilter(ConceptScreen):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device=None, dtype=None) -> "EspressoFilter":
+        folder = resolve_source(folder, "filter folder")  # missing: one line, at once
         config_path = Path(folder) / CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} is not a saved Espresso filter (no {CONFIG_FILE}); "

@@ -5,6 +5,8 @@ One code path serves both settings. The mini world's models are local folders un
 ``data/world``; the paper's are hub ids, read from the local Hugging Face cache when offline. A
 model that is not there, or whose files are missing or damaged (a truncated weight file), raises
 ``ModelNotAvailableError`` naming the path and how to restore it, instead of a deep library trace.
+Every loader reads its folder or hub id through :func:`resolve_source`: only a bare
+``owner/name`` is tried as a hub id, and a missing path that looks local fails at once.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 #: How hub model ids are written: "org/name".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+#: How a local path may start (tried in this order, to name the one it starts with).
+LOCAL_STARTS = ("../", "./", "/", "~", ".")
 #: What transformers records in a loaded tokenizer's ``init_kwargs`` about how it was loaded
 #: (``local_files_only`` follows HF_HUB_OFFLINE); ``save_pretrained`` would write them into
 #: ``tokenizer_config.json``, making a saved filter's bytes depend on the environment.
@@ -66,18 +70,44 @@ def load_clip(source: str, device: torch.device | str | None = None,
     return model.to(device).eval(), tokenizer, processor
 
 
-def resolve_source(source: str) -> str:
-    """An existing local path, or a hub id ("org/name" whose "org" is not a local folder);
-    anything else is a local folder that is missing."""
+def resolve_source(source: str | os.PathLike, what: str = "model folder",
+                   fix: str | None = None) -> str:
+    """Where every loader reads a model (a folder, or a hub id) from: an existing local path
+    (``~`` expanded), or a hub id, which is only a bare ``owner/name`` that does not look local
+    (:func:`local_reason`). A local path that is missing raises ``ModelNotAvailableError`` at
+    once, in one line naming the path, why it is taken as local (it is never tried as a hub id,
+    which would retry for a while) and ``fix`` (by default :func:`restore_hint`); ``what`` names
+    the thing ("checker folder")."""
+    source = os.fspath(source)
     path = Path(source).expanduser()
     if path.exists():
         return str(path)
-    if HUB_ID.fullmatch(source) and not path.parent.exists():
+    reason = local_reason(source)
+    if reason is None:
         return source
     raise ModelNotAvailableError(
-        f"Model folder {source!r} does not exist. The mini world's models are committed in git "
-        "under data/world: restore them with `git checkout -- data/world`, or rebuild them with "
-        "`dvc unfreeze world && dvc repro world && dvc freeze world`.")
+        f"{what} {source!r} does not exist; it is a local path ({reason}), so it was not tried "
+        f"as a hub id: check the path, or {fix or restore_hint(path)}")
+
+
+def local_reason(source: str) -> str | None:
+    """Why ``source`` is a local path and not a hub id, or None for a hub id: a bare
+    ``owner/name`` (``HUB_ID``) whose ``owner`` is no folder here. Local: it starts with ``/``,
+    ``./``, ``../``, ``~`` or ``.``; has a backslash or more than one ``/``; is not of the form
+    ``owner/name``; or its parent folder exists (``data/nochecker`` where ``data/`` is)."""
+    start = next((s for s in LOCAL_STARTS if source.startswith(s)), None)
+    if start is not None:
+        return f"it starts with {start!r}"
+    if "\\" in source:
+        return "it has a backslash"
+    if source.count("/") > 1:
+        return "it has more than one '/'"
+    if not HUB_ID.fullmatch(source):
+        return "it is not of the form owner/name"
+    parent = Path(source).parent
+    if parent.exists():
+        return f"{str(parent)!r} exists here"
+    return None
 
 
 def placement(device: torch.device | str | None,
@@ -187,13 +217,15 @@ def _readable(weights: Path) -> bool:
 
 def restore_hint(folder: str | Path) -> str:
     """How to get back a local model: the mini world is committed in git, the fine-tuned filter
-    is a DVC output; any other folder is the user's."""
+    and the edited UNets are DVC outputs; any other folder is the user's."""
     parts = Path(folder).absolute().parts
     if _has(parts, ("data", "world")):
         return ("restore it with `git checkout -- data/world` (the mini world's models are "
                 "committed in git)")
     if _has(parts, ("data", "finetune")):
         return "rebuild it with `dvc repro finetune`"
+    if _has(parts, ("data", "edit")):
+        return "rebuild it with `dvc repro edit`"
     return "save the model there again, or point params.yaml's models at another folder"
 
 

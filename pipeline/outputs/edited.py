@@ -16,9 +16,9 @@ def load_edited_unet(crt: str, device=None, dtype=None):
     """The UNet that ``crt`` edited (diffusers folder), on the pipeline's device and dtype."""
     from diffusers import UNet2DConditionModel
 
-    from pipeline.espresso.models import hub_loading
+    from pipeline.espresso.models import hub_loading, resolve_source
 
-    folder = str(OUT / crt / UNET)
+    folder = resolve_source(OUT / crt / UNET, "edited UNet folder")
     with hub_loading(folder):
         unet = UNet2DConditionModel.from_pretrained(folder)
     return unet.to(device=device, dtype=dtype).eval()
