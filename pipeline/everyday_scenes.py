@@ -28,13 +28,20 @@ def scene_seed(seed: int, prompt_index: int, image_index: int) -> int:
 def plan_scenes(concepts: list[Concept], everyday: Everyday) -> pd.DataFrame:
     """One row per image: ``prompt``, ``prompt_index``, ``image``, ``seed``; ``everyday.prompts``
     prompts naming none of ``concepts``, ``everyday.images_per_prompt`` images each."""
+    prompts = everyday_prompts(concepts, everyday.prompts, everyday.seed)
+    return scene_rows(prompts, everyday.seed, everyday.images_per_prompt)
+
+
+def scene_rows(prompts: list[str], seed: int, images_per_prompt: int,
+               first_index: int = 0) -> pd.DataFrame:
+    """The rows of ``prompts``, prompt ``i`` at index ``first_index + i`` of its draw (its
+    seeds are those of that index: a longer draw's prompts keep theirs)."""
     import pandas as pd
 
-    prompts = everyday_prompts(concepts, everyday.prompts, everyday.seed)
     return pd.DataFrame([dict(prompt=prompt, prompt_index=i, image=j,
-                              seed=scene_seed(everyday.seed, i, j))
-                         for i, prompt in enumerate(prompts)
-                         for j in range(everyday.images_per_prompt)])
+                              seed=scene_seed(seed, i, j))
+                         for i, prompt in enumerate(prompts, start=first_index)
+                         for j in range(images_per_prompt)])
 
 
 def load_pipe(source: str, sampler: Sampler):

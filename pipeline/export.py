@@ -1,5 +1,6 @@
 """Export Espresso's concepts, each from its own experiment, as one deployable checker (METHOD
-section 9, :class:`pipeline.espresso.ConceptChecker`), with a report of its operating points.
+section 9, :class:`pipeline.espresso.ConceptChecker`), with a report of what a platform lives
+with.
 
 Each concept's t_u, t_a come from the fine-tuned filter (``data/finetune/filter``) of that
 concept's newest experiment whose data and fine-tuning params (``MATCHED``) equal params.yaml's,
@@ -7,18 +8,26 @@ on any commit, the workspace included (``dvc exp show``); its files are read fro
 without applying the experiment. ``--zero-shot`` takes the vectors from the setting's own CLIP
 instead. The folder records each concept's provenance: experiment, its commit, params.
 
-Every cut is the paper's decision, P(u|x) > 0.5, unless ``--calibrate``: then each concept's cut
-is set for ``--target-fpr`` on its experiment's validation images of acceptable prompts. The
-report (``reports/checker/``) shows each concept's ROC curve on its held-out test images, with
-the point at 0.5 and at the cut calibrated for ``--target-fpr``, and the rates with 95%
-intervals. It also renders everyday scenes, prompts that name none of its concepts
-(``pipeline.concepts.everyday_prompts`` of them all, ``everyday`` params) with the setting's
-unedited T2I model, and reports the share of them the whole checker blocks, and which of its
-concepts fired, each with its interval over prompts (``--no-everyday`` skips them). Not a DVC
-stage: it gathers the outputs of several experiments.
+Images of neither concept (docs/method.md, "Images of neither concept"): every concept gets
+everyday anchors, the embeddings (through its own text encoder) of ``--anchor-texts`` everyday
+prompts, and by default the everyday cuts are calibrated together by split conformal for a
+whole-checker false-positive rate of ``--everyday-fpr`` per everyday prompt, on
+``--calibration-prompts`` everyday prompts rendered by the setting's unedited T2I model (or on
+your own images: ``--calibrate-on DIR``, each file its own unit), with each concept's c_u
+validation images. Anchor texts, calibration prompts and the report's test prompts are three
+disjoint parts of one draw of everyday prompts (``pipeline.concepts.everyday_prompts`` of all
+the concepts, ``everyday.seed``). Each concept's c_u-vs-c_a cut is the paper's 0.5 unless
+``--calibrate`` (then for ``--target-fpr`` on its validation images of acceptable prompts).
 
-    python -m pipeline.export                                     # data/checker, cuts 0.5
-    python -m pipeline.export --calibrate --target-fpr 0.05 --out data/checker-fpr05
+The report (``reports/checker/``) opens with the whole checker's blocked share on the test
+everyday images and each concept's FNR on its own test images, with and without the anchors;
+then a concept-by-concept confusion table (which concept fires on which concept's images), each
+concept's ROC curve, all with 95% intervals over prompts. ``--no-everyday`` skips everything
+that renders (the anchors stay, at cut 0.5). Not a DVC stage: it gathers the outputs of several
+experiments.
+
+    python -m pipeline.export                                     # data/checker
+    python -m pipeline.export --calibrate-on my_everyday_images/ --out data/checker-mine
     python -m pipeline.export --concepts zorbo mimi --zero-shot --out data/checker-zero-shot
 """
 from __future__ import annotations
@@ -32,9 +41,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.concepts import get_concept, known_concepts
+from pipeline.concepts import everyday_prompts, get_concept, known_concepts
 from pipeline.espresso.files import atomic_dir, write_json
-from pipeline.everyday_scenes import load_pipe, plan_scenes, render
+from pipeline.everyday_scenes import load_pipe, render, scene_rows
 from pipeline.experiments import dvc, experiments
 from pipeline.outputs.generated import load_images
 from pipeline.params import ParamsError, apply_budget, load_params, settings_of
@@ -101,105 +110,174 @@ def provenance(run: dict, source: str) -> dict:
             "finetune_metrics": run["detail"]["finetune"]}
 
 
-def build(params: Params, concepts: list[str], zero_shot: bool, work: Path
+def everyday_split(concepts: list[str], params: Params, test: int, calibration: int,
+                   anchors: int) -> dict[str, list[str]]:
+    """Three disjoint parts of one draw of everyday prompts naming none of ``concepts``: the
+    report's ``test`` prompts first (the ``everyday`` stage's, for as many as it has), then the
+    ``calibration`` prompts, then the ``anchors`` texts."""
+    setting = params.setting
+    draw = everyday_prompts([get_concept(name, setting) for name in concepts],
+                            test + calibration + anchors, params.everyday.seed)
+    return {"test": draw[:test], "calibration": draw[test:test + calibration],
+            "anchors": draw[test + calibration:]}
+
+
+def build(params: Params, concepts: list[str], zero_shot: bool, work: Path, anchors: list[str]
           ) -> tuple[ConceptChecker, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
-    """The checker of ``concepts`` (vectors fine-tuned, or zero-shot), and per concept the
-    manifest rows and images of its experiment's validation and test images."""
+    """The checker of ``concepts`` (vectors fine-tuned, or zero-shot) with the everyday
+    ``anchors`` through each concept's own text encoder, and per concept the manifest rows and
+    images of its experiment's validation and test images."""
     from pipeline.espresso import ConceptChecker, EspressoFilter
-    from pipeline.espresso.checker import CheckerConcept, same_image_tower, vision_tower
+    from pipeline.espresso.checker import same_image_tower
     from pipeline.espresso.models import load_clip
 
     setting, _, models = settings_of(params)
     runs = source_runs(params, concepts)
     base = load_clip(models.clip, device="cpu")
-    rows, images, table = {}, {}, []
+    rows, images, filters, sources = {}, {}, {}, {}
     for name in tqdm(concepts, desc="concepts", unit="concept"):
         concept = get_concept(name, setting)
         rows[name] = fetch_outputs(runs[name], work / name)
         images[name] = load_images(rows[name], work / name)
-        if zero_shot:
-            filt = EspressoFilter(*base, concept.unacceptable, concept.acceptable)
-        else:
-            filt = EspressoFilter.from_pretrained(work / name / "filter", device="cpu")
-            if not same_image_tower(base[0], filt.clip):
+        clip = base
+        if not zero_shot:
+            clip = load_clip(str(work / name / "filter"), device="cpu")
+            if not same_image_tower(base[0], clip[0]):
                 raise SystemExit(f"error: the fine-tuned filter of {name} (experiment "
                                  f"{runs[name]['name']}) has another image tower than "
                                  f"{models.clip}: a checker holds one tower")
-        table.append(CheckerConcept(
-            name, concept.unacceptable, concept.acceptable, filt.t_u.cpu(), filt.t_a.cpu(),
-            filt.logit_scale,
-            provenance=provenance(runs[name], "zero-shot CLIP" if zero_shot else "fine-tuned")))
-    return ConceptChecker(vision_tower(base[0]), base[2], table), rows, images
+        filters[name] = EspressoFilter(*clip, concept.unacceptable, concept.acceptable,
+                                       everyday=anchors or None)
+        sources[name] = provenance(runs[name], "zero-shot CLIP" if zero_shot else "fine-tuned")
+    return ConceptChecker.from_filters(filters, sources), rows, images
 
 
-def operating_points(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
-                     images: dict[str, np.ndarray], target_fpr: float, calibrate: bool
-                     ) -> tuple[dict, dict]:
-    """Per concept: its cut for ``target_fpr`` on validation (set as the checker's cut if
-    ``calibrate``), and on test its ROC curve, AUC and the error rates at 0.5 and at that cut."""
+def split_of(rows: pd.DataFrame, split: str, label: str) -> np.ndarray:
+    return ((rows["split"] == split) & (rows["label"] == label)).to_numpy()
+
+
+def calibrate_cuts(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
+                   images: dict[str, np.ndarray], target_fpr: float) -> None:
+    """Each concept's c_u-vs-c_a cut for ``target_fpr`` on its validation images of acceptable
+    prompts (:meth:`ConceptChecker.calibrate`)."""
+    for k, name in enumerate(checker.names):
+        negatives = images[name][split_of(rows[name], "val", "acceptable")]
+        checker.calibrate(name, checker.check(negatives).p_unacceptable[:, k], target_fpr, {
+            "images": "validation images of acceptable prompts",
+            "experiment": checker.concept(name).provenance["experiment"]})
+
+
+def calibrate_everyday(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
+                       images: dict[str, np.ndarray], negatives: np.ndarray, groups: list,
+                       target_fpr: float, about: dict) -> dict:
+    """The everyday cuts for a whole-checker ``target_fpr`` on ``negatives`` (their units
+    ``groups``), with each concept's c_u validation images
+    (:meth:`ConceptChecker.calibrate_everyday`); a calibration that cannot reach it exits in one
+    line."""
+    positives = {name: images[name][split_of(rows[name], "val", "unacceptable")]
+                 for name in checker.names}
+    try:
+        return checker.calibrate_everyday(negatives, positives, target_fpr, groups, about)
+    except ValueError as err:
+        raise SystemExit(f"error: everyday calibration: {err}") from None
+
+
+def own_images(folder: Path, resize_edge: int) -> tuple[list, list[int]]:
+    """The frames of every image file under ``folder`` (as ``pipeline.screen`` reads them), and
+    each frame's file index (a file is one calibration unit); SystemExit if none is readable."""
+    from pipeline.screen import MAX_PIXELS, files_to_screen, read_frames
+
+    frames, groups, skipped = [], [], 0
+    for i, entry in enumerate(files_to_screen([str(folder)])):
+        read, error = (None, entry.skipped) if entry.skipped else read_frames(
+            entry.path, resize_edge, MAX_PIXELS)
+        if error or not read:
+            skipped += 1
+            continue
+        frames += read
+        groups += [i] * len(read)
+    if not frames:
+        raise SystemExit(f"error: --calibrate-on {folder}: no readable image files there; give "
+                         "a folder of everyday images that show none of the concepts")
+    if skipped:
+        print(f"--calibrate-on: {skipped} files under {folder} could not be read and are left out")
+    return frames, groups
+
+
+def clustered(blocked: np.ndarray, prompts: np.ndarray, stats) -> dict:
+    """The blocked share of some images as a rate over their prompts (95% interval)."""
+    from pipeline.statistics import rate
+
+    return rate(np.asarray(blocked, float), clusters=np.asarray(prompts, object), stats=stats)
+
+
+def paper_rule(checker: ConceptChecker, result) -> np.ndarray:
+    """Fired ``N x K`` by the c_u-vs-c_a rule alone (no everyday anchors), fail-closed."""
+    from pipeline.espresso.filter import blocks
+
+    return blocks(result.p_unacceptable - checker.cuts) | result.unscored[:, None]
+
+
+def concept_rates(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
+                  images: dict[str, np.ndarray], stats) -> dict:
+    """Per concept, on its own test images: FNR on c_u and FPR on c_a of its own column, with the
+    anchors and by the paper's rule alone; test AUC and ROC of P(u|x)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from pipeline.espresso import cut_for_fpr
-    from pipeline.espresso.metrics import error_rates
-
-    points, curves = {}, {}
-    for k, name in enumerate(tqdm(checker.names, desc="operating points", unit="concept")):
-        p = checker.check(images[name]).p_unacceptable[:, k]
-        unacceptable = (rows[name]["label"] == "unacceptable").to_numpy()
-        val, test = [(rows[name]["split"] == s).to_numpy() for s in ("val", "test")]
-        negatives = p[val & ~unacceptable]
-        cut = (checker.calibrate(name, negatives, target_fpr, {
-                   "images": "validation images of acceptable prompts",
-                   "experiment": checker.concept(name).provenance["experiment"]})
-               if calibrate else cut_for_fpr(negatives, target_fpr))
-        fpr, tpr, _ = roc_curve(unacceptable[test], p[test])
-        curves[name] = (fpr, tpr)
-        points[name] = {
-            "cut_in_checker": checker.concept(name).cut, "calibrated_cut": cut,
-            "validation_fpr_at_calibrated_cut": float((negatives > cut).mean()),
-            "test_auc": float(roc_auc_score(unacceptable[test], p[test])),
-            "test_at_0.5": error_rates(p[test] > 0.5, unacceptable[test]),
-            "test_at_calibrated_cut": error_rates(p[test] > cut, unacceptable[test])}
-    return points, curves
+    out = {}
+    for k, name in enumerate(tqdm(checker.names, desc="test images", unit="concept")):
+        test = (rows[name]["split"] == "test").to_numpy()
+        result = checker.check(images[name][test])
+        positive = (rows[name]["label"][test] == "unacceptable").to_numpy()
+        prompts = rows[name]["prompt"][test].to_numpy()
+        fired = {"with anchors": result.fired[:, k], "paper rule": paper_rule(checker, result)[:, k]}
+        fpr, tpr, _ = roc_curve(positive, result.p_unacceptable[:, k])
+        out[name] = {
+            "test_auc": float(roc_auc_score(positive, result.p_unacceptable[:, k])),
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+            **{f"fnr ({rule})": clustered(~f[positive], prompts[positive], stats)
+               for rule, f in fired.items()},
+            **{f"fpr ({rule})": clustered(f[~positive], prompts[~positive], stats)
+               for rule, f in fired.items()}}
+    return out
 
 
-def everyday_images(params: Params, concepts: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The everyday scenes of ``concepts`` (prompts naming none of them; seeds of
-    ``pipeline.everyday_scenes``) and their images by the setting's unedited T2I model."""
-    setting, _, models = settings_of(params)
-    sampler = params.generate.of(setting)
-    scenes = plan_scenes([get_concept(name, setting) for name in concepts], params.everyday)
-    return scenes, render(load_pipe(models.t2i, sampler), scenes, sampler)
+def confusion(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
+              images: dict[str, np.ndarray], everyday: tuple | None, stats) -> dict:
+    """Which concept fires on which images: per row (each concept's test images of c_u, and the
+    everyday test images), each concept's fired share and the whole checker's blocked share,
+    rates over prompts."""
+    groups = {}
+    for name in checker.names:
+        mask = split_of(rows[name], "test", "unacceptable")
+        groups[f"{name} (c_u)"] = (images[name][mask], rows[name]["prompt"][mask].to_numpy())
+    if everyday is not None:
+        groups["everyday"] = everyday
+    table = {}
+    for label, (group_images, prompts) in tqdm(groups.items(), desc="confusion", unit="row"):
+        result = checker.check(group_images)
+        table[label] = {**{name: clustered(result.fired[:, k], prompts, stats)
+                           for k, name in enumerate(checker.names)},
+                        "any (blocked)": clustered(result.blocked, prompts, stats)}
+    return table
 
 
 def everyday_blocking(checker: ConceptChecker, images: np.ndarray, prompts: list[str],
                       stats) -> dict:
-    """What the whole checker does to everyday images (of prompts that name none of its
-    concepts): the share it blocks and, per concept, the share on which that concept fired, each
-    a rate over prompts (``pipeline.statistics.rate``, ``stats``: ``params.statistics``)."""
-    from pipeline.statistics import rate
-
+    """What the whole checker does to everyday test images: the share it blocks with the anchors
+    and by the paper's rule alone, and per concept the share on which it fired (both ways)."""
     result = checker.check(images)
     prompts = np.asarray(prompts, object)
+    paper = paper_rule(checker, result)
     return {"n_images": len(prompts), "n_prompts": len(set(prompts)),
             "prompts": list(dict.fromkeys(prompts)),
             "unscored": int(result.unscored.sum()),
-            "blocked_share": rate(np.asarray(result.blocked, float), clusters=prompts,
-                                  stats=stats),
-            "fired_share": {name: rate(np.asarray(result.fired[:, k], float), clusters=prompts,
-                                       stats=stats)
-                            for k, name in enumerate(checker.names)}}
-
-
-def everyday_table(everyday: dict) -> pd.DataFrame:
-    """The everyday section of the report: the whole checker's blocked share, then each
-    concept's fired share."""
-    import pandas as pd
-
-    rows = [("whole checker: blocked", everyday["blocked_share"])]
-    rows += [(f"{name} fired", fired) for name, fired in everyday["fired_share"].items()]
-    return pd.DataFrame([{"everyday images": label, "share": _rate_text(r),
-                          "images": r["n"], "prompts": r["clusters"]} for label, r in rows])
+            "blocked_share": clustered(result.blocked, prompts, stats),
+            "blocked_share_paper_rule": clustered(paper.any(1), prompts, stats),
+            "fired_share": {name: clustered(result.fired[:, k], prompts, stats)
+                            for k, name in enumerate(checker.names)},
+            "fired_share_paper_rule": {name: clustered(paper[:, k], prompts, stats)
+                                       for k, name in enumerate(checker.names)}}
 
 
 def _rate_text(r: dict) -> str:
@@ -210,23 +288,68 @@ def _rate_text(r: dict) -> str:
     return f"{r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
 
-def roc_figure(curves: dict, points: dict, target_fpr: float) -> Figure:
-    """One panel per concept: its test ROC curve and the two operating points."""
+def verdict(everyday: dict | None, rates: dict, max_fpr: float = 0.02,
+            max_fnr: float = 0.05) -> str:
+    """The report's first lines: the whole checker's everyday blocked share and the worst
+    concept's FNR against the platform's bounds."""
+    worst = max(rates, key=lambda n: rates[n]["fnr (with anchors)"]["value"] or 0)
+    fnr = rates[worst]["fnr (with anchors)"]
+    lines = [f"- Worst FNR on a concept's own test images: {worst} {_rate_text(fnr)} "
+             f"({'within' if (fnr['value'] or 0) <= max_fnr else 'above'} {max_fnr:g})."]
+    if everyday is not None:
+        share = everyday["blocked_share"]
+        lines.insert(0, f"- Everyday images blocked by the whole checker: {_rate_text(share)} of "
+                        f"{everyday['n_images']} images ({everyday['n_prompts']} prompts; "
+                        f"{'within' if share['value'] <= max_fpr else 'above'} {max_fpr:g}); by "
+                        "the paper's rule alone (no everyday anchors): "
+                        f"{_rate_text(everyday['blocked_share_paper_rule'])}.")
+    return "\n".join(lines)
+
+
+def everyday_figure(everyday: dict | None, rates: dict) -> Figure:
+    """Per concept, with the anchors and by the paper's rule alone: the share of everyday test
+    images it fires on (left) and its FNR on its own test images (right), 95% intervals."""
     from matplotlib.figure import Figure
 
-    n = len(curves)
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    panels = fig.subplots(1, 2)
+    names = list(rates)
+    y = np.arange(len(names))
+    series = [("fired on everyday images", None if everyday is None else {
+                  rule: everyday[key] for rule, key in (("paper rule", "fired_share_paper_rule"),
+                                                        ("with anchors", "fired_share"))}),
+              ("FNR on its own test images", {rule: {n: rates[n][f"fnr ({rule})"] for n in names}
+                                               for rule in ("paper rule", "with anchors")})]
+    for ax, (title, data) in zip(panels, series):
+        ax.set(title=title, xlim=(0, 1), yticks=y, yticklabels=names)
+        if data is None:
+            ax.text(0.5, 0.5, "not measured (--no-everyday)", ha="center", transform=ax.transAxes)
+            continue
+        for offset, (rule, values) in zip((-0.18, 0.18), data.items()):
+            v = np.array([values[n]["value"] for n in names], float)
+            low = np.array([values[n]["low"] if values[n]["low"] is not None else values[n]["value"]
+                            for n in names], float)
+            high = np.array([values[n]["high"] if values[n]["high"] is not None
+                             else values[n]["value"] for n in names], float)
+            ax.barh(y + offset, v, height=0.34, label=rule,
+                    xerr=np.vstack([v - low, high - v]), capsize=2)
+        ax.invert_yaxis()
+        ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def roc_figure(rates: dict) -> Figure:
+    """One panel per concept: its test ROC curve of P(u|x)."""
+    from matplotlib.figure import Figure
+
+    n = len(rates)
     cols = min(n, 3)
     fig = Figure(figsize=(3.4 * cols, 3.2 * -(-n // cols)), layout="constrained")
     axes = fig.subplots(-(-n // cols), cols, squeeze=False).ravel()
-    for ax, (name, (fpr, tpr)) in zip(axes, curves.items()):
-        point = points[name]
-        ax.plot(fpr, tpr, color="0.3", lw=1.5, label=f"ROC (AUC {point['test_auc']:.3f})")
+    for ax, (name, r) in zip(axes, rates.items()):
+        ax.plot(r["roc"]["fpr"], r["roc"]["tpr"], color="0.3", lw=1.5,
+                label=f"ROC (AUC {r['test_auc']:.3f})")
         ax.plot([0, 1], [0, 1], ":", color="0.7", lw=1)
-        for key, marker, label in (("test_at_0.5", "o", "P(u|x) > 0.5 (paper)"),
-                                   ("test_at_calibrated_cut", "s",
-                                    f"cut for val. FPR {target_fpr:g}")):
-            rates = point[key]
-            ax.plot(rates["fpr"]["value"], 1 - rates["fnr"]["value"], marker, ms=7, label=label)
         ax.set(title=name, xlabel="false-positive rate (test)", ylabel="true-positive rate",
                xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
         ax.legend(fontsize=7, loc="lower right")
@@ -235,50 +358,70 @@ def roc_figure(curves: dict, points: dict, target_fpr: float) -> Figure:
     return fig
 
 
-def report_table(checker: ConceptChecker, points: dict) -> pd.DataFrame:
+def concept_table(checker: ConceptChecker, rates: dict) -> pd.DataFrame:
     import pandas as pd
-
-    def rate(r: dict) -> str:
-        return f"{r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
     return pd.DataFrame([{
         "concept": name,
         "source": (f"{c.provenance['source']}, {c.provenance['experiment']} @ "
                    f"{c.provenance['commit'][:7]}"),
-        "cut in checker": f"{c.cut:.4g}",
-        "test AUC": f"{points[name]['test_auc']:.3f}",
-        "FPR @ 0.5": rate(points[name]["test_at_0.5"]["fpr"]),
-        "FNR @ 0.5": rate(points[name]["test_at_0.5"]["fnr"]),
-        "calibrated cut": f"{points[name]['calibrated_cut']:.4g}",
-        "FPR @ calibrated": rate(points[name]["test_at_calibrated_cut"]["fpr"]),
-        "FNR @ calibrated": rate(points[name]["test_at_calibrated_cut"]["fnr"]),
+        "cut": f"{c.cut:.4g}",
+        "everyday cut": "none" if c.t_n is None else f"{c.everyday_cut:.4g}",
+        "test AUC": f"{rates[name]['test_auc']:.3f}",
+        "FNR": _rate_text(rates[name]["fnr (with anchors)"]),
+        "FPR on c_a": _rate_text(rates[name]["fpr (with anchors)"]),
+        "FNR, paper rule": _rate_text(rates[name]["fnr (paper rule)"]),
+        "FPR on c_a, paper rule": _rate_text(rates[name]["fpr (paper rule)"]),
     } for name, c in zip(checker.names, checker.concepts)])
 
 
-def write_report(folder: Path, checker: ConceptChecker, points: dict, curves: dict,
-                 target_fpr: float, out: Path, everyday: dict | None = None) -> None:
-    """``README.md``, ``metrics.json`` (per concept its operating points; ``everyday``: the
-    everyday section, where there is one) and ``roc.png`` in ``folder``."""
-    table = report_table(checker, points)
-    section = "" if everyday is None else (
-        f"\n## Everyday scenes\n\n{everyday['n_images']} images of {everyday['n_prompts']} "
-        "prompts that name none of the checker's concepts (`pipeline.concepts.everyday_prompts`, "
-        "params `everyday`), rendered by the setting's unedited T2I model: the share the whole "
-        "checker blocks (each prompt asks for a scene of none of them), and per "
-        "concept the share on which it fired; 95% intervals, a bootstrap over prompts.\n\n"
-        + everyday_table(everyday).to_markdown(index=False) + "\n")
+def confusion_table(table: dict) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame([{"images": label, **{col: _rate_text(r) for col, r in row.items()}}
+                         for label, row in table.items()])
+
+
+def card_note(everyday: dict | None, rates: dict) -> str:
+    """The model card's measured paragraph (what ``verdict`` says, in one paragraph)."""
+    return ("Measured on the mini world's held-out images (`reports/checker`): "
+            + " ".join(line[2:] for line in verdict(everyday, rates).splitlines()))
+
+
+def write_report(folder: Path, checker: ConceptChecker, rates: dict, table: dict,
+                 everyday: dict | None, calibration: dict | None, out: Path) -> None:
+    """``README.md`` (figure and verdict first), ``metrics.json``, ``everyday.png`` and
+    ``roc.png`` in ``folder``."""
+    how = ("the everyday cuts are the anchors' 0.5 (not calibrated)" if calibration is None else
+           f"the everyday cuts were calibrated together (split conformal) for a whole-checker "
+           f"rate of {calibration['target_fpr']:g} per unit on {calibration['groups']} units "
+           f"({calibration['images']} images: {calibration.get('images_from', '')}), where they "
+           f"block {calibration['blocked_groups']:.3f} of the units")
+    metrics = {"concepts": {n: {k: v for k, v in r.items() if k != "roc"}
+                            for n, r in rates.items()},
+               "confusion": table, "everyday": everyday, "everyday_calibration": calibration}
     with atomic_dir(folder) as tmp:
-        roc_figure(curves, points, target_fpr).savefig(tmp / "roc.png", dpi=110)
-        write_json(tmp / "metrics.json",
-                   points if everyday is None else {**points, "everyday": everyday})
+        everyday_figure(everyday, rates).savefig(tmp / "everyday.png", dpi=110)
+        roc_figure(rates).savefig(tmp / "roc.png", dpi=110)
+        write_json(tmp / "metrics.json", metrics)
         (tmp / "README.md").write_text(
             f"# The exported checker: {len(checker.names)} concepts in `{out}`\n\n"
-            "Each concept's rates on its own experiment's held-out test images (prompt labels), "
-            "at the paper's cut (P(u|x) > 0.5) and at the cut calibrated for a validation "
-            f"false-positive rate of {target_fpr:g} (on the validation images of acceptable "
-            "prompts); 95% Wilson intervals. `cut in checker` is the cut the exported folder "
-            "uses. Rebuild: `python -m pipeline.export` (see its `--help`).\n\n"
-            + table.to_markdown(index=False) + "\n\n![ROC curves](roc.png)\n" + section)
+            "![everyday images and FNR per concept](everyday.png)\n\n"
+            + verdict(everyday, rates) + "\n\n"
+            "Each concept fires where P(u|x) > its cut and P(u|x) against its nearest everyday "
+            f"text > its everyday cut (docs/method.md, \"Images of neither concept\"); {how}. "
+            "Everyday test images: prompts that name none of the concepts, disjoint from the "
+            "anchor texts and the calibration prompts, rendered by the setting's unedited T2I "
+            "model. Rates are shares of images with 95% intervals from a bootstrap over prompts "
+            "(`pipeline.statistics.rate`). Rebuild: `python -m pipeline.export` (see its "
+            "`--help`).\n\n## Per concept, on its own experiment's test images\n\n"
+            + concept_table(checker, rates).to_markdown(index=False)
+            + "\n\n## Which concept fires on which images\n\nRows: each concept's test images "
+            "of c_u, and the everyday test images; columns: the share on which each concept "
+            "fired, and the whole checker's blocked share. Off the diagonal a concept fires on "
+            "another's images (some legitimately: a Zorbo on a black background shows both).\n\n"
+            + confusion_table(table).to_markdown(index=False)
+            + "\n\n## ROC curves of P(u|x) on the test images\n\n![ROC curves](roc.png)\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,19 +431,42 @@ def main(argv: list[str] | None = None) -> None:
                         help="concepts to export (default: every concept of the setting)")
     parser.add_argument("--zero-shot", action="store_true",
                         help="take t_u, t_a from the setting's CLIP, not the fine-tuned filters")
-    parser.add_argument("--target-fpr", type=float, default=0.05, metavar="RATE",
-                        help="validation false-positive rate of the calibrated cut (default 0.05)")
+    parser.add_argument("--everyday-fpr", type=float, default=0.01, metavar="RATE",
+                        help="whole-checker false-positive rate per everyday prompt the everyday "
+                             "cuts are calibrated for (default 0.01)")
+    parser.add_argument("--anchor-texts", type=int, default=64, metavar="N",
+                        help="everyday prompts whose embeddings anchor every concept (default 64)")
+    parser.add_argument("--calibration-prompts", type=int, default=120, metavar="N",
+                        help="everyday prompts rendered to calibrate on (default 120, one image "
+                             "each)")
+    parser.add_argument("--test-prompts", type=int, default=100, metavar="N",
+                        help="everyday prompts of the report (default 100, "
+                             "everyday.images_per_prompt images each)")
+    parser.add_argument("--calibrate-on", type=Path, metavar="DIR",
+                        help="calibrate the everyday cuts on your own everyday images instead "
+                             "(every image file under DIR; each file one unit)")
     parser.add_argument("--calibrate", action="store_true",
-                        help="use the calibrated cuts in the checker (default: the paper's 0.5)")
+                        help="also set each concept's c_u-vs-c_a cut for --target-fpr on its "
+                             "validation images of acceptable prompts (default: the paper's 0.5)")
+    parser.add_argument("--target-fpr", type=float, default=0.05, metavar="RATE",
+                        help="validation false-positive rate of --calibrate (default 0.05)")
     parser.add_argument("--no-everyday", action="store_true",
-                        help="skip the everyday scenes (they need the T2I model: in the paper "
-                             "setting, a GPU)")
+                        help="render nothing: no everyday calibration or report (the paper "
+                             "setting's T2I model needs a GPU); the anchors stay at cut 0.5")
     parser.add_argument("--out", type=Path, default=OUT, help=f"checker folder (default {OUT})")
     parser.add_argument("--report", type=Path, default=REPORT,
                         help=f"report folder (default {REPORT})")
     args = parser.parse_args(argv)
-    if not 0 < args.target_fpr < 1:
-        parser.error(f"--target-fpr {args.target_fpr}: give a rate in (0, 1)")
+    for option in ("target_fpr", "everyday_fpr"):
+        if not 0 < getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: give a rate "
+                         "in (0, 1)")
+    for option in ("anchor_texts", "calibration_prompts", "test_prompts"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: give at least 1")
+    if args.calibrate_on is not None and not args.calibrate_on.is_dir():
+        parser.error(f"--calibrate-on {args.calibrate_on}: not a folder; give a folder of your "
+                     "everyday images")
     try:
         params = load_params()
     except ParamsError as err:
@@ -311,18 +477,48 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown concepts {unknown} for setting {params.setting}: "
                      f"give some of {', '.join(known)}")
+    try:
+        split = everyday_split(concepts, params, args.test_prompts, args.calibration_prompts,
+                               args.anchor_texts)
+    except ValueError as err:
+        parser.error(f"everyday prompts: {err}")
+    setting, _, models = settings_of(params)
+    sampler = params.generate.of(setting)
+    pipe = None if args.no_everyday else load_pipe(models.t2i, sampler)
+    seed, per_prompt = params.everyday.seed, params.everyday.images_per_prompt
     with tempfile.TemporaryDirectory() as work:
-        checker, rows, images = build(params, concepts, args.zero_shot, Path(work))
-        points, curves = operating_points(checker, rows, images, args.target_fpr, args.calibrate)
-    everyday = None
-    if not args.no_everyday:
-        scenes, scene_images = everyday_images(params, concepts)
-        everyday = everyday_blocking(checker, scene_images, scenes["prompt"].tolist(),
-                                     params.statistics)
+        checker, rows, images = build(params, concepts, args.zero_shot, Path(work),
+                                      split["anchors"])
+        if args.calibrate:
+            calibrate_cuts(checker, rows, images, args.target_fpr)
+        calibration = None
+        if args.calibrate_on is not None:
+            negatives, groups = own_images(args.calibrate_on,
+                                           checker.processor.size["shortest_edge"])
+            calibration = calibrate_everyday(checker, rows, images, negatives, groups,
+                                             args.everyday_fpr,
+                                             {"images_from": str(args.calibrate_on)})
+        elif pipe is not None:
+            scenes = scene_rows(split["calibration"], seed, 1, first_index=args.test_prompts)
+            calibration = calibrate_everyday(
+                checker, rows, images, render(pipe, scenes, sampler), scenes["prompt"].tolist(),
+                args.everyday_fpr, {"images_from": "everyday prompts rendered by "
+                                    f"{models.t2i}, one image each"})
+        everyday, test_images = None, None
+        if pipe is not None:
+            scenes = scene_rows(split["test"], seed, per_prompt)
+            test_images = render(pipe, scenes, sampler)
+            everyday = everyday_blocking(checker, test_images, scenes["prompt"].tolist(),
+                                         params.statistics)
+        rates = concept_rates(checker, rows, images, params.statistics)
+        table = confusion(checker, rows, images, None if everyday is None else (
+            test_images, np.asarray(scenes["prompt"], object)), params.statistics)
+    checker.card_note = card_note(everyday, rates)
     with atomic_dir(args.out) as tmp:
         checker.save_pretrained(tmp)
-    write_report(args.report, checker, points, curves, args.target_fpr, args.out, everyday)
+    write_report(args.report, checker, rates, table, everyday, calibration, args.out)
     print(f"checker of {len(concepts)} concepts -> {args.out}; report -> {args.report}")
+    print(verdict(everyday, rates))
 
 
 if __name__ == "__main__":

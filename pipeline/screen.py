@@ -13,8 +13,10 @@ shows no one picture, so it is scored composited over black and over white, as t
 blocks the file if either fires. An image whose frames would decode (or resize) to more than
 ``--max-pixels`` pixels is blocked unread.
 
-Columns: ``path, frames, concept, p_unacceptable, cut, fired, blocked, error``
-(``p_unacceptable`` is the highest over the frames; ``frames`` how many were scored). Cells a
+Columns: ``path, frames, concept, p_unacceptable, cut, p_vs_everyday, everyday_cut, fired,
+blocked, error`` (the scores are the highest over the frames, ``p_vs_everyday`` P(u|x) against
+the concept's nearest everyday text, empty with ``everyday_cut`` where the concept has no
+everyday anchor; ``frames`` how many were scored). Cells a
 spreadsheet would run as a formula get a leading ``'``; a file name that is not UTF-8 is written
 as its bytes. ``--out`` never replaces an input, nor an existing file without ``--force`` (and
 then only an earlier CSV of this command); it is checked to be writable before any screening and
@@ -45,7 +47,8 @@ from pipeline.espresso.files import atomic_file
 if TYPE_CHECKING:
     from pipeline.espresso import ConceptChecker
 
-COLUMNS = ("path", "frames", "concept", "p_unacceptable", "cut", "fired", "blocked", "error")
+COLUMNS = ("path", "frames", "concept", "p_unacceptable", "cut", "p_vs_everyday", "everyday_cut",
+           "fired", "blocked", "error")
 #: Pixels one file may decode to, all frames together, counting each frame at the larger of its
 #: own size and its size after CLIP's resize (a 1 x 200000 strip resizes to 224 x 44.8 million).
 #: 50 million: a 48-megapixel photo fits; 150 MB as RGB. Also the most a batch holds.
@@ -176,22 +179,29 @@ class Verdict:
     def __init__(self, concepts: int, error: str | None = None):
         self.frames, self.error = 0, error
         self.p = np.full(concepts, -np.inf)
+        self.gate = np.full(concepts, -np.inf)
         self.fired = np.full(concepts, error is not None)
 
-    def add(self, p: np.ndarray, fired: np.ndarray, error: str | None) -> None:
+    def add(self, p: np.ndarray, gate: np.ndarray, fired: np.ndarray, error: str | None) -> None:
         self.frames += 1
         self.p = np.fmax(self.p, np.nan_to_num(p, nan=-np.inf))
+        self.gate = np.fmax(self.gate, np.nan_to_num(gate, nan=-np.inf))
         self.fired |= fired
         if error and not self.error:
             self.error = f"frame {self.frames - 1}: {error}"
 
     def rows(self, path: str, checker: ConceptChecker) -> list[dict]:
         blocked = bool(self.fired.any())
-        return [{"path": path, "frames": self.frames, "concept": name,
-                 "p_unacceptable": "" if self.error or not np.isfinite(p) else f"{p:.6g}",
-                 "cut": f"{cut:.6g}", "fired": bool(fired), "blocked": blocked,
-                 "error": self.error or ""}
-                for name, p, cut, fired in zip(checker.names, self.p, checker.cuts, self.fired)]
+
+        def number(x: float) -> str:
+            return "" if self.error or not np.isfinite(x) else f"{x:.6g}"
+
+        return [{"path": path, "frames": self.frames, "concept": c.name,
+                 "p_unacceptable": number(p), "cut": f"{c.cut:.6g}",
+                 "p_vs_everyday": "" if c.t_n is None else number(gate),
+                 "everyday_cut": "" if c.t_n is None else f"{c.everyday_cut:.6g}",
+                 "fired": bool(fired), "blocked": blocked, "error": self.error or ""}
+                for c, p, gate, fired in zip(checker.concepts, self.p, self.gate, self.fired)]
 
 
 def screen_files(checker: ConceptChecker, entries: list[Entry], batch: int = 32,
@@ -205,9 +215,10 @@ def screen_files(checker: ConceptChecker, entries: list[Entry], batch: int = 32,
 
     def score_pending():
         result = checker.check([frame for _, frame in pending])
-        for (verdict, _), p, fired, error in zip(pending, result.p_unacceptable, result.fired,
+        for (verdict, _), p, gate, fired, error in zip(pending, result.p_unacceptable,
+                                                       result.p_vs_everyday, result.fired,
                                                  result.errors):
-            verdict.add(p, fired, error)
+            verdict.add(p, gate, fired, error)
         pending.clear()
 
     for entry in tqdm(entries, desc="screen", unit="file"):
