@@ -63,10 +63,10 @@ MATCHED = ("setting", "budget", "models", "generate", "finetune")
 FILTER_DIR, MANIFEST = "data/finetune/filter", "data/generate/manifest.csv"
 
 
-def source_runs(params: Params, concepts: list[str]) -> dict[str, dict]:
-    """Per concept, its newest experiment (``pipeline.experiments.experiments``) with fine-tuning
-    metrics and the ``MATCHED`` params of ``params``; SystemExit naming the concepts that have
-    none and how to run them."""
+def source_runs(params: Params, concepts: list[str]) -> dict[str, list[dict]]:
+    """Per concept, its experiments (``pipeline.experiments.experiments``) with fine-tuning
+    metrics and the ``MATCHED`` params of ``params``, newest first; SystemExit naming the
+    concepts that have none and how to run them."""
     shown = json.loads(dvc("exp", "show", "--all-commits", "--json"))
     runs = sorted(experiments(shown), key=lambda r: r["timestamp"], reverse=True)
     wanted = params.model_dump(include=set(MATCHED), exclude_unset=True)  # as params.yaml has them
@@ -76,13 +76,28 @@ def source_runs(params: Params, concepts: list[str]) -> dict[str, dict]:
         recorded = apply_budget({"budget": "full", **run["params"]})  # none recorded: full
         if (concept in concepts and "finetune" in run["detail"]
                 and all(recorded.get(k) == wanted.get(k) for k in MATCHED)):
-            chosen.setdefault(concept, run)
+            chosen.setdefault(concept, []).append(run)
     missing = [c for c in concepts if c not in chosen]
     if missing:
         raise SystemExit(f"error: no experiment with these {', '.join(MATCHED)} params for "
                          f"{', '.join(missing)}: run `dvc exp run -S concept=NAME` for each "
                          "(or `python -m pipeline.summary --run`)")
     return chosen
+
+
+def fetch_newest(runs: list[dict], folder: Path) -> tuple[dict, pd.DataFrame]:
+    """The newest of ``runs`` whose outputs are in the DVC cache (an experiment committed on
+    another machine may not be), and :func:`fetch_outputs` of it; SystemExit if none is."""
+    from dvc_data.index.index import DataIndexDirError
+
+    for run in runs:
+        try:
+            return run, fetch_outputs(run, folder)
+        except (FileNotFoundError, DataIndexDirError):
+            continue
+    raise SystemExit(f"error: the outputs of {', '.join(r['name'] for r in runs)} (concept "
+                     f"{runs[0]['params'].get('concept')}) are not in the DVC cache: run "
+                     "`dvc exp run -S concept=NAME` (or `dvc pull`) for it")
 
 
 def fetch_outputs(run: dict, folder: Path) -> pd.DataFrame:
@@ -137,18 +152,18 @@ def build(params: Params, concepts: list[str], zero_shot: bool, work: Path, anch
     rows, images, filters, sources = {}, {}, {}, {}
     for name in tqdm(concepts, desc="concepts", unit="concept"):
         concept = get_concept(name, setting)
-        rows[name] = fetch_outputs(runs[name], work / name)
+        run, rows[name] = fetch_newest(runs[name], work / name)
         images[name] = load_images(rows[name], work / name)
         clip = base
         if not zero_shot:
             clip = load_clip(str(work / name / "filter"), device="cpu")
             if not same_image_tower(base[0], clip[0]):
                 raise SystemExit(f"error: the fine-tuned filter of {name} (experiment "
-                                 f"{runs[name]['name']}) has another image tower than "
+                                 f"{run['name']}) has another image tower than "
                                  f"{models.clip}: a checker holds one tower")
         filters[name] = EspressoFilter(*clip, concept.unacceptable, concept.acceptable,
                                        everyday=anchors or None)
-        sources[name] = provenance(runs[name], "zero-shot CLIP" if zero_shot else "fine-tuned")
+        sources[name] = provenance(run, "zero-shot CLIP" if zero_shot else "fine-tuned")
     return ConceptChecker.from_filters(filters, sources), rows, images
 
 
