@@ -419,9 +419,10 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         concept without anchors)."""
         e = F.normalize(features, dim=-1)
         nearest = torch.einsum("nd,kmd->nkm", e, self.anchors).amax(-1)
-        margins = e @ self.unacceptables.T - nearest
-        return torch.where(self.anchored, torch.sigmoid(self.logit_scales * margins),
-                           torch.ones_like(margins))
+        logits = (self.logit_scales * (e @ self.unacceptables.T - nearest)).double()
+        # float64: a fine-tuned concept's logits reach 30 and more, where a float32 sigmoid is
+        # 1 for every image and no everyday cut could separate them
+        return torch.where(self.anchored, torch.sigmoid(logits), torch.ones_like(logits))
 
     def check(self, images, value_range: str | None = None, batch: int = 64) -> CheckResult:
         """Score a batch of images in any form :func:`~pipeline.espresso.filter.canonical_image`

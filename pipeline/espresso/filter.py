@@ -552,7 +552,7 @@ class EspressoFilter(ConceptScreen):
             return super().everyday_p(features)
         e = F.normalize(features, dim=-1)
         margin = e @ self.t_u - (e @ self.t_n.T).max(-1).values
-        return torch.sigmoid(self.logit_scale * margin)[:, None]
+        return torch.sigmoid(self.logit_scale * margin.double())[:, None]  # as the checker's
 
     @property
     def everyday_cuts(self) -> np.ndarray:
