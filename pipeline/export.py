@@ -446,13 +446,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="concepts to export (default: every concept of the setting)")
     parser.add_argument("--zero-shot", action="store_true",
                         help="take t_u, t_a from the setting's CLIP, not the fine-tuned filters")
-    parser.add_argument("--everyday-fpr", type=float, default=0.01, metavar="RATE",
+    parser.add_argument("--everyday-fpr", type=float, default=0.02, metavar="RATE",
                         help="whole-checker false-positive rate per everyday prompt the everyday "
-                             "cuts are calibrated for (default 0.01)")
+                             "cuts are calibrated for (default 0.02)")
     parser.add_argument("--anchor-texts", type=int, default=64, metavar="N",
                         help="everyday prompts whose embeddings anchor every concept (default 64)")
-    parser.add_argument("--calibration-prompts", type=int, default=120, metavar="N",
-                        help="everyday prompts rendered to calibrate on (default 120, one image "
+    parser.add_argument("--calibration-prompts", type=int, default=240, metavar="N",
+                        help="everyday prompts rendered to calibrate on (default 240, one image "
                              "each)")
     parser.add_argument("--test-prompts", type=int, default=100, metavar="N",
                         help="everyday prompts of the report (default 100, "
