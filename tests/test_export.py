@@ -1,19 +1,18 @@
 """``pipeline.export``'s everyday section: the whole checker's blocked share on scenes that name
-none of its concepts, and which concept fired, each with its interval over prompts; written to
-the report's README table and metrics.json. (Gathering experiments into a checker is run end to
+none of its concepts (with its everyday anchors and by the paper's rule alone), and which concept
+fired, each with its interval over prompts; the three disjoint everyday prompt sets; the report's
+README (verdict first) and metrics.json. (Gathering experiments into a checker is run end to
 end by ``tests/test_pipeline.py::test_dvc_repro_in_a_fresh_copy``.)"""
 import json
-import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from pipeline import export
-from pipeline.concepts import get_concept, names_concept
+from pipeline.concepts import everyday_prompts, get_concept, names_concept
 from pipeline.espresso import ConceptChecker
-from pipeline.everyday_scenes import scene_seed
+from pipeline.everyday_scenes import scene_rows, scene_seed
 from pipeline.mini import shapes
 from pipeline.params import check_params
 
@@ -55,62 +54,70 @@ def test_the_blocked_share_is_any_concept_firing(shipped, scenes, stats):
 
 def test_known_answers_a_concept_that_always_fires_and_none_that_does(shipped, scenes, stats):
     images, prompts = scenes
-    cuts = {c.name: c.cut for c in shipped.concepts}
+    cuts = {c.name: (c.cut, c.everyday_cut) for c in shipped.concepts}
     try:
         for c in shipped.concepts:
             c.cut = 1.0  # P(u|x) > 1: never
         quiet = export.everyday_blocking(shipped, images, prompts, stats)
         assert quiet["blocked_share"]["value"] == 0
+        assert quiet["blocked_share_paper_rule"]["value"] == 0
         assert all(r["value"] == 0 for r in quiet["fired_share"].values())
-        shipped.concept("kroll").cut = -1.0  # P(u|x) > -1: always
+        shipped.concept("kroll").cut = -1.0  # P(u|x) > -1: always, but the gate still decides
+        gated = export.everyday_blocking(shipped, images, prompts, stats)
+        assert gated["blocked_share_paper_rule"]["value"] == 1
+        assert gated["fired_share_paper_rule"]["kroll"]["value"] == 1
+        shipped.concept("kroll").everyday_cut = -1.0  # and its gate always opens
         loud = export.everyday_blocking(shipped, images, prompts, stats)
         assert loud["blocked_share"]["value"] == 1 and loud["fired_share"]["kroll"]["value"] == 1
         assert loud["blocked_share"]["low"] < 1 == loud["blocked_share"]["high"]  # an interval
         assert all(r["value"] == 0 for n, r in loud["fired_share"].items() if n != "kroll")
     finally:
         for c in shipped.concepts:
-            c.cut = cuts[c.name]
+            c.cut, c.everyday_cut = cuts[c.name]
 
 
-def test_the_report_holds_the_everyday_table_and_numbers(shipped, scenes, stats, tmp_path,
-                                                         monkeypatch):
+def test_the_report_opens_with_its_figure_and_verdict_and_holds_the_numbers(
+        shipped, scenes, stats, tmp_path):
     images, prompts = scenes
     everyday = export.everyday_blocking(shipped, images, prompts, stats)
-    rates = {"fpr": {"value": 0.0, "low": 0.0, "high": 0.1, "n": 10},
-             "fnr": {"value": 0.0, "low": 0.0, "high": 0.1, "n": 10}}
-    points = {name: {"cut_in_checker": 0.5, "calibrated_cut": 0.4,
-                     "validation_fpr_at_calibrated_cut": 0.05, "test_auc": 1.0,
-                     "test_at_0.5": rates, "test_at_calibrated_cut": rates}
-              for name in shipped.names}
-    monkeypatch.setattr(export, "roc_figure", lambda *args: SimpleNamespace(
-        savefig=lambda path, dpi: Path(path).write_bytes(b"png")))
-    export.write_report(tmp_path / "report", shipped, points, {}, 0.05, Path("data/checker"),
-                        everyday)
+    rate = {"value": 0.1, "low": 0.0, "high": 0.3, "n": 10, "clusters": 5}
+    rates = {name: {"test_auc": 1.0, "roc": {"fpr": [0, 1], "tpr": [0, 1]},
+                    **{f"{m} ({rule})": rate for m in ("fnr", "fpr")
+                       for rule in ("with anchors", "paper rule")}}
+             for name in shipped.names}
+    table = {"everyday": {**everyday["fired_share"], "any (blocked)": everyday["blocked_share"]}}
+    export.write_report(tmp_path / "report", shipped, rates, table, everyday, None,
+                        Path("data/checker"))
     readme = (tmp_path / "report" / "README.md").read_text()
-    assert "## Everyday scenes" in readme and "8 images of 4 prompts" in readme
+    first = readme.split("\n\n")
+    assert first[1] == "![everyday images and FNR per concept](everyday.png)"
     blocked = everyday["blocked_share"]
-    assert re.search(r"\| whole checker: blocked\s*\| "
-                     + re.escape(f"{blocked['value']:.3f} [{blocked['low']:.3f}, "
-                                 f"{blocked['high']:.3f}]"), readme), readme
-    assert all(f"| {name} fired" in readme for name in shipped.names)
+    assert first[2].startswith("- Everyday images blocked by the whole checker: "
+                               f"{blocked['value']:.3f} [{blocked['low']:.3f}, "
+                               f"{blocked['high']:.3f}] of 8 images (4 prompts")
+    assert "Worst FNR on a concept's own test images: black_background 0.100" in first[2]
+    assert "(above 0.05)" in first[2]
+    assert "## Which concept fires on which images" in readme
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert set(metrics) == {*shipped.names, "everyday"}
     assert metrics["everyday"]["blocked_share"] == blocked
-    export.write_report(tmp_path / "plain", shipped, points, {}, 0.05, Path("data/checker"))
-    assert "Everyday" not in (tmp_path / "plain" / "README.md").read_text()
-    assert set(json.loads((tmp_path / "plain" / "metrics.json").read_text())) == set(points)
+    assert set(metrics["concepts"]) == set(shipped.names)
+    assert (tmp_path / "report" / "everyday.png").stat().st_size > 1000
+    export.write_report(tmp_path / "plain", shipped, rates, table, None, None,
+                        Path("data/checker"))
+    assert "Everyday images blocked" not in (tmp_path / "plain" / "README.md").read_text()
 
 
-@pytest.mark.slow
-def test_everyday_scenes_are_rendered_by_the_unedited_model_with_their_seeds(tiny_params):
-    tiny_params["everyday"] = {**tiny_params["everyday"], "prompts": 2, "images_per_prompt": 2}
+def test_everyday_sets_are_disjoint_and_the_test_set_is_the_everyday_stage_s(tiny_params):
     params = check_params(tiny_params)
     names = ["zorbo", "checkered", "black_background"]
-    scenes, images = export.everyday_images(params, names)
-    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    split = export.everyday_split(names, params, test=5, calibration=20, anchors=8)
+    assert [len(split[k]) for k in ("test", "calibration", "anchors")] == [5, 20, 8]
+    parts = [set(v) for v in split.values()]
+    assert sum(map(len, parts)) == len(set().union(*parts))  # no prompt in two parts
     assert not any(names_concept(p, get_concept(n, "mini"))
-                   for p in scenes["prompt"] for n in names)
-    assert scenes["seed"].tolist() == [scene_seed(params.everyday.seed, i, j)
-                                       for i in range(2) for j in range(2)]
-    again, images_again = export.everyday_images(params, names)
-    assert np.array_equal(images, images_again)  # the seeds make the images
+                   for part in parts for p in part for n in names)
+    stage = everyday_prompts([get_concept(n, "mini") for n in names], 3, params.everyday.seed)
+    assert split["test"][:3] == stage  # the everyday stage's prompts come first
+    rows = scene_rows(split["calibration"], params.everyday.seed, 1, first_index=5)
+    assert rows["seed"].tolist() == [scene_seed(params.everyday.seed, 5 + i, 0)
+                                     for i in range(20)]

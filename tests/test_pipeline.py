@@ -124,16 +124,19 @@ def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
 
     # the deployable checker, gathered from the workspace's concept and the experiment's
     sh(sys.executable, "-m", "pipeline.export", "--concepts", "zorbo", "blip", "--calibrate",
-       "--target-fpr", "0.25")
+       "--target-fpr", "0.25", "--test-prompts", "3", "--calibration-prompts", "40",
+       "--anchor-texts", "8", "--everyday-fpr", "0.05")
     table = json.loads((copy / "data/checker/config.json").read_text())["concept_table"]
     assert [row["name"] for row in table] == ["zorbo", "blip"]
     sources = {row["name"]: row["provenance"] for row in table}
     assert sources["blip"]["experiment"] not in ("workspace", "main", "master")
     assert sources["zorbo"]["params"]["finetune"] == tiny_params["finetune"]
     assert all(row["calibration"]["target_fpr"] == 0.25 for row in table)
+    assert all(row["everyday"]["calibration"]["groups"] == 40 for row in table)
     points = json.loads((copy / "reports/checker/metrics.json").read_text())
-    assert set(points) == {"zorbo", "blip", "everyday"}
-    assert (copy / "reports/checker/roc.png").is_file()
+    assert set(points) == {"concepts", "confusion", "everyday", "everyday_calibration"}
+    assert set(points["concepts"]) == {"zorbo", "blip"}
+    assert (copy / "reports/checker/everyday.png").is_file()
     assert points["everyday"]["blocked_share"]["n"] == 6  # smoke: 3 everyday prompts x 2 images
     missing = subprocess.run([sys.executable, "-m", "pipeline.export", "--concepts", "kroll",
                               "--out", "data/checker-kroll"], cwd=copy, env=env,
