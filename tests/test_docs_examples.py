@@ -1,0 +1,74 @@
+"""The documented examples run as written: every fenced Python block that follows the marker
+``<!-- example: tested -->`` in README.md and docs/*.md is run, unchanged, in a fresh Python
+process, and what it prints is checked against known answers (the shipped checker passes an
+everyday prompt and blocks a Zorbo; the real-CLIP route calibrates and saves a checker)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from pipeline.concepts import everyday_prompts, get_concept, known_concepts
+from pipeline.espresso import ConceptChecker
+from pipeline.mini import shapes
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = "<!-- example: tested -->"
+BLOCK = re.compile(re.escape(MARKER) + r"\s*```python\n(.*?)```", re.S)
+
+
+def examples() -> list[tuple[str, str]]:
+    """(where, code) of every marked block."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        blocks = BLOCK.findall(text)
+        assert len(blocks) == text.count(MARKER), f"{path.name}: a marker without a python block"
+        found += [(f"{path.name}#{i}", code) for i, code in enumerate(blocks)]
+    return found
+
+
+def run(code: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_every_marked_block_is_found():
+    where = [w for w, _ in examples()]
+    assert {"README.md#0", "deploying.md#0", "deploying.md#1"} <= set(where), where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,code", [e for e in examples() if "safety_checker" in e[1]])
+def test_the_diffusers_script_passes_an_everyday_prompt_and_blocks_a_zorbo(where, code):
+    lines = run(code, REPO).splitlines()
+    assert lines == ["'a striped red triangle on a gray background': passed",
+                     "'Zorbo on a white background': blocked (zorbo)"], where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where,code", [e for e in examples() if "calibrate_everyday" in e[1]])
+def test_the_real_clip_route_calibrates_on_your_images_and_saves(where, code, tmp_path):
+    (tmp_path / "data").symlink_to(REPO / "data")
+    concepts = [get_concept(name, "mini") for name in known_concepts("mini")]
+    (tmp_path / "everyday_prompts.txt").write_text(
+        "\n".join(everyday_prompts(concepts, 32, seed=5)) + "\n")
+    rng = np.random.default_rng(9)
+    for folder, character_prob, count in (("everyday_images", 0.0, 60),
+                                          ("zorbo_validation", 1.0, 24)):
+        scenes = [shapes.sample_scene(rng, character_prob=character_prob,
+                                      **({"character": "zorbo"} if character_prob else {}))
+                  for _ in range(count)]
+        (tmp_path / folder).mkdir()
+        for i, image in enumerate(shapes.render_many(scenes, rng)):
+            PIL.Image.fromarray(image).save(tmp_path / folder / f"{i:03d}.png")
+    out = run(code, tmp_path)
+    assert re.fullmatch(r"lambda \d\.\d{3}: blocks 0\.0[01]\d of 60 calibration images\n", out), out
+    saved = ConceptChecker.from_pretrained(tmp_path / "my-checker", device="cpu")
+    assert saved.names == ["zorbo"] and saved.concepts[0].t_n.shape[0] == 32
+    assert saved.concepts[0].everyday["calibration"]["groups"] == 60
