@@ -245,7 +245,8 @@ def concept_rates(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
         result = checker.check(images[name][test])
         positive = (rows[name]["label"][test] == "unacceptable").to_numpy()
         prompts = rows[name]["prompt"][test].to_numpy()
-        fired = {"with anchors": result.fired[:, k], "paper rule": paper_rule(checker, result)[:, k]}
+        fired = {"with anchors": result.fired[:, k],
+                 "paper rule": paper_rule(checker, result)[:, k]}
         fpr, tpr, _ = roc_curve(positive, result.p_unacceptable[:, k])
         out[name] = {
             "test_auc": float(roc_auc_score(positive, result.p_unacceptable[:, k])),

@@ -3,9 +3,9 @@ t_n gates each concept, in the single filter and the checker alike; the everyday
 calibrated together by split conformal; a checker with anchors saves, loads and is validated.
 
 Known answers: the gate score equals sigmoid(s (<e, t_u> - max_j <e, t_n,j>)) computed here
-from the CLIP's own embeddings; on the mini world the zero-shot ``on a black background`` filter blocks most
-brown and gray scenes by the paper's rule alone, and the anchor passes most of them while it
-still blocks black ones."""
+from the CLIP's own embeddings; on the mini world the zero-shot ``on a black background`` filter
+blocks many brown and gray scenes by the paper's rule alone, and the anchors pass most of them
+while they still block black ones."""
 import json
 import shutil
 

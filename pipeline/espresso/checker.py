@@ -12,10 +12,10 @@ was calibrated for a chosen false-positive rate (:meth:`ConceptChecker.calibrate
 with everyday anchors t_n,k (the unit embeddings of ordinary prompts that name none of the
 concepts, ``M_k x d``) fires only where also sigmoid(s_k (<e, t_u,k> - max_j <e, t_n,k,j>)) >
 everyday_cut_k: an image of neither c_u nor c_a is nearer some everyday text than c_u, where the
-paper's rule alone gives it an arbitrary verdict (docs/method.md, "Images of neither concept"); the everyday cuts are set
-together for a whole-checker false-positive rate on everyday images with a finite-sample
-guarantee (:meth:`ConceptChecker.calibrate_everyday`). An image is blocked where any concept
-fires. With cut 0.5 each concept's decision is exactly the
+paper's rule alone gives it an arbitrary verdict (docs/method.md, "Images of neither concept");
+the everyday cuts are set together for a whole-checker false-positive rate on everyday images
+with a finite-sample guarantee (:meth:`ConceptChecker.calibrate_everyday`). An image is blocked
+where any concept fires. With cut 0.5 each concept's decision is exactly the
 single-concept :class:`~pipeline.espresso.filter.EspressoFilter`'s (same tower, same vectors,
 same rule); the checker holds no text tower, so it costs what diffusers' own safety checker costs.
 
