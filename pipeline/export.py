@@ -13,8 +13,7 @@ everyday anchors, the embeddings (through its own text encoder) of ``--anchor-te
 prompts, and by default the everyday cuts are calibrated together by split conformal for a
 whole-checker false-positive rate of ``--everyday-fpr`` per everyday prompt, on
 ``--calibration-prompts`` everyday prompts rendered by the setting's unedited T2I model (or on
-your own images: ``--calibrate-on DIR``, each file its own unit), with each concept's c_u
-validation images. Anchor texts, calibration prompts and the report's test prompts are three
+your own images: ``--calibrate-on DIR``, each file its own unit). Anchor texts, calibration prompts and the report's test prompts are three
 disjoint parts of one draw of everyday prompts (``pipeline.concepts.everyday_prompts`` of all
 the concepts, ``everyday.seed``). Each concept's c_u-vs-c_a cut is the paper's 0.5 unless
 ``--calibrate`` (then for ``--target-fpr`` on its validation images of acceptable prompts).
@@ -186,13 +185,13 @@ def calibrate_everyday(checker: ConceptChecker, rows: dict[str, pd.DataFrame],
                        images: dict[str, np.ndarray], negatives: np.ndarray, groups: list,
                        target_fpr: float, about: dict) -> dict:
     """The everyday cuts for a whole-checker ``target_fpr`` on ``negatives`` (their units
-    ``groups``), with each concept's c_u validation images
-    (:meth:`ConceptChecker.calibrate_everyday`); a calibration that cannot reach it exits in one
-    line."""
+    ``groups``; :meth:`ConceptChecker.calibrate_everyday`), recording the share of each concept's
+    c_u validation images its gate stops; a calibration that cannot reach the target exits in
+    one line."""
     positives = {name: images[name][split_of(rows[name], "val", "unacceptable")]
                  for name in checker.names}
     try:
-        return checker.calibrate_everyday(negatives, positives, target_fpr, groups, about)
+        return checker.calibrate_everyday(negatives, target_fpr, groups, positives, about)
     except ValueError as err:
         raise SystemExit(f"error: everyday calibration: {err}") from None
 

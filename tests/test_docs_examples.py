@@ -59,7 +59,7 @@ def test_the_real_clip_route_calibrates_on_your_images_and_saves(where, code, tm
     (tmp_path / "everyday_prompts.txt").write_text(
         "\n".join(everyday_prompts(concepts, 32, seed=5)) + "\n")
     rng = np.random.default_rng(9)
-    for folder, character_prob, count in (("everyday_images", 0.0, 60),
+    for folder, character_prob, count in (("everyday_images", 0.0, 120),
                                           ("zorbo_validation", 1.0, 24)):
         scenes = [shapes.sample_scene(rng, character_prob=character_prob,
                                       **({"character": "zorbo"} if character_prob else {}))
@@ -68,7 +68,8 @@ def test_the_real_clip_route_calibrates_on_your_images_and_saves(where, code, tm
         for i, image in enumerate(shapes.render_many(scenes, rng)):
             PIL.Image.fromarray(image).save(tmp_path / folder / f"{i:03d}.png")
     out = run(code, tmp_path)
-    assert re.fullmatch(r"lambda \d\.\d{3}: blocks 0\.0[01]\d of 60 calibration images\n", out), out
+    assert re.fullmatch(r"blocks 0\.0[0-4]\d of 120 calibration images; the gate stops "
+                        r"0\.(0\d\d|1[0-4]\d) of the Zorbo images\n", out), out
     saved = ConceptChecker.from_pretrained(tmp_path / "my-checker", device="cpu")
     assert saved.names == ["zorbo"] and saved.concepts[0].t_n.shape[0] == 32
-    assert saved.concepts[0].everyday["calibration"]["groups"] == 60
+    assert saved.concepts[0].everyday["calibration"]["groups"] == 120

@@ -128,62 +128,90 @@ def test_a_version_1_checker_loads_as_the_paper_rule(tmp_path, clip):
 
 def planted(rng, n_groups, per_group):
     """Everyday scores of one anchored concept whose c_u-vs-c_a rule fires on every image:
-    gate scores uniform, a group's images sharing a group effect (the clustering)."""
+    gate scores in (0, 1), a group's images sharing a group effect (the clustering)."""
     effect = rng.uniform(size=(n_groups, 1))
     gate = 0.5 * effect + 0.5 * rng.uniform(size=(n_groups, per_group))
     return gate.ravel(), np.repeat(np.arange(n_groups), per_group)
 
 
-def test_conformal_cuts_have_the_known_rank_and_cover_fresh_groups():
+def cuts_of(gate, groups, target, fires=None, unscored=None):
+    n = len(gate)
+    return conformal_everyday_cuts(np.ones((n, 1), bool) if fires is None else fires,
+                                   gate[:, None] if gate.ndim == 1 else gate,
+                                   np.zeros(n, bool) if unscored is None else unscored,
+                                   groups, [0], target, ["c"])
+
+
+def test_conformal_cuts_have_the_known_rank_and_split():
     rng = np.random.default_rng(0)
-    positives = {0: np.sort(rng.uniform(0.5, 1.0, size=200))}
-    # known answer: 99 groups at 1% -> the largest group score is lambda
-    gate, groups = planted(rng, 99, 3)
-    lam, cuts = conformal_everyday_cuts(np.ones((len(gate), 1), bool), gate[:, None],
-                                        np.zeros(len(gate), bool), groups, positives, 0.01,
-                                        ["c"])
-    shares = np.searchsorted(positives[0], gate, side="right") / 200
-    assert lam == pytest.approx(max(shares[groups == g].max() for g in range(99)))
-    assert (positives[0] >= np.nextafter(cuts[0], 1)).mean() == pytest.approx(
-        1 - np.floor(lam * 200) / 200)
-    with pytest.raises(ValueError, match="at least 99 groups"):
-        conformal_everyday_cuts(np.ones((len(gate), 1), bool), gate[:, None],
-                                np.zeros(len(gate), bool), groups % 50, positives, 0.01, ["c"])
-    # coverage: over many calibrations, a fresh group is blocked at most target of the time
-    # (and not far below it: the guarantee is tight to 1/(n+1))
-    fresh_blocked, positives = [], {0: np.sort(rng.uniform(0, 1.5, size=200))}
+    gate, groups = planted(rng, 198, 3)
+    lam, cuts, split = cuts_of(gate, groups, 0.01)
+    assert split == {"reference_groups": 99, "calibration_groups": 99}
+    # known answer: the scale is the reference half's scores (continued in logits above their
+    # top); lambda is the calibration half's largest group score (rank ceil(100 * 0.99) = 99
+    # of 99); the cut passes exactly what the scale says
+    reference_units = set(np.random.default_rng(0).permutation(np.arange(198))[:99].tolist())
+    reference = np.isin(groups, list(reference_units))
+    scale = np.sort(gate[reference])
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    shares = (np.searchsorted(scale, gate, side="right") / len(scale)
+              + np.maximum(0, logit(gate) - logit(scale[-1])))
+    assert lam == pytest.approx(max(shares[(groups == g)].max() for g in range(198)
+                                    if g not in reference_units))
+    if lam < 1:
+        assert (scale > cuts[0]).mean() == pytest.approx(1 - np.floor(lam * 297) / 297)
+    else:
+        assert logit(cuts[0]) == pytest.approx(logit(scale[-1]) + lam - 1)
+    assert not (gate[~reference] > cuts[0]).reshape(-1, 3).any(1).any()  # the largest, passed
+    with pytest.raises(ValueError, match="at least 198 groups"):
+        cuts_of(gate, groups % 100, 0.01)
+
+
+def test_conformal_cuts_cover_fresh_groups():
+    # over many calibrations, a fresh group is blocked at most target of the time (and not far
+    # below it: the guarantee is tight to 1/(n+1))
+    rng = np.random.default_rng(1)
+    fresh_blocked = []
     for _ in range(300):
-        gate, groups = planted(rng, 60, 3)
-        lam, cuts = conformal_everyday_cuts(np.ones((len(gate), 1), bool), gate[:, None],
-                                            np.zeros(len(gate), bool), groups, positives, 0.1,
-                                            ["c"])
+        gate, groups = planted(rng, 120, 3)
+        lam, cuts, _ = cuts_of(gate, groups, 0.1)
         new, new_groups = planted(rng, 200, 3)
         fresh_blocked.append(np.mean([(new[new_groups == g] > cuts[0]).any()
                                       for g in range(200)]))
     assert 0.1 - 1 / 61 - 0.01 <= np.mean(fresh_blocked) <= 0.1 + 0.01
 
 
+def test_a_concept_that_seldom_fires_keeps_its_gate_open():
+    # two concepts: one fires on every everyday image, one on none but a few; the second's cut
+    # stays at the bottom of its scale (its c_u images keep passing), the first is held back
+    rng = np.random.default_rng(2)
+    gate, groups = planted(rng, 200, 2)
+    fires = np.ones((len(gate), 2), bool)
+    fires[:, 1] = rng.uniform(size=len(gate)) < 0.005
+    lam, cuts, _ = conformal_everyday_cuts(fires, np.c_[gate, gate], np.zeros(len(gate), bool),
+                                           groups, [0, 1], 0.05, ["often", "seldom"])
+    assert cuts[0] > 0.5 and cuts[1] < 0.5
+
+
 def test_an_unscored_everyday_image_cannot_be_calibrated_away():
-    positives = {0: np.linspace(0.5, 1, 50)}
-    fires, gate = np.ones((10, 1), bool), np.full((10, 1), 0.2)
-    unscored = np.zeros(10, bool)
-    unscored[:2] = True
+    gate, groups = np.full(100, 0.2), np.arange(100)
+    unscored = np.zeros(100, bool)
+    unscored[::10] = True
     with pytest.raises(ValueError, match="blocked whatever the everyday cuts"):
-        conformal_everyday_cuts(fires, gate, unscored, np.arange(10), positives, 0.1, ["c"])
+        cuts_of(gate, groups, 0.05, unscored=unscored)
 
 
 def test_calibrate_everyday_reaches_its_target_on_the_mini_world(clip, everyday, backgrounds):
     checker = ConceptChecker.from_filters({"black_background": black_filter(clip, everyday)})
     negatives = np.concatenate([backgrounds[b] for b in ("brown", "gray", "white")])
-    groups = np.arange(len(negatives))
     before = checker.check(negatives).blocked.mean()
-    record = checker.calibrate_everyday(negatives, {"black_background": backgrounds["black"]},
-                                        0.05, groups)
+    record = checker.calibrate_everyday(negatives, 0.05, positives={
+        "black_background": backgrounds["black"]})
     after = checker.check(negatives).blocked.mean()
-    assert record["groups"] == 72 and record["blocked_images"] == pytest.approx(after)
-    assert after <= 0.05 < before
+    assert record["groups"] == 72 and record["calibration_groups"] == 36
+    assert record["blocked_images"] == pytest.approx(after)
+    assert after < 0.05 < before   # on the images it was calibrated on
     calibration = checker.concepts[0].everyday["calibration"]
-    gated = calibration["validation_unacceptable_gated"]   # the share lambda costs c_u
-    assert gated == pytest.approx(np.floor(record["lambda"] * 24) / 24)
     black = checker.check(backgrounds["black"])
-    assert gated == pytest.approx((black.p_vs_everyday[:, 0] <= checker.everyday_cuts[0]).mean())
+    assert calibration["validation_unacceptable_gated"] == pytest.approx(
+        (black.p_vs_everyday[:, 0] <= checker.everyday_cuts[0]).mean())

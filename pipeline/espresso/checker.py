@@ -201,46 +201,78 @@ def cut_for_fpr(negatives: np.ndarray, target_fpr: float) -> float:
 
 
 def conformal_everyday_cuts(rule_fires: np.ndarray, gate: np.ndarray, unscored: np.ndarray,
-                            groups: np.ndarray, positives: Mapping[int, np.ndarray],
-                            target_fpr: float, names: list[str]) -> tuple[float, dict[int, float]]:
-    """The split-conformal lambda and everyday cuts of :meth:`ConceptChecker.calibrate_everyday`
-    from scores: ``rule_fires`` and ``gate`` (``N x K``) of the everyday images, ``unscored`` (N),
-    ``groups`` (N), ``positives`` the sorted gate scores of each anchored concept's c_u images
-    (by column). Blocking at lambda is monotone in lambda, so the ceil((n + 1)(1 - target))-th
-    smallest group score bounds the chance that a new group is blocked by ``target_fpr``."""
+                            groups: np.ndarray, anchored: list[int], target_fpr: float,
+                            names: list[str], seed: int = 0
+                            ) -> tuple[float, dict[int, float], dict]:
+    """The everyday cuts of :meth:`ConceptChecker.calibrate_everyday` from the scores of the
+    everyday images: ``rule_fires`` and ``gate`` (``N x K``), ``unscored`` (N), ``groups`` (N).
+    Returns lambda, the cut per anchored column, and the split's sizes.
+
+    The groups are split in half at random. On the first half (the reference) each anchored
+    concept k gets its scale: G_k(q) = the share of reference images on which k's c_u-vs-c_a
+    rule fires with a gate score <= q, or does not fire; above the highest such score L_k (0.5
+    where it never fires) the scale goes on as 1 + logit(q) - logit(L_k), so that a score
+    beyond every reference image's is still ordered. Concept k is gated open where
+    G_k(q) > lambda, so at one lambda every concept may fire on the same share of the reference
+    images: a concept whose rule seldom fires on everyday images keeps its c_u images, one that
+    often does is held back. On the second half (calibration), each group's
+    score is the least lambda that passes all its images (infinite for an unscored image or a
+    concept without anchors that fires), and lambda is the ceil((n + 1)(1 - target))-th
+    smallest of the n scores: the scales do not depend on these groups, so a new group
+    exchangeable with them is blocked with probability at most ``target_fpr``."""
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"target false-positive rate {target_fpr}: give a rate in (0, 1)")
     if len(groups) != len(unscored):
         raise ValueError(f"{len(groups)} groups for {len(unscored)} everyday images")
     units = np.unique(groups)
-    rank = int(np.ceil((len(units) + 1) * (1 - target_fpr)))
-    if rank > len(units):
+    rng = np.random.default_rng(seed)
+    reference_units = set(rng.permutation(units)[:len(units) // 2].tolist())
+    reference = np.array([g in reference_units for g in groups.tolist()])
+    calibration_units = [g for g in units if g not in reference_units]
+    rank = int(np.ceil((len(calibration_units) + 1) * (1 - target_fpr)))
+    if rank > len(calibration_units):
+        needed = 2 * (int(np.ceil(1 / target_fpr)) - 1)
         raise ValueError(f"{len(units)} everyday groups cannot calibrate a false-positive rate "
-                         f"of {target_fpr:g}: give at least {int(np.ceil(1 / target_fpr)) - 1} "
-                         "groups (prompts or images)")
+                         f"of {target_fpr:g}: give at least {needed} groups (prompts or images; "
+                         "half of them set the concepts' scales)")
+    scales = {k: np.sort(np.where(rule_fires[reference, k], gate[reference, k], -np.inf))
+              for k in anchored}
+    tops = {k: _logit(scale[-1] if scale[-1] > -np.inf else 0.5) for k, scale in scales.items()}
     least = np.where(unscored, np.inf, 0.0)  # per image: the least lambda that passes it
     for k in range(rule_fires.shape[1]):
-        if k in positives:
-            s = positives[k]
-            shares = np.searchsorted(s, gate[:, k], side="right") / len(s)
+        if k in scales:
+            shares = np.searchsorted(scales[k], gate[:, k], side="right") / len(scales[k])
+            shares = shares + np.maximum(0.0, _logit(gate[:, k]) - tops[k])
         else:
             shares = np.full(len(least), np.inf)
         least = np.fmax(least, np.where(rule_fires[:, k], shares, 0.0))
-    per_group = np.array([least[groups == g].max() for g in units])
+    per_group = np.array([least[(groups == g) & ~reference].max() for g in calibration_units])
     lam = float(np.sort(per_group)[rank - 1])
     if not np.isfinite(lam):
         raise ValueError(f"more than {target_fpr:g} of the everyday groups are blocked whatever "
-                         "the everyday cuts (unscored images, or concepts without an anchor fire "
-                         "on them): no cut reaches the target")
+                         "the everyday cuts (unscored images, or concepts without anchors that "
+                         "fire on them): no cut reaches the target")
     cuts = {}
-    for k, s in positives.items():
-        j = int(np.floor(lam * len(s)))
-        if j >= len(s):
-            raise ValueError(f"reaching {target_fpr:g} would switch {names[k]} off: its everyday "
-                             "images score above all its c_u images")
-        cuts[k] = float(np.nextafter(s[j], -np.inf))   # passes exactly the scores >= s[j]
+    for k, scale in scales.items():
+        j = int(np.floor(lam * len(scale)))
+        if j >= len(scale):   # beyond the reference: fires where logit(q) > logit(L_k) +
+            # lambda - 1 (1e-9 more: the group at lambda must not fire by a rounding error)
+            cuts[k] = float(1 / (1 + np.exp(-(tops[k] + lam - 1 + 1e-9))))
+        elif scale[j] == -np.inf:  # within the images it does not fire on: every score passes
+            cuts[k] = float(np.nextafter(0.0, 1.0))
+        else:                 # passes exactly the gate scores >= scale[j]
+            cuts[k] = float(np.nextafter(scale[j], -np.inf))
         if not 0 < cuts[k] < 1:
             raise ValueError(f"calibrating {names[k]} gives everyday cut {cuts[k]}, outside "
                              "(0, 1): its scores saturate; give other images")
-    return lam, cuts
+    split = {"reference_groups": len(reference_units), "calibration_groups": len(calibration_units)}
+    return lam, cuts, split
+
+
+def _logit(p):
+    """log(p / (1 - p)) in float64, finite for p in (0, 1) up to float64's resolution."""
+    p = np.clip(np.asarray(p, float), 1e-300, 1 - 1e-16)
+    return np.log(p) - np.log1p(-p)
 
 
 def vision_tower(clip) -> CLIPVisionModelWithProjection:
@@ -338,46 +370,31 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
                                "validation_negatives": len(negatives), **(about or {})}
         return concept.cut
 
-    def calibrate_everyday(self, negatives, positives: Mapping[str, object], target_fpr: float,
-                           groups=None, about: Mapping | None = None) -> dict:
+    def calibrate_everyday(self, negatives, target_fpr: float, groups=None,
+                           positives: Mapping[str, object] | None = None,
+                           about: Mapping | None = None, seed: int = 0) -> dict:
         """Set every anchored concept's everyday cut so that the whole checker blocks at most
         ``target_fpr`` of everyday groups, with split conformal's finite-sample guarantee
         (Angelopoulos & Bates 2021, section 1): for a new group exchangeable with the calibration
         groups, P(any of its images blocked) <= ``target_fpr``.
 
         ``negatives``: everyday images that show none of the concepts (any accepted form),
-        ``groups`` their sampling unit (e.g. the prompt; default: each image its own);
-        ``positives``: per anchored concept, validation images of its c_u. One number lambda
-        moves all cuts together: concept k's everyday cut passes exactly the share 1 - lambda of
-        its positives' scores against t_n, so the gate costs every concept the same share of its
-        own c_u images. Each group's score is the least lambda that passes all its images (the
-        largest share of positives at or below an image's score, over the concepts whose c_u-vs-
-        c_a rule fires on it; infinite where a concept without anchor fires or an image is
-        unscored); lambda is the ceil((n + 1)(1 - target_fpr))-th smallest. Returns the record
-        kept in each concept's ``calibration``-like ``everyday`` entry (n, the achieved rates)."""
-        if not 0 < target_fpr < 1:
-            raise ValueError(f"target false-positive rate {target_fpr}: give a rate in (0, 1)")
+        ``groups`` their sampling unit (e.g. the prompt; default: each image its own). The
+        groups are split in two at random (``seed``): the first half gives each concept the
+        scale on which its cut moves, the second half the one number that moves them all
+        (:func:`conformal_everyday_cuts`). ``positives`` (optional: per concept, validation images
+        of its c_u) are only measured: the share of them the gate stops goes to the record.
+        Returns the record also kept in each anchored concept's ``everyday`` entry."""
         anchored = [k for k, c in enumerate(self.concepts) if c.t_n is not None]
         if not anchored:
             raise ValueError("no concept of this checker has an everyday anchor: build it with "
                              "everyday texts (ConceptChecker.from_clip(..., everyday=...))")
-        missing = [self.names[k] for k in anchored if self.names[k] not in positives]
-        if missing:
-            raise ValueError(f"no validation images of c_u for {', '.join(missing)}: the "
-                             "everyday cut of a concept is set on its own c_u images")
         negative = self.check(negatives)
         groups = np.arange(len(negative.blocked)) if groups is None else np.asarray(groups)
-        sorted_positives = {}
-        for k in anchored:
-            scores = self.check(positives[self.names[k]]).p_vs_everyday[:, k]
-            if not len(scores) or np.isnan(scores).any():
-                raise ValueError(f"the validation images of {self.names[k]} could not all be "
-                                 "scored: give images the checker accepts")
-            sorted_positives[k] = np.sort(scores)
         rule_fires = blocks(negative.p_unacceptable - self.cuts)
-        lam, cuts = conformal_everyday_cuts(rule_fires, negative.p_vs_everyday,
-                                            negative.unscored, groups, sorted_positives,
-                                            target_fpr, self.names)
+        lam, cuts, split = conformal_everyday_cuts(
+            rule_fires, negative.p_vs_everyday, negative.unscored, groups, anchored, target_fpr,
+            self.names, seed)
         for k, cut in cuts.items():
             self.concepts[k].everyday_cut = cut
         units = np.unique(groups)
@@ -385,13 +402,17 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
                    | negative.unscored[:, None]).any(1)
         record = {"target_fpr": target_fpr, "method": "split conformal over groups",
                   "lambda": lam, "groups": int(len(units)), "images": int(len(groups)),
+                  **split,
                   "blocked_groups": float(np.mean([blocked[groups == g].any() for g in units])),
                   "blocked_images": float(blocked.mean()), **(about or {})}
-        for k, s in sorted_positives.items():
+        for k in anchored:
             c = self.concepts[k]
-            c.everyday = {**(c.everyday or {}), "calibration": {
-                **record, "validation_unacceptable": len(s),
-                "validation_unacceptable_gated": float((s <= c.everyday_cut).mean())}}
+            entry = dict(record)
+            if positives is not None and c.name in positives:
+                scores = self.check(positives[c.name]).p_vs_everyday[:, k]
+                entry.update(validation_unacceptable=len(scores), validation_unacceptable_gated=
+                             float(np.mean(~blocks(scores - c.everyday_cut))))
+            c.everyday = {**(c.everyday or {}), "calibration": entry}
         return record
 
     # ---- scores ---------------------------------------------------------------------------
