@@ -209,13 +209,13 @@ def conformal_everyday_cuts(rule_fires: np.ndarray, gate: np.ndarray, unscored: 
     Returns lambda, the cut per anchored column, and the split's sizes.
 
     The groups are split in half at random. On the first half (the reference) each anchored
-    concept k gets its scale: G_k(q) = the share of reference images on which k's c_u-vs-c_a
-    rule fires with a gate score <= q, or does not fire; above the highest such score L_k (0.5
+    concept k gets its scale: G_k(q) = the share of the reference images on which k's
+    c_u-vs-c_a rule fires that have a gate score <= q; above the highest such score L_k (0.5
     where it never fires) the scale goes on as 1 + logit(q) - logit(L_k), so that a score
     beyond every reference image's is still ordered. Concept k is gated open where
-    G_k(q) > lambda, so at one lambda every concept may fire on the same share of the reference
-    images: a concept whose rule seldom fires on everyday images keeps its c_u images, one that
-    often does is held back. On the second half (calibration), each group's
+    G_k(q) > lambda, so at one lambda every concept fires on the same share of the everyday
+    images its rule fires on: the budget goes to the concepts that need it, and one whose rule
+    seldom fires on everyday images keeps its c_u images. On the second half (calibration), each group's
     score is the least lambda that passes all its images (infinite for an unscored image or a
     concept without anchors that fires), and lambda is the ceil((n + 1)(1 - target))-th
     smallest of the n scores: the scales do not depend on these groups, so a new group
@@ -235,13 +235,14 @@ def conformal_everyday_cuts(rule_fires: np.ndarray, gate: np.ndarray, unscored: 
         raise ValueError(f"{len(units)} everyday groups cannot calibrate a false-positive rate "
                          f"of {target_fpr:g}: give at least {needed} groups (prompts or images; "
                          "half of them set the concepts' scales)")
-    scales = {k: np.sort(np.where(rule_fires[reference, k], gate[reference, k], -np.inf))
-              for k in anchored}
-    tops = {k: _logit(scale[-1] if scale[-1] > -np.inf else 0.5) for k, scale in scales.items()}
+    scales = {k: np.sort(gate[reference & rule_fires[:, k], k]) for k in anchored}
+    tops = {k: _logit(scale[-1] if len(scale) else 0.5) for k, scale in scales.items()}
     least = np.where(unscored, np.inf, 0.0)  # per image: the least lambda that passes it
     for k in range(rule_fires.shape[1]):
         if k in scales:
-            shares = np.searchsorted(scales[k], gate[:, k], side="right") / len(scales[k])
+            scale = scales[k]
+            shares = (np.searchsorted(scale, gate[:, k], side="right") / max(len(scale), 1)
+                      if len(scale) else np.ones(len(least)))
             shares = shares + np.maximum(0.0, _logit(gate[:, k]) - tops[k])
         else:
             shares = np.full(len(least), np.inf)
@@ -258,8 +259,6 @@ def conformal_everyday_cuts(rule_fires: np.ndarray, gate: np.ndarray, unscored: 
         if j >= len(scale):   # beyond the reference: fires where logit(q) > logit(L_k) +
             # lambda - 1 (1e-9 more: the group at lambda must not fire by a rounding error)
             cuts[k] = float(1 / (1 + np.exp(-(tops[k] + lam - 1 + 1e-9))))
-        elif scale[j] == -np.inf:  # within the images it does not fire on: every score passes
-            cuts[k] = float(np.nextafter(0.0, 1.0))
         else:                 # passes exactly the gate scores >= scale[j]
             cuts[k] = float(np.nextafter(scale[j], -np.inf))
         if not 0 < cuts[k] < 1:
