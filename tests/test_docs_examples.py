@@ -43,16 +43,25 @@ def test_every_marked_block_is_found():
     assert {"README.md#0", "deploying.md#0", "deploying.md#1"} <= set(where), where
 
 
+def distinct(blocks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One (where, code) per distinct code: a script shown in two documents runs once."""
+    return list({code: (where, code) for where, code in reversed(blocks)}.values())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("where,code", [e for e in examples() if "safety_checker" in e[1]])
+@pytest.mark.parametrize("where,code",
+                         distinct([e for e in examples() if "safety_checker" in e[1]]))
 def test_the_diffusers_script_passes_an_everyday_prompt_and_blocks_a_zorbo(where, code):
     lines = run(code, REPO).splitlines()
-    assert lines == ["'a striped red triangle on a gray background': passed",
-                     "'Zorbo on a white background': blocked (zorbo)"], where
+    assert lines[0] == "'a striped red triangle on a gray background': passed", where
+    # zorbo fires on the Zorbo (kroll may too: the confusion table shows kroll on Zorbos)
+    assert re.fullmatch(r"'Zorbo on a white background': blocked \((kroll, )?zorbo\)",
+                        lines[1]), (where, lines)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where,code", [e for e in examples() if "calibrate_everyday" in e[1]])
+@pytest.mark.parametrize("where,code",
+                         distinct([e for e in examples() if "calibrate_everyday" in e[1]]))
 def test_the_real_clip_route_calibrates_on_your_images_and_saves(where, code, tmp_path):
     (tmp_path / "data").symlink_to(REPO / "data")
     concepts = [get_concept(name, "mini") for name in known_concepts("mini")]
