@@ -94,9 +94,10 @@ def fetch_newest(runs: list[dict], folder: Path) -> tuple[dict, pd.DataFrame]:
             return run, fetch_outputs(run, folder)
         except (FileNotFoundError, DataIndexDirError):
             continue
-    raise SystemExit(f"error: the outputs of {', '.join(r['name'] for r in runs)} (concept "
-                     f"{runs[0]['params'].get('concept')}) are not in the DVC cache: run "
-                     "`dvc exp run -S concept=NAME` (or `dvc pull`) for it")
+    concept = runs[0]["params"].get("concept")
+    raise SystemExit(f"error: none of the {len(runs)} experiments of {concept} with these params "
+                     f"(newest: {runs[0]['name']}) has its outputs in the DVC cache: run "
+                     f"`dvc exp run -S concept={concept}` (or `dvc pull`)")
 
 
 def fetch_outputs(run: dict, folder: Path) -> pd.DataFrame:
