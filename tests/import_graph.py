@@ -53,8 +53,8 @@ def module_file(name: str, root: Path = REPO) -> Path | None:
 
 def lazy_exports(package: str, root: Path = REPO) -> dict[str, str]:
     """Name -> the module it is loaded from, for a package that loads its re-exports on first
-    use (a module-level ``__getattr__``, PEP 562), read from its ``if TYPE_CHECKING:`` imports;
-    {} for any other module."""
+    use (a module-level ``__getattr__``, PEP 562), read from its ``_SOURCES`` dict literal
+    (name -> submodule); {} for any other module."""
     path = module_file(package, root)
     if path is None or path.name != "__init__.py":
         return {}
@@ -62,8 +62,12 @@ def lazy_exports(package: str, root: Path = REPO) -> dict[str, str]:
     if not any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
                for node in tree.body):
         return {}
-    return {alias.asname or alias.name: node.module for node in type_checking_imports(tree)
-            if isinstance(node, ast.ImportFrom) for alias in node.names}
+    sources = next((node.value for node in tree.body if isinstance(node, ast.Assign)
+                    and any(getattr(target, "id", None) == "_SOURCES" for target in node.targets)),
+                   None)
+    if sources is None:
+        raise ValueError(f"{path}: a lazy package needs a _SOURCES dict literal")
+    return {name: f"{package}.{module}" for name, module in ast.literal_eval(sources).items()}
 
 
 def imported_files(module: str, root: Path = REPO) -> set[Path]:
