@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -20,11 +21,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
 from tiny_hub import go_offline
 from transformers import CLIPVisionModelWithProjection
 
 from pipeline import screen, world
 from pipeline.concepts import get_concept, known_concepts
+from pipeline.espresso import checker as checker_module
 from pipeline.espresso import (ConceptChecker, EspressoFilter, ModelNotAvailableError,
                                cut_for_fpr, load_clip)
 from pipeline.mini import shapes
@@ -274,6 +277,9 @@ TAMPERED_TABLES = {  # config.json: change -> what the one line must name
                     r"concept_table\.0\.acceptable: Field required"),
     "extra top-level key": (lambda t: t.__setitem__("bypass", True), r"bypass: True: unknown key"),
     "table not a list": (lambda t: t.__setitem__("concept_table", {}), r"concept_table: \{\}"),
+    "logit scale above CLIP's 100 (saturates, overflows)": (
+        set_row("logit_scale", 1e300), r"concept_table\.1\.logit_scale: 1e\+300"),
+    "name a path": (set_row("name", "../../etc"), r"concept_table\.1\.name: '\.\./\.\./etc'"),
     "no concepts": (lambda t: t.__setitem__("concept_table", []), r"concept_table: \[\]"),
 }
 TAMPERED_PROCESSORS = {  # feature_extractor/preprocessor_config.json
@@ -284,6 +290,13 @@ TAMPERED_PROCESSORS = {  # feature_extractor/preprocessor_config.json
     "rescale changed": (set_processor("rescale_factor", 1.0), "rescale_factor"),
     "extra processing step": (set_processor("do_pad", True), "do_pad"),
 }
+
+
+def redigest(folder: Path) -> None:
+    """Record the folder's files as they are now: an adversary who also rewrites the digests,
+    so that the checks beneath them are what a test sees."""
+    edit_json(folder / "config.json", lambda t: t.__setitem__("files", checker_module._digests(
+        folder)))
 
 
 def refusal(folder: Path) -> str:
@@ -308,7 +321,93 @@ def test_a_changed_processor_is_refused_in_one_line_naming_the_setting(saved, tm
     change, named = TAMPERED_PROCESSORS[case]
     shutil.copytree(saved, tmp_path / "checker")
     edit_json(tmp_path / "checker" / "feature_extractor" / "preprocessor_config.json", change)
+    redigest(tmp_path / "checker")
     assert f"feature extractor: {named} " in refusal(tmp_path / "checker")
+
+
+LOADED_FILES = ["image_encoder/config.json", "image_encoder/model.safetensors",
+                "feature_extractor/preprocessor_config.json", "concepts.safetensors"]
+
+
+@pytest.mark.parametrize("name", LOADED_FILES)
+def test_a_file_changed_after_export_is_refused_by_its_digest(saved, tmp_path, name):
+    """One byte more in any file the checker loads, however harmless it looks, is named."""
+    shutil.copytree(saved, tmp_path / "checker")
+    with open(tmp_path / "checker" / name, "ab") as handle:
+        handle.write(b" ")
+    assert f"checker/{name} changed after export" in refusal(tmp_path / "checker")
+
+
+def test_a_file_added_or_removed_after_export_is_refused(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "checker")
+    (tmp_path / "checker" / "image_encoder" / "extra.safetensors").write_bytes(b"")
+    assert "extra.safetensors was added after export" in refusal(tmp_path / "checker")
+    shutil.rmtree(tmp_path / "checker")
+    shutil.copytree(saved, tmp_path / "checker")
+    edit_json(tmp_path / "checker" / "config.json", lambda t: t.pop("files"))
+    assert "files: Field required" in refusal(tmp_path / "checker")
+
+
+def test_a_key_given_twice_is_refused(saved, tmp_path):
+    """JSON's last-one-wins would read a second, hidden cut."""
+    shutil.copytree(saved, tmp_path / "checker")
+    path = tmp_path / "checker" / "config.json"
+    path.write_text(path.read_text().replace('"cut": 0.5,', '"cut": 0.5, "cut": 0.9999,', 1))
+    assert "the key 'cut' is given twice" in refusal(tmp_path / "checker")
+
+
+def set_vector(key, change):
+    def apply(folder: Path) -> None:
+        vectors = load_file(folder / "concepts.safetensors")
+        vectors[key] = change(vectors[key])
+        save_file(vectors, folder / "concepts.safetensors")
+    return apply
+
+
+def set_tower(key, value):
+    return lambda folder: edit_json(folder / "image_encoder" / "config.json",
+                                    lambda c: c.__setitem__(key, value))
+
+
+def drop_weight(folder: Path) -> None:
+    weights = load_file(folder / "image_encoder" / "model.safetensors")
+    weights.pop(sorted(weights)[3])
+    save_file(weights, folder / "image_encoder" / "model.safetensors")
+
+
+TAMPERED_BENEATH = {  # digests rewritten too: what the checks beneath must still name
+    "a zero t_u (the concept compares with nothing)": (
+        set_vector("t_u", lambda v: v * torch.tensor([[0.0], [1.0]])), "t_u has norm 0"),
+    "a scaled t_a": (set_vector("t_a", lambda v: 3 * v), "t_a has norm 3"),
+    "vectors in float16": (set_vector("t_u", lambda v: v.half()), r"t_u \(torch.float16\) not float32"),
+    "a million layers (building would hang)": (
+        set_tower("num_hidden_layers", 10**6), "num_hidden_layers is 1000000, but its weights hold"),
+    "a wider tower": (set_tower("hidden_size", 192), "config.json does not describe its weights"),
+    "a weight removed (left at random)": (drop_weight, "is missing from the weights"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED_BENEATH)
+def test_a_change_that_keeps_the_digests_is_refused_by_what_it_breaks(saved, tmp_path, case):
+    change, named = TAMPERED_BENEATH[case]
+    shutil.copytree(saved, tmp_path / "checker")
+    change(tmp_path / "checker")
+    redigest(tmp_path / "checker")
+    started = time.monotonic()
+    assert re.search(named, refusal(tmp_path / "checker"))
+    assert time.monotonic() - started < 30
+
+
+def test_a_clip_folder_whose_config_does_not_fit_its_weights_is_refused_fast(tmp_path):
+    """The same check guards every CLIP load (EspressoFilter, the pipeline's models)."""
+    shutil.copytree(REPO / "data" / "world" / "clip", tmp_path / "clip")
+    edit_json(tmp_path / "clip" / "config.json",
+              lambda c: c["text_config"].__setitem__("num_hidden_layers", 10**6))
+    started = time.monotonic()
+    with pytest.raises(ModelNotAvailableError,
+                       match=r"text_config\.num_hidden_layers is 1000000, but its weights hold"):
+        load_clip(str(tmp_path / "clip"), device="cpu")
+    assert time.monotonic() - started < 30
 
 
 def test_the_untouched_folder_loads(saved):

@@ -40,9 +40,11 @@ This module needs only torch, transformers, huggingface_hub, safetensors, numpy 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,17 +62,26 @@ from pipeline.espresso.filter import (MIN_DIRECTION_NORM, ConceptScreen, Espress
                                       _score, _short, blocks, records_frame, result_repr,
                                       thread_last)
 from pipeline.espresso.models import (ModelNotAvailableError, hub_loading, load_clip, placement,
-                                      quiet_libraries, resolve_source)
+                                      quiet_libraries, require_weights_fit, resolve_source)
 
 FORMAT = "espresso-concept-checker"
-FORMAT_VERSION = 2
-#: Versions this library reads: 1 has no everyday anchors.
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this library reads: 1 has no everyday anchors, 2 no file digests (its files are
+#: checked for fit and sense, but a changed setting that keeps both is not seen).
+READ_VERSIONS = (1, 2, 3)
 CONFIG_NAME = "config.json"
 VECTORS_FILE = "concepts.safetensors"
 IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
 #: The paper's decision, P(u|x) > 0.5, the default cut of every concept.
 PAPER_CUT = 0.5
+#: CLIP's own bound on its logit scale (its training clamps exp(logit_scale) at 100); a larger
+#: scale only saturates P(u|x), and an overflowing one turns a tie into NaN.
+MAX_LOGIT_SCALE = 100.0
+#: How far a saved unit vector's norm may be from 1 (float32 rounding is ~1e-7); a vector of
+#: another length (zero, scaled) changes every score.
+UNIT_TOLERANCE = 1e-3
+#: A concept's name: it becomes a CSV value, a column and a file name where reports are written.
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MODEL_CARD = """---
 {{ card_data }}
 ---
@@ -513,7 +524,8 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
                         if c.t_n is not None})
         save_file({k: v.contiguous() for k, v in vectors.items()}, save_directory / VECTORS_FILE)
         table = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                 "concept_table": [c.record() for c in self.concepts]}
+                 "concept_table": [c.record() for c in self.concepts],
+                 "files": _digests(save_directory)}
         (save_directory / CONFIG_NAME).write_text(json.dumps(table, indent=2) + "\n")
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
@@ -555,6 +567,8 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         source = resolve_source(pretrained_model_name_or_path, "checker folder",
                                 "build one with `python -m pipeline.export`, or give a hub id "
                                 "(owner/name)")
+        if os.path.isdir(source):  # its own one-line refusals before the hub mixin reads it
+            _read_table(Path(source))
         with hub_loading(source):
             return super().from_pretrained(source, device=device, dtype=dtype, **hub_kwargs)
 
@@ -566,12 +580,20 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             local_files_only=local_files_only, token=token))
         table = _read_table(folder)
         _refuse_pickles(folder / IMAGE_ENCODER)
+        if table["files"] is not None:
+            _verify_digests(folder, table["files"])
         device, dtype = placement(device, dtype)
         with hub_loading(str(folder)):
+            require_weights_fit(folder / IMAGE_ENCODER, CLIPVisionModelWithProjection,
+                                CLIPVisionConfig.from_pretrained(folder / IMAGE_ENCODER))
             tower = CLIPVisionModelWithProjection.from_pretrained(folder / IMAGE_ENCODER,
                                                                   dtype=dtype, use_safetensors=True)
             processor = CLIPImageProcessor.from_pretrained(folder / FEATURE_EXTRACTOR)
             vectors = load_file(folder / VECTORS_FILE)
+        odd = sorted(f"{k} ({v.dtype})" for k, v in vectors.items() if v.dtype != torch.float32)
+        if odd:
+            raise ModelNotAvailableError(f"{folder / VECTORS_FILE}: {', '.join(odd)} not float32, "
+                                         f"as a checker saves them; {REFUSED}")
         rows = table["concept_table"]
         expected = {"t_u", "t_a"} | {f"t_n.{k}" for k, row in enumerate(rows)
                                      if row["everyday_cut"] is not None}
@@ -597,10 +619,10 @@ class _ConceptRecord(BaseModel):
     """A row of ``config.json``'s concept table as :meth:`CheckerConcept.record` writes it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN.pattern.join("^$"))]
     unacceptable: Annotated[str, Field(min_length=1)]
     acceptable: Annotated[str, Field(min_length=1)]
-    logit_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    logit_scale: Annotated[float, Field(gt=0, le=MAX_LOGIT_SCALE, allow_inf_nan=False)]
     cut: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
     calibration: dict | None = None
     provenance: dict = {}
@@ -617,14 +639,20 @@ class _Table(BaseModel):
     format: Literal[FORMAT]
     format_version: Literal[READ_VERSIONS]
     concept_table: Annotated[list[_ConceptRecord], Field(min_length=1)]
+    files: dict[str, str] | None = None  # path in the folder -> SHA-256 (format 3 on)
 
 
 def _read_table(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     try:
-        table = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8") if path.stat().st_size <= MAX_CONFIG_BYTES else None
     except (OSError, ValueError):
-        table = None
+        text = None
+    try:
+        table = None if text is None else json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:
+        raise ModelNotAvailableError(f"{path} is not valid JSON ({_short(str(err))}); "
+                                     f"{REFUSED}") from None
     if not isinstance(table, dict) or table.get("format") != FORMAT:
         raise ModelNotAvailableError(f"{folder} is not a saved concept checker ({CONFIG_NAME} "
                                      f"missing or not of format {FORMAT!r}): build one with "
@@ -635,9 +663,62 @@ def _read_table(folder: Path) -> dict:
                                      f"{', '.join(map(str, READ_VERSIONS))}: export it again with "
                                      "this version")
     try:
-        return _Table.model_validate(table).model_dump()
+        table = _Table.model_validate(table).model_dump()
     except ValidationError as err:
         raise ModelNotAvailableError(f"{path}: {_problem(err)}; {REFUSED}") from None
+    if table["format_version"] >= 3 and table["files"] is None:
+        raise ModelNotAvailableError(f"{path}: files: Field required (format 3 records the digest "
+                                     f"of every file); {REFUSED}")
+    return table
+
+
+#: A checker's config.json is a few KB per concept; anything near this is not one.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose key is given twice has two readings (the last one wins silently)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise ValueError(f"the key {twice!r} is given twice in one object")
+    return dict(pairs)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file a checker loads (tower, processor, vectors), by path in ``folder``:
+    written at save, compared at load, so that a changed file is refused by name even where its
+    settings still make sense (another head count, resize or vector)."""
+    files = sorted(p for sub in (IMAGE_ENCODER, FEATURE_EXTRACTOR) for p in (folder / sub).rglob("*")
+                   if p.is_file()) + [folder / VECTORS_FILE]
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_digests(folder: Path, recorded: dict[str, str]) -> None:
+    """Refuse a folder whose loaded files are not those its config.json records, naming one."""
+    try:
+        actual = _digests(folder)
+    except OSError as err:
+        raise ModelNotAvailableError(f"{folder}: cannot read it ({err.strerror}: "
+                                     f"{err.filename}); {REFUSED}") from None
+    for name in sorted(recorded.keys() | actual.keys()):
+        if name not in actual:
+            problem = "is missing"
+        elif name not in recorded:
+            problem = "was added after export"
+        elif actual[name] != recorded[name]:
+            problem = "changed after export (its SHA-256 is not the one config.json records)"
+        else:
+            continue
+        raise ModelNotAvailableError(f"{folder / name} {problem}; {REFUSED}")
 
 
 #: The end of every refusal of a checker folder that is not as ``save_pretrained`` wrote it.
@@ -689,6 +770,9 @@ def _check_concept(concept: CheckerConcept, dim: int) -> None:
     """A concept whose vectors do not fit the tower, are not finite, or give no direction, or
     whose cut or logit scale switch it off or invert it, would decide nothing (or pass every
     image): refuse it, naming it."""
+    if not (isinstance(concept.name, str) and NAME_PATTERN.fullmatch(concept.name)):
+        raise ValueError(f"concept name {_short(repr(concept.name))}: give lowercase letters, "
+                         "digits and _, starting with a letter (at most 64)")
     for name in ("t_u", "t_a"):
         vector = getattr(concept, name)
         if tuple(vector.shape) != (dim,):
@@ -696,6 +780,7 @@ def _check_concept(concept: CheckerConcept, dim: int) -> None:
                              f"the image tower's embeddings have {dim} dimensions")
         if not torch.isfinite(vector).all():
             raise ValueError(f"concept {concept.name!r}: {name} is not finite (NaN or inf)")
+        _require_unit(concept.name, name, vector)
     if (concept.t_u - concept.t_a).norm() < MIN_DIRECTION_NORM:
         raise ValueError(f"concept {concept.name!r}: t_u = t_a, its direction is zero and every "
                          "image would pass")
@@ -706,9 +791,18 @@ def _check_concept(concept: CheckerConcept, dim: int) -> None:
         _check_anchor(concept, dim)
     elif concept.everyday_cut is not None:
         raise ValueError(f"concept {concept.name!r}: an everyday cut without an everyday anchor")
-    if not (_is_number(concept.logit_scale) and 0 < concept.logit_scale < np.inf):
+    if not (_is_number(concept.logit_scale) and 0 < concept.logit_scale <= MAX_LOGIT_SCALE):
         raise ValueError(f"concept {concept.name!r}: logit scale {concept.logit_scale!r} must "
-                         "be a finite number > 0 (at 0 or below the concept is off or inverted)")
+                         f"be a number in (0, {MAX_LOGIT_SCALE:g}] (at 0 or below the concept is "
+                         "off or inverted; CLIP clamps its own at 100)")
+
+
+def _require_unit(concept: str, name: str, vectors: torch.Tensor) -> None:
+    """Concept vectors are unit text embeddings; any other length changes every score."""
+    norms = vectors.double().norm(dim=-1)
+    if ((norms - 1).abs() > UNIT_TOLERANCE).any():
+        raise ValueError(f"concept {concept!r}: {name} has norm {norms.min().item():.4g}, not 1 "
+                         "(give unit vectors: t / t.norm())")
 
 
 def _check_anchor(concept: CheckerConcept, dim: int) -> None:
@@ -718,6 +812,7 @@ def _check_anchor(concept: CheckerConcept, dim: int) -> None:
     if len(shape) != 2 or shape[0] < 1 or shape[1] != dim or not torch.isfinite(concept.t_n).all():
         raise ValueError(f"concept {concept.name!r}: everyday anchors of shape {shape}, or not "
                          f"finite; give M x {dim} finite vectors (the tower's embedding size)")
+    _require_unit(concept.name, "t_n", concept.t_n)
     if ((concept.t_u - concept.t_n).norm(dim=-1) < MIN_DIRECTION_NORM).any():
         raise ValueError(f"concept {concept.name!r}: an everyday anchor equals t_u, the everyday "
                          "gate never opens")

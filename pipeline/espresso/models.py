@@ -61,6 +61,8 @@ def load_clip(source: str, device: torch.device | str | None = None,
     device, dtype = placement(device, dtype)
     source = resolve_source(source)
     with hub_loading(source):
+        if Path(source).is_dir():
+            require_weights_fit(source, CLIPModel, CLIPModel.config_class.from_pretrained(source))
         model = CLIPModel.from_pretrained(source, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source)
         processor = CLIPImageProcessor.from_pretrained(source)
@@ -242,6 +244,79 @@ def _not_cached_message(hub_id: str, err: OSError, repo_type: str) -> str:
             f"and {where}. To get it, run `hf download {hub_id}{flag}` on a machine with internet and "
             "copy its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here, or point "
             f"the params at a local model folder. [{_reason(err)}]")
+
+
+def weight_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in the ``*.safetensors`` files of ``folder``, read from their
+    headers (no weights are loaded)."""
+    shapes = {}
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(weights, "pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
+
+
+def require_weights_fit(folder: str | Path, model_class: type, config) -> None:
+    """Refuse a local model folder whose ``config.json`` does not describe its weights, before
+    the model is built: a changed layer count can make building it hang or fill the memory (a
+    million layers), and a tensor that the weights lack would be left at its random start
+    (transformers only logs it), a silently different model. Checked: no layer count above the
+    weights' (from the headers), then the model's tensors, built on the meta device (no memory),
+    equal the weights' by name and shape. Settings that change no shape (heads, activation) are
+    not seen here; a saved checker covers them with its file digests."""
+    shapes = weight_shapes(folder)
+    if not shapes:
+        return  # no safetensors: the loader refuses or names the missing weights itself
+    stacks: dict[str, set[int]] = {}
+    for key in shapes:
+        match = LAYER_KEY.match(key)
+        if match:
+            stacks.setdefault(match[1], set()).add(int(match[2]))
+    most = max((len(indices) for indices in stacks.values()), default=0)
+    for name, value in _layer_counts(config):
+        if not isinstance(value, int) or value > most:
+            raise ModelNotAvailableError(
+                f"{folder}/config.json: {name} is {value!r}, but its weights hold at most {most} "
+                f"layers per stack; {REFUSE_FOLDER}")
+    with torch.device("meta"), quiet_libraries(logging.CRITICAL):
+        expected = {key: tuple(t.shape) for key, t in model_class(config).state_dict().items()}
+    missing = sorted(k for k in expected.keys() - shapes.keys()
+                     if not _ignored(k, model_class._keys_to_ignore_on_load_missing))
+    extra = sorted(k for k in shapes.keys() - expected.keys()
+                   if not _ignored(k, model_class._keys_to_ignore_on_load_unexpected))
+    wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
+    if missing or extra or wrong:
+        what = (f"{missing[0]} is missing from the weights" if missing
+                else f"the weights hold {extra[0]}, which the model has no place for" if extra
+                else f"{wrong[0]} has shape {shapes[wrong[0]]} in the weights, "
+                     f"{expected[wrong[0]]} by config.json")
+        count = len(missing) + len(extra) + len(wrong)
+        raise ModelNotAvailableError(
+            f"{folder}: config.json does not describe its weights: {what}"
+            f"{f' (and {count - 1} more)' if count > 1 else ''}; {REFUSE_FOLDER}")
+
+
+#: A weight name inside a stack of layers: (the stack, the layer's index).
+LAYER_KEY = re.compile(r"(.*?)\.layers\.(\d+)\.")
+#: The end of a refusal of a model folder whose settings do not fit its weights.
+REFUSE_FOLDER = ("refusing a changed or damaged model folder: restore it, or save the model "
+                 "there again")
+
+
+def _ignored(key: str, patterns: list[str] | None) -> bool:
+    """A weight the model class says to ignore when it is missing or unexpected (old
+    checkpoints' buffers)."""
+    return any(re.search(pattern, key) for pattern in patterns or ())
+
+
+def _layer_counts(config, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Every ``num_*layers*`` setting of ``config`` and its sub-configs, by dotted name."""
+    for key, value in config.to_dict().items():
+        sub = getattr(config, key, None)
+        if hasattr(sub, "to_dict") and not isinstance(sub, dict):
+            yield from _layer_counts(sub, f"{prefix}{key}.")
+        elif key.startswith("num_") and "layers" in key:
+            yield f"{prefix}{key}", value
 
 
 def require_vocabulary(tokenizer: CLIPTokenizer, vocab_size: int, source: str) -> None:
