@@ -169,9 +169,13 @@ def _run(params: Params) -> dict:
             if results is None:
                 results = ATTACKS[name](ctx, budgets.of(name))
             for budget, result in results.items():
-                prompts = [q for q in result.prompts for _ in range(p.images_per_prompt)]
+                # below the full budget only the curve's images: the first of each prompt's seeds
+                per_prompt = p.images_per_prompt if budget == 1.0 else p.curve_images_per_prompt
+                prompts = [q for q in result.prompts for _ in range(per_prompt)]
+                image_seeds = [seeds[i * p.images_per_prompt + j]
+                               for i in range(len(result.prompts)) for j in range(per_prompt)]
                 with textual_inversion(pipe, result.textual_inversion):
-                    images = render(prompts, seeds)
+                    images = render(prompts, image_seeds)
                 if budget == 1.0:  # the curve's other points keep their scores only
                     with atomic_file(OUT / run_name / f"seed{attack_seed}.npz") as tmp:
                         with open(tmp, "wb") as f:
@@ -179,8 +183,12 @@ def _run(params: Params) -> dict:
                 table = score_attack(bank, judge, images, prompts)
                 if edited:  # its outputs are never blocked: it is scored as the unfiltered model
                     table = table[["prompt", "judge_shows_concept", "p_eval"]]
-                tables.append(table.assign(**run, attack_seed=attack_seed, budget=budget,
-                                           seed=seeds))
+                table = table.assign(**run, attack_seed=attack_seed, budget=budget,
+                                     seed=image_seeds)
+                if len(p.budgets) > 1:  # which images the curve's points share
+                    table["on_curve"] = np.arange(len(prompts)) % per_prompt < \
+                        p.curve_images_per_prompt
+                tables.append(table)
                 prompt_rows += [{**run, "attack_seed": attack_seed, "budget": budget,
                                  "eyes": models.eyes, "prompt": q, "objective": o,
                                  "trial_success": t, "adaptive_weight": w}

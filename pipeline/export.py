@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.concepts import everyday_prompts, get_concept, known_concepts
-from pipeline.espresso.files import atomic_dir, write_json
+from pipeline.espresso.files import atomic_dir, path_argument, write_json
 from pipeline.everyday_scenes import load_pipe, render, scene_rows
 from pipeline.experiments import dvc, experiments
 from pipeline.outputs.generated import load_images
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-prompts", type=int, default=100, metavar="N",
                         help="everyday prompts of the report (default 100, "
                              "everyday.images_per_prompt images each)")
-    parser.add_argument("--calibrate-on", type=Path, metavar="DIR",
+    parser.add_argument("--calibrate-on", type=path_argument, metavar="DIR",
                         help="calibrate the everyday cuts on your own everyday images instead "
                              "(every image file under DIR; each file one unit)")
     parser.add_argument("--calibrate", action="store_true",
@@ -469,8 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-everyday", action="store_true",
                         help="render nothing: no everyday calibration or report (the paper "
                              "setting's T2I model needs a GPU); the anchors stay at cut 0.5")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"checker folder (default {OUT})")
-    parser.add_argument("--report", type=Path, default=REPORT,
+    parser.add_argument("--out", type=path_argument, default=OUT, help=f"checker folder (default {OUT})")
+    parser.add_argument("--report", type=path_argument, default=REPORT,
                         help=f"report folder (default {REPORT})")
     args = parser.parse_args(argv)
     for option in ("target_fpr", "everyday_fpr"):

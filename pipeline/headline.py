@@ -30,7 +30,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.espresso.files import write_json
+from pipeline.espresso.files import path_argument, write_json
 
 REPORTS = Path("reports")
 DETAIL, METRICS = "detail.json", "metrics.json"
@@ -132,7 +132,7 @@ def mismatches(root: Path = REPORTS) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.headline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reports", type=Path, default=REPORTS,
+    parser.add_argument("--reports", type=path_argument, default=REPORTS,
                         help=f"the stages' report folders (default: {REPORTS})")
     args = parser.parse_args(argv)
     wrong = mismatches(args.reports)

@@ -145,9 +145,10 @@ def attacked(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Es
 def curves(scores: pd.DataFrame, stats: Statistics) -> dict[Key, statistics.Estimate]:
     """Attack success against budget: ``(crt, condition, budget)`` for each fraction of the
     searches' budget in the table's ``budget`` column (the attack stage's budget curves), each
-    as :func:`attacked` makes it at the full budget."""
+    as :func:`attacked` makes it at the full budget, on the images every point has
+    (``on_curve``: the first ``attack.curve_images_per_prompt`` of each prompt)."""
     out = {}
-    for budget, at in scores.groupby("budget", sort=True):
+    for budget, at in scores[scores["on_curve"]].groupby("budget", sort=True):
         for (crt, condition, metric), estimate in attacked(at.assign(budget=1.0), stats).items():
             if metric == "attack_success":
                 out[crt, condition, f"{budget:g}"] = estimate

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from pipeline.espresso.files import path_argument
+
 #: The subject of a published experiment's commit: ``exp(<concept>): <experiment name>``.
 EXP_SUBJECT = re.compile(r"exp\(([^()\s]+)\): ")
 #: What the summary reads of a published commit: one without them is of an older format.
@@ -807,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dvc exp apply it and commit it as exp(<concept>): <exp>")
     parser.add_argument("--keep", action="store_true",
                         help="with --verify: keep the temporary worktree and cache")
-    parser.add_argument("--out", type=Path, default=INDEX.parent,
+    parser.add_argument("--out", type=path_argument, default=INDEX.parent,
                         help=f"with --index: the folder of experiments.csv (default {INDEX.parent})")
     args = parser.parse_args(argv)
     if args.verify:

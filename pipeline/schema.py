@@ -462,11 +462,20 @@ each fraction of ``budgets`` of its search (one search: snapshots of it). A new 
     targets: Count
     prompts: Count
     images_per_prompt: Count
+    curve_images_per_prompt: Count
     mini: Budgets
     paper: Budgets
 
     def of(self, setting: str) -> Budgets:
         return super().of(setting)
+
+    @model_validator(mode="after")
+    def _curve_within_the_images(self):
+        if self.curve_images_per_prompt > self.images_per_prompt:
+            raise not_allowed(f"an integer <= attack.images_per_prompt ({self.images_per_prompt}):"
+                              " the curve scores the first images of each prompt",
+                              at=("curve_images_per_prompt",))
+        return self
 
     @model_validator(mode="after")
     def _enough_candidates(self):

@@ -42,7 +42,7 @@ import PIL.Image
 import PIL.ImageSequence
 from tqdm import tqdm
 
-from pipeline.espresso.files import atomic_file
+from pipeline.espresso.files import atomic_file, path_argument
 
 if TYPE_CHECKING:
     from pipeline.espresso import ConceptChecker
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checker", help="checker folder or hub id")
     parser.add_argument("images", nargs="+", help="image files or folders")
-    parser.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    parser.add_argument("--out", type=path_argument, required=True, help="the CSV to write")
     parser.add_argument("--force", action="store_true",
                         help="replace --out if it is an earlier CSV of this command")
     parser.add_argument("--batch", type=int, default=32, help="frames per batch (default 32)")

@@ -41,7 +41,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.espresso.files import atomic_dir, atomic_file
+from pipeline.espresso.files import atomic_dir, atomic_file, path_argument
 from pipeline.params import ParamsError, apply_budget, check_params, load_params
 from pipeline.rendering import FILTER_NAMES, REFERENCES, cell, kind_of, render
 
@@ -715,8 +715,8 @@ def main(argv: list[str] | None = None) -> None:
                              "each: python -m pipeline.provenance --publish EXP)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="with --run: N experiments at once through DVC's queue")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
-    parser.add_argument("--readme", type=Path, metavar="PATH",
+    parser.add_argument("--out", type=path_argument, default=OUT, help=f"output folder (default: {OUT})")
+    parser.add_argument("--readme", type=path_argument, metavar="PATH",
                         help="the README whose headline block gets the headline table "
                              f"(default: README.md when --out is {OUT})")
     args = parser.parse_args(argv)

@@ -4,8 +4,10 @@ The tiny models (``tiny_hub``, fixtures in ``conftest``) are put into a fake Hug
 laid out like the real one, so that the paper's real hub ids load through the same cache path the
 paper setting uses offline.
 """
+import importlib
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +80,7 @@ def test_t2i_mini_layout_links_text_encoder_to_clip(folders, clip):
 
 
 #: Every loader that takes a folder or a hub id, and what its one-line error calls the folder.
+REPO = Path(__file__).resolve().parents[1]
 LOADERS = {
     "load_clip": (lambda source: load_clip(source, **CPU), "model folder"),
     "load_t2i": (lambda source: load_t2i(source, **CPU), "model folder"),
@@ -198,3 +201,37 @@ def test_missing_world_folder_says_to_restore_it(tmp_path, load):
         f"model folder {str(folder)!r} does not exist; it is a local path (it starts with '/'), "
         "so it was not tried as a hub id: check the path, or restore it with `git checkout -- "
         "data/world` (the mini world's models are committed in git)")
+
+
+@pytest.mark.parametrize("load", list(LOADERS))
+@pytest.mark.parametrize("source, problem", [
+    ("a" * 5000, "cannot be a path here (File name too long)"),
+    ("data/x\0y", "cannot be a path here (embedded null byte)"),
+    ("params.yaml", "is a file, not a folder"),
+])
+def test_a_path_no_folder_can_have_is_one_line(monkeypatch, load, source, problem):
+    """A name the system cannot have, or a file where a folder is expected: one line (the long
+    name cut short), not the OS's traceback or a library's guess at a missing file."""
+    monkeypatch.chdir(REPO)
+    call, what = LOADERS[load]
+    with pytest.raises(ModelNotAvailableError) as info:
+        call(source)
+    message = str(info.value)
+    assert message.startswith(f"{what} ") and problem in message
+    assert "\n" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize("module, option", [
+    ("screen", ["data/checker", "x.png", "--out"]), ("export", ["--calibrate-on"]),
+    ("export", ["--out"]), ("summary", ["--out"]), ("headline", ["--reports"]),
+    ("provenance", ["--verify", "zorbo", "--out"])])
+@pytest.mark.parametrize("name", ["a" * 5000, "x\0y"])
+def test_a_command_line_path_no_file_can_have_is_argparses_one_line(capsys, module, option,
+                                                                    name):
+    main = importlib.import_module(f"pipeline.{module}").main
+    with pytest.raises(SystemExit) as info:
+        main([*option, name])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot be a path here (" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()[-1]) < 400

@@ -35,6 +35,17 @@ def test_same_params_give_the_same_metrics(tiny_run, stage_dir, tiny_params):
     assert attacked["eyes"] == tiny_params["models"]["mini"]["eyes"]
     scores = pd.read_csv(stage_dir / "reports/attack/scores.csv")
     assert sorted(scores["attack_seed"].unique()) == list(range(a["seeds"]))
+    # the curve's images: below the full budget the first of each prompt's image seeds only,
+    # and at the full budget those same seeds are the ones marked on the curve
+    images = scores.groupby(["attack", "variant", "target", "attack_seed", "budget"],
+                            dropna=False).size()
+    for (*run, budget), count in images.items():
+        assert count == a["prompts"] * (a["images_per_prompt"] if budget == 1.0
+                                        else a["curve_images_per_prompt"])
+    full = scores[scores["budget"] == 1.0]
+    assert full["on_curve"].sum() * a["images_per_prompt"] == \
+        len(full) * a["curve_images_per_prompt"]
+    assert set(scores[scores["budget"] < 1.0]["seed"]) <= set(full[full["on_curve"]]["seed"])
     outcomes = attacked["outcomes"]
     for name in FILTERS:
         for key in ("clip_accuracy", "normalized_clip_score", "fnr", "fpr", "fnr_judged",

@@ -185,8 +185,13 @@ def test_budget_curves_say_which_attacks_converged(tiny_params, tmp_path):
     half = full.assign(budget=0.5)
     weak = half["attack"] == "pez"
     half.loc[weak, "judge_shows_concept"] = False  # half PEZ's budget draws no c_u
-    tables["zorbo"]["attack"] = pd.concat([half, full], ignore_index=True)
+    tables["zorbo"]["attack"] = pd.concat([half, full], ignore_index=True).assign(on_curve=True)
     curves = summary.curves_table(tables, checked.statistics)
+    # the full budget's other images (off the curve) change none of its points
+    off = full.assign(on_curve=False, judge_shows_concept=False)
+    with_off = {**tables, "zorbo": {**tables["zorbo"], "attack": pd.concat(
+        [tables["zorbo"]["attack"], off], ignore_index=True)}}
+    pd.testing.assert_frame_equal(summary.curves_table(with_off, checked.statistics), curves)
     assert set(curves["concept"]) == {"zorbo"}  # blip drew no curve
     at_full = curves[curves["budget"] == 1.0].set_index(["crt", "condition"])["converged"]
     assert at_full["none", "cce"] and at_full["espresso", "cce+"]
@@ -194,7 +199,8 @@ def test_budget_curves_say_which_attacks_converged(tiny_params, tmp_path):
     assert curves[curves["budget"] == 0.5]["converged"].isna().all()
     long, claims = summary.long_table(tables, checked.statistics, {})
     # the full budget's outcomes are those of the table without the half budget
-    alone, _ = summary.long_table({"zorbo": {**tables["zorbo"], "attack": full},
+    alone, _ = summary.long_table({"zorbo": {**tables["zorbo"],
+                                             "attack": full.assign(on_curve=True)},
                                    "blip": tables["blip"]}, checked.statistics, {})
     pd.testing.assert_frame_equal(long, alone)
     index = pd.DataFrame(columns=["concept", "commit"])

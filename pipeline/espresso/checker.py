@@ -40,7 +40,6 @@ This module needs only torch, transformers, huggingface_hub, safetensors, numpy 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -58,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection)
 
+from pipeline.espresso.files import sha256_file
 from pipeline.espresso.filter import (MIN_DIRECTION_NORM, ConceptScreen, EspressoFilter,
                                       _score, _short, blocks, records_frame, result_repr,
                                       thread_last)
@@ -691,15 +691,7 @@ def _digests(folder: Path) -> dict[str, str]:
     settings still make sense (another head count, resize or vector)."""
     files = sorted(p for sub in (IMAGE_ENCODER, FEATURE_EXTRACTOR) for p in (folder / sub).rglob("*")
                    if p.is_file()) + [folder / VECTORS_FILE]
-    return {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
 
 
 def _verify_digests(folder: Path, recorded: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ not ``tempfile``'s private 0600 / 0700.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -137,6 +138,22 @@ def remove_stray_temps(outputs) -> None:
         else:
             continue  # inside a folder removed above
         log.warning("removed %s, left by an interrupted run", path)
+
+
+def path_argument(text: str) -> Path:
+    """An argparse ``type`` for a path given on the command line: a name this system cannot
+    have (too long, a NUL byte) is argparse's one usage line, not a traceback where it is
+    first used; a path that does not exist yet is fine (it may be an output)."""
+    path = Path(text).expanduser()
+    try:
+        if "\0" in text:
+            raise ValueError("embedded null byte")
+        path.exists()
+    except (OSError, ValueError) as err:
+        shown = text if len(text) <= 120 else f"{text[:60]}...{text[-40:]}"
+        raise argparse.ArgumentTypeError(
+            f"{shown!r} cannot be a path here ({getattr(err, 'strerror', None) or err})") from None
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -82,14 +82,30 @@ def resolve_source(source: str | os.PathLike, what: str = "model folder",
     the thing ("checker folder")."""
     source = os.fspath(source)
     path = Path(source).expanduser()
-    if path.exists():
+    try:
+        if "\0" in source:  # pathlib reads it as missing; opening it is a ValueError
+            raise ValueError("embedded null byte")
+        exists, is_folder = path.exists(), path.is_dir()
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte: no such path can exist
+        raise ModelNotAvailableError(
+            f"{what} {_shown(source)!r} cannot be a path here "
+            f"({getattr(err, 'strerror', None) or err}): check the path") from None
+    if exists and not is_folder:
+        raise ModelNotAvailableError(f"{what} {_shown(source)!r} is a file, not a folder: give "
+                                     "the folder that holds the model's files")
+    if exists:
         return str(path)
     reason = local_reason(source)
     if reason is None:
         return source
     raise ModelNotAvailableError(
-        f"{what} {source!r} does not exist; it is a local path ({reason}), so it was not tried "
-        f"as a hub id: check the path, or {fix or restore_hint(path)}")
+        f"{what} {_shown(source)!r} does not exist; it is a local path ({reason}), so it was not "
+        f"tried as a hub id: check the path, or {fix or restore_hint(path)}")
+
+
+def _shown(source: str, width: int = 120) -> str:
+    """A path as an error line shows it: a long one cut in the middle, so the line stays one."""
+    return source if len(source) <= width else f"{source[:width // 2]}...{source[-width // 3:]}"
 
 
 def local_reason(source: str) -> str | None:
