@@ -678,10 +678,11 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose key is given twice has two readings (the last one wins silently)."""
-    keys = [key for key, _ in pairs]
-    twice = next((key for key in keys if keys.count(key) > 1), None)
-    if twice is not None:
-        raise ValueError(f"the key {twice!r} is given twice in one object")
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        seen.add(key)
     return dict(pairs)
 
 
