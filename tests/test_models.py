@@ -235,3 +235,21 @@ def test_a_command_line_path_no_file_can_have_is_argparses_one_line(capsys, modu
     err = capsys.readouterr().err
     assert "cannot be a path here (" in err and "Traceback" not in err
     assert len(err.strip().splitlines()[-1]) < 400
+
+
+def test_a_checkpoint_with_saved_buffers_still_loads(tmp_path):
+    """Older checkpoints (openai's CLIP on the hub) also hold the position_ids buffers, which the
+    loader recomputes: the fit check must not refuse them, nor a weight the model lacks pass."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(REPO / "data" / "world" / "clip", tmp_path / "clip")
+    weights = load_file(tmp_path / "clip" / "model.safetensors")
+    weights["text_model.embeddings.position_ids"] = torch.arange(16)[None]
+    weights["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(weights, tmp_path / "clip" / "model.safetensors")
+    assert load_clip(str(tmp_path / "clip"), **CPU)[0] is not None
+    weights["text_model.extra.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "clip" / "model.safetensors")
+    with pytest.raises(ModelNotAvailableError, match="text_model.extra.weight, which the model "
+                                                     "has no place for"):
+        load_clip(str(tmp_path / "clip"), **CPU)

@@ -295,11 +295,16 @@ def require_weights_fit(folder: str | Path, model_class: type, config) -> None:
                 f"{folder}/config.json: {name} is {value!r}, but its weights hold at most {most} "
                 f"layers per stack; {REFUSE_FOLDER}")
     with torch.device("meta"), quiet_libraries(logging.CRITICAL):
-        expected = {key: tuple(t.shape) for key, t in model_class(config).state_dict().items()}
-    missing = sorted(k for k in expected.keys() - shapes.keys()
-                     if not _ignored(k, model_class._keys_to_ignore_on_load_missing))
-    extra = sorted(k for k in shapes.keys() - expected.keys()
-                   if not _ignored(k, model_class._keys_to_ignore_on_load_unexpected))
+        model = model_class(config)
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    # what the loader skips without harm: buffers it recomputes (old checkpoints' position_ids),
+    # tied weights, and the class's own ignore lists
+    buffers = {name for name, _ in model.named_buffers()}
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = sorted(k for k in expected.keys() - shapes.keys() if k not in tied
+                     and not _ignored(k, model_class._keys_to_ignore_on_load_missing))
+    extra = sorted(k for k in shapes.keys() - expected.keys() if k not in buffers
+                   and not _ignored(k, model_class._keys_to_ignore_on_load_unexpected))
     wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
     if missing or extra or wrong:
         what = (f"{missing[0]} is missing from the weights" if missing
