@@ -27,9 +27,10 @@ from pipeline.provenance import cat_files
 #: summary recomputes every interval itself): experiments that differ only in them are one sweep
 #: (``presets``: compared as merged by ``budget``, :func:`same_sweep`).
 NOT_SWEPT = ("concept", "summary", "statistics", "report", "presets")
-#: Within a section: params that only add outputs (``attack.budgets``: budget-curve points;
-#: the full budget's results are the same with or without them, ``tests/test_attacks.py``).
-NOT_SWEPT_KEYS = (("attack", "budgets"),)
+#: Within a section: params that only add outputs (``attack.budgets``: budget-curve points, and
+#: ``attack.curve_images_per_prompt``: how many images each point scores; the full budget's
+#: results are the same with or without them, ``tests/test_attacks.py``, ``test_pipeline``).
+NOT_SWEPT_KEYS = (("attack", "budgets"), ("attack", "curve_images_per_prompt"))
 #: Where ``dvc exp run --temp`` copies the repository (``tmp*`` folders, one per experiment);
 #: a killed run leaves its copy there, which nothing else removes.
 EXPERIMENT_COPIES = Path(".dvc/tmp/exps")

@@ -126,6 +126,12 @@ def test_a_full_budget_summary_never_takes_a_smoke_experiment(raw):
     # sweep; one with other attack seeds is not
     curves = {**raw, "attack": {**raw["attack"], "budgets": [0.5, 1.0]}}
     assert experiments.same_sweep(curves, full)
+    # nor does the curve's image count: an experiment published before the key existed is of it
+    before_curve_images = {**raw, "attack": {k: v for k, v in raw["attack"].items()
+                                             if k != "curve_images_per_prompt"}}
+    assert experiments.same_sweep(before_curve_images, full)
+    assert experiments.same_sweep({**raw, "attack": {**raw["attack"],
+                                                     "curve_images_per_prompt": 1}}, full)
     assert not experiments.same_sweep({**raw, "attack": {**raw["attack"], "seeds": 9}}, full)
 
 
