@@ -150,10 +150,14 @@ def path_argument(text: str) -> Path:
             raise ValueError("embedded null byte")
         path.exists()
     except (OSError, ValueError) as err:
-        shown = text if len(text) <= 120 else f"{text[:60]}...{text[-40:]}"
         raise argparse.ArgumentTypeError(
-            f"{shown!r} cannot be a path here ({getattr(err, 'strerror', None) or err})") from None
+            f"{shown_path(text)!r} cannot be a path here ({getattr(err, 'strerror', None) or err})") from None
     return path
+
+
+def shown_path(path: str, width: int = 120) -> str:
+    """A path as an error line shows it: a long one cut in the middle, so the line stays one."""
+    return path if len(path) <= width else f"{path[:width // 2]}...{path[-width // 3:]}"
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -25,6 +25,8 @@ from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from pipeline.espresso.files import shown_path
+
 #: How hub model ids are written: "org/name".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 #: How a local path may start (tried in this order, to name the one it starts with).
@@ -88,10 +90,10 @@ def resolve_source(source: str | os.PathLike, what: str = "model folder",
         exists, is_folder = path.exists(), path.is_dir()
     except (OSError, ValueError) as err:  # a name too long, a NUL byte: no such path can exist
         raise ModelNotAvailableError(
-            f"{what} {_shown(source)!r} cannot be a path here "
+            f"{what} {shown_path(source)!r} cannot be a path here "
             f"({getattr(err, 'strerror', None) or err}): check the path") from None
     if exists and not is_folder:
-        raise ModelNotAvailableError(f"{what} {_shown(source)!r} is a file, not a folder: give "
+        raise ModelNotAvailableError(f"{what} {shown_path(source)!r} is a file, not a folder: give "
                                      "the folder that holds the model's files")
     if exists:
         return str(path)
@@ -99,13 +101,8 @@ def resolve_source(source: str | os.PathLike, what: str = "model folder",
     if reason is None:
         return source
     raise ModelNotAvailableError(
-        f"{what} {_shown(source)!r} does not exist; it is a local path ({reason}), so it was not "
+        f"{what} {shown_path(source)!r} does not exist; it is a local path ({reason}), so it was not "
         f"tried as a hub id: check the path, or {fix or restore_hint(path)}")
-
-
-def _shown(source: str, width: int = 120) -> str:
-    """A path as an error line shows it: a long one cut in the middle, so the line stays one."""
-    return source if len(source) <= width else f"{source[:width // 2]}...{source[-width // 3:]}"
 
 
 def local_reason(source: str) -> str | None:
