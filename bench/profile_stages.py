@@ -27,6 +27,7 @@ import json
 import pstats
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,64 @@ KINDS = {
                  ("safetensors/torch.py", "save_file"), ("safetensors/torch.py", "load_file"),
                  ("PIL/Image.py", "save"), ("PIL/Image.py", "open")],
 }
+
+
+@contextmanager
+def counted_evaluations():
+    """A Counter of model evaluations per ``pipeline.plan.MODELS`` kind while active (the models'
+    classes patched: a forward's batch items, times ``plan.TRAIN`` where its output carries a
+    gradient). The T2I's text encoder is told from CLIP's text tower (the same class) by being
+    a loaded pipeline's."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers.models.clip import modeling_clip
+
+    from pipeline.espresso import t2i
+    from pipeline.plan import TRAIN
+
+    counts, t2i_encoders, restore = Counter(), set(), []
+
+    def items(value) -> int:
+        return len(value) if isinstance(value, torch.Tensor) else 0
+
+    def trained(out) -> bool:
+        first = out[0] if isinstance(out, tuple) else getattr(out, "sample", None)
+        if first is None and hasattr(out, "last_hidden_state"):
+            first = out.last_hidden_state
+        if first is None:
+            first = getattr(out, "pooler_output", None)
+        return isinstance(first, torch.Tensor) and first.requires_grad
+
+    def patch(owner, name, kind, first_input):
+        original = getattr(owner, name)
+
+        def wrapper(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            n = items(args[0] if args else kwargs.get(first_input))
+            counts[kind(self)] += n * (TRAIN if trained(out) else 1)
+            return out
+
+        setattr(owner, name, wrapper)
+        restore.append((owner, name, original))
+
+    def load_t2i(*args, **kwargs):
+        pipe = original_load(*args, **kwargs)
+        t2i_encoders.add(id(pipe.text_encoder))
+        return pipe
+
+    original_load = t2i.load_t2i
+    t2i.load_t2i = load_t2i
+    restore.append((t2i, "load_t2i", original_load))
+    patch(UNet2DConditionModel, "forward", lambda _: "unet", "sample")
+    patch(AutoencoderKL, "decode", lambda _: "vae_decode", "z")
+    patch(modeling_clip.CLIPTextModel, "forward",
+          lambda m: "t2i_text" if id(m) in t2i_encoders else "clip_text", "input_ids")
+    patch(modeling_clip.CLIPVisionModel, "forward", lambda _: "clip_image", "pixel_values")
+    try:
+        yield counts
+    finally:
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
 
 
 def kind_seconds(stats: pstats.Stats) -> dict[str, float]:
@@ -89,6 +148,15 @@ def profile(call, dump: Path | None = None) -> tuple[float, dict[str, float]]:
     return wall, kinds
 
 
+def planner_check(params, stage: str, counts: Counter) -> dict[str, dict[str, float]]:
+    """Per model: the evaluations counted and those ``pipeline.plan`` plans for the stage."""
+    from pipeline.plan import MODELS, stage_work
+
+    planned = stage_work(params)[stage].evaluations
+    return {model: {"counted": counts[model], "planned": planned[model]} for model in MODELS
+            if counts[model] or planned[model]}
+
+
 def sampled_attack(params, runs: int, dump: Path | None = None):
     """The attack stage on the first run of each kind (plain, plain through an edit, "+" on a
     filter, through an edit's UNet) for attack seed 0, up to ``runs`` runs; and how many runs of
@@ -132,6 +200,9 @@ def main() -> None:
                                                         "evaluate", "everyday", "attack",
                                                         "certify"])
     parser.add_argument("--attack-runs", type=int, default=6)
+    parser.add_argument("--count", action="store_true",
+                        help="count every model evaluation beside the planner's (the attack "
+                             "stage run whole); writes bench/plan_check_results.json")
     parser.add_argument("--dump", type=Path, metavar="DIR",
                         help="also write each stage's raw profile there (<stage>.prof)")
     args = parser.parse_args()
@@ -139,6 +210,8 @@ def main() -> None:
 
     params = load_params()
     results = {"concept": params.concept, "budget": params.budget, "stages": {}}
+    if args.count:
+        return check_planner(params, args.stages)
     for stage in args.stages:
         if stage == "attack":
             wall, kinds, runs = sampled_attack(params, args.attack_runs, dump_of(args, stage))
@@ -151,6 +224,26 @@ def main() -> None:
             kinds.items(), key=lambda kv: -kv[1]) if v / wall >= 0.01)
         print(f"{stage}: {wall:.0f} s: {shares}", flush=True)
     out = ROOT / "bench" / "profile_results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+def check_planner(params, stages: list[str]) -> None:
+    """``--count``: each stage run whole, its evaluations beside the planner's."""
+    p = params.attack
+    results = {"concept": params.concept, "budget": params.budget,
+               "attack": {"seeds": p.seeds, "attacks": p.attacks, "adapt_to": p.adapt_to,
+                          "edit_crts": params.edit.crts, "edit_attacks": p.edit_attacks},
+               "stages": {}}
+    for stage in stages:
+        module = importlib.import_module(f"pipeline.{stage}")
+        with counted_evaluations() as counts:
+            module.run(params)
+        results["stages"][stage] = check = planner_check(params, stage, counts)
+        print(f"{stage}: " + ", ".join(
+            f"{model} {c['counted']:,.0f} counted / {c['planned']:,.0f} planned"
+            for model, c in check.items()), flush=True)
+    out = ROOT / "bench" / "plan_check_results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {out}")
 

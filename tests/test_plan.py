@@ -71,3 +71,30 @@ def test_the_mini_plan_prints_cpu_minutes_per_stage(capsys):
     assert "CPU min" in out.splitlines()[1] and set(rows) == set(plan.STAGES)
     assert all(float(row[-1]) > 0 for row in rows.values())
     assert "CPU minutes on 2 cores" in out
+
+
+def test_the_profilers_count_of_a_real_generation_is_the_planners():
+    """``bench/profile_stages.py --count`` counts what a stage really evaluates; on two guided
+    images of the mini SD its count equals ``Work.images``' (UNet items x steps x 2, a text
+    encoding and a decode per image): the count the planner's check rests on."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.espresso import t2i
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_stages.py"
+    spec = importlib.util.spec_from_file_location("profile_stages", path)
+    profile_stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_stages)
+    load, forward = t2i.load_t2i, UNet2DConditionModel.forward
+    with profile_stages.counted_evaluations() as counts:
+        pipe = t2i.load_t2i("data/world/sd")
+        pipe.set_progress_bar_config(disable=True)
+        t2i.generate(pipe, ["a red star", "a blue circle"], [1, 2], steps=3, guidance=5.0,
+                     size=32, batch=2)
+    work = plan.Work()
+    work.images(2, steps=3, guidance=5.0)
+    assert counts == work.evaluations
+    assert (t2i.load_t2i, UNet2DConditionModel.forward) == (load, forward)  # patches undone
