@@ -63,3 +63,16 @@ def tiny_params_for() -> dict:
     params["generate"]["paper"]["size"] = 32
     params["attack"]["curve_images_per_prompt"] = 1  # the curve's images a subset of the runs'
     return params
+
+
+def wiring_params_for() -> dict:
+    """``tiny_params_for`` cut to the fewest runs that still run every stage once: one attack
+    seed, no budget curve, PEZ plain and adapted to Espresso, the closed-form edit UCE and
+    UnlearnDiff through it. For the tests of how stages are wired (DVC, experiments, export),
+    which rerun the whole pipeline several times; what the cut leaves out is tested on
+    ``tiny_params`` (test_pipeline's tiny run, test_crts, test_attacks)."""
+    params = tiny_params_for()
+    params["edit"]["crts"] = ["uce"]
+    params["attack"].update(seeds=1, budgets=[1.0], attacks=["pez"], adapt_to=["espresso"],
+                            edit_attacks=["udiff"])
+    return params

@@ -43,9 +43,11 @@ KILLS = {
 
 
 def crash_params() -> dict:
-    """tiny_params with one attack on a smaller budget: each stage here runs several times."""
+    """tiny_params with one attack on a smaller budget, one seed, one adapted filter and one
+    edit attack: each stage here runs several times."""
     params = tiny_params_for()
-    params["attack"].update(attacks=["typo"], prompts=1)
+    params["attack"].update(attacks=["typo"], prompts=1, seeds=1, budgets=[1.0],
+                            adapt_to=["espresso"], edit_attacks=["udiff"])
     params["attack"]["mini"]["typo"].update(steps=2, candidates=1)
     return params
 

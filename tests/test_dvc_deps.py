@@ -5,7 +5,6 @@ and by behaviour: in a temporary git + DVC copy, editing each module makes ``dvc
 the stages that import it, and only those (or stages downstream of them).
 
 The frozen stage ``world`` is left out: DVC never checks or reruns it (its models are committed)."""
-import json
 import os
 import subprocess
 import sys
@@ -152,8 +151,16 @@ class DvcCopy:
         assert self.changed() == set()
 
     def changed(self) -> set[str]:
-        """The stages that ``dvc status`` says are out of date (frozen ones are never checked)."""
-        return set(json.loads(self.sh(sys.executable, "-m", "dvc", "status", "--json")))
+        """The stages that ``dvc status`` says are out of date (frozen ones are never checked);
+        asked in this process (DVC's API, in this copy's environment): one call per module of
+        pipeline/, and a ``dvc`` command would start a fresh interpreter each time."""
+        from unittest import mock
+
+        from dvc.repo import Repo
+
+        with mock.patch.dict(os.environ, self.env), Repo(str(self.folder)) as repo:
+            # the API names a stage by its address from the cwd: "<path>/dvc.yaml:<stage>"
+            return {address.rsplit(":", 1)[-1] for address in repo.status()}
 
     def rerun_mismatches(self, module: Path) -> list[str]:
         """Append a comment to ``module``, ask ``dvc status``, restore it; the disagreements with

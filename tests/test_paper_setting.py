@@ -22,7 +22,10 @@ pytestmark = pytest.mark.slow  # runs every stage in the paper setting
 
 def test_paper_setting_is_selected_by_params_alone(stage_dir, tiny_params, offline_hub, clip,
                                                    monkeypatch):
-    params = check_params({**tiny_params, "setting": "paper", "concept": "nudity"})
+    # every attack's paper code path once: one attack seed, no curve (both tested on tiny_run)
+    attacks = {**tiny_params["attack"], "seeds": 1, "budgets": [1.0]}
+    params = check_params({**tiny_params, "setting": "paper", "concept": "nudity",
+                           "attack": attacks})
     manifest = generate.run(params)
 
     test_u = manifest[(manifest["split"] == "test") & (manifest["label"] == "unacceptable")]

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages import run_all_stages
+from stages import run_all_stages, wiring_params_for
 from pipeline import generate
 from pipeline.attack import attack_runs
 from pipeline.espresso.filter_names import FILTERS
@@ -83,7 +83,8 @@ def test_unknown_concept_stops_the_stage_with_the_known_ones(stage_dir, tiny_par
 
 
 @pytest.mark.slow
-def test_dvc_repro_in_a_fresh_copy(tmp_path, tiny_params):
+def test_dvc_repro_in_a_fresh_copy(tmp_path):
+    tiny_params = wiring_params_for()  # three whole runs and an export: the fewest runs
     copy = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
