@@ -209,9 +209,9 @@ def main() -> None:
     from pipeline.params import load_params
 
     params = load_params()
-    results = {"concept": params.concept, "budget": params.budget, "stages": {}}
     if args.count:
         return check_planner(params, args.stages)
+    results = {"concept": params.concept, "budget": params.budget, "stages": {}}
     for stage in args.stages:
         if stage == "attack":
             wall, kinds, runs = sampled_attack(params, args.attack_runs, dump_of(args, stage))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stages import make_stage_dir, stage_command, tiny_params_for
+from stages import make_stage_dir, stage_command, tiny_params_for, wiring_params_for
 
 from pipeline.params import stage_outputs
 
@@ -43,11 +43,11 @@ KILLS = {
 
 
 def crash_params() -> dict:
-    """tiny_params with one attack on a smaller budget, one seed, one adapted filter and one
-    edit attack: each stage here runs several times."""
-    params = tiny_params_for()
-    params["attack"].update(attacks=["typo"], prompts=1, seeds=1, budgets=[1.0],
-                            adapt_to=["espresso"], edit_attacks=["udiff"])
+    """The wiring params (each stage here runs several times) with tiny_params' edits (the kills
+    land in ESD-x's checkpoints) and Typo on a smaller budget."""
+    params = wiring_params_for()
+    params["edit"]["crts"] = tiny_params_for()["edit"]["crts"]
+    params["attack"].update(attacks=["typo"], prompts=1)
     params["attack"]["mini"]["typo"].update(steps=2, candidates=1)
     return params
 
