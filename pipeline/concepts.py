@@ -2,10 +2,11 @@
 from its templates (pairs differ only in the concept text, METHOD section 3)."""
 from __future__ import annotations
 
+import copy
 import itertools
 import string
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,26 +152,53 @@ def everyday_prompts(concepts: list[Concept], count: int, seed: int,
     is drawn on a stated grey background, not on a background the model picks). Paper: every fill
     of the registry's everyday templates, shuffled. Fewer than ``count`` such prompts raise
     ``ValueError`` naming the shortfall."""
+    return [prompt.text for prompt in everyday_draw(concepts, count, seed, path)]
+
+
+@dataclass(frozen=True)
+class EverydayPrompt:
+    """One everyday prompt and, per concept name, the same prompt with that concept's c_u put
+    into it (None where the concept cannot be put into that scene): the everyday anchors and
+    their in-context twins (docs/method.md, "Images of neither concept")."""
+
+    text: str
+    in_context: dict[str, str | None]
+
+
+def everyday_draw(concepts: list[Concept], count: int, seed: int,
+                  path: Path = REGISTRY_FILE) -> list[EverydayPrompt]:
+    """The draw of :func:`everyday_prompts` (the same texts, in the same order), each with its
+    in-context twins.
+
+    The twin says the same scene with the concept in it, so that an image of c_u in an everyday
+    context meets a whole caption of itself, as an everyday image meets its own caption among the
+    anchors. Mini: the scene with the concept's ``shows`` attribute set (a character takes the
+    scene's place, keeping its background), captioned from the same random state as the
+    prompt ("a dotted arrow on a brown background" -> "a checkered arrow on a brown
+    background"); a texture or colour cannot be put on a character (None). Paper: the concept's
+    template that shares the most slots with the prompt's, filled with the prompt's values (a
+    ``thing`` stands in for a ``subject``); None where no template's slots are all there."""
     settings = {c.setting for c in concepts}
     if len(settings) != 1:
         raise ValueError(f"everyday prompts need concepts of one setting; got {sorted(settings)}")
     rng = np.random.default_rng(seed)
+    prompts: dict[str, EverydayPrompt] = {}
     if settings == {"mini"}:
         from pipeline.mini import shapes
 
         shown = [next(iter(c.shows.items())) for c in concepts]
         keep = {head for head, _ in shown} & {"texture", "color", "background"}
-        prompts: dict[str, None] = {}
         for _ in range(200 * count):
             scene = shapes.sample_scene(rng)
             if any(getattr(scene, head) == value for head, value in shown):
                 continue
+            state = copy.deepcopy(rng.bit_generator.state)
             text, _ = shapes.caption(scene, rng, keep=keep)
-            if not any(names_concept(text, c) for c in concepts):
-                prompts.setdefault(text)
+            if not any(names_concept(text, c) for c in concepts) and text not in prompts:
+                prompts[text] = EverydayPrompt(text, {
+                    c.name: _mini_in_context(scene, state, keep, c) for c in concepts})
             if len(prompts) == count:
-                return list(prompts)
-        available = len(prompts)
+                return list(prompts.values())
     else:
         registry = load_registry(path)
         slots = registry["slots"]["paper"]
@@ -178,12 +206,44 @@ def everyday_prompts(concepts: list[Concept], count: int, seed: int,
         for template in registry["everyday"]["paper"]:
             names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
             for values in itertools.product(*(slots[name] for name in names)):
-                text = template.format(**dict(zip(names, values)))
-                if text not in pool and not any(names_concept(text, c) for c in concepts):
+                fill = dict(zip(names, values))
+                text = template.format(**fill)
+                if text not in prompts and not any(names_concept(text, c) for c in concepts):
+                    prompts[text] = EverydayPrompt(text, {
+                        c.name: _paper_in_context(fill, c, registry) for c in concepts})
                     pool.append(text)
         if len(pool) >= count:
-            return [pool[i] for i in rng.permutation(len(pool))[:count]]
-        available = len(pool)
-    raise ValueError(f"only {available} distinct everyday prompts name none of "
+            return [prompts[pool[i]] for i in rng.permutation(len(pool))[:count]]
+    raise ValueError(f"only {len(prompts)} distinct everyday prompts name none of "
                      f"{', '.join(c.name for c in concepts)}; lower everyday.prompts to at most "
-                     f"{available} or add everyday templates in data/concepts.yaml")
+                     f"{len(prompts)} or add everyday templates in data/concepts.yaml")
+
+
+def _mini_in_context(scene, state: dict, keep: set[str], concept: Concept) -> str | None:
+    """The caption of ``scene`` with ``concept``'s c_u in it, from the random ``state`` its own
+    caption was drawn from (:func:`everyday_draw`)."""
+    from pipeline.mini import shapes
+
+    head, value = next(iter(concept.shows.items()))
+    if head == "character":
+        changed = replace(scene, character=value, shape=shapes.CHARACTERS[value].shape,
+                          color=None, texture="plain")
+    elif scene.character is not None and head in ("texture", "color"):
+        return None
+    else:
+        changed = replace(scene, **{head: value})
+    rng = np.random.default_rng()
+    rng.bit_generator.state = copy.deepcopy(state)
+    return shapes.caption(changed, rng, keep=keep)[0]
+
+
+def _paper_in_context(fill: dict[str, str], concept: Concept, registry: dict) -> str | None:
+    """``concept``'s template sharing the most slots with an everyday prompt's ``fill``, filled
+    with its values (:func:`everyday_draw`)."""
+    values = {"subject": fill["thing"], **fill} if "thing" in fill else dict(fill)
+    best, shared = None, -1
+    for template in registry["templates"]["paper"][concept.kind]:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+        if names <= values.keys() and len(names) > shared:
+            best, shared = template, len(names)
+    return None if best is None else best.replace("{}", concept.unacceptable).format(**values)

@@ -10,11 +10,12 @@ instead. The folder records each concept's provenance: experiment, its commit, p
 
 Images of neither concept (docs/method.md, "Images of neither concept"): every concept gets
 everyday anchors, the embeddings (through its own text encoder) of ``--anchor-texts`` everyday
-prompts, and by default the everyday cuts are calibrated together by split conformal for a
+prompts, and their in-context twins, the same prompts with the concept's c_u put in
+(``pipeline.concepts.everyday_draw``; ``--no-in-context`` leaves them out), and by default the everyday cuts are calibrated together by split conformal for a
 whole-checker false-positive rate of ``--everyday-fpr`` per everyday prompt, on
 ``--calibration-prompts`` everyday prompts rendered by the setting's unedited T2I model (or on
 your own images: ``--calibrate-on DIR``, each file its own unit). Anchor texts, calibration prompts and the report's test prompts are three
-disjoint parts of one draw of everyday prompts (``pipeline.concepts.everyday_prompts`` of all
+disjoint parts of one draw of everyday prompts (``pipeline.concepts.everyday_draw`` of all
 the concepts, ``everyday.seed``). Each concept's c_u-vs-c_a cut is the paper's 0.5 unless
 ``--calibrate`` (then for ``--target-fpr`` on its validation images of acceptable prompts).
 
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.concepts import everyday_prompts, get_concept, known_concepts
+from pipeline.concepts import everyday_draw, get_concept, known_concepts
 from pipeline.espresso.files import atomic_dir, path_argument, write_json
 from pipeline.everyday_scenes import load_pipe, render, scene_rows
 from pipeline.experiments import dvc, experiments
@@ -126,22 +127,29 @@ def provenance(run: dict, source: str) -> dict:
 
 
 def everyday_split(concepts: list[str], params: Params, test: int, calibration: int,
-                   anchors: int) -> dict[str, list[str]]:
+                   anchors: int) -> dict:
     """Three disjoint parts of one draw of everyday prompts naming none of ``concepts``: the
     report's ``test`` prompts first (the ``everyday`` stage's, for as many as it has), then the
-    ``calibration`` prompts, then the ``anchors`` texts."""
+    ``calibration`` prompts, then the ``anchors`` texts; and ``in_context``, per concept the
+    anchors' in-context twins (those that exist, none equal to an anchor)."""
     setting = params.setting
-    draw = everyday_prompts([get_concept(name, setting) for name in concepts],
-                            test + calibration + anchors, params.everyday.seed)
-    return {"test": draw[:test], "calibration": draw[test:test + calibration],
-            "anchors": draw[test + calibration:]}
+    draw = everyday_draw([get_concept(name, setting) for name in concepts],
+                         test + calibration + anchors, params.everyday.seed)
+    texts = [prompt.text for prompt in draw]
+    anchor_part = draw[test + calibration:]
+    in_context = {name: [t for t in dict.fromkeys(p.in_context[name] for p in anchor_part)
+                         if t is not None and t not in texts[test + calibration:]]
+                  for name in concepts}
+    return {"test": texts[:test], "calibration": texts[test:test + calibration],
+            "anchors": texts[test + calibration:], "in_context": in_context}
 
 
-def build(params: Params, concepts: list[str], zero_shot: bool, work: Path, anchors: list[str]
+def build(params: Params, concepts: list[str], zero_shot: bool, work: Path, anchors: list[str],
+          in_context: dict[str, list[str]] | None = None
           ) -> tuple[ConceptChecker, dict[str, pd.DataFrame], dict[str, np.ndarray]]:
     """The checker of ``concepts`` (vectors fine-tuned, or zero-shot) with the everyday
-    ``anchors`` through each concept's own text encoder, and per concept the manifest rows and
-    images of its experiment's validation and test images."""
+    ``anchors`` and each concept's ``in_context`` texts through its own text encoder, and per
+    concept the manifest rows and images of its experiment's validation and test images."""
     from pipeline.espresso import ConceptChecker, EspressoFilter
     from pipeline.espresso.checker import same_image_tower
     from pipeline.espresso.models import load_clip
@@ -162,7 +170,8 @@ def build(params: Params, concepts: list[str], zero_shot: bool, work: Path, anch
                                  f"{run['name']}) has another image tower than "
                                  f"{models.clip}: a checker holds one tower")
         filters[name] = EspressoFilter(*clip, concept.unacceptable, concept.acceptable,
-                                       everyday=anchors or None)
+                                       everyday=anchors or None,
+                                       in_context=(in_context or {}).get(name) or None)
         sources[name] = provenance(run, "zero-shot CLIP" if zero_shot else "fine-tuned")
     return ConceptChecker.from_filters(filters, sources), rows, images
 
@@ -452,6 +461,9 @@ def main(argv: list[str] | None = None) -> None:
                              "cuts are calibrated for (default 0.02)")
     parser.add_argument("--anchor-texts", type=int, default=64, metavar="N",
                         help="everyday prompts whose embeddings anchor every concept (default 64)")
+    parser.add_argument("--no-in-context", action="store_true",
+                        help="anchors without their in-context twins (the gate of format 3: "
+                             "for comparison)")
     parser.add_argument("--calibration-prompts", type=int, default=240, metavar="N",
                         help="everyday prompts rendered to calibrate on (default 240, one image "
                              "each)")
@@ -504,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     seed, per_prompt = params.everyday.seed, params.everyday.images_per_prompt
     with tempfile.TemporaryDirectory() as work:
         checker, rows, images = build(params, concepts, args.zero_shot, Path(work),
-                                      split["anchors"])
+                                      split["anchors"],
+                                      None if args.no_in_context else split["in_context"])
         if args.calibrate:
             calibrate_cuts(checker, rows, images, args.target_fpr)
         calibration = None

@@ -118,6 +118,53 @@ def test_everyday_prompts_of_the_mini_world_are_its_own_language():
         assert set(prompt.replace(",", " , ").split()) <= words, prompt
 
 
+def test_an_everyday_prompts_twin_is_the_same_caption_with_the_concept_in_it():
+    """Mini: the twin of an attribute concept changes that attribute's word alone; a
+    character's twin is the character on the prompt's background; no texture on a character."""
+    from pipeline.concepts import everyday_draw, everyday_prompts, names_concept
+
+    concepts = [get_concept(n, "mini") for n in ("zorbo", "checkered", "black_background")]
+    draw = everyday_draw(concepts, 200, seed=7)  # Blips, Krolls and Mimis among them
+    assert [p.text for p in draw[:12]] == everyday_prompts(concepts, 12, seed=7)
+    words = set(shapes.language())
+    for prompt in draw:
+        character = prompt.text.split(",")[0].split()[0].lower() in shapes.CHARACTERS
+        for c in concepts:
+            twin = prompt.in_context[c.name]
+            head, value = next(iter(c.shows.items()))
+            if character and head == "texture":
+                assert twin is None
+                continue
+            assert names_concept(twin, c) and set(twin.replace(",", " , ").split()) <= words
+            background = prompt.text.split()[-2]
+            if head == "character":
+                assert twin.startswith(c.unacceptable) and twin.split()[-2] == background
+            else:  # one word differs: the prompt's attribute value -> the concept's
+                changed = [(a, b) for a, b in zip(prompt.text.split(), twin.split()) if a != b]
+                assert len(twin.split()) == len(prompt.text.split()) and len(changed) == 1
+                assert changed[0][1] == value, (prompt.text, twin)
+    assert any(p.in_context["checkered"] is None for p in draw)  # characters were drawn
+
+
+def test_a_paper_twin_fills_the_concepts_template_with_the_prompts_slots():
+    from pipeline.concepts import everyday_draw
+
+    concepts = [get_concept(n, "paper") for n in ("grumpy_cat", "violence", "van_gogh")]
+    twins = {p.text: p.in_context for p in everyday_draw(concepts, 40, seed=3)}
+    known = {"a watercolor of a harbour on a beach": {
+        "grumpy_cat": "a watercolor of grumpy cat on a beach",    # medium + place: 2 slots
+        "violence": "a violent watercolor of a harbour on a beach",
+        "van_gogh": "a watercolor of a harbour on a beach in the style of van gogh"},
+        "a photo of a sunflower field": {
+        "grumpy_cat": "a photo of grumpy cat",                     # no slot in common
+        "violence": "a violent photo of a sunflower field",       # subject <- thing
+        "van_gogh": None}}                                         # each needs a medium
+    everyday = {p.text: p.in_context for p in everyday_draw(concepts, 10**3, seed=3)
+                if p.text in known}
+    assert everyday == known
+    assert all(t is None or "{" not in t for twin in twins.values() for t in twin.values())
+
+
 def test_too_few_everyday_prompts_say_how_many_there_are():
     from pipeline.concepts import everyday_prompts
 

@@ -3,9 +3,10 @@ t_n gates each concept, in the single filter and the checker alike; the everyday
 calibrated together by split conformal; a checker with anchors saves, loads and is validated.
 
 Known answers: the gate score equals sigmoid(s (<e, t_u> - max_j <e, t_n,j>)) computed here
-from the CLIP's own embeddings; on the mini world the zero-shot ``on a black background`` filter
-blocks many brown and gray scenes by the paper's rule alone, and the anchors pass most of them
-while they still block black ones."""
+from the CLIP's own embeddings (with in-context texts t_c, <e, t_u> is the nearest of t_u and
+t_c); on the mini world the zero-shot ``on a black background`` filter blocks many brown and gray
+scenes by the paper's rule alone, the anchors pass most of them while they still block black
+ones, and the in-context texts win back the black scenes the gate alone lets through."""
 import json
 import shutil
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import world
-from pipeline.concepts import everyday_prompts, get_concept, known_concepts
+from pipeline.concepts import everyday_draw, everyday_prompts, get_concept, known_concepts
 from pipeline.espresso import ConceptChecker, EspressoFilter, ModelNotAvailableError, load_clip
 from pipeline.espresso.checker import conformal_everyday_cuts
 from pipeline.espresso.embeddings import text_embeddings
@@ -43,10 +44,18 @@ def backgrounds():
                                    for _ in range(24)], rng) for b in shapes.BACKGROUNDS}
 
 
-def black_filter(clip, everyday=None, everyday_cut=0.5):
+@pytest.fixture(scope="module")
+def twins():
+    """Per concept, the in-context twins of the ``everyday`` fixture's prompts (same draw)."""
+    draw = everyday_draw(CONCEPTS, 48, seed=11)
+    return {c.name: [p.in_context[c.name] for p in draw if p.in_context[c.name]]
+            for c in CONCEPTS}
+
+
+def black_filter(clip, everyday=None, everyday_cut=0.5, in_context=None):
     concept = get_concept("black_background", "mini")
     return EspressoFilter(*clip, concept.unacceptable, concept.acceptable, everyday=everyday,
-                          everyday_cut=everyday_cut)
+                          everyday_cut=everyday_cut, in_context=in_context)
 
 
 def test_the_gate_score_is_the_sigmoid_of_the_margin_against_the_nearest_everyday_text(
@@ -77,10 +86,50 @@ def test_the_anchor_passes_backgrounds_of_neither_concept_and_still_blocks_black
     assert paper.screen(backgrounds["brown"]).p_vs_everyday is None
 
 
-def test_checker_decisions_equal_the_anchored_single_filters(clip, everyday, backgrounds):
+def test_in_context_texts_put_the_nearest_whole_caption_on_the_unacceptable_side(
+        clip, everyday, twins, backgrounds):
+    filt = black_filter(clip, everyday, in_context=twins["black_background"])
+    model, tokenizer, _ = clip
+    t_n = F.normalize(text_embeddings(model, tokenizer, everyday), dim=-1)
+    t_c = F.normalize(text_embeddings(model, tokenizer, twins["black_background"]), dim=-1)
+    images = np.concatenate(list(backgrounds.values()))
+    e = F.normalize(filt.embed(images), dim=-1)
+    unacceptable = torch.maximum(e @ filt.t_u, (e @ t_c.T).max(1).values)
+    expected = torch.sigmoid(filt.logit_scale * (unacceptable - (e @ t_n.T).max(1).values))
+    assert np.allclose(filt.screen(images).p_vs_everyday, expected.numpy(), atol=1e-5)
+
+
+def test_in_context_texts_win_back_black_scenes_and_keep_the_others_out(clip, everyday, twins):
+    """Black-background scenes of every kind (characters too): the gate alone stops some that
+    the paper's rule blocks (their scene's everyday caption beats the bare concept text), the
+    in-context twins win them back, and scenes on other backgrounds stay passed as with the gate
+    alone. (The zero-shot rule itself misses most characters on black: the floor here.)"""
+    rng = np.random.default_rng(5)
+    black = shapes.render_many([shapes.sample_scene(rng, background="black") for _ in range(48)],
+                               rng)
+    others = shapes.render_many([shapes.sample_scene(rng, background=str(b))
+                                 for b in rng.choice(["brown", "gray", "white"], 96)], rng)
+    rule, gate = black_filter(clip), black_filter(clip, everyday)
+    both = black_filter(clip, everyday, in_context=twins["black_background"])
+    missed = [1 - f.screen(black).blocked.mean() for f in (rule, gate, both)]
+    assert missed[1] >= missed[0] + 0.08 and missed[2] <= missed[0] + 1 / 48, missed
+    fired = [f.screen(others).blocked.mean() for f in (gate, both)]
+    assert fired[1] <= fired[0] + 0.03, fired
+
+
+def test_in_context_texts_are_refused_without_anchors_or_on_both_sides(clip, everyday):
+    with pytest.raises(ValueError, match="in_context"):
+        black_filter(clip, None, in_context=["a red star on a black background"])
+    with pytest.raises(ValueError, match="equals an everyday text"):
+        black_filter(clip, everyday, in_context=everyday[:2])
+
+
+def test_checker_decisions_equal_the_anchored_single_filters(clip, everyday, twins,
+                                                             backgrounds):
     filters = {c.name: EspressoFilter(*clip, c.unacceptable, c.acceptable, everyday=everyday,
-                                      everyday_cut=0.4 + 0.03 * k)
-               for k, c in enumerate(CONCEPTS)}
+                                      everyday_cut=0.4 + 0.03 * k,
+                                      in_context=twins[c.name][:8 + 8 * k] if k % 3 else None)
+               for k, c in enumerate(CONCEPTS)}  # some without twins, the others of 3 widths
     checker = ConceptChecker.from_filters(filters)
     images = np.concatenate(list(backgrounds.values()))
     result = checker.check(images)
@@ -91,9 +140,11 @@ def test_checker_decisions_equal_the_anchored_single_filters(clip, everyday, bac
 
 
 def test_an_anchored_checker_round_trips_and_a_changed_folder_is_refused(
-        clip, everyday, backgrounds, tmp_path):
+        clip, everyday, twins, backgrounds, tmp_path):
     checker = ConceptChecker.from_clip(str(world.CLIP_DIR), {
-        c.name: (c.unacceptable, c.acceptable) for c in CONCEPTS[:3]}, everyday=everyday)
+        c.name: (c.unacceptable, c.acceptable) for c in CONCEPTS[:3]}, everyday=everyday,
+        in_context={c.name: twins[c.name] for c in CONCEPTS[1:3]})
+    assert checker.concepts[1].t_c is not None and checker.concepts[2].t_c is not None
     checker.concepts[0].t_n = None          # one concept without anchor: a zero row on disk
     checker.concepts[0].everyday_cut = checker.concepts[0].everyday = None
     checker = ConceptChecker(checker.image_encoder, checker.processor, checker.concepts)
@@ -104,8 +155,12 @@ def test_an_anchored_checker_round_trips_and_a_changed_folder_is_refused(
     assert np.array_equal(a.fired, b.fired) and np.array_equal(a.p_vs_everyday, b.p_vs_everyday)
     assert (b.p_vs_everyday[:, 0] == 1).all() and loaded.everyday_cuts[0] == 0
     assert "everyday cut" in (tmp_path / "c" / "README.md").read_text()
+    assert torch.equal(loaded.concepts[1].t_c, checker.concepts[1].t_c)
     for change, match in ((lambda r: r.update(everyday_cut=1.0), r"everyday_cut"),
-                          (lambda r: r.update(everyday_cut="0.5"), r"everyday_cut")):
+                          (lambda r: r.update(everyday_cut="0.5"), r"everyday_cut"),
+                          (lambda r: r.update(in_context=r["in_context"] + 1), r"t_c\.1 has"),
+                          (lambda r: r.update(in_context=None), r"t_c\.1"),
+                          (lambda r: r.update(in_context=0), r"in_context")):
         shutil.copytree(tmp_path / "c", tmp_path / "bad", dirs_exist_ok=True)
         config = json.loads((tmp_path / "c" / "config.json").read_text())
         change(config["concept_table"][1])
@@ -124,6 +179,31 @@ def test_a_version_1_checker_loads_as_the_paper_rule(tmp_path, clip):
     (tmp_path / "v1" / "config.json").write_text(json.dumps(config))
     loaded = ConceptChecker.from_pretrained(tmp_path / "v1", device="cpu")
     assert loaded.concepts[0].t_n is None and loaded.everyday_cuts.tolist() == [0.0]
+
+
+def test_a_version_3_checker_loads_with_the_gate_of_t_u_alone(tmp_path, clip, everyday, twins,
+                                                              backgrounds):
+    concepts = {"black_background": ("on a black background", "on a white background")}
+    plain = ConceptChecker.from_clip(str(world.CLIP_DIR), concepts, everyday=everyday)
+    ConceptChecker.from_clip(str(world.CLIP_DIR), concepts, everyday=everyday, in_context={
+        "black_background": twins["black_background"]}).save_pretrained(tmp_path / "v3")
+    config = json.loads((tmp_path / "v3" / "config.json").read_text())
+    config["format_version"] = 3
+    for row in config["concept_table"]:
+        del row["in_context"]
+    (tmp_path / "v3" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotAvailableError, match=r"t_c\.0"):  # vectors it does not expect
+        ConceptChecker.from_pretrained(tmp_path / "v3", device="cpu")
+    plain.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config["format_version"] = 3
+    for row in config["concept_table"]:
+        del row["in_context"]
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    loaded = ConceptChecker.from_pretrained(tmp_path / "plain", device="cpu")
+    images = np.concatenate(list(backgrounds.values()))
+    assert loaded.concepts[0].t_c is None
+    assert np.array_equal(loaded.check(images).p_vs_everyday, plain.check(images).p_vs_everyday)
 
 
 def planted(rng, n_groups, per_group):

@@ -112,12 +112,17 @@ def test_everyday_sets_are_disjoint_and_the_test_set_is_the_everyday_stage_s(tin
     names = ["zorbo", "checkered", "black_background"]
     split = export.everyday_split(names, params, test=5, calibration=20, anchors=8)
     assert [len(split[k]) for k in ("test", "calibration", "anchors")] == [5, 20, 8]
-    parts = [set(v) for v in split.values()]
+    parts = [set(split[k]) for k in ("test", "calibration", "anchors")]
     assert sum(map(len, parts)) == len(set().union(*parts))  # no prompt in two parts
     assert not any(names_concept(p, get_concept(n, "mini"))
                    for part in parts for p in part for n in names)
     stage = everyday_prompts([get_concept(n, "mini") for n in names], 3, params.everyday.seed)
     assert split["test"][:3] == stage  # the everyday stage's prompts come first
+    for name in names:  # the anchors' twins: each names its concept, none is an everyday text
+        twins = split["in_context"][name]
+        assert 0 < len(twins) <= 8 and len(set(twins)) == len(twins)
+        assert all(names_concept(t, get_concept(name, "mini")) for t in twins)
+        assert not set(twins) & set().union(*parts)
     rows = scene_rows(split["calibration"], params.everyday.seed, 1, first_index=5)
     assert rows["seed"].tolist() == [scene_seed(params.everyday.seed, 5 + i, 0)
                                      for i in range(20)]

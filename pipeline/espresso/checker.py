@@ -12,7 +12,9 @@ was calibrated for a chosen false-positive rate (:meth:`ConceptChecker.calibrate
 with everyday anchors t_n,k (the unit embeddings of ordinary prompts that name none of the
 concepts, ``M_k x d``) fires only where also sigmoid(s_k (<e, t_u,k> - max_j <e, t_n,k,j>)) >
 everyday_cut_k: an image of neither c_u nor c_a is nearer some everyday text than c_u, where the
-paper's rule alone gives it an arbitrary verdict (docs/method.md, "Images of neither concept");
+paper's rule alone gives it an arbitrary verdict (docs/method.md, "Images of neither concept").
+Where the concept also has in-context texts t_c,k (the everyday texts with c_u put in), <e, t_u,k>
+there is the nearest of t_u,k and t_c,k: whole captions on both sides of the gate;
 the everyday cuts are set together for a whole-checker false-positive rate on everyday images
 with a finite-sample guarantee (:meth:`ConceptChecker.calibrate_everyday`). An image is blocked
 where any concept fires. With cut 0.5 each concept's decision is exactly the
@@ -31,7 +33,8 @@ a hub id) / ``push_to_hub``; the folder::
     config.json               the concept table: texts, cuts, calibration, provenance, logit scales;
                               the everyday calibration
     concepts.safetensors      t_u, t_a, one row per concept; t_n.K, the everyday anchors of
-                              concept K (M x d), for each concept that has them
+                              concept K (M x d), and t_c.K, its in-context texts (M' x d), for
+                              each concept that has them
     image_encoder/            transformers CLIPVisionModelWithProjection (safetensors)
     feature_extractor/        transformers CLIPImageProcessor
     README.md                 model card
@@ -65,10 +68,11 @@ from pipeline.espresso.models import (ModelNotAvailableError, hub_loading, load_
                                       quiet_libraries, require_weights_fit, resolve_source)
 
 FORMAT = "espresso-concept-checker"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Versions this library reads: 1 has no everyday anchors, 2 no file digests (its files are
-#: checked for fit and sense, but a changed setting that keeps both is not seen).
-READ_VERSIONS = (1, 2, 3)
+#: checked for fit and sense, but a changed setting that keeps both is not seen), 3 no
+#: in-context texts.
+READ_VERSIONS = (1, 2, 3, 4)
 CONFIG_NAME = "config.json"
 VECTORS_FILE = "concepts.safetensors"
 IMAGE_ENCODER, FEATURE_EXTRACTOR = "image_encoder", "feature_extractor"
@@ -93,8 +97,8 @@ for several concepts on one CLIP image tower: concept k fires on an image x wher
 P(u_k|x) = sigmoid(s_k <e, t_u,k - t_a,k>) exceeds its cut (the paper's 0.5 unless calibrated for
 a target false-positive rate) and, for a concept with an everyday anchor t_n,k, also
 sigmoid(s_k (<e, t_u,k> - max_j <e, t_n,k,j>)) over its everyday texts j exceeds its everyday
-cut; the image is blocked where any concept
-fires. Images it cannot score are blocked (fail closed).
+cut (with in-context texts t_c,k, the everyday texts with c_u put in, <e, t_u,k> is the nearest
+of t_u,k and t_c,k); the image is blocked where any concept fires. Images it cannot score are blocked (fail closed).
 
 {{ everyday }}
 
@@ -130,10 +134,13 @@ class CheckerConcept:
     t_n: torch.Tensor | None = None    # the everyday anchors, M x d (None: the paper's rule)
     everyday_cut: float | None = None  # its cut, in (0, 1) where there is an anchor
     everyday: dict | None = None       # where t_n came from (texts, how many)
+    t_c: torch.Tensor | None = None    # the in-context texts, M' x d (None: t_u alone)
 
     def record(self) -> dict:
-        """The row as JSON (the vectors go to ``concepts.safetensors``)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("t_u", "t_a", "t_n")}
+        """The row as JSON (the vectors go to ``concepts.safetensors``; ``in_context`` counts
+        the rows of t_c)."""
+        row = {k: v for k, v in asdict(self).items() if k not in ("t_u", "t_a", "t_n", "t_c")}
+        return {**row, "in_context": None if self.t_c is None else len(self.t_c)}
 
 
 @dataclass
@@ -338,7 +345,13 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             torch.zeros(most, dim) if c.t_n is None
             else torch.cat([c.t_n.float(), c.t_n[:1].float().expand(most - len(c.t_n), dim)])
             for c in concepts])
-        self.register_buffer("unacceptables", torch.stack([c.t_u.float() for c in concepts])
+        # the gate's unacceptable side, K x P x d: t_u and the in-context texts t_c, padded
+        # with t_u (the max is the same)
+        sides = [c.t_u[None].float() if c.t_c is None else torch.cat([c.t_u[None], c.t_c]).float()
+                 for c in concepts]
+        widest = max(len(side) for side in sides)
+        self.register_buffer("unacceptables", torch.stack([
+            torch.cat([side, side[:1].expand(widest - len(side), dim)]) for side in sides])
                              .to(device), persistent=False)
         self.register_buffer("anchors", anchors.to(device), persistent=False)
         self.register_buffer("anchored", torch.tensor(anchored, device=device), persistent=False)
@@ -446,11 +459,12 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         return torch.sigmoid(self.logit_scales * margins)
 
     def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
-        """P(u_k|x) against the nearest everyday anchor of each concept, ``N x K`` (1 for a
-        concept without anchors)."""
+        """P(u_k|x) against the nearest everyday anchor of each concept, with t_u,k the nearest
+        of t_u,k and its in-context texts, ``N x K`` (1 for a concept without anchors)."""
         e = F.normalize(features, dim=-1)
         nearest = torch.einsum("nd,kmd->nkm", e, self.anchors).amax(-1)
-        logits = (self.logit_scales * (e @ self.unacceptables.T - nearest)).double()
+        unacceptable = torch.einsum("nd,kpd->nkp", e, self.unacceptables).amax(-1)
+        logits = (self.logit_scales * (unacceptable - nearest)).double()
         # float64: a fine-tuned concept's logits reach 30 and more, where a float32 sigmoid is
         # 1 for every image and no everyday cut could separate them
         return torch.where(self.anchored, torch.sigmoid(logits), torch.ones_like(logits))
@@ -494,21 +508,31 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             f.logit_scale, provenance=dict((provenance or {}).get(name, {})),
             **({} if f.t_n is None else {
                 "t_n": f.t_n.detach().cpu(), "everyday_cut": f.everyday_cut,
-                "everyday": {"texts": len(f.everyday), "examples": f.everyday[:3]}}))
+                "everyday": {"texts": len(f.everyday), "examples": f.everyday[:3], **(
+                    {} if f.t_c is None else {"in_context_examples": f.in_context[:3]})},
+                "t_c": None if f.t_c is None else f.t_c.detach().cpu()}))
             for name, f in filters.items()]
         return cls(vision_tower(first.clip), first.processor, concepts)
 
     @classmethod
     def from_clip(cls, source: str, concepts: Mapping[str, tuple[str, str]],
                   templates: list[str] | None = None, device=None, dtype=None, *,
-                  everyday: list[str] | None = None) -> "ConceptChecker":
+                  everyday: list[str] | None = None,
+                  in_context: Mapping[str, list[str]] | None = None) -> "ConceptChecker":
         """A zero-shot checker on any CLIP (local folder or hub id): ``concepts`` maps each name
         to its (unacceptable, acceptable) texts; ``everyday`` (texts of what the platform serves,
         naming none of the concepts) gives every concept an everyday anchor at cut 0.5, to be
-        calibrated on images with :meth:`calibrate_everyday`."""
+        calibrated on images with :meth:`calibrate_everyday`; ``in_context`` (per concept name:
+        everyday texts with its c_u put in) gives those concepts whole captions on the
+        unacceptable side of the gate too."""
+        unknown = set(in_context or {}) - set(concepts)
+        if unknown:
+            raise ValueError(f"in_context names {', '.join(sorted(unknown))}, not among the "
+                             f"concepts {', '.join(concepts)}")
         clip, tokenizer, processor = load_clip(source, device, dtype)
         filters = {name: EspressoFilter(clip, tokenizer, processor, u, a, templates,
-                                        everyday=everyday)
+                                        everyday=everyday,
+                                        in_context=(in_context or {}).get(name))
                    for name, (u, a) in concepts.items()}
         provenance = {name: {"source": "zero-shot", "clip": source} for name in concepts}
         return cls.from_filters(filters, provenance)
@@ -520,8 +544,9 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         self.processor.save_pretrained(save_directory / FEATURE_EXTRACTOR)
         vectors = {name: torch.stack([getattr(c, name).float() for c in self.concepts])
                    for name in ("t_u", "t_a")}
-        vectors.update({f"t_n.{k}": c.t_n.float() for k, c in enumerate(self.concepts)
-                        if c.t_n is not None})
+        vectors.update({f"{name}.{k}": getattr(c, name).float()
+                        for k, c in enumerate(self.concepts) for name in ("t_n", "t_c")
+                        if getattr(c, name) is not None})
         save_file({k: v.contiguous() for k, v in vectors.items()}, save_directory / VECTORS_FILE)
         table = {"format": FORMAT, "format_version": FORMAT_VERSION,
                  "concept_table": [c.record() for c in self.concepts],
@@ -595,8 +620,9 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE}: {', '.join(odd)} not float32, "
                                          f"as a checker saves them; {REFUSED}")
         rows = table["concept_table"]
-        expected = {"t_u", "t_a"} | {f"t_n.{k}" for k, row in enumerate(rows)
-                                     if row["everyday_cut"] is not None}
+        expected = ({"t_u", "t_a"}
+                    | {f"t_n.{k}" for k, row in enumerate(rows) if row["everyday_cut"] is not None}
+                    | {f"t_c.{k}" for k, row in enumerate(rows) if row["in_context"] is not None})
         if vectors.keys() != expected:
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE} holds {sorted(vectors)}, not "
                                          f"{', '.join(sorted(expected))}; {REFUSED}")
@@ -604,11 +630,16 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
             raise ModelNotAvailableError(f"{folder / VECTORS_FILE} has {len(vectors['t_u'])} "
                                          f"concept vectors for {len(rows)} concepts in "
                                          f"{CONFIG_NAME}: save the checker again")
-        concepts = [CheckerConcept(**row, t_u=vectors["t_u"][i], t_a=vectors["t_a"][i])
-                    for i, row in enumerate(rows)]
-        for i, concept in enumerate(concepts):
-            if concept.everyday_cut is not None:
-                concept.t_n = vectors[f"t_n.{i}"]
+        concepts = []
+        for i, row in enumerate(rows):
+            in_context = row.pop("in_context")
+            concept = CheckerConcept(**row, t_u=vectors["t_u"][i], t_a=vectors["t_a"][i],
+                                     t_n=vectors.get(f"t_n.{i}"), t_c=vectors.get(f"t_c.{i}"))
+            if in_context is not None and len(concept.t_c) != in_context:
+                raise ModelNotAvailableError(f"{folder / VECTORS_FILE}: t_c.{i} has "
+                                             f"{len(concept.t_c)} rows, {CONFIG_NAME} says "
+                                             f"{in_context}; {REFUSED}")
+            concepts.append(concept)
         try:
             return cls(tower.to(device), processor, concepts)
         except ValueError as err:
@@ -628,6 +659,7 @@ class _ConceptRecord(BaseModel):
     provenance: dict = {}
     everyday_cut: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
     everyday: dict | None = None
+    in_context: Annotated[int, Field(ge=1)] | None = None  # rows of t_c (format 4 on)
 
 
 class _Table(BaseModel):
@@ -782,8 +814,9 @@ def _check_concept(concept: CheckerConcept, dim: int) -> None:
                          "(0, 1): at 1 or above it never fires, at 0 or below it always does")
     if concept.t_n is not None:
         _check_anchor(concept, dim)
-    elif concept.everyday_cut is not None:
-        raise ValueError(f"concept {concept.name!r}: an everyday cut without an everyday anchor")
+    elif concept.everyday_cut is not None or concept.t_c is not None:
+        raise ValueError(f"concept {concept.name!r}: an everyday cut or in-context texts "
+                         "without an everyday anchor")
     if not (_is_number(concept.logit_scale) and 0 < concept.logit_scale <= MAX_LOGIT_SCALE):
         raise ValueError(f"concept {concept.name!r}: logit scale {concept.logit_scale!r} must "
                          f"be a number in (0, {MAX_LOGIT_SCALE:g}] (at 0 or below the concept is "
@@ -812,6 +845,16 @@ def _check_anchor(concept: CheckerConcept, dim: int) -> None:
     if not (_is_number(concept.everyday_cut) and 0 < concept.everyday_cut < 1):
         raise ValueError(f"concept {concept.name!r}: everyday cut {concept.everyday_cut!r} must "
                          "be a number in (0, 1)")
+    if concept.t_c is not None:
+        shape = tuple(concept.t_c.shape)
+        if (len(shape) != 2 or shape[0] < 1 or shape[1] != dim
+                or not torch.isfinite(concept.t_c).all()):
+            raise ValueError(f"concept {concept.name!r}: in-context texts of shape {shape}, or "
+                             f"not finite; give M x {dim} finite vectors")
+        _require_unit(concept.name, "t_c", concept.t_c)
+        if (torch.cdist(concept.t_c.float(), concept.t_n.float()) < MIN_DIRECTION_NORM).any():
+            raise ValueError(f"concept {concept.name!r}: an in-context text equals an everyday "
+                             "anchor (one text on both sides of the gate)")
 
 
 def _is_number(value) -> bool:

@@ -440,11 +440,18 @@ class EspressoFilter(ConceptScreen):
     everyday text; calibrated by :meth:`ConceptChecker.calibrate_everyday`). Without them an
     image of neither concept is judged by which of two unrelated texts it is nearer (docs/
     method.md, "Images of neither concept"). None: the paper's filter.
+
+    ``in_context`` (with ``everyday``: everyday texts with c_u put into them, e.g. "a checkered
+    arrow on a brown background" beside the anchor "a dotted arrow on a brown background";
+    :func:`pipeline.concepts.everyday_draw` makes them) adds t_c: the gate then compares whole
+    captions on both sides, sigmoid(s (max(<e, t_u>, max_j <e, t_c,j>) - max_j <e, t_n,j>)).
+    Without them an image of c_u in an everyday scene meets its scene's caption among the anchors
+    but only the bare concept text on its own side, and the gate stops it.
     """
 
     def __init__(self, clip, tokenizer, processor, unacceptable: str, acceptable: str,
                  templates: list[str] | None = None, *, everyday: list[str] | None = None,
-                 everyday_cut: float = 0.5):
+                 everyday_cut: float = 0.5, in_context: list[str] | None = None):
         super().__init__()
         self.clip, self.tokenizer, self.processor = clip, tokenizer, processor
         self.unacceptable, self.acceptable = unacceptable, acceptable
@@ -454,8 +461,13 @@ class EspressoFilter(ConceptScreen):
                              "filter)")
         if not (isinstance(everyday_cut, (int, float)) and 0 < everyday_cut < 1):
             raise ValueError(f"everyday_cut {everyday_cut!r}: give a number in (0, 1)")
+        if in_context is not None and (everyday is None or isinstance(in_context, str)
+                                       or not in_context):
+            raise ValueError("in_context: give a non-empty list of texts, with everyday texts "
+                             "(they are the everyday texts with the concept put in)")
         self.everyday = None if everyday is None else list(everyday)
         self.everyday_cut = float(everyday_cut)
+        self.in_context = None if in_context is None else list(in_context)
         self.refresh_concepts()
 
     # ---- concept embeddings (computed once, not per image) ------------------------------
@@ -483,6 +495,8 @@ class EspressoFilter(ConceptScreen):
         self.register_buffer("t_a", t_a, persistent=False)
         self.register_buffer("t_n", None if self.everyday is None else self._everyday_anchor(),
                              persistent=False)
+        self.register_buffer("t_c", None if self.in_context is None else self._in_context_anchor(),
+                             persistent=False)
 
     def _everyday_anchor(self) -> torch.Tensor:
         """t_n: the everyday texts' unit embeddings, ``M x d`` (raw texts: they are whole
@@ -494,6 +508,15 @@ class EspressoFilter(ConceptScreen):
                              f"unacceptable concept {self.unacceptable!r}: give texts of what the "
                              "platform serves that do not name it")
         return t_n
+
+    def _in_context_anchor(self) -> torch.Tensor:
+        """t_c: the in-context texts' unit embeddings, ``M' x d``; refused where one is not
+        finite or equals an everyday anchor (a text on both sides of the gate)."""
+        t_c = F.normalize(text_embeddings(self.clip, self.tokenizer, self.in_context), dim=-1)
+        if not torch.isfinite(t_c).all() or (torch.cdist(t_c, self.t_n) < MIN_DIRECTION_NORM).any():
+            raise ValueError("an in-context text gives an embedding that is not finite or equals "
+                             "an everyday text's: give the everyday texts with the concept put in")
+        return t_c
 
     @property
     def direction(self) -> torch.Tensor:
@@ -546,12 +569,16 @@ class EspressoFilter(ConceptScreen):
         return np.array([0.5])
 
     def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
-        """P(u|x) against the nearest everyday anchor, sigmoid(s (<e, t_u> - max_j <e, t_n,j>))
-        (1 without anchors)."""
+        """P(u|x) against the nearest everyday anchor, sigmoid(s (<e, t_u> - max_j <e, t_n,j>)),
+        with t_u the nearest of t_u and the in-context texts t_c where there are any (1 without
+        anchors)."""
         if self.t_n is None:
             return super().everyday_p(features)
         e = F.normalize(features, dim=-1)
-        margin = e @ self.t_u - (e @ self.t_n.T).max(-1).values
+        unacceptable = e @ self.t_u
+        if self.t_c is not None:
+            unacceptable = torch.maximum(unacceptable, (e @ self.t_c.T).max(-1).values)
+        margin = unacceptable - (e @ self.t_n.T).max(-1).values
         return torch.sigmoid(self.logit_scale * margin.double())[:, None]  # as the checker's
 
     @property
@@ -596,6 +623,8 @@ class EspressoFilter(ConceptScreen):
                 part.save_pretrained(tmp)
             everyday = ({} if self.everyday is None else
                         {"everyday": self.everyday, "everyday_cut": self.everyday_cut})
+            if self.in_context is not None:
+                everyday["in_context"] = self.in_context
             (tmp / CONFIG_FILE).write_text(json.dumps(
                 {"unacceptable": self.unacceptable, "acceptable": self.acceptable,
                  "templates": self.templates, **everyday}, indent=2) + "\n")
@@ -610,14 +639,15 @@ class EspressoFilter(ConceptScreen):
         config = json.loads(config_path.read_text())
         return cls.from_clip(str(folder), config["unacceptable"], config["acceptable"],
                              config["templates"], device, dtype, everyday=config.get("everyday"),
-                             everyday_cut=config.get("everyday_cut", 0.5))
+                             everyday_cut=config.get("everyday_cut", 0.5),
+                             in_context=config.get("in_context"))
 
     @classmethod
     def from_clip(cls, source: str, unacceptable: str, acceptable: str,
                   templates: list[str] | None = None, device=None, dtype=None, *,
-                  everyday: list[str] | None = None, everyday_cut: float = 0.5
-                  ) -> "EspressoFilter":
+                  everyday: list[str] | None = None, everyday_cut: float = 0.5,
+                  in_context: list[str] | None = None) -> "EspressoFilter":
         """A zero-shot filter on any CLIP (local folder or hub id)."""
         clip, tokenizer, processor = load_clip(source, device, dtype)
         return cls(clip, tokenizer, processor, unacceptable, acceptable, templates,
-                   everyday=everyday, everyday_cut=everyday_cut)
+                   everyday=everyday, everyday_cut=everyday_cut, in_context=in_context)
