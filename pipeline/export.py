@@ -392,6 +392,8 @@ def concept_table(checker: ConceptChecker, rates: dict) -> pd.DataFrame:
                    f"{c.provenance['commit'][:7]}"),
         "cut": f"{c.cut:.4g}",
         "everyday cut": "none" if c.t_n is None else f"{c.everyday_cut:.4g}",
+        "anchors / in-context": (f"{0 if c.t_n is None else len(c.t_n)} / "
+                                 f"{0 if c.t_c is None else len(c.t_c)}"),
         "test AUC": f"{rates[name]['test_auc']:.3f}",
         "FNR": _rate_text(rates[name]["fnr (with anchors)"]),
         "FPR on c_a": _rate_text(rates[name]["fpr (with anchors)"]),
@@ -417,6 +419,7 @@ def write_report(folder: Path, checker: ConceptChecker, rates: dict, table: dict
                  everyday: dict | None, calibration: dict | None, out: Path) -> None:
     """``README.md`` (figure and verdict first), ``metrics.json``, ``everyday.png`` and
     ``roc.png`` in ``folder``."""
+    in_context = any(c.t_c is not None for c in checker.concepts)
     how = ("the everyday cuts are the anchors' 0.5 (not calibrated)" if calibration is None else
            f"the everyday cuts were calibrated together (split conformal) for a whole-checker "
            f"rate of {calibration['target_fpr']:g} per unit on {calibration['groups']} units "
@@ -434,7 +437,9 @@ def write_report(folder: Path, checker: ConceptChecker, rates: dict, table: dict
             "![everyday images and FNR per concept](everyday.png)\n\n"
             + verdict(everyday, rates) + "\n\n"
             "Each concept fires where P(u|x) > its cut and P(u|x) against its nearest everyday "
-            f"text > its everyday cut (docs/method.md, \"Images of neither concept\"); {how}. "
+            "text > its everyday cut, the unacceptable side being the nearest of c_u and "
+            f"{'the everyday texts with c_u put in' if in_context else 'c_u alone'} "
+            f"(docs/method.md, \"Images of neither concept\"); {how}. "
             "Everyday test images: prompts that name none of the concepts, disjoint from the "
             "anchor texts and the calibration prompts, rendered by the setting's unedited T2I "
             "model. Rates are shares of images with 95% intervals from a bootstrap over prompts "
