@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from pipeline.concepts import everyday_prompts, get_concept, known_concepts
+from pipeline.concepts import everyday_draw, get_concept, known_concepts
 from pipeline.espresso import ConceptChecker
 from pipeline.mini import shapes
 
@@ -65,8 +65,10 @@ def test_the_diffusers_script_passes_an_everyday_prompt_and_blocks_a_zorbo(where
 def test_the_real_clip_route_calibrates_on_your_images_and_saves(where, code, tmp_path):
     (tmp_path / "data").symlink_to(REPO / "data")
     concepts = [get_concept(name, "mini") for name in known_concepts("mini")]
-    (tmp_path / "everyday_prompts.txt").write_text(
-        "\n".join(everyday_prompts(concepts, 32, seed=5)) + "\n")
+    draw = everyday_draw(concepts, 32, seed=5)
+    (tmp_path / "everyday_prompts.txt").write_text("\n".join(p.text for p in draw) + "\n")
+    (tmp_path / "zorbo_in_everyday_prompts.txt").write_text(
+        "\n".join(p.in_context["zorbo"] for p in draw) + "\n")
     rng = np.random.default_rng(9)
     for folder, character_prob, count in (("everyday_images", 0.0, 120),
                                           ("zorbo_validation", 1.0, 24)):
@@ -81,4 +83,5 @@ def test_the_real_clip_route_calibrates_on_your_images_and_saves(where, code, tm
                         r"0\.(0\d\d|1[0-4]\d) of the Zorbo images\n", out), out
     saved = ConceptChecker.from_pretrained(tmp_path / "my-checker", device="cpu")
     assert saved.names == ["zorbo"] and saved.concepts[0].t_n.shape[0] == 32
+    assert saved.concepts[0].t_c.shape[0] == 32
     assert saved.concepts[0].everyday["calibration"]["groups"] == 120
