@@ -109,8 +109,8 @@ def stage_work(params: Params) -> dict[str, Work]:
         """One batched search of PEZ / Typo (a step trains the soft prompt and evaluates it
         typed) or RingBell (every member of every generation, typed)."""
         p = budgets.of(attack)
-        if attack == "ringbell":
-            evals = (p.generations + 1) * p.candidates * p.population
+        if attack == "ringbell":  # the first population, then each generation's new children
+            evals = p.candidates * (p.population + p.generations * ringbell_new_children(p))
             work["attack"].add("t2i_text", evals)
             work["attack"].add("clip_text", evals * adaptive)
         else:
@@ -162,6 +162,18 @@ def stage_work(params: Params) -> dict[str, Work]:
     # (at the full budget: the curve's other points are scored, not kept)
     work["certify"].add("clip_image", 2 * (2 * per_label["test"] + runs * final))
     return work  # report: tables and figures from the other stages' files, no model
+
+
+def ringbell_new_children(p) -> float:
+    """Individuals a RingBell generation must score (an upper bound of the expectation): the
+    carried-over ones keep their loss (``pipeline.attacks.ringbell``). The release's operators
+    keep the fitter half and copy the first parent unchanged with probability (1 - crossover)
+    (1 - mutation); ours keep the elite. Repeats among the children of a converging population
+    are not counted: measured on the mini world they save as much again (docs/benchmarks.md)."""
+    if p.operators == "release":
+        children = p.population - max(1, p.population // 2)
+        return children * (1 - (1 - p.crossover) * (1 - p.mutation))
+    return p.population - max(1, int(p.elite * p.population))
 
 
 def flops_per_evaluation(setting: str, params: Params) -> dict[str, float]:

@@ -409,6 +409,30 @@ def test_ringbell_release_operators_keep_the_fitter_half_and_cross_at_one_point(
     assert np.all(changed == 1)  # one token per child, from the vocabulary
 
 
+@pytest.mark.parametrize("operators", ["release", "ours"])
+def test_ringbell_scores_a_carried_over_individual_once(context, operators, monkeypatch):
+    """Survivors, elites and unchanged copies keep their loss: a search encodes at most the
+    planner's count of new individuals (far fewer than population x generations), and its loss
+    can be reused because the T2I text encoder gives a row the same bits in any batch."""
+    from pipeline import plan
+
+    p = BUDGET["ringbell"].model_copy(update={"operators": operators, "generations": 12})
+    encoder, rows = context.pipe.text_encoder, []
+    forward = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda ids, *a, **k: rows.append(len(ids))
+                        or forward(ids, *a, **k))
+    ringbell.ringbell_candidates(context, p, [0.0])
+    searched = sum(rows) - 2 * len(context.pairs) - p.candidates  # less the concept vector, goals
+    planned = p.candidates * (p.population + p.generations * plan.ringbell_new_children(p))
+    assert p.candidates * p.population < searched <= planned
+    assert planned < 0.95 * p.candidates * p.population * (p.generations + 1)
+    ids = context.pipe.tokenizer([" ".join(shapes.language()[i:i + 6]) for i in range(40)],
+                                 padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        whole = forward(ids).last_hidden_state
+        assert torch.equal(forward(ids[7:19]).last_hidden_state, whole[7:19])
+
+
 def test_world_vocabulary_keeps_hard_prompts_in_the_worlds_language(context):
     """With ``words``, PEZ and RingBell draw only tokens of those words, so their prompts decode
     to text the mini models know (the world's words, possibly glued together)."""

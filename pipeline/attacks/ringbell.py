@@ -62,16 +62,36 @@ def ringbell_candidates(ctx: AttackContext, p: RingBell,
     strength = row_weights(weights, rows, goals.device) if adaptive else None
 
     @torch.no_grad()
-    def loss_of(population: np.ndarray) -> np.ndarray:
-        """``candidates x P x K`` candidate ids -> loss (lower = fitter), ``candidates x P``, of the
-        prompts as typed: decoding can glue a name's tokens to others ("k" "kroll" -> "kkroll"),
-        which the T2I model then reads as other tokens, so fitness is measured on the text."""
-        n, size, k = population.shape
-        prompts = side.decode(torch.from_numpy(population.reshape(n * size, k)))
-        loss = (states(prompts) - goals.repeat_interleave(size, 0)).pow(2).mean((1, 2))
+    def new_losses(rows_of: np.ndarray, individuals: np.ndarray) -> np.ndarray:
+        """The loss (lower = fitter) of each individual (token ids) of candidate ``rows_of``, of
+        the prompt as typed: decoding can glue a name's tokens to others ("k" "kroll" ->
+        "kkroll"), which the T2I model then reads as other tokens, so fitness is measured on the
+        text."""
+        prompts = side.decode(torch.from_numpy(individuals))
+        index = torch.from_numpy(rows_of).to(goals.device)
+        loss = (states(prompts) - goals[index]).pow(2).mean((1, 2))
         if adaptive:
-            loss = loss + strength.repeat_interleave(size) * ctx.text_term(prompts)
-        return loss.view(n, size).cpu().numpy()
+            loss = loss + strength[index] * ctx.text_term(prompts)
+        return loss.cpu().numpy()
+
+    known: dict[tuple[int, bytes], float] = {}
+
+    def loss_of(population: np.ndarray) -> np.ndarray:
+        """``candidates x P x K`` ids -> loss, ``candidates x P``. Individuals of the last
+        population scored (survivors, elites, unchanged copies) and repeats keep their loss:
+        it is a function of the candidate and the ids alone, and the encoders give a row the
+        same bits in any batch, so this only skips work."""
+        n, size, k = population.shape
+        keys = [(i, population[i, j].tobytes()) for i in range(n) for j in range(size)]
+        missing = list(dict.fromkeys(key for key in keys if key not in known))
+        if missing:
+            rows_of = np.array([i for i, _ in missing])
+            individuals = np.stack([np.frombuffer(b, population.dtype) for _, b in missing])
+            known.update(zip(missing, new_losses(rows_of, individuals).tolist()))
+        losses = np.array([known[key] for key in keys]).reshape(n, size)
+        known.clear()  # one generation back: what the next one can carry over
+        known.update(zip(keys, losses.ravel().tolist()))
+        return losses
 
     breed = OPERATORS[p.operators]
     vocabulary = side.vocabulary.numpy()
