@@ -10,14 +10,15 @@ instead. The folder records each concept's provenance: experiment, its commit, p
 
 Images of neither concept (docs/method.md, "Images of neither concept"): every concept gets
 everyday anchors, the embeddings (through its own text encoder) of ``--anchor-texts`` everyday
-prompts, and their in-context twins, the same prompts with the concept's c_u put in
-(``pipeline.concepts.everyday_draw``; ``--no-in-context`` leaves them out), and by default the everyday cuts are calibrated together by split conformal for a
-whole-checker false-positive rate of ``--everyday-fpr`` per everyday prompt, on
-``--calibration-prompts`` everyday prompts rendered by the setting's unedited T2I model (or on
-your own images: ``--calibrate-on DIR``, each file its own unit). Anchor texts, calibration prompts and the report's test prompts are three
-disjoint parts of one draw of everyday prompts (``pipeline.concepts.everyday_draw`` of all
-the concepts, ``everyday.seed``). Each concept's c_u-vs-c_a cut is the paper's 0.5 unless
-``--calibrate`` (then for ``--target-fpr`` on its validation images of acceptable prompts).
+prompts (with ``--in-context`` also their twins, the same prompts with the concept's c_u put
+in: ``pipeline.concepts.everyday_draw``), and by default the everyday cuts are calibrated
+together by split conformal for a whole-checker false-positive rate of ``--everyday-fpr`` per
+everyday prompt, on ``--calibration-prompts`` everyday prompts rendered by the setting's
+unedited T2I model (or on your own images: ``--calibrate-on DIR``, each file its own unit).
+Anchor texts, calibration prompts and the report's test prompts are three disjoint parts of one
+draw of everyday prompts (``pipeline.concepts.everyday_draw`` of all the concepts,
+``everyday.seed``). Each concept's c_u-vs-c_a cut is the paper's 0.5 unless ``--calibrate``
+(then for ``--target-fpr`` on its validation images of acceptable prompts).
 
 The report (``reports/checker/``) opens with the whole checker's blocked share on the test
 everyday images and each concept's FNR on its own test images, with and without the anchors;
@@ -466,9 +467,10 @@ def main(argv: list[str] | None = None) -> None:
                              "cuts are calibrated for (default 0.02)")
     parser.add_argument("--anchor-texts", type=int, default=64, metavar="N",
                         help="everyday prompts whose embeddings anchor every concept (default 64)")
-    parser.add_argument("--no-in-context", action="store_true",
-                        help="anchors without their in-context twins (the gate of format 3: "
-                             "for comparison)")
+    parser.add_argument("--in-context", action="store_true",
+                        help="also the anchors' in-context twins on the gate's unacceptable "
+                             "side (better at matched everyday rates above 0.5%%, worse at the "
+                             "default calibration's: docs/method.md)")
     parser.add_argument("--calibration-prompts", type=int, default=240, metavar="N",
                         help="everyday prompts rendered to calibrate on (default 240, one image "
                              "each)")
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as work:
         checker, rows, images = build(params, concepts, args.zero_shot, Path(work),
                                       split["anchors"],
-                                      None if args.no_in_context else split["in_context"])
+                                      split["in_context"] if args.in_context else None)
         if args.calibrate:
             calibrate_cuts(checker, rows, images, args.target_fpr)
         calibration = None
