@@ -22,6 +22,14 @@ as its bytes. ``--out`` never replaces an input, nor an existing file without ``
 then only an earlier CSV of this command); it is checked to be writable before any screening and
 written atomically. A summary line goes to stderr. Needs only the filter library's core
 dependencies.
+
+``--smoothing SIGMA`` also decides every frame by randomized smoothing in pixel space
+(:mod:`pipeline.espresso.smoothing`: the checker's decision under Gaussian noise of scale SIGMA
+on pixels in [0, 1], ``--samples`` noisy copies per frame, an abstention blocks) and adds two
+columns: ``smoothed_blocked`` (any frame's smoothed decision blocks) and ``certified_radius``
+(the L2 radius in [0, 1] pixels within which that verdict provably holds: for a blocked file the
+largest radius of a frame certified blocked, for a passed one the smallest over its frames; 0
+where it is not certified).
 """
 from __future__ import annotations
 
@@ -46,9 +54,11 @@ from pipeline.espresso.files import atomic_file, path_argument
 
 if TYPE_CHECKING:
     from pipeline.espresso import ConceptChecker
+    from pipeline.espresso.smoothing import Smoothing
 
 COLUMNS = ("path", "frames", "concept", "p_unacceptable", "cut", "p_vs_everyday", "everyday_cut",
            "fired", "blocked", "error")
+SMOOTHED_COLUMNS = ("smoothed_blocked", "certified_radius")
 #: Pixels one file may decode to, all frames together, counting each frame at the larger of its
 #: own size and its size after CLIP's resize (a 1 x 200000 strip resizes to 224 x 44.8 million).
 #: 50 million: a 48-megapixel photo fits; 150 MB as RGB. Also the most a batch holds.
@@ -181,6 +191,14 @@ class Verdict:
         self.p = np.full(concepts, -np.inf)
         self.gate = np.full(concepts, -np.inf)
         self.fired = np.full(concepts, error is not None)
+        self.smoothed: list[tuple[bool, float]] = []  # per frame: (blocked, certified radius)
+
+    def smoothed_verdict(self) -> tuple[bool, float]:
+        """The file's smoothed decision and its certified radius (module docstring)."""
+        if self.error or not self.smoothed:
+            return True, 0.0
+        blocked = [radius for b, radius in self.smoothed if b]
+        return (True, max(blocked)) if blocked else (False, min(r for _, r in self.smoothed))
 
     def add(self, p: np.ndarray, gate: np.ndarray, fired: np.ndarray, error: str | None) -> None:
         self.frames += 1
@@ -190,25 +208,32 @@ class Verdict:
         if error and not self.error:
             self.error = f"frame {self.frames - 1}: {error}"
 
-    def rows(self, path: str, checker: ConceptChecker) -> list[dict]:
+    def rows(self, path: str, checker: ConceptChecker, smoothing: bool = False) -> list[dict]:
         blocked = bool(self.fired.any())
 
         def number(x: float) -> str:
             return "" if self.error or not np.isfinite(x) else f"{x:.6g}"
 
+        smoothed = {}
+        if smoothing:
+            smoothed_blocked, radius = self.smoothed_verdict()
+            smoothed = {"smoothed_blocked": smoothed_blocked, "certified_radius": f"{radius:.6g}"}
         return [{"path": path, "frames": self.frames, "concept": c.name,
                  "p_unacceptable": number(p), "cut": f"{c.cut:.6g}",
                  "p_vs_everyday": "" if c.t_n is None else number(gate),
                  "everyday_cut": "" if c.t_n is None else f"{c.everyday_cut:.6g}",
-                 "fired": bool(fired), "blocked": blocked, "error": self.error or ""}
+                 "fired": bool(fired), "blocked": blocked, "error": self.error or "", **smoothed}
                 for c, p, gate, fired in zip(checker.concepts, self.p, self.gate, self.fired)]
 
 
 def screen_files(checker: ConceptChecker, entries: list[Entry], batch: int = 32,
-                 max_pixels: int = MAX_PIXELS) -> list[dict]:
-    """One row per file and concept (``COLUMNS``). Frames are scored in batches of at most
-    ``batch`` frames and ``max_pixels`` pixels; a file skipped or unreadable, or with a frame
-    the checker cannot score, is blocked with its reason; each file is judged on its own."""
+                 max_pixels: int = MAX_PIXELS, smoothing: Smoothing | None = None) -> list[dict]:
+    """One row per file and concept (``COLUMNS``, and ``SMOOTHED_COLUMNS`` with ``smoothing``).
+    Frames are scored in batches of at most ``batch`` frames and ``max_pixels`` pixels; a file
+    skipped or unreadable, or with a frame the checker cannot score, is blocked with its reason;
+    each file is judged on its own."""
+    from pipeline.espresso.smoothing import certify
+
     resize_edge = checker.processor.size["shortest_edge"]
     concepts = len(checker.names)
     verdicts, pending, pending_pixels = [], [], 0
@@ -219,6 +244,13 @@ def screen_files(checker: ConceptChecker, entries: list[Entry], batch: int = 32,
                                                        result.p_vs_everyday, result.fired,
                                                  result.errors):
             verdict.add(p, gate, fired, error)
+        if smoothing is not None:
+            scored = [(verdict, frame) for (verdict, frame), error in zip(pending, result.errors)
+                      if error is None]
+            if scored:
+                cert = certify(checker, [frame for _, frame in scored], smoothing)
+                for (verdict, _), b, radius in zip(scored, cert.blocked, cert.radius):
+                    verdict.smoothed.append((bool(b), float(radius)))
         pending.clear()
 
     for entry in tqdm(entries, desc="screen", unit="file"):
@@ -235,7 +267,7 @@ def screen_files(checker: ConceptChecker, entries: list[Entry], batch: int = 32,
     if pending:
         score_pending()
     return [row for entry, verdict in zip(entries, verdicts)
-            for row in verdict.rows(entry.path, checker)]
+            for row in verdict.rows(entry.path, checker, smoothing is not None)]
 
 
 def summary_line(rows: list[dict], concepts: list[str]) -> str:
@@ -245,9 +277,14 @@ def summary_line(rows: list[dict], concepts: list[str]) -> str:
     frames = sum(r["frames"] for r in files.values())
     fired = ", ".join(f"{c} {sum(r['fired'] for r in rows if r['concept'] == c)}"
                       for c in concepts)
+    smoothed = ""
+    if files and "smoothed_blocked" in next(iter(files.values())):
+        certified = sum(float(r["certified_radius"]) > 0 for r in files.values())
+        smoothed = (f"; smoothed: {sum(r['smoothed_blocked'] for r in files.values())} blocked, "
+                    f"{certified} files certified")
     return (f"screened {len(files)} files ({frames} frames): {blocked} blocked, {unscored} of "
             f"them skipped, unreadable or unscored (blocked, reason in the error column); "
-            f"fired per concept: {fired}")
+            f"fired per concept: {fired}{smoothed}")
 
 
 def spreadsheet_safe(text: str) -> str:
@@ -257,8 +294,9 @@ def spreadsheet_safe(text: str) -> str:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """The CSV; text cells spreadsheet-safe, file names that are not UTF-8 as their bytes."""
+    smoothed = bool(rows) and "smoothed_blocked" in rows[0]
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, COLUMNS + (SMOOTHED_COLUMNS if smoothed else ()))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: spreadsheet_safe(v) if isinstance(v, str) else v
@@ -301,7 +339,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="frames per batch (default 32)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"pixels one file may decode to, all frames (default {MAX_PIXELS})")
+    parser.add_argument("--smoothing", type=float, metavar="SIGMA",
+                        help="also decide by randomized smoothing at noise SIGMA (pixels in "
+                             "[0, 1], e.g. 0.25) and certify each file's verdict")
+    parser.add_argument("--samples", type=int, default=1000, metavar="N",
+                        help="noisy copies per frame for --smoothing's certificate (default "
+                             "1000, after 100 that pick the decision)")
     args = parser.parse_args(argv)
+    smoothing = None
+    if args.smoothing is not None:
+        from pipeline.espresso.smoothing import Smoothing
+
+        try:
+            smoothing = Smoothing(sigma=args.smoothing, n=args.samples)
+        except ValueError as err:
+            parser.error(str(err))
     for option in ("batch", "max_pixels"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: give a "
@@ -327,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as err:
             raise SystemExit(f"error: --out {args.out} cannot be written ({err.strerror or err}): "
                              "give a path in a writable folder") from None
-        rows = screen_files(checker, entries, args.batch, args.max_pixels)
+        rows = screen_files(checker, entries, args.batch, args.max_pixels, smoothing)
         try:
             write_rows(tmp, rows)
         except OSError as err:

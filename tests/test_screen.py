@@ -117,6 +117,28 @@ def test_every_file_under_a_folder_is_screened_or_skipped_with_its_reason(pictur
 
 
 # ---- bounded before decoding; one bad file never blocks another ---------------------------
+def test_smoothing_certifies_each_files_verdict_and_blocks_what_it_cannot_certify(
+        pictures, tmp_path):
+    harmless, zorbo = pictures
+    for name, image in (("harmless.png", harmless), ("zorbo.png", zorbo)):
+        PIL.Image.fromarray(image).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = run([tmp_path], tmp_path / "out.csv", "--smoothing", "0.12", "--samples", "300")
+    verdict = {Path(k).name: (v[0]["smoothed_blocked"], float(v[0]["certified_radius"]))
+               for k, v in rows.items() if k.endswith(".png")}
+    assert verdict["zorbo.png"][0] == "True" and verdict["zorbo.png"][1] > 0.05
+    assert verdict["harmless.png"][0] == "False" and verdict["harmless.png"][1] > 0.05
+    assert verdict["broken.png"] == ("True", 0.0)        # unreadable: blocked, not certified
+    plain = run([tmp_path / "harmless.png"], tmp_path / "plain.csv")
+    assert "certified_radius" not in next(iter(plain.values()))[0]  # columns only when asked
+
+
+def test_smoothing_settings_are_checked_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        screen.main([CHECKER, "x.png", "--out", str(tmp_path / "o.csv"), "--smoothing", "0"])
+    assert "sigma" in capsys.readouterr().err
+
+
 def test_a_file_over_the_pixel_budget_is_blocked_unread_and_blocks_nothing_else(
         pictures, checker, tmp_path, monkeypatch):
     harmless, zorbo = pictures
