@@ -438,9 +438,10 @@ def write_report(folder: Path, checker: ConceptChecker, rates: dict, table: dict
             "![everyday images and FNR per concept](everyday.png)\n\n"
             + verdict(everyday, rates) + "\n\n"
             "Each concept fires where P(u|x) > its cut and P(u|x) against its nearest everyday "
-            "text > its everyday cut, the unacceptable side being the nearest of c_u and "
-            f"{'the everyday texts with c_u put in' if in_context else 'c_u alone'} "
-            f"(docs/method.md, \"Images of neither concept\"); {how}. "
+            "text > its everyday cut"
+            + (", the unacceptable side being the nearest of c_u and the everyday texts with c_u "
+               "put in" if in_context else "")
+            + f" (docs/method.md, \"Images of neither concept\"); {how}. "
             "Everyday test images: prompts that name none of the concepts, disjoint from the "
             "anchor texts and the calibration prompts, rendered by the setting's unedited T2I "
             "model. Rates are shares of images with 95% intervals from a bootstrap over prompts "

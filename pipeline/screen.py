@@ -348,8 +348,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     smoothing = None
     if args.smoothing is not None:
-        from pipeline.espresso.smoothing import Smoothing
+        import importlib.util
 
+        from pipeline.espresso.smoothing import NEEDS_SCIPY, Smoothing
+
+        if importlib.util.find_spec("scipy") is None:
+            parser.error(f"--smoothing: {NEEDS_SCIPY}")
         try:
             smoothing = Smoothing(sigma=args.smoothing, n=args.samples)
         except ValueError as err:

@@ -557,6 +557,11 @@ checker.save_pretrained({str(tmp_path / 'checker')!r})
 from pipeline import screen
 screen.main([{str(tmp_path / 'checker')!r}, {str(tmp_path / 'img')!r}, "--out",
              {str(tmp_path / 'out.csv')!r}])
+try:  # smoothing needs scipy: one line saying how to get it
+    screen.main([{str(tmp_path / 'checker')!r}, {str(tmp_path / 'img')!r}, "--out",
+                 {str(tmp_path / 'smoothed.csv')!r}, "--smoothing", "0.25"])
+except SystemExit as err:
+    assert err.code == 2
 print(json.dumps(sorted(m.split(".")[0] for m in sys.modules)))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -569,3 +574,5 @@ print(json.dumps(sorted(m.split(".")[0] for m in sys.modules)))
     assert not loaded & {"diffusers", "dvc", "pandas", "sklearn", "scipy", "matplotlib"}
     with open(tmp_path / "out.csv") as f:
         assert len(list(csv.DictReader(f))) == 3 * 2
+    assert "pip install 'espresso-filter[smoothing]'" in result.stderr
+    assert not (tmp_path / "smoothed.csv").exists()

@@ -98,7 +98,8 @@ P(u_k|x) = sigmoid(s_k <e, t_u,k - t_a,k>) exceeds its cut (the paper's 0.5 unle
 a target false-positive rate) and, for a concept with an everyday anchor t_n,k, also
 sigmoid(s_k (<e, t_u,k> - max_j <e, t_n,k,j>)) over its everyday texts j exceeds its everyday
 cut (with in-context texts t_c,k, the everyday texts with c_u put in, <e, t_u,k> is the nearest
-of t_u,k and t_c,k); the image is blocked where any concept fires. Images it cannot score are blocked (fail closed).
+of t_u,k and t_c,k); the image is blocked where any concept fires. Images it cannot score are
+blocked (fail closed).
 
 {{ everyday }}
 

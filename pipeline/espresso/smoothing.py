@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, norm
 
 from pipeline.espresso.filter import ConceptScreen, as_image_list, blocks, canonical_image
+
+#: What a user without scipy is told (it is not a core dependency of the filter library).
+NEEDS_SCIPY = ("randomized smoothing needs scipy (Clopper-Pearson bounds): "
+               "pip install 'espresso-filter[smoothing]'")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ def certify(screen: ConceptScreen, images, smoothing: Smoothing,
     """Cohen et al.'s CERTIFY of every image (module docstring). An image whose form cannot be
     read raises ``ValueError`` naming it (there is no image to certify)."""
     from tqdm import tqdm
+    try:
+        from scipy.stats import binomtest, norm
+    except ImportError:
+        raise ImportError(NEEDS_SCIPY) from None
 
     s = smoothing
     pixels = tower_pixels(screen, images, value_range)
