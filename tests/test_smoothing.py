@@ -9,7 +9,8 @@ import torch
 from transformers import CLIPImageProcessor
 
 from pipeline.espresso.filter import ConceptScreen
-from pipeline.espresso.smoothing import Smoothing, certify
+from pipeline.espresso.smoothing import (Smoothing, certify, pgd_flip_radius, predict,
+                                        smoothed_attack, tower_pixels)
 
 SIZE = 8
 
@@ -30,8 +31,8 @@ class MeanScreen(ConceptScreen):
         mean = (pixel_values[:, 0] * 0.5 + 0.5).mean((1, 2))[:, None]
         return mean * float("nan") if self.broken else mean
 
-    def concept_p(self, features):
-        return torch.sigmoid(1e3 * (features - self.level))
+    def concept_logits(self, features):
+        return 1e3 * (features - self.level)
 
     @property
     def cuts(self):
@@ -76,3 +77,29 @@ def test_no_finite_score_blocks_with_certainty_and_noise_is_reproducible():
 def test_bad_smoothing_settings_are_refused_in_one_line(bad, match):
     with pytest.raises(ValueError, match=match):
         Smoothing(**bad)
+
+
+def test_pgd_flips_the_plain_decision_at_its_distance_to_the_boundary():
+    values = [100, 115, 150]                               # distances 0.86, 0.39, 0.70
+    radii = [0.1 * k for k in range(1, 13)]
+    found = pgd_flip_radius(MeanScreen(0.5), [grey(v) for v in values], radii, steps=30)
+    distance = np.abs(np.array(values) / 255 - 0.5) * SIZE
+    expected = [min(r for r in radii if r >= d * 1.001) for d in distance]
+    assert found.tolist() == pytest.approx(expected)
+    assert pgd_flip_radius(MeanScreen(0.5), [grey(5)], [0.5]).tolist() == [np.inf]
+
+
+def test_an_attack_on_the_smoothed_decision_stays_inside_the_certificate_and_flips_beyond():
+    """Within its certified radius no attack flips the smoothed decision (counted: 0); the
+    same attack given 1.5 times the true distance flips it, so the attack is not toothless."""
+    screen, smoothing = MeanScreen(0.5), Smoothing(sigma=0.25, n=2_000, seed=2)
+    images = [grey(v) for v in (105, 120, 140, 150)]
+    cert = certify(screen, images, smoothing)
+    assert not cert.abstained.any()
+    assert smoothed_attack(screen, images, cert, steps=10).tolist() == [0, 0, 0, 0]
+    distance = np.abs(np.array([105, 120, 140, 150]) / 255 - 0.5) * SIZE
+    beyond = type(cert)(**{**cert.__dict__, "radius": 1.5 * distance / 0.999})
+    assert smoothed_attack(screen, images, beyond, steps=10).tolist() == [1, 1, 1, 1]
+    moved = tower_pixels(screen, images)
+    assert (predict(screen, moved, smoothing, torch.Generator().manual_seed(0))
+            == cert.blocked.astype(int)).all()

@@ -454,21 +454,21 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         out = self.image_encoder(pixel_values=pixel_values.to(self.device, self.dtype))
         return out.image_embeds.float()
 
-    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
-        """P(u_k|x), ``N x K``: one ``N x d`` by ``d x K`` product for all concepts."""
-        margins = F.normalize(features, dim=-1) @ self.directions.T
-        return torch.sigmoid(self.logit_scales * margins)
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """logit P(u_k|x), ``N x K``: one ``N x d`` by ``d x K`` product for all concepts."""
+        return self.logit_scales * (F.normalize(features, dim=-1) @ self.directions.T)
 
-    def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
-        """P(u_k|x) against the nearest everyday anchor of each concept, with t_u,k the nearest
-        of t_u,k and its in-context texts, ``N x K`` (1 for a concept without anchors)."""
+    def everyday_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """logit P(u_k|x) against the nearest everyday anchor of each concept, with t_u,k the
+        nearest of t_u,k and its in-context texts, ``N x K`` (+inf for a concept without
+        anchors)."""
         e = F.normalize(features, dim=-1)
         nearest = torch.einsum("nd,kmd->nkm", e, self.anchors).amax(-1)
         unacceptable = torch.einsum("nd,kpd->nkp", e, self.unacceptables).amax(-1)
         logits = (self.logit_scales * (unacceptable - nearest)).double()
         # float64: a fine-tuned concept's logits reach 30 and more, where a float32 sigmoid is
         # 1 for every image and no everyday cut could separate them
-        return torch.where(self.anchored, torch.sigmoid(logits), torch.ones_like(logits))
+        return torch.where(self.anchored, logits, torch.full_like(logits, float("inf")))
 
     def check(self, images, value_range: str | None = None, batch: int = 64) -> CheckResult:
         """Score a batch of images in any form :func:`~pipeline.espresso.filter.canonical_image`

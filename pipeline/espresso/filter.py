@@ -298,16 +298,33 @@ class ConceptScreen(nn.Module):
         """Keep a safety-checker call's full result for the calling thread (``thread_last``)."""
         _last_results()[self] = result
 
-    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """logit P(u|x) per concept, ``N x K``: differentiable, finite where P saturates."""
         raise NotImplementedError
+
+    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.concept_logits(features))
 
     @property
     def cuts(self) -> np.ndarray:
         raise NotImplementedError
 
+    def everyday_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """logit P(u|x) against each concept's everyday anchor, ``N x K`` (+inf: no anchor)."""
+        return features.new_full((len(features), len(self.cuts)), float("inf"))
+
     def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
         """P(u|x) against each concept's everyday anchor, ``N x K`` (1: no anchor, no gate)."""
-        return features.new_ones(len(features), len(self.cuts))
+        return torch.sigmoid(self.everyday_logits(features))
+
+    def decision_margin(self, features: torch.Tensor) -> torch.Tensor:
+        """float64 N, > 0 exactly where the image is blocked (a concept's P(u|x) and gate both
+        above their cuts), in logits: what a pixel-space attack pushes on."""
+        cuts = torch.logit(torch.as_tensor(self.cuts, dtype=torch.float64))
+        gates = torch.logit(torch.as_tensor(self.everyday_cuts, dtype=torch.float64))
+        fired = torch.minimum(self.concept_logits(features).double() - cuts.to(features.device),
+                              self.everyday_logits(features).double() - gates.to(features.device))
+        return fired.amax(-1)
 
     @property
     def everyday_cuts(self) -> np.ndarray:
@@ -560,26 +577,26 @@ class EspressoFilter(ConceptScreen):
                                  (projection - self.t_a).norm(dim=-1)], dim=-1)
         return torch.softmax(-self.logit_scale * distances, dim=-1)[:, 0]
 
-    def concept_p(self, features: torch.Tensor) -> torch.Tensor:
-        return self.p_unacceptable(features)[:, None]
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.margin(F.normalize(features, dim=-1))[:, None]
 
     @property
     def cuts(self) -> np.ndarray:
         """The paper's decision, P(u|x) > 0.5."""
         return np.array([0.5])
 
-    def everyday_p(self, features: torch.Tensor) -> torch.Tensor:
-        """P(u|x) against the nearest everyday anchor, sigmoid(s (<e, t_u> - max_j <e, t_n,j>)),
-        with t_u the nearest of t_u and the in-context texts t_c where there are any (1 without
-        anchors)."""
+    def everyday_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """logit P(u|x) against the nearest everyday anchor, s (<e, t_u> - max_j <e, t_n,j>),
+        with t_u the nearest of t_u and the in-context texts t_c where there are any (+inf
+        without anchors); float64, as the checker's."""
         if self.t_n is None:
-            return super().everyday_p(features)
+            return super().everyday_logits(features)
         e = F.normalize(features, dim=-1)
         unacceptable = e @ self.t_u
         if self.t_c is not None:
             unacceptable = torch.maximum(unacceptable, (e @ self.t_c.T).max(-1).values)
         margin = unacceptable - (e @ self.t_n.T).max(-1).values
-        return torch.sigmoid(self.logit_scale * margin.double())[:, None]  # as the checker's
+        return (self.logit_scale * margin.double())[:, None]
 
     @property
     def everyday_cuts(self) -> np.ndarray:

@@ -129,3 +129,95 @@ def certify(screen: ConceptScreen, images, smoothing: Smoothing,
     return Certificate(blocked=top | abstained, abstained=abstained, radius=radius,
                        p_lower=p_lower, top_count=np.array([r[2] for r in rows], int),
                        smoothing=s)
+
+
+def _margin(screen: ConceptScreen, pixels: torch.Tensor) -> torch.Tensor:
+    """The screen's decision margin (> 0: blocked) of tower pixels in [0, 1], differentiable."""
+    mean = torch.tensor(screen.processor.image_mean)[:, None, None]
+    std = torch.tensor(screen.processor.image_std)[:, None, None]
+    return screen.decision_margin(screen.image_features((pixels - mean) / std))
+
+
+def _project(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+    return delta * torch.clamp(radius / norms, max=1.0)
+
+
+def _pgd(loss_of, x: torch.Tensor, radius: float, steps: int, clip: bool) -> torch.Tensor:
+    """L2 PGD from ``x`` that lowers ``loss_of`` (per image) within ``radius``: normalised
+    gradient steps of 2.5 radius / steps, projected on the ball (and on [0, 1] with ``clip``)."""
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad, = torch.autograd.grad(loss_of(x + delta).sum(), delta)
+        step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        delta = _project(delta.detach() - 2.5 * radius / steps * step, radius)
+        if clip:
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def pgd_flip_radius(screen: ConceptScreen, images, radii: list[float], steps: int = 50,
+                    value_range: str | None = None) -> np.ndarray:
+    """Per image, the smallest of ``radii`` (L2, tower pixels in [0, 1]) at which a white-box
+    PGD on the unsmoothed decision margin flips the screen's decision, the image kept in
+    [0, 1]; inf where none of them does. What the plain filter withstands in pixels."""
+    x = tower_pixels(screen, images, value_range)
+    with torch.no_grad():
+        sign = torch.where(_margin(screen, x) > 0, 1.0, -1.0).double()
+    found = np.full(len(x), np.inf)
+    for radius in sorted(radii):
+        left = np.flatnonzero(~np.isfinite(found))
+        if not len(left):
+            break
+        rows = torch.from_numpy(left)
+        moved = _pgd(lambda z: sign[rows] * _margin(screen, z), x[rows], radius, steps, True)
+        with torch.no_grad():
+            flipped = (sign[rows] * _margin(screen, moved) <= 0).numpy()
+        found[left[flipped]] = radius
+    return found
+
+
+def predict(screen: ConceptScreen, pixels: torch.Tensor, smoothing: Smoothing,
+            generator: torch.Generator) -> np.ndarray:
+    """Cohen et al.'s PREDICT on tower pixels: per image 1 (blocked), 0 (passed) or -1
+    (abstained: the two counts of ``smoothing.n`` samples do not differ at level alpha)."""
+    from scipy.stats import binomtest
+
+    out = []
+    for x in pixels:
+        blocked = _blocked_votes(screen, x, smoothing.n, smoothing, generator)
+        top = max(blocked, smoothing.n - blocked)
+        if binomtest(top, smoothing.n, 0.5).pvalue > smoothing.alpha:
+            out.append(-1)
+        else:
+            out.append(int(blocked > smoothing.n - blocked))
+    return np.array(out)
+
+
+def smoothed_attack(screen: ConceptScreen, images, certificate: Certificate, steps: int = 20,
+                    noise_samples: int = 16, shrink: float = 0.999, temperature: float = 4.0,
+                    value_range: str | None = None) -> np.ndarray:
+    """Attack the smoothed decision of every certified image within ``shrink`` times its
+    certified radius (PGD on the expectation over ``noise_samples`` noise draws of
+    tanh(margin / ``temperature``), as SmoothAdv attacks a smoothed classifier; not clipped to
+    [0, 1], as the certificate is not), then PREDICT at the moved image with fresh noise.
+    Returns per image: 1 where PREDICT gives the opposite of the certified decision (a
+    violation of the certificate, expected never), 0 where not, -1 where nothing was certified."""
+    s = certificate.smoothing
+    x = tower_pixels(screen, images, value_range)
+    generator = torch.Generator().manual_seed(s.seed + 1)
+    out = np.full(len(x), -1)
+    for i in np.flatnonzero(~certificate.abstained):
+        sign = 1.0 if certificate.blocked[i] else -1.0
+        noise = torch.randn((noise_samples, *x[i].shape), generator=generator) * s.sigma
+
+        def loss_of(z: torch.Tensor) -> torch.Tensor:
+            noisy = z[:, None] + noise[None]            # 1 x samples x 3 x S x S
+            margins = _margin(screen, noisy.flatten(0, 1)).view(len(z), noise_samples)
+            return sign * torch.tanh(margins / temperature).mean(1)
+
+        moved = _pgd(loss_of, x[i:i + 1], shrink * float(certificate.radius[i]), steps, False)
+        decision = predict(screen, moved, s, generator)[0]
+        out[i] = int(decision == (0 if certificate.blocked[i] else 1))
+    return out
