@@ -120,6 +120,11 @@ def test_in_context_texts_win_back_black_scenes_and_keep_the_others_out(clip, ev
 def test_in_context_texts_are_refused_without_anchors_or_on_both_sides(clip, everyday):
     with pytest.raises(ValueError, match="in_context"):
         black_filter(clip, None, in_context=["a red star on a black background"])
+    for bad in ("a red star", [], [1, 2], {"a red star": 1}, ["a red star", " "]):
+        with pytest.raises(ValueError, match="in_context: give a non-empty list of texts"):
+            black_filter(clip, everyday, in_context=bad)
+        with pytest.raises(ValueError, match="everyday: give a non-empty list of texts"):
+            black_filter(clip, bad)
     with pytest.raises(ValueError, match="equals an everyday text"):
         black_filter(clip, everyday, in_context=everyday[:2])
 
@@ -145,6 +150,10 @@ def test_an_anchored_checker_round_trips_and_a_changed_folder_is_refused(
         c.name: (c.unacceptable, c.acceptable) for c in CONCEPTS[:3]}, everyday=everyday,
         in_context={c.name: twins[c.name] for c in CONCEPTS[1:3]})
     assert checker.concepts[1].t_c is not None and checker.concepts[2].t_c is not None
+    for bad, match in ((["Zorbo on a gray background"], "mapping"), ({"nobody": ["x"]}, "nobody")):
+        with pytest.raises(ValueError, match=match):
+            ConceptChecker.from_clip(str(world.CLIP_DIR), {"zorbo": ("Zorbo", "a star")},
+                                     everyday=everyday, in_context=bad)
     checker.concepts[0].t_n = None          # one concept without anchor: a zero row on disk
     checker.concepts[0].everyday_cut = checker.concepts[0].everyday = None
     checker = ConceptChecker(checker.image_encoder, checker.processor, checker.concepts)

@@ -526,6 +526,9 @@ class ConceptChecker(ConceptScreen, ModelHubMixin, library_name="espresso-filter
         calibrated on images with :meth:`calibrate_everyday`; ``in_context`` (per concept name:
         everyday texts with its c_u put in) gives those concepts whole captions on the
         unacceptable side of the gate too."""
+        if in_context is not None and not isinstance(in_context, Mapping):
+            raise ValueError("in_context: give a mapping of concept name -> its in-context "
+                             "texts (the everyday texts with its c_u put in)")
         unknown = set(in_context or {}) - set(concepts)
         if unknown:
             raise ValueError(f"in_context names {', '.join(sorted(unknown))}, not among the "

@@ -444,6 +444,13 @@ class ConceptScreen(nn.Module):
         return images, scores[0], scores[1], fired, errors
 
 
+def _is_texts(value) -> bool:
+    """A non-empty list (or tuple) of non-blank strings: what everyday and in-context texts are
+    (a string, a mapping or numbers would be split or tokenized into something else)."""
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(t, str) and t.strip() for t in value))
+
+
 class EspressoFilter(ConceptScreen):
     """CLIP concept filter for one concept pair (``unacceptable``, ``acceptable``).
 
@@ -473,13 +480,12 @@ class EspressoFilter(ConceptScreen):
         self.clip, self.tokenizer, self.processor = clip, tokenizer, processor
         self.unacceptable, self.acceptable = unacceptable, acceptable
         self.templates = list(templates or ["{}"])
-        if everyday is not None and (isinstance(everyday, str) or not everyday):
+        if everyday is not None and not _is_texts(everyday):
             raise ValueError("everyday: give a non-empty list of texts (or None for the paper's "
                              "filter)")
         if not (isinstance(everyday_cut, (int, float)) and 0 < everyday_cut < 1):
             raise ValueError(f"everyday_cut {everyday_cut!r}: give a number in (0, 1)")
-        if in_context is not None and (everyday is None or isinstance(in_context, str)
-                                       or not in_context):
+        if in_context is not None and (everyday is None or not _is_texts(in_context)):
             raise ValueError("in_context: give a non-empty list of texts, with everyday texts "
                              "(they are the everyday texts with the concept put in)")
         self.everyday = None if everyday is None else list(everyday)
