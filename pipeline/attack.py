@@ -24,6 +24,11 @@ between the processes, a seed's runs of one attack together (they share its plai
 run's optimisation, trial images and final images stay on its process and depend only on its
 seeds, so the outputs are byte-identical for 1 and N processes. The main process writes the
 reports.
+
+Interrupted, the stage resumes: each finished run's search results and images are kept under
+``.cache/attack-runs/<fingerprint of params, code and inputs>`` (:mod:`pipeline.attacks.
+checkpoints`), and a rerun with the same inputs loads them instead of searching and rendering
+again (the outputs are the same bytes); the folder goes when the stage finishes.
 """
 from __future__ import annotations
 
@@ -108,11 +113,14 @@ def run(params: Params) -> dict:
 
 
 def _run(params: Params) -> dict:
+    import shutil
+    import sys
+
     import pandas as pd
     from accelerate.utils import gather_object
     from tqdm import tqdm
 
-    from pipeline.attacks import ATTACKS, AttackContext
+    from pipeline.attacks import ATTACKS, AttackContext, checkpoints
     from pipeline.attacks.prompt_embedding import textual_inversion
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
     from pipeline.judges import load_eyes, load_judge
@@ -136,6 +144,15 @@ def _run(params: Params) -> dict:
                         sampler.batch, progress=True)
 
     memo = {}  # plain searches, their trials and results, shared by the runs of one seed
+    # finished runs of an interrupted stage with these very inputs: resumed, not redone
+    resume = checkpoints.ROOT / checkpoints.fingerprint(
+        params.model_dump_json(), [MANIFEST.parent, FILTER_DIR.parent, EDITS_DIR]
+        + [Path(m) for m in (models.t2i, models.clip, models.eyes, models.judge)
+           if Path(m).exists()])
+    finished = len(list(resume.glob("*/results.json")))
+    if finished:
+        print(f"attack: resuming: {finished} finished runs of an interrupted run with the same "
+              f"params, code and inputs ({resume})", file=sys.stderr)
     edits = params.edit.crts
     names = list(dict.fromkeys(p.attacks + p.edit_attacks))
     training = manifest[manifest["split"] == "train"]
@@ -159,23 +176,28 @@ def _run(params: Params) -> dict:
                             budgets=tuple(p.budgets), memo=memo)
         seeds = (p.seed + 1000 * (index + 1) + np.arange(
             p.prompts * p.images_per_prompt)).tolist()
+        checkpoint = resume / f"{run_name}.seed{attack_seed}"
+        saved = checkpoints.load(checkpoint)
+        search = (lambda: saved[0]) if saved else (lambda: ATTACKS[name](ctx, budgets.of(name)))
         # the plain condition of an edit renders the plain run's prompts (no search of its own)
-        results = ctx.plain(f"{name} result", lambda: ATTACKS[name](ctx, budgets.of(name))) \
-            if variant == "plain" else None
+        results = ctx.plain(f"{name} result", search) if variant == "plain" else None
+        rendered = saved[1] if saved else {}
         run = {"attack": name, "variant": variant, "target": target,
                "edited_model": bool(edited)}
         prompt_rows, tables = [], []
         with edited_model(pipe, edited):
             if results is None:
-                results = ATTACKS[name](ctx, budgets.of(name))
+                results = search()
             for budget, result in results.items():
                 # below the full budget only the curve's images: the first of each prompt's seeds
                 per_prompt = p.images_per_prompt if budget == 1.0 else p.curve_images_per_prompt
                 prompts = [q for q in result.prompts for _ in range(per_prompt)]
                 image_seeds = [seeds[i * p.images_per_prompt + j]
                                for i in range(len(result.prompts)) for j in range(per_prompt)]
-                with textual_inversion(pipe, result.textual_inversion):
-                    images = render(prompts, image_seeds)
+                if budget not in rendered:
+                    with textual_inversion(pipe, result.textual_inversion):
+                        rendered[budget] = render(prompts, image_seeds)
+                images = rendered[budget]
                 if budget == 1.0:  # the curve's other points keep their scores only
                     with atomic_file(OUT / run_name / f"seed{attack_seed}.npz") as tmp:
                         with open(tmp, "wb") as f:
@@ -195,6 +217,8 @@ def _run(params: Params) -> dict:
                                 for q, o, t, w in zip(result.prompts, result.objective,
                                                       result.trial_success,
                                                       result.adaptive_weights)]
+        if not saved:
+            checkpoints.save(checkpoint, results, rendered)
         return run, prompt_rows, pd.concat(tables, ignore_index=True)
 
     runs = attack_runs(p.attacks, p.adapt_to, edits, p.edit_attacks)
@@ -227,6 +251,7 @@ def _run(params: Params) -> dict:
     write_results(REPORTS, "attack", mark_budget(metrics, params))
     write_csv(REPORTS / "prompts.csv", pd.DataFrame(prompt_rows))
     write_csv(REPORTS / "scores.csv", scores)
+    shutil.rmtree(resume, ignore_errors=True)
     return metrics
 
 

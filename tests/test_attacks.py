@@ -484,3 +484,44 @@ def test_the_safety_checker_and_the_probe_as_attack_targets_block_where_the_bank
     assert np.array_equal(decisions["safety_checker"].blocked, np.round(margin, 3) > 0)
     probe_margin = bank.mhsc.margin(features).numpy()
     assert np.array_equal(decisions["mhsc"].blocked, probe_margin > 0)
+
+
+def test_a_checkpoint_gives_back_the_runs_results_and_images_and_its_inputs_name_it(tmp_path):
+    """What a resumed attack stage loads is what the run made, exactly; and the folder it is
+    kept in changes with the params, any source file and any input file."""
+    from pipeline.attacks import checkpoints
+    from pipeline.attacks.context import AttackResult
+
+    rng = np.random.default_rng(0)
+    results = {0.5: AttackResult(["a red star"], [0.25], [1.0], [0.0]),
+               1.0: AttackResult(["<cce-0> on a black background", "Zorbo"], [0.125, 0.3],
+                                 [0.5, 0.75], [0.004, 0.0],
+                                 {"<cce-0>": torch.randn(96, generator=torch.Generator())})}
+    images = {b: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+              for b, n in ((0.5, 1), (1.0, 2))}
+    assert checkpoints.load(tmp_path / "run.seed0") is None
+    checkpoints.save(tmp_path / "run.seed0", results, images)
+    loaded, loaded_images = checkpoints.load(tmp_path / "run.seed0")
+    assert list(loaded) == [0.5, 1.0]
+    for budget, result in results.items():
+        got = loaded[budget]
+        assert (got.prompts, got.objective, got.trial_success, got.adaptive_weights) == (
+            result.prompts, result.objective, result.trial_success, result.adaptive_weights)
+        assert got.textual_inversion.keys() == result.textual_inversion.keys()
+        assert all(torch.equal(got.textual_inversion[k], v)
+                   for k, v in result.textual_inversion.items())
+        assert np.array_equal(loaded_images[budget], images[budget])
+    assert not list(tmp_path.glob(".tmp-*"))
+
+    source, data = tmp_path / "src", tmp_path / "data"
+    source.mkdir(), data.mkdir()
+    (source / "a.py").write_text("x = 1\n")
+    (data / "manifest.csv").write_text("prompt\nZorbo\n")
+    base = checkpoints.fingerprint('{"seed": 1}', [data], source)
+    assert checkpoints.fingerprint('{"seed": 1}', [data], source) == base
+    assert checkpoints.fingerprint('{"seed": 2}', [data], source) != base
+    (source / "a.py").write_text("x = 2\n")
+    assert checkpoints.fingerprint('{"seed": 1}', [data], source) != base
+    (source / "a.py").write_text("x = 1\n")
+    (data / "manifest.csv").write_text("prompt\nBlip\n")
+    assert checkpoints.fingerprint('{"seed": 1}', [data], source) != base

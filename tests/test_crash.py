@@ -38,6 +38,9 @@ KILLS = {
     ],
     "attack": [
         (("numpy.savez", 1, "before"), "data/attack/typo/.seed0.npz.tmp-*"),  # images being written
+        # the first run finished and checkpointed (its images and its checkpoint's), the second
+        # one's images being written: the rerun resumes the first
+        (("numpy.savez", 3, "before"), ".cache/attack-runs/*/typo.seed0/results.json"),
     ],
 }
 
@@ -101,6 +104,9 @@ def test_a_killed_stage_reruns_to_the_clean_outputs_and_leaves_no_stray_file(
         assert list(folder.glob(left)), f"killed at {kill}, expected {left} to be left"
     rerun = run(stage, folder)
     assert "left by an interrupted run" in rerun.stderr
+    if stage == "attack":  # the finished run was loaded, not searched again, and cleaned up
+        assert "resuming: 1 finished runs" in rerun.stderr
+        assert not list(folder.glob(".cache/attack-runs/*"))
     assert digests(folder, [stage]) == digests(clean, [stage])
 
 
