@@ -87,6 +87,10 @@ def exit_on_signals() -> None:
         return
 
     def interrupted(signum, frame):
+        # the first signal ends the process; a second one (a pkill that matches both dvc and
+        # the stage, a supervisor's repeat) must not interrupt the cleanup it started
+        for ignored in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(ignored, signal.SIG_IGN)
         raise Interrupted(signal.Signals(signum).name)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):

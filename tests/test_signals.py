@@ -85,6 +85,25 @@ def test_a_signal_to_a_stage_is_one_line_and_removes_its_temporary(tmp_path, sig
     assert [p.name for p in tmp_path.iterdir()] == ["out.pid"]  # the temporary is gone
 
 
+def test_a_second_signal_does_not_interrupt_the_cleanup_of_the_first():
+    """A pkill that matches dvc and the stage, or a supervisor's repeat, sends SIGTERM again
+    while the first one's cleanup runs (the temporaries' ``finally``, the interpreter's
+    shutdown): it must not raise there too (a traceback after the one-line error)."""
+    code = ("import os, signal\n"
+            "from pipeline.params import Interrupted, exit_on_signals\n"
+            "exit_on_signals()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "except Interrupted:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    print('cleaned up')\n")
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "cleaned up\n", result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow  # a stage process: imports torch
 def test_a_full_disk_stops_a_stage_with_one_line_naming_the_output(tmp_path):
     output = tmp_path / "out.txt"
