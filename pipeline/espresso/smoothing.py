@@ -76,13 +76,19 @@ def tower_pixels(screen: ConceptScreen, images, value_range: str | None = None) 
                             input_data_format="channels_last").pixel_values.float()
 
 
+def tower_features(screen: ConceptScreen, pixels: torch.Tensor) -> torch.Tensor:
+    """phi_x of tower pixels in [0, 1] (the processor's normalisation, then the tower);
+    differentiable."""
+    mean = torch.tensor(screen.processor.image_mean)[:, None, None]
+    std = torch.tensor(screen.processor.image_std)[:, None, None]
+    return screen.image_features((pixels - mean) / std)
+
+
 @torch.no_grad()
 def base_blocked(screen: ConceptScreen, pixels: torch.Tensor) -> np.ndarray:
     """h on a batch of tower pixels in [0, 1] (noise may take them out): blocked where any
     concept fires by the screen's cuts and gates, or the scores are not finite."""
-    mean = torch.tensor(screen.processor.image_mean)[:, None, None]
-    std = torch.tensor(screen.processor.image_std)[:, None, None]
-    features = screen.image_features((pixels - mean) / std)
+    features = tower_features(screen, pixels)
     p = screen.concept_p(features).double().cpu().numpy()
     gate = screen.everyday_p(features).double().cpu().numpy()
     unscored = ~(np.isfinite(p).all(1) & np.isfinite(gate).all(1))
@@ -133,9 +139,7 @@ def certify(screen: ConceptScreen, images, smoothing: Smoothing,
 
 def _margin(screen: ConceptScreen, pixels: torch.Tensor) -> torch.Tensor:
     """The screen's decision margin (> 0: blocked) of tower pixels in [0, 1], differentiable."""
-    mean = torch.tensor(screen.processor.image_mean)[:, None, None]
-    std = torch.tensor(screen.processor.image_std)[:, None, None]
-    return screen.decision_margin(screen.image_features((pixels - mean) / std))
+    return screen.decision_margin(tower_features(screen, pixels))
 
 
 def _project(delta: torch.Tensor, radius: float) -> torch.Tensor:
