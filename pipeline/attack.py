@@ -6,8 +6,9 @@ are scored by every filter, and its prompts are rendered by each edited model of
 (``pez@esd_x``: the edit's plain condition); once "+" per filter of ``attack.adapt_to`` (its
 scale-free terms and its trial use that filter, and the trial picks among the plain candidates
 and every strength: ``pez+espresso``); and each attack of ``attack.edit_attacks`` runs adapted
-to each edited model, through its UNet (``cce+esd_x``, ``udiff+esd_x``; nothing is blocked).
-The attacks aim at training images that the attacker's eyes (``models.<setting>.eyes``, not the
+to each edited model, through its UNet (``cce+esd_x``, ``udiff+esd_x``; nothing is blocked),
+keeping the better, by trial images through the edit, of that search and its plain run's prompts
+where the attack has a plain run (``cce@esd_x``). The attacks aim at training images that the attacker's eyes (``models.<setting>.eyes``, not the
 evaluation's judge) say show c_u, and tune everything on training data.
 
 Outputs: the images of each run and seed (``data/attack/<run>/seed<s>.npz``); per image, what
@@ -113,6 +114,7 @@ def run(params: Params) -> dict:
 
 
 def _run(params: Params) -> dict:
+    import dataclasses
     import shutil
     import sys
 
@@ -121,6 +123,8 @@ def _run(params: Params) -> dict:
     from tqdm import tqdm
 
     from pipeline.attacks import ATTACKS, AttackContext, checkpoints
+    from pipeline.attacks.objective import unit_image_features
+    from pipeline.attacks.trial import pick_result
     from pipeline.attacks.prompt_embedding import textual_inversion
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
     from pipeline.judges import load_eyes, load_judge
@@ -179,6 +183,15 @@ def _run(params: Params) -> dict:
         checkpoint = resume / f"{run_name}.seed{attack_seed}"
         saved = checkpoints.load(checkpoint)
         search = (lambda: saved[0]) if saved else (lambda: ATTACKS[name](ctx, budgets.of(name)))
+        # adapted to an edit, the attacker also tries its plain run's prompts through the edit
+        # (the plain condition ``cce@esd_x``) and keeps the better: never weaker than plain
+        plain_results = None
+        if variant == "plus" and edited and name in p.attacks and not saved:
+            original = dataclasses.replace(ctx, model="original")
+            plain_saved = checkpoints.load(resume / f"{name}.seed{attack_seed}")
+            plain_results = original.plain(
+                f"{name} result", (lambda: plain_saved[0]) if plain_saved
+                else (lambda: ATTACKS[name](original, budgets.of(name))))
         # the plain condition of an edit renders the plain run's prompts (no search of its own)
         results = ctx.plain(f"{name} result", search) if variant == "plain" else None
         rendered = saved[1] if saved else {}
@@ -188,6 +201,11 @@ def _run(params: Params) -> dict:
         with edited_model(pipe, edited):
             if results is None:
                 results = search()
+            if plain_results is not None:
+                features = unit_image_features(ctx.attacker, ctx.target_images)
+                results = {f: pick_result(ctx, [result, plain_results[f]],
+                                          budgets.of(name).selection_images, features)
+                           for f, result in results.items()}
             for budget, result in results.items():
                 # below the full budget only the curve's images: the first of each prompt's seeds
                 per_prompt = p.images_per_prompt if budget == 1.0 else p.curve_images_per_prompt

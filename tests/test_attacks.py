@@ -257,6 +257,42 @@ def test_the_trial_keeps_the_candidates_whose_images_show_the_targets(context):
     assert repeated.prompts == ["draws 1", "a star"]  # duplicates count once
 
 
+def test_an_attack_through_an_edit_keeps_the_better_of_its_search_and_the_plain_prompts(context):
+    """Adapted to an edited model, the attacker picks between the search through the edit and
+    its plain run's prompts by what the model under attack draws from each (with each result's
+    own token loaded): whichever draws the targets is kept, with this trial's success share."""
+    from pipeline.attacks.context import AttackResult
+    from pipeline.attacks.trial import pick_result
+
+    rng = np.random.default_rng(3)
+    zorbo = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(4)], rng)
+    other = shapes.render_many([shapes.sample_scene(rng, character_prob=0.0) for _ in range(4)], rng)
+    token = "<test-token>"
+    drawn = []
+
+    def render(prompts, seeds):  # draws zorbo where the prompt's token is loaded as "draws"
+        ids = context.pipe.tokenizer(prompts[0]).input_ids
+        draws = token in prompts[0] and len(ids) > 0 and token in context.pipe.tokenizer.get_vocab()
+        drawn.append(draws)
+        return np.stack([(zorbo if draws else other)[s % 4] for s in seeds])
+
+    ctx = dataclasses.replace(context, render=render, target=None, memo={})
+    targets = unit_image_features(ctx.attacker, ctx.target_images)
+    vector = context.pipe.text_encoder.get_input_embeddings().weight[0].detach().clone()
+    through_edit = AttackResult([f"{token} on a white background"] * 2, [0.5, 0.5], [0.0, 0.0],
+                                [0.0, 0.0], {token: vector})
+    plain = AttackResult([f"{token} on a black background"] * 2, [0.9, 0.9], [0.1, 0.1],
+                         [0.0, 0.0], {})
+    kept = pick_result(ctx, [plain, through_edit], 4, targets)
+    assert drawn == [False, True]  # each result rendered with its own token, and only it
+    assert kept.prompts == through_edit.prompts and kept.trial_success == [1.0, 1.0]
+    assert kept.textual_inversion is through_edit.textual_inversion
+    drawn.clear()
+    assert pick_result(ctx, [dataclasses.replace(through_edit, textual_inversion={}), plain], 4,
+                       targets).prompts == through_edit.prompts  # a tie: the first is kept
+    assert token not in context.pipe.tokenizer.get_vocab()  # the token is unloaded after
+
+
 def test_a_plus_run_ranks_plain_and_adapted_candidates_together(context):
     """The "+" run is the attacker's pick among the plain candidates and every strength's: a
     plain candidate that beats the adapted ones is kept (weight 0), an adapted one that beats

@@ -4,11 +4,14 @@ on images, without any filter term, so that candidates of different strengths co
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from pipeline.attacks.context import AttackContext, AttackResult
 from pipeline.attacks.objective import pez_objective, unit_image_features
+from pipeline.attacks.prompt_embedding import textual_inversion
 
 
 def trial_seeds(ctx: AttackContext, n: int, stream: int = 0) -> list[int]:
@@ -62,6 +65,24 @@ def select_by_images(ctx: AttackContext, search: str, plain: list[str],
     kept = [ranked[i % len(ranked)] for i in range(ctx.n_prompts)]
     return AttackResult([prompts[i] for i in kept], loss[kept].tolist(), share[kept].tolist(),
                         [strength[prompts[i]] for i in kept])
+
+
+def pick_result(ctx: AttackContext, results: list[AttackResult], images: int,
+                target_features: torch.Tensor) -> AttackResult:
+    """The attacker's pick among whole results (each its prompts and its own textual inversion)
+    by ``images`` trial images each, rendered by ``ctx.render`` (the model under attack) from
+    trial seeds of their own (stream 2): an attack adapted to an edited model is its pick between
+    the search through the edit and the plain run's prompts, so never weaker than the plain
+    condition by its own eyes. The pick's ``trial_success`` is this trial's share."""
+    seeds = trial_seeds(ctx, images, stream=2)
+    rendered = []
+    for result in results:
+        prompts = [result.prompts[i % len(result.prompts)] for i in range(images)]
+        with textual_inversion(ctx.pipe, result.textual_inversion):
+            rendered.append(ctx.render(prompts, seeds))
+    ranked, share, _ = rank_trials(ctx, np.concatenate(rendered), len(results), target_features)
+    best = results[ranked[0]]
+    return dataclasses.replace(best, trial_success=[float(share[ranked[0]])] * len(best.prompts))
 
 
 def row_weights(weights: list[float], rows: int, device) -> torch.Tensor:
