@@ -8,8 +8,9 @@ scale-free terms and its trial use that filter, and the trial picks among the pl
 and every strength: ``pez+espresso``); and each attack of ``attack.edit_attacks`` runs adapted
 to each edited model, through its UNet (``cce+esd_x``, ``udiff+esd_x``; nothing is blocked),
 keeping the better, by trial images through the edit, of that search and its plain run's prompts
-where the attack has a plain run (``cce@esd_x``). The attacks aim at training images that the attacker's eyes (``models.<setting>.eyes``, not the
-evaluation's judge) say show c_u, and tune everything on training data.
+where the attack has a plain run (``cce@esd_x``). The attacks aim at training images that the
+attacker's eyes (``models.<setting>.eyes``, not the evaluation's judge) say show c_u, and tune
+everything on training data.
 
 Outputs: the images of each run and seed (``data/attack/<run>/seed<s>.npz``); per image, what
 the judge sees, P_eval and every filter's score and verdict (``reports/attack/scores.csv``);
@@ -124,8 +125,8 @@ def _run(params: Params) -> dict:
 
     from pipeline.attacks import ATTACKS, AttackContext, checkpoints
     from pipeline.attacks.objective import unit_image_features
-    from pipeline.attacks.trial import pick_result
     from pipeline.attacks.prompt_embedding import textual_inversion
+    from pipeline.attacks.trial import pick_result
     from pipeline.espresso.t2i import generate, load_t2i, use_scheduler
     from pipeline.judges import load_eyes, load_judge
 

@@ -226,11 +226,18 @@ def test_typo_writes_the_acceptable_word_and_inverts_those_images_plain_and_plus
     assert all(torch.equal(features, expected) for _, features, _ in searched)
 
 
+def zorbo_and_other(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Four renders of Zorbo and four of generic shapes: what a fake T2I model draws."""
+    rng = np.random.default_rng(seed)
+    zorbo = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(4)], rng)
+    other = shapes.render_many([shapes.sample_scene(rng, character_prob=0.0) for _ in range(4)],
+                               rng)
+    return zorbo, other
+
+
 def test_the_trial_keeps_the_candidates_whose_images_show_the_targets(context):
     """Selection judges candidates by what the T2I model draws from them, not by their text."""
-    rng = np.random.default_rng(3)
-    zorbo = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(4)], rng)
-    other = shapes.render_many([shapes.sample_scene(rng, character_prob=0.0) for _ in range(4)], rng)
+    zorbo, other = zorbo_and_other()
 
     def render(prompts, seeds):  # a T2I model that draws zorbo for exactly the "draws" prompts
         return np.stack([(zorbo if "draws" in q else other)[s % 4] for q, s in zip(prompts, seeds)])
@@ -264,9 +271,7 @@ def test_an_attack_through_an_edit_keeps_the_better_of_its_search_and_the_plain_
     from pipeline.attacks.context import AttackResult
     from pipeline.attacks.trial import pick_result
 
-    rng = np.random.default_rng(3)
-    zorbo = shapes.render_many([shapes.sample_scene(rng, character="zorbo") for _ in range(4)], rng)
-    other = shapes.render_many([shapes.sample_scene(rng, character_prob=0.0) for _ in range(4)], rng)
+    zorbo, other = zorbo_and_other()
     token = "<test-token>"
     drawn = []
 
